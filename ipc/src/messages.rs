@@ -1,0 +1,130 @@
+//! The monitor↔vcpu-proc protocol: what the monitor may ask of the machine worker and what the
+//! worker reports back. (Block and net protocols join here with their workers.)
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Protocol, Wire};
+
+/// Marker type for the monitor↔`bulkhead-vcpu` protocol.
+#[derive(Debug)]
+pub struct VcpuProtocol;
+
+impl Protocol for VcpuProtocol {
+    type Request = VcpuRequest;
+    type Reply = VcpuReply;
+    type Event = VcpuEvent;
+}
+
+/// Everything vcpu-proc needs to build the machine. The fds travel with the
+/// [`VcpuRequest::Setup`] frame in this order:
+/// `[kvm, guest_memory, kernel, initrd (if has_initrd), serial_in (if serial_in),
+/// serial_out (if serial_out)]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSetup {
+    /// Guest RAM size in bytes; equals the size of the guest memory memfd.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// An initrd fd follows the kernel fd.
+    pub has_initrd: bool,
+    /// A readable fd feeding the serial port's receive side follows.
+    pub serial_in: bool,
+    /// A writable fd taking the serial port's output follows.
+    pub serial_out: bool,
+    /// A guest reset request ends the VM (`-no-reboot`) instead of resetting it.
+    pub no_reboot: bool,
+}
+
+impl VmSetup {
+    /// Number of fds that accompany this setup.
+    pub fn fd_count(&self) -> usize {
+        3 + usize::from(self.has_initrd) + usize::from(self.serial_in) + usize::from(self.serial_out)
+    }
+}
+
+/// Requests from the monitor to vcpu-proc.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VcpuRequest {
+    /// Build the VM (memory, irqchip, devices, vCPUs, loaded kernel) without running it.
+    Setup(VmSetup),
+    /// Start or resume the vCPUs.
+    Run,
+    /// Pause all vCPUs; replies once every vCPU is out of `KVM_RUN`.
+    Pause,
+    /// Reset the machine (as `system_reset`); it runs afterwards only if it was running.
+    Reset,
+    /// Report the state of each vCPU.
+    QueryCpus,
+    /// Stop the vCPUs and exit cleanly.
+    Quit,
+}
+
+impl Wire for VcpuRequest {
+    fn fd_count(&self) -> usize {
+        match self {
+            VcpuRequest::Setup(s) => s.fd_count(),
+            _ => 0,
+        }
+    }
+}
+
+/// State of one vCPU, as `query-cpus-fast` and `query-cpus` report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuInfo {
+    /// vCPU index.
+    pub index: u32,
+    /// Host thread id of the vCPU thread.
+    pub thread_id: i32,
+    /// The vCPU last stopped in `hlt` (or is waiting for an interrupt).
+    pub halted: bool,
+    /// Instruction pointer (`rip`) when last sampled.
+    pub pc: u64,
+    /// Topology: socket, core and thread ids.
+    pub socket_id: u32,
+    /// Core within the socket.
+    pub core_id: u32,
+    /// Thread within the core.
+    pub thread_in_core: u32,
+}
+
+/// Replies from vcpu-proc.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VcpuReply {
+    /// Done.
+    Ok,
+    /// The request failed; the text says why.
+    Error(String),
+    /// Answer to [`VcpuRequest::QueryCpus`].
+    Cpus(Vec<CpuInfo>),
+}
+
+impl Wire for VcpuReply {}
+
+/// Why the machine stopped for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShutdownCause {
+    /// The guest powered off (ACPI S5).
+    GuestShutdown,
+    /// The guest asked for a reset under `-no-reboot`.
+    GuestReset,
+    /// The guest triple-faulted under `-no-reboot`.
+    GuestTripleFault,
+}
+
+/// Unsolicited events from vcpu-proc.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VcpuEvent {
+    /// The machine stopped for good; the worker exits after sending this.
+    Shutdown(ShutdownCause),
+    /// The guest reset itself (reboot, i8042 or ACPI reset, triple fault) and runs again.
+    Reset {
+        /// True if the guest asked for it.
+        guest: bool,
+    },
+    /// The machine cannot continue (e.g. an unhandled exit); vCPUs are stopped.
+    InternalError(String),
+}
+
+impl Wire for VcpuEvent {}
