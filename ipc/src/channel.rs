@@ -85,7 +85,9 @@ pub(crate) fn send_frame<P: Protocol>(
 }
 
 /// Receives one datagram and decodes it; `Ok(None)` means `WouldBlock` (async callers only).
-pub(crate) fn recv_frame<P: Protocol>(sock: &UnixDatagram) -> Result<Option<(Frame<P>, Vec<OwnedFd>)>> {
+pub(crate) fn recv_frame<P: Protocol>(
+    sock: &UnixDatagram,
+) -> Result<Option<(Frame<P>, Vec<OwnedFd>)>> {
     let mut buf = vec![0u8; MAX_FRAME_BYTES + 1];
     let mut raw = [-1 as RawFd; MAX_FDS + 1];
     let (n, nfds) = match sock.recv_with_fd(&mut buf, &mut raw) {

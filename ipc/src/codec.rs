@@ -15,8 +15,8 @@ fn config() -> impl bincode::config::Config {
 
 /// Encodes `value`; fails if the result would exceed [`MAX_FRAME_BYTES`].
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    let bytes = bincode::serde::encode_to_vec(value, config())
-        .map_err(|e| Error::Encode(e.to_string()))?;
+    let bytes =
+        bincode::serde::encode_to_vec(value, config()).map_err(|e| Error::Encode(e.to_string()))?;
     if bytes.len() > MAX_FRAME_BYTES {
         return Err(Error::Oversize {
             len: bytes.len(),

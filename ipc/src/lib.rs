@@ -177,3 +177,7 @@ impl<P: Protocol> Frame<P> {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;

@@ -40,7 +40,9 @@ pub struct VmSetup {
 impl VmSetup {
     /// Number of fds that accompany this setup.
     pub fn fd_count(&self) -> usize {
-        3 + usize::from(self.has_initrd) + usize::from(self.serial_in) + usize::from(self.serial_out)
+        3 + usize::from(self.has_initrd)
+            + usize::from(self.serial_in)
+            + usize::from(self.serial_out)
     }
 }
 
