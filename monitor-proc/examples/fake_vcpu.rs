@@ -1,0 +1,254 @@
+//! A stand-in for `bulkhead-vcpu` used by the monitor's integration tests: it speaks the real
+//! ipc protocol, checks what the monitor hands it, and plays a guest scripted by `fake.*` words
+//! in the kernel command line (`-append`):
+//!
+//! - `fake.log=PATH`: append `pid N` and every request received to PATH;
+//! - `fake.serial-hello`: write `fake-guest: hello\n` to the serial port when first run;
+//! - `fake.echo`: copy serial input back to serial output;
+//! - `fake.shutdown-after=MS`, `fake.reset-after=MS`, `fake.internal-error-after=MS`,
+//!   `fake.exit-after=MS` (exit status 3): guest/worker behaviour MS ms after the first `Run`;
+//! - `fake.hang-pause`: never answer `Pause`;
+//! - `fake.refuse-setup`: answer `Setup` with an error.
+//!
+//! It refuses `Setup` if anything is off: fds beyond 0-3 open before setup, a wrong fd count,
+//! a RAM memfd of the wrong size or without the grow/shrink/seal seals, or a kvm fd that is not
+//! `/dev/kvm`.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_ipc::messages::{
+    CpuInfo, ShutdownCause, VcpuEvent, VcpuProtocol, VcpuReply, VcpuRequest,
+};
+use bulkhead_ipc::{Channel, Frame, Role};
+
+fn log_line(path: &Option<String>, line: &str) {
+    if let Some(p) = path {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+fn open_fds() -> Vec<i32> {
+    let mut v: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    // The directory's own fd was open while listing; drop numbers that are closed now.
+    // SAFETY: F_GETFD on integers only.
+    v.retain(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0);
+    v
+}
+
+fn word_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn has_word(cmdline: &str, key: &str) -> bool {
+    cmdline.split_whitespace().any(|w| w == key)
+}
+
+fn check_setup(
+    setup: &bulkhead_ipc::messages::VmSetup,
+    fds: &[OwnedFd],
+    fds_before: &[i32],
+) -> Result<(), String> {
+    if fds_before != [0, 1, 2, 3] {
+        return Err(format!(
+            "fds open at start: {fds_before:?}, expected [0, 1, 2, 3]"
+        ));
+    }
+    if fds.len() != setup.fd_count() {
+        return Err(format!(
+            "got {} fds, expected {}",
+            fds.len(),
+            setup.fd_count()
+        ));
+    }
+    let kvm = std::fs::read_link(format!("/proc/self/fd/{}", fds[0].as_raw_fd()))
+        .map_err(|e| e.to_string())?;
+    if kvm.to_str() != Some("/dev/kvm") {
+        return Err(format!("fd 0 of setup is {kvm:?}, not /dev/kvm"));
+    }
+    let mem = &fds[1];
+    // SAFETY: fstat into a zeroed stat buffer we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(mem.as_raw_fd(), &mut st) } < 0 {
+        return Err("fstat memfd failed".into());
+    }
+    if st.st_size as u64 != setup.mem_size {
+        return Err(format!(
+            "memfd is {} bytes, setup says {}",
+            st.st_size, setup.mem_size
+        ));
+    }
+    // SAFETY: F_GET_SEALS on an fd we own.
+    let seals = unsafe { libc::fcntl(mem.as_raw_fd(), libc::F_GET_SEALS) };
+    let want = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    if seals < 0 || seals & want != want {
+        return Err(format!("memfd seals {seals:#x}, want {want:#x}"));
+    }
+    let mut kernel = File::from(fds[2].try_clone().map_err(|e| e.to_string())?);
+    let mut head = [0u8; 4];
+    kernel
+        .read_exact(&mut head)
+        .map_err(|e| format!("kernel unreadable: {e}"))?;
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) != Some("--ipc-fd")
+        || args.get(2).map(String::as_str) != Some("3")
+    {
+        eprintln!("fake_vcpu: usage: bulkhead-vcpu --ipc-fd 3");
+        std::process::exit(2);
+    }
+    let fds_before = open_fds();
+    // SAFETY: fd 3 is the channel the monitor handed us; nothing else owns it.
+    let chan = Arc::new(Channel::<VcpuProtocol>::from_fd(unsafe {
+        OwnedFd::from_raw_fd(3)
+    }));
+    if let Err(e) = chan.handshake(Role::Vcpu, Role::Monitor) {
+        eprintln!("fake_vcpu: handshake: {e}");
+        std::process::exit(1);
+    }
+    let mut log: Option<String> = None;
+    let mut cmdline = String::new();
+    let mut serial_in: Option<File> = None;
+    let mut serial_out: Option<Arc<File>> = None;
+    let mut started = false;
+    loop {
+        let (frame, fds) = match chan.recv() {
+            Ok(v) => v,
+            Err(_) => std::process::exit(0),
+        };
+        let Frame::Request { id, body } = frame else {
+            continue;
+        };
+        let name = format!("{body:?}");
+        log_line(&log, name.split('(').next().unwrap_or("?"));
+        let reply = match body {
+            VcpuRequest::Setup(setup) => {
+                cmdline = setup.cmdline.clone();
+                log = word_value(&cmdline, "fake.log").map(str::to_string);
+                log_line(&log, &format!("pid {}", std::process::id()));
+                log_line(&log, "Setup");
+                let res = check_setup(&setup, &fds, &fds_before);
+                let mut it = fds.into_iter().skip(3 + usize::from(setup.has_initrd));
+                if setup.serial_in {
+                    serial_in = it.next().map(File::from);
+                }
+                if setup.serial_out {
+                    serial_out = it.next().map(|f| Arc::new(File::from(f)));
+                }
+                match res {
+                    Err(e) => VcpuReply::Error(e),
+                    Ok(()) if has_word(&cmdline, "fake.refuse-setup") => {
+                        VcpuReply::Error("refused by fake.refuse-setup".into())
+                    }
+                    Ok(()) => VcpuReply::Ok,
+                }
+            }
+            VcpuRequest::Run => {
+                if !started {
+                    started = true;
+                    if has_word(&cmdline, "fake.serial-hello") {
+                        if let Some(out) = &serial_out {
+                            let _ = (&**out).write_all(b"fake-guest: hello\n");
+                        }
+                    }
+                    if has_word(&cmdline, "fake.echo") {
+                        if let (Some(mut input), Some(out)) = (serial_in.take(), serial_out.clone())
+                        {
+                            std::thread::spawn(move || {
+                                let mut b = [0u8; 1024];
+                                while let Ok(n) = input.read(&mut b) {
+                                    if n == 0 || (&*out).write_all(&b[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            });
+                        }
+                    }
+                    spawn_timers(&cmdline, chan.clone());
+                }
+                VcpuReply::Ok
+            }
+            VcpuRequest::Pause if has_word(&cmdline, "fake.hang-pause") => continue,
+            VcpuRequest::Pause | VcpuRequest::Reset => VcpuReply::Ok,
+            VcpuRequest::QueryCpus => VcpuReply::Cpus(vec![CpuInfo {
+                index: 0,
+                thread_id: std::process::id() as i32,
+                halted: false,
+                pc: 0,
+                socket_id: 0,
+                core_id: 0,
+                thread_in_core: 0,
+            }]),
+            VcpuRequest::Quit => {
+                let _ = chan.reply(id, VcpuReply::Ok, &[]);
+                std::process::exit(0);
+            }
+        };
+        if chan.reply(id, reply, &[]).is_err() {
+            std::process::exit(0);
+        }
+    }
+}
+
+fn spawn_timers(cmdline: &str, chan: Arc<Channel<VcpuProtocol>>) {
+    let ms = |key: &str| word_value(cmdline, key).and_then(|v| v.parse::<u64>().ok());
+    let after = |d: u64, f: Box<dyn FnOnce() + Send>| {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(d));
+            f();
+        });
+    };
+    if let Some(d) = ms("fake.shutdown-after") {
+        let c = chan.clone();
+        after(
+            d,
+            Box::new(move || {
+                let _ = c.send_event(VcpuEvent::Shutdown(ShutdownCause::GuestShutdown));
+                std::thread::sleep(Duration::from_millis(50));
+                std::process::exit(0);
+            }),
+        );
+    }
+    if let Some(d) = ms("fake.reset-after") {
+        let c = chan.clone();
+        after(
+            d,
+            Box::new(move || {
+                let _ = c.send_event(VcpuEvent::Reset { guest: true });
+            }),
+        );
+    }
+    if let Some(d) = ms("fake.internal-error-after") {
+        let c = chan.clone();
+        after(
+            d,
+            Box::new(move || {
+                let _ = c.send_event(VcpuEvent::InternalError("fake emulation failure".into()));
+            }),
+        );
+    }
+    if let Some(d) = ms("fake.exit-after") {
+        after(d, Box::new(|| std::process::exit(3)));
+    }
+}

@@ -1,0 +1,19 @@
+//! The Bulkhead monitor (`bulkhead`), as a library the binary wires together.
+//!
+//! - [`cli`]: the QEMU-style command line;
+//! - [`daemon`]: `-daemonize` and `-pidfile`;
+//! - [`memory`]: guest RAM as a sealed memfd;
+//! - [`chardev`]: the serial port's host side (`-serial`);
+//! - [`worker`]: spawning `bulkhead-vcpu` with exactly the fds it needs, describing its exit;
+//! - [`vm`]: the run-state machine and the worker client (supervision);
+//! - [`qmp`]: the QMP server (protocol, sessions, command registry, events);
+//! - [`logging`]: `bulkhead: ...` diagnostics on stderr.
+
+pub mod chardev;
+pub mod cli;
+pub mod daemon;
+pub mod logging;
+pub mod memory;
+pub mod qmp;
+pub mod vm;
+pub mod worker;

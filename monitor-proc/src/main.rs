@@ -1,0 +1,226 @@
+//! `bulkhead`: the monitor process of the Bulkhead VMM.
+//!
+//! It parses a QEMU-style command line, optionally daemonizes, creates guest RAM and the serial
+//! port's host side, opens `/dev/kvm`, spawns and supervises `bulkhead-vcpu`, and serves QMP
+//! until `quit`, a terminating signal, or a guest poweroff. The pieces live in the
+//! `bulkhead_monitor` library; this file only wires them together (and is the one place that
+//! uses `anyhow`).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{signal, SignalKind};
+
+use bulkhead_monitor::cli::{self, Action, Config, Machine};
+use bulkhead_monitor::qmp::commands::Registry;
+use bulkhead_monitor::qmp::events::EventBus;
+use bulkhead_monitor::qmp::server::QmpServer;
+use bulkhead_monitor::qmp::session::Shared;
+use bulkhead_monitor::vm::{ExitRequest, GuestSpec, Vm};
+use bulkhead_monitor::{chardev, daemon, logging, memory, qmp, worker};
+
+fn main() {
+    logging::init();
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        chardev::restore_tty();
+        default_hook(info);
+    }));
+    let code = match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bulkhead: {e:#}");
+            1
+        }
+    };
+    chardev::restore_tty();
+    std::process::exit(code);
+}
+
+fn real_main() -> anyhow::Result<i32> {
+    let mut args = Vec::new();
+    for a in std::env::args_os().skip(1) {
+        match a.into_string() {
+            Ok(s) => args.push(s),
+            Err(a) => anyhow::bail!("{}: argument is not valid UTF-8", a.to_string_lossy()),
+        }
+    }
+    match cli::parse(args)? {
+        Action::Help => {
+            print!("{}", cli::USAGE);
+            Ok(0)
+        }
+        Action::Version => {
+            println!(
+                "bulkhead version {} (QMP level {}.{}.{})",
+                env!("CARGO_PKG_VERSION"),
+                qmp::protocol::QMP_VERSION.major,
+                qmp::protocol::QMP_VERSION.minor,
+                qmp::protocol::QMP_VERSION.micro
+            );
+            Ok(0)
+        }
+        Action::Run(cfg) => run(*cfg),
+    }
+}
+
+fn run(cfg: Config) -> anyhow::Result<i32> {
+    // Nothing we inherited may leak into a worker.
+    worker::cloexec_inherited_fds();
+    // Fork before any thread exists; the original process waits for `ready` and exits.
+    let ready = if cfg.daemonize {
+        Some(daemon::daemonize()?)
+    } else {
+        None
+    };
+    if let Some(name) = &cfg.process_name {
+        set_process_name(name);
+    }
+    let pidfile = cfg
+        .pidfile
+        .as_deref()
+        .map(daemon::Pidfile::create)
+        .transpose()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let code = rt.block_on(serve(cfg, ready));
+    drop(rt);
+    drop(pidfile);
+    code
+}
+
+fn set_process_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from `buf`.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
+}
+
+/// Opens what the guest needs: RAM, /dev/kvm, kernel, initrd, serial.
+async fn build_guest(cfg: &Config) -> anyhow::Result<GuestSpec> {
+    let worker_path = worker::worker_path(cfg.worker_dir.as_deref(), worker::VCPU_WORKER)?;
+    let kvm = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/kvm")
+        .context("could not open /dev/kvm")?;
+    let memory = memory::GuestMemory::create(cfg.mem_size)?;
+    let open = |p: &std::path::Path, what: &str| {
+        File::open(p).with_context(|| format!("could not open {what} '{}'", p.display()))
+    };
+    let kernel = match &cfg.kernel {
+        Some(k) => open(k, "kernel")?,
+        None => anyhow::bail!("no -kernel given"),
+    };
+    let initrd = cfg
+        .initrd
+        .as_deref()
+        .map(|p| open(p, "initrd"))
+        .transpose()?;
+    let mut serial = chardev::SerialHost::open(&cfg.serial)?;
+    serial.start().await?;
+    Ok(GuestSpec {
+        worker_path,
+        kvm,
+        memory,
+        kernel,
+        initrd,
+        serial,
+        vcpus: cfg.smp.cpus,
+        cmdline: cfg.append.clone(),
+        no_reboot: cfg.no_reboot,
+    })
+}
+
+async fn serve(cfg: Config, ready: Option<daemon::Ready>) -> anyhow::Result<i32> {
+    // Signals are caught from the start: one arriving during startup (say, while waiting for a
+    // wait=on client) ends the monitor cleanly too.
+    let mut signals = Signals::new()?;
+    let bus = EventBus::new();
+    let (exit, mut exit_rx) = ExitRequest::new();
+    // Listen first, so a QMP client can connect while the guest is set up (and for wait=on).
+    let mut server = QmpServer::bind(&cfg.qmp)?;
+    let startup = async {
+        let guest = match cfg.machine {
+            Machine::Bulkhead => Some(build_guest(&cfg).await?),
+            Machine::None => None,
+        };
+        let (mut vm, handle) = Vm::new(bus.clone(), guest, cfg.no_shutdown, exit.clone());
+        let shared = Arc::new(Shared {
+            bus: bus.clone(),
+            registry: Registry::new(),
+            vm: handle.clone(),
+            exit: exit.clone(),
+        });
+        server.wait_for_clients(&shared).await?;
+        vm.boot(cfg.start_paused).await?;
+        if let Some(pid) = vm.worker_pid() {
+            log::info!("bulkhead-vcpu (pid {pid}) is ready");
+        }
+        anyhow::Ok((vm, handle, shared))
+    };
+    let (vm, handle, shared) = tokio::select! {
+        r = startup => r?,
+        signo = signals.next() => {
+            log::warn!("terminating on signal {signo}");
+            return Ok(0);
+        }
+    };
+    let vm_task = tokio::spawn(vm.run());
+    server.serve(&shared);
+    {
+        let vm = handle.clone();
+        tokio::spawn(async move {
+            loop {
+                let signo = signals.next().await;
+                vm.signal(signo).await;
+            }
+        });
+    }
+    if let Some(ready) = ready {
+        ready.notify()?;
+    }
+
+    let code = exit_rx.recv().await.unwrap_or(0);
+
+    server.stop();
+    handle.terminate().await;
+    let _ = vm_task.await;
+    bus.close_all();
+    bus.drain(Duration::from_secs(1)).await;
+    drop(server);
+    Ok(code)
+}
+
+/// SIGINT, SIGTERM and SIGHUP: QEMU's terminating signals.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        let mk = |k| signal(k).context("cannot install signal handlers");
+        Ok(Signals {
+            int: mk(SignalKind::interrupt())?,
+            term: mk(SignalKind::terminate())?,
+            hup: mk(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.int.recv() => libc::SIGINT,
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.hup.recv() => libc::SIGHUP,
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! One QMP connection: greeting, capabilities negotiation, command dispatch, and the writer
+//! that drains the session's bounded queue to the socket.
+//!
+//! Each session runs two tasks. The reader cuts the input into JSON values
+//! ([`Splitter`]), validates each request ([`parse_request`]), runs it through the
+//! [`Registry`] and queues the reply. The writer writes queued replies and events. Neither ever
+//! waits on another session: a reply or event that finds the queue full kills the session
+//! (see [`super::events`]). End of input flushes what is queued and closes the connection.
+//!
+//! On unix sockets the reader receives with `recvmsg`, so file descriptors sent with
+//! `SCM_RIGHTS` arrive (close-on-exec) with the bytes. They are held for the next command, as
+//! QEMU does for `getfd`/`add-fd`, and closed once that command has run without claiming them.
+//! No command claims any yet; the hook is [`SessionState::take_fds`].
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::{tcp, unix};
+
+use super::commands::{Context, PostAction, Registry};
+use super::events::{EventBus, Outgoing, SessionQueue, SessionSink};
+use super::protocol::{
+    error_line, greeting_line, parse_request, return_line, Chunk, QmpError, Splitter,
+};
+use crate::vm::{ExitRequest, VmHandle};
+
+/// Most fds a session may hold between commands; more are closed on arrival.
+pub const MAX_SESSION_FDS: usize = 16;
+
+/// What every session shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The event bus (and session registry).
+    pub bus: Arc<EventBus>,
+    /// The commands.
+    pub registry: Registry,
+    /// The VM actor.
+    pub vm: VmHandle,
+    /// Asks the monitor to exit.
+    pub exit: ExitRequest,
+}
+
+/// A freshly accepted connection.
+#[derive(Debug)]
+pub enum Conn {
+    /// Over a unix socket (can carry fds).
+    Unix(tokio::net::UnixStream),
+    /// Over TCP.
+    Tcp(tokio::net::TcpStream),
+}
+
+/// Per-session protocol state.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    negotiated: bool,
+    fds: Vec<OwnedFd>,
+}
+
+impl SessionState {
+    /// True once `qmp_capabilities` succeeded.
+    pub fn negotiated(&self) -> bool {
+        self.negotiated
+    }
+
+    fn add_fds(&mut self, fds: Vec<OwnedFd>, id: u64) {
+        for fd in fds {
+            if self.fds.len() < MAX_SESSION_FDS {
+                self.fds.push(fd);
+            } else {
+                log::warn!(
+                    "QMP session {id}: too many file descriptors received; closing the excess"
+                );
+            }
+        }
+    }
+
+    /// Takes the fds received for the current command (for `getfd`/`add-fd`).
+    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.fds)
+    }
+}
+
+enum Reader {
+    Unix(unix::OwnedReadHalf),
+    Tcp(tcp::OwnedReadHalf),
+}
+
+impl Reader {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+        match self {
+            Reader::Tcp(r) => Ok((r.read(buf).await?, Vec::new())),
+            Reader::Unix(r) => {
+                let s: &tokio::net::UnixStream = r.as_ref();
+                loop {
+                    s.readable().await?;
+                    match s.try_io(Interest::READABLE, || recv_with_fds(s.as_raw_fd(), buf)) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        other => return other,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `recvmsg` with room for [`MAX_SESSION_FDS`] fds of `SCM_RIGHTS`, received close-on-exec.
+fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    const SPACE: usize = 64 + MAX_SESSION_FDS * std::mem::size_of::<RawFd>();
+    // u64 elements keep the control buffer aligned for cmsghdr.
+    let mut cmsg_buf = [0u64; SPACE.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg_buf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg_buf);
+    // SAFETY: `msg` points at `iov` (covering `buf`) and `cmsg_buf`, all live and writable for
+    // the duration of the call.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the CMSG_* macros walk the control buffer the kernel just filled, bounded by
+    // msg_controllen; each SCM_RIGHTS payload holds whole ints, which we read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let len = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
+                let count = len / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let raw = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(raw));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        log::warn!(
+            "QMP client sent more file descriptors than a message may carry; some were lost"
+        );
+    }
+    Ok((usize::try_from(n).unwrap_or(0), fds))
+}
+
+/// Registers and starts a session on `conn`.
+pub fn spawn(conn: Conn, shared: Arc<Shared>) {
+    let Some((sink, queue)) = shared.bus.register() else {
+        return; // shutting down
+    };
+    log::info!("QMP session {} opened", sink.id());
+    let (reader, writer): (Reader, Box<dyn AsyncWrite + Send + Unpin>) = match conn {
+        Conn::Unix(s) => {
+            let (r, w) = s.into_split();
+            (Reader::Unix(r), Box::new(w))
+        }
+        Conn::Tcp(s) => {
+            let (r, w) = s.into_split();
+            (Reader::Tcp(r), Box::new(w))
+        }
+    };
+    let killed = queue.killed.clone();
+    tokio::spawn(write_loop(writer, queue, shared.bus.clone(), sink.clone()));
+    tokio::spawn(read_loop(reader, sink, killed, shared));
+}
+
+async fn write_loop(
+    mut w: Box<dyn AsyncWrite + Send + Unpin>,
+    mut queue: SessionQueue,
+    bus: Arc<EventBus>,
+    sink: SessionSink,
+) {
+    let id = sink.id();
+    let mut killed = queue.killed.clone();
+    loop {
+        let msg = tokio::select! {
+            m = queue.rx.recv() => m,
+            _ = killed.wait_for(|k| *k) => None,
+        };
+        let Some(Outgoing::Line(line)) = msg else {
+            break;
+        };
+        let write = async {
+            w.write_all(line.as_bytes()).await?;
+            w.flush().await
+        };
+        let ok = tokio::select! {
+            r = write => r.is_ok(),
+            _ = killed.wait_for(|k| *k) => false,
+        };
+        if !ok {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), w.shutdown()).await;
+    // Make sure the reader ends too, then forget the session.
+    sink.kill();
+    drop(queue.rx);
+    bus.unregister(id);
+    log::info!("QMP session {id} closed");
+}
+
+async fn read_loop(
+    mut reader: Reader,
+    sink: SessionSink,
+    mut killed: tokio::sync::watch::Receiver<bool>,
+    shared: Arc<Shared>,
+) {
+    sink.send(Arc::from(greeting_line()));
+    let mut splitter = Splitter::new();
+    let mut state = SessionState::default();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let work = async {
+            let (n, fds) = reader.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<bool, std::io::Error>(false);
+            }
+            state.add_fds(fds, sink.id());
+            for chunk in splitter.feed(&buf[..n]) {
+                handle_chunk(chunk, &mut state, &sink, &shared).await;
+            }
+            Ok(true)
+        };
+        let go_on = tokio::select! {
+            r = work => matches!(r, Ok(true)),
+            _ = killed.wait_for(|k| *k) => false,
+        };
+        if !go_on {
+            break;
+        }
+    }
+    // End of input: flush what is queued, then close.
+    sink.close();
+}
+
+async fn handle_chunk(chunk: Chunk, state: &mut SessionState, sink: &SessionSink, shared: &Shared) {
+    let bytes = match chunk {
+        Chunk::Error(msg) => {
+            sink.send(Arc::from(error_line(&QmpError::generic(msg), None)));
+            return;
+        }
+        Chunk::Value(bytes) => bytes,
+    };
+    let req = match parse_request(&bytes) {
+        Ok(r) => r,
+        Err(bad) => {
+            sink.send(Arc::from(error_line(&bad.error, bad.id.as_deref())));
+            return;
+        }
+    };
+    let ctx = Context {
+        vm: shared.vm.clone(),
+        session: sink.id(),
+    };
+    let result = match shared
+        .registry
+        .prepare(&req.execute, req.arguments, state.negotiated, ctx)
+    {
+        Ok(fut) => fut.await,
+        Err(e) => Err(e),
+    };
+    // Fds that came with this command and were not claimed by it are closed now.
+    drop(state.take_fds());
+    let id = req.id.as_deref();
+    match result {
+        Ok(outcome) => {
+            sink.send(Arc::from(return_line(&outcome.value, id)));
+            match outcome.post {
+                Some(PostAction::EnterCommandMode) => {
+                    state.negotiated = true;
+                    shared.bus.set_negotiated(sink.id());
+                }
+                Some(PostAction::Exit) => shared.exit.request(0),
+                None => {}
+            }
+        }
+        Err(e) => {
+            sink.send(Arc::from(error_line(&e, id)));
+        }
+    }
+}

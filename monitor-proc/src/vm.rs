@@ -1,0 +1,729 @@
+//! VM control: the run-state machine and the client side of the vCPU worker.
+//!
+//! One task (the VM actor, [`Vm::run`]) owns the state, the worker process and its channel.
+//! QMP commands reach it through a [`VmHandle`] and are executed one at a time, as QEMU executes
+//! them under its big lock; the actor also watches the worker's events and its exit, so a dying
+//! worker is noticed at once, even while no command is in flight.
+//!
+//! States are QEMU's (`query-status`): `prelaunch` (`-S`, or after a reset of a stopped
+//! machine), `running`, `paused`, `shutdown` (guest poweroff under `-no-shutdown`) and
+//! `internal-error` (the worker died or reported an unrecoverable error). Transitions follow
+//! QEMU 7.2:
+//!
+//! | command / event       | effect                                                              |
+//! |-----------------------|---------------------------------------------------------------------|
+//! | `stop`                | running → paused + STOP; no-op in any other state                   |
+//! | `cont`                | prelaunch/paused → running + RESUME; no-op when running; error in  |
+//! |                       | shutdown/internal-error ("Resetting the Virtual Machine is required")|
+//! | `system_reset`        | RESET(host-qmp-system-reset); a machine that is not running ends up |
+//! |                       | in prelaunch; a dead worker is restarted (fresh setup)             |
+//! | `quit`                | SHUTDOWN(host-qmp-quit), then the monitor exits 0                   |
+//! | SIGINT/SIGTERM/SIGHUP | SHUTDOWN(host-signal), then the monitor exits 0                     |
+//! | guest poweroff        | SHUTDOWN(guest-shutdown), exit 0; under `-no-shutdown`: STOP and    |
+//! |                       | state shutdown                                                      |
+//! | guest reset           | RESET(guest-reset)                                                  |
+//! | worker internal error | STOP (if running), internal-error                                   |
+//! | worker death          | logged with its status or signal; STOP (if running), internal-error |
+//!
+//! With `-M none` there is no worker: the same transitions happen on the state alone, as QEMU
+//! does for its `none` machine.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_ipc::messages::{ShutdownCause as GuestCause, VcpuEvent, VcpuProtocol, VcpuReply};
+use bulkhead_ipc::messages::{VcpuRequest, VmSetup};
+use bulkhead_ipc::rpc::EventItem;
+use bulkhead_ipc::{AsyncChannel, Role, RpcClient};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::chardev::{reopen_readonly, SerialHost};
+use crate::memory::GuestMemory;
+use crate::qmp::events::{Event, EventBus, ShutdownCause};
+use crate::qmp::protocol::QmpError;
+use crate::worker::{self, describe_exit, WorkerError};
+
+/// How long the worker has for the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the worker has to build the VM.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the worker has to answer run/pause/reset; after that it is killed.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a worker whose channel closed may take to exit before it is killed.
+const CHANNEL_GRACE: Duration = Duration::from_millis(200);
+/// How long `quit` waits for the worker to exit by itself.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// QEMU's run states (the subset Bulkhead reaches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Not started yet (`-S`), or reset while stopped.
+    Prelaunch,
+    /// vCPUs running.
+    Running,
+    /// Stopped by `stop`.
+    Paused,
+    /// The guest powered off (`-no-shutdown`).
+    Shutdown,
+    /// The worker died or cannot continue.
+    InternalError,
+}
+
+impl RunState {
+    /// The QAPI `RunState` name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Prelaunch => "prelaunch",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Shutdown => "shutdown",
+            RunState::InternalError => "internal-error",
+        }
+    }
+}
+
+/// Errors bringing up the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Spawning failed.
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    /// The channel failed.
+    #[error("bulkhead-vcpu (pid {pid}): {source}")]
+    Ipc {
+        /// The worker.
+        pid: u32,
+        /// The ipc error.
+        source: bulkhead_ipc::Error,
+    },
+    /// The worker did not answer in time.
+    #[error("bulkhead-vcpu (pid {pid}) did not complete the {what} within {secs} s")]
+    Timeout {
+        /// The worker.
+        pid: u32,
+        /// The step.
+        what: &'static str,
+        /// The limit.
+        secs: u64,
+    },
+    /// The worker refused the setup.
+    #[error("bulkhead-vcpu (pid {pid}) could not set up the VM: {msg}")]
+    Refused {
+        /// The worker.
+        pid: u32,
+        /// Its message.
+        msg: String,
+    },
+    /// The worker died during startup.
+    #[error("bulkhead-vcpu (pid {pid}) {status} during {what}")]
+    Died {
+        /// The worker.
+        pid: u32,
+        /// How it ended.
+        status: String,
+        /// The step.
+        what: &'static str,
+    },
+    /// Reopening the kernel or initrd failed.
+    #[error("cannot reopen {what}: {source}")]
+    Reopen {
+        /// Which file.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Everything needed to (re)start the vCPU worker for the configured guest.
+pub struct GuestSpec {
+    /// `bulkhead-vcpu`'s absolute path.
+    pub worker_path: PathBuf,
+    /// `/dev/kvm`, opened `O_RDWR | O_CLOEXEC`.
+    pub kvm: File,
+    /// Guest RAM.
+    pub memory: GuestMemory,
+    /// The kernel image.
+    pub kernel: File,
+    /// The initrd.
+    pub initrd: Option<File>,
+    /// The serial port's host side.
+    pub serial: SerialHost,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// `-no-reboot`.
+    pub no_reboot: bool,
+}
+
+/// Requests the monitor's main task to exit with a status.
+#[derive(Debug, Clone)]
+pub struct ExitRequest(mpsc::UnboundedSender<i32>);
+
+impl ExitRequest {
+    /// A new request channel; the receiver yields the first exit status asked for.
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<i32>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (ExitRequest(tx), rx)
+    }
+
+    /// Asks for exit with `code`.
+    pub fn request(&self, code: i32) {
+        let _ = self.0.send(code);
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, QmpError>>;
+
+enum Request {
+    Status(oneshot::Sender<RunState>),
+    Stop(Reply<()>),
+    Cont(Reply<()>),
+    Reset(Reply<()>),
+    Quit(Reply<()>),
+    Signal(i32),
+    Terminate(oneshot::Sender<()>),
+}
+
+/// A cloneable handle to the VM actor.
+#[derive(Debug, Clone)]
+pub struct VmHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Request::Status(_) => "Status",
+            Request::Stop(_) => "Stop",
+            Request::Cont(_) => "Cont",
+            Request::Reset(_) => "Reset",
+            Request::Quit(_) => "Quit",
+            Request::Signal(_) => "Signal",
+            Request::Terminate(_) => "Terminate",
+        })
+    }
+}
+
+fn gone() -> QmpError {
+    QmpError::generic("the VM is shutting down")
+}
+
+impl VmHandle {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, QmpError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// The current run state.
+    pub async fn status(&self) -> Result<RunState, QmpError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Status(tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// `stop`.
+    pub async fn stop(&self) -> Result<(), QmpError> {
+        self.ask(Request::Stop).await
+    }
+
+    /// `cont`.
+    pub async fn cont(&self) -> Result<(), QmpError> {
+        self.ask(Request::Cont).await
+    }
+
+    /// `system_reset`.
+    pub async fn reset(&self) -> Result<(), QmpError> {
+        self.ask(Request::Reset).await
+    }
+
+    /// `quit`: emits SHUTDOWN; the caller then asks the monitor to exit.
+    pub async fn quit(&self) -> Result<(), QmpError> {
+        self.ask(Request::Quit).await
+    }
+
+    /// A terminating signal arrived.
+    pub async fn signal(&self, signo: i32) {
+        let _ = self.tx.send(Request::Signal(signo)).await;
+    }
+
+    /// Stops the worker (politely, then by force) and ends the actor.
+    pub async fn terminate(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request::Terminate(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Worker {
+    rpc: RpcClient<VcpuProtocol>,
+    events: Option<mpsc::UnboundedReceiver<EventItem<VcpuProtocol>>>,
+    child: tokio::process::Child,
+    pid: u32,
+    /// An exit now is part of the plan (quit, guest shutdown).
+    expect_exit: bool,
+    /// The channel closed: kill the process at this instant if it has not exited.
+    kill_at: Option<Instant>,
+}
+
+/// The VM actor.
+pub struct Vm {
+    state: RunState,
+    bus: Arc<EventBus>,
+    guest: Option<GuestSpec>,
+    worker: Option<Worker>,
+    no_shutdown: bool,
+    exit: ExitRequest,
+    rx: mpsc::Receiver<Request>,
+}
+
+enum Input {
+    Req(Option<Request>),
+    Event(Result<VcpuEvent, bulkhead_ipc::Error>),
+    Exit(std::io::Result<std::process::ExitStatus>),
+    KillTimer,
+}
+
+impl Vm {
+    /// Creates the actor (not yet running) and its handle. Commands sent through the handle
+    /// before [`Vm::run`] starts wait in its queue.
+    pub fn new(
+        bus: Arc<EventBus>,
+        guest: Option<GuestSpec>,
+        no_shutdown: bool,
+        exit: ExitRequest,
+    ) -> (Self, VmHandle) {
+        let (tx, rx) = mpsc::channel(64);
+        (
+            Vm {
+                state: RunState::Prelaunch,
+                bus,
+                guest,
+                worker: None,
+                no_shutdown,
+                exit,
+                rx,
+            },
+            VmHandle { tx },
+        )
+    }
+
+    /// Starts the worker and builds the VM (if there is a guest), then starts the vCPUs unless
+    /// `paused`. Failure here is a startup failure: the monitor exits 1.
+    pub async fn boot(&mut self, paused: bool) -> Result<(), VmError> {
+        if let Some(guest) = &self.guest {
+            self.worker = Some(start_worker(guest).await?);
+        }
+        if !paused {
+            if let Some(w) = self.worker.as_mut() {
+                match tokio::time::timeout(CALL_TIMEOUT, w.rpc.call(VcpuRequest::Run, &[])).await {
+                    Ok(Ok((VcpuReply::Ok, _))) => {}
+                    Ok(Ok((VcpuReply::Error(msg), _))) => {
+                        return Err(VmError::Refused { pid: w.pid, msg })
+                    }
+                    Ok(Ok((other, _))) => {
+                        return Err(VmError::Refused {
+                            pid: w.pid,
+                            msg: format!("unexpected reply {other:?} to Run"),
+                        })
+                    }
+                    Ok(Err(source)) => return Err(VmError::Ipc { pid: w.pid, source }),
+                    Err(_) => {
+                        return Err(VmError::Timeout {
+                            pid: w.pid,
+                            what: "start",
+                            secs: CALL_TIMEOUT.as_secs(),
+                        })
+                    }
+                }
+            }
+            self.state = RunState::Running;
+            self.bus.emit(&Event::Resume);
+        }
+        Ok(())
+    }
+
+    /// The worker's pid, if one runs.
+    pub fn worker_pid(&self) -> Option<u32> {
+        self.worker.as_ref().map(|w| w.pid)
+    }
+
+    /// Runs the actor until [`VmHandle::terminate`] (or every handle is gone).
+    pub async fn run(mut self) {
+        loop {
+            let input = match self.worker.as_mut() {
+                Some(w) => {
+                    let Worker {
+                        events,
+                        child,
+                        kill_at,
+                        ..
+                    } = w;
+                    let kill_at = *kill_at;
+                    tokio::select! {
+                        r = self.rx.recv() => Input::Req(r),
+                        e = next_event(events) => Input::Event(e),
+                        s = child.wait() => Input::Exit(s),
+                        _ = sleep_until(kill_at) => Input::KillTimer,
+                    }
+                }
+                None => Input::Req(self.rx.recv().await),
+            };
+            match input {
+                Input::Req(None) => break,
+                Input::Req(Some(Request::Terminate(done))) => {
+                    self.terminate().await;
+                    let _ = done.send(());
+                    break;
+                }
+                Input::Req(Some(r)) => self.handle(r).await,
+                Input::Event(Ok(ev)) => self.on_event(ev),
+                Input::Event(Err(e)) => self.on_channel_closed(e),
+                Input::Exit(status) => self.on_exit(status),
+                Input::KillTimer => {
+                    if let Some(w) = self.worker.as_mut() {
+                        log::warn!(
+                            "bulkhead-vcpu (pid {}) closed its channel but did not exit; killing it",
+                            w.pid
+                        );
+                        w.kill_at = None;
+                        let _ = w.child.start_kill();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, r: Request) {
+        match r {
+            Request::Status(tx) => {
+                let _ = tx.send(self.state);
+            }
+            Request::Stop(tx) => {
+                let r = self.stop().await;
+                let _ = tx.send(r);
+            }
+            Request::Cont(tx) => {
+                let r = self.cont().await;
+                let _ = tx.send(r);
+            }
+            Request::Reset(tx) => {
+                let r = self.reset().await;
+                let _ = tx.send(r);
+            }
+            Request::Quit(tx) => {
+                self.bus.emit(&Event::Shutdown(ShutdownCause::HostQmpQuit));
+                self.expect_worker_exit();
+                let _ = tx.send(Ok(()));
+            }
+            Request::Signal(signo) => {
+                log::warn!("terminating on signal {signo}");
+                self.bus.emit(&Event::Shutdown(ShutdownCause::HostSignal));
+                self.expect_worker_exit();
+                self.exit.request(0);
+            }
+            Request::Terminate(_) => {}
+        }
+    }
+
+    fn expect_worker_exit(&mut self) {
+        if let Some(w) = self.worker.as_mut() {
+            w.expect_exit = true;
+        }
+    }
+
+    /// Sends `req` to the worker and maps the outcome to a QMP result. A worker that does not
+    /// answer in time is killed (its exit then moves the VM to internal-error).
+    async fn call(&mut self, req: VcpuRequest) -> Result<(), QmpError> {
+        let Some(w) = self.worker.as_mut() else {
+            return Err(QmpError::generic("the vCPU worker is not running"));
+        };
+        let what = format!("{req:?}");
+        match tokio::time::timeout(CALL_TIMEOUT, w.rpc.call(req, &[])).await {
+            Ok(Ok((VcpuReply::Ok, _))) => Ok(()),
+            Ok(Ok((VcpuReply::Error(msg), _))) => Err(QmpError::generic(msg)),
+            Ok(Ok((other, _))) => Err(QmpError::generic(format!(
+                "the vCPU worker answered {what} with {other:?}"
+            ))),
+            Ok(Err(e)) => Err(QmpError::generic(format!("the vCPU worker is gone: {e}"))),
+            Err(_) => {
+                log::error!(
+                    "bulkhead-vcpu (pid {}) did not answer {what} within {} s; killing it",
+                    w.pid,
+                    CALL_TIMEOUT.as_secs()
+                );
+                let _ = w.child.start_kill();
+                Err(QmpError::generic("the vCPU worker did not answer"))
+            }
+        }
+    }
+
+    async fn stop(&mut self) -> Result<(), QmpError> {
+        if self.state != RunState::Running {
+            return Ok(());
+        }
+        if self.guest.is_some() {
+            self.call(VcpuRequest::Pause).await?;
+        }
+        self.state = RunState::Paused;
+        self.bus.emit(&Event::Stop);
+        Ok(())
+    }
+
+    async fn cont(&mut self) -> Result<(), QmpError> {
+        match self.state {
+            RunState::Running => Ok(()),
+            RunState::Shutdown | RunState::InternalError => Err(QmpError::generic(
+                "Resetting the Virtual Machine is required",
+            )),
+            RunState::Prelaunch | RunState::Paused => {
+                if self.guest.is_some() {
+                    self.call(VcpuRequest::Run).await?;
+                }
+                self.state = RunState::Running;
+                self.bus.emit(&Event::Resume);
+                Ok(())
+            }
+        }
+    }
+
+    async fn reset(&mut self) -> Result<(), QmpError> {
+        if let Some(guest) = &self.guest {
+            if self.worker.is_some() {
+                self.call(VcpuRequest::Reset).await?;
+            } else {
+                // The worker is gone (died, or exited after a guest poweroff under
+                // -no-shutdown): a reset builds the machine afresh in a new worker.
+                match start_worker(guest).await {
+                    Ok(w) => {
+                        log::info!("restarted bulkhead-vcpu (pid {})", w.pid);
+                        self.worker = Some(w);
+                        self.state = RunState::Prelaunch;
+                    }
+                    Err(e) => {
+                        log::error!("cannot restart the vCPU worker: {e}");
+                        return Err(QmpError::generic(format!(
+                            "cannot restart the vCPU worker: {e}"
+                        )));
+                    }
+                }
+            }
+        }
+        self.bus
+            .emit(&Event::Reset(ShutdownCause::HostQmpSystemReset));
+        if self.state != RunState::Running {
+            self.state = RunState::Prelaunch;
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, ev: VcpuEvent) {
+        match ev {
+            VcpuEvent::Shutdown(cause) => {
+                let cause = match cause {
+                    GuestCause::GuestShutdown => ShutdownCause::GuestShutdown,
+                    // QEMU reports a triple fault under -no-reboot as a guest reset too.
+                    GuestCause::GuestReset | GuestCause::GuestTripleFault => {
+                        ShutdownCause::GuestReset
+                    }
+                };
+                self.expect_worker_exit();
+                self.bus.emit(&Event::Shutdown(cause));
+                if self.no_shutdown {
+                    if self.state == RunState::Running {
+                        self.bus.emit(&Event::Stop);
+                    }
+                    self.state = RunState::Shutdown;
+                } else {
+                    self.exit.request(0);
+                }
+            }
+            VcpuEvent::Reset { guest: true } => {
+                self.bus.emit(&Event::Reset(ShutdownCause::GuestReset));
+            }
+            VcpuEvent::Reset { guest: false } => {
+                // Host-initiated resets are reported by the monitor itself (system_reset).
+                log::debug!("ignoring a host reset event from the vCPU worker");
+            }
+            VcpuEvent::InternalError(msg) => {
+                log::error!("the vCPU worker stopped the VM: {msg}");
+                self.enter_internal_error();
+            }
+        }
+    }
+
+    fn enter_internal_error(&mut self) {
+        if self.state == RunState::Running {
+            self.bus.emit(&Event::Stop);
+        }
+        self.state = RunState::InternalError;
+    }
+
+    fn on_channel_closed(&mut self, e: bulkhead_ipc::Error) {
+        if let Some(w) = self.worker.as_mut() {
+            if !w.expect_exit {
+                log::debug!("channel to bulkhead-vcpu (pid {}) closed: {e}", w.pid);
+            }
+            w.kill_at = Some(Instant::now() + CHANNEL_GRACE);
+        }
+    }
+
+    fn on_exit(&mut self, status: std::io::Result<std::process::ExitStatus>) {
+        let Some(w) = self.worker.take() else {
+            return;
+        };
+        let desc = match status {
+            Ok(s) => describe_exit(s),
+            Err(e) => format!("could not be waited for ({e})"),
+        };
+        if w.expect_exit {
+            log::info!("bulkhead-vcpu (pid {}) {desc}", w.pid);
+        } else {
+            log::error!("bulkhead-vcpu (pid {}) {desc}", w.pid);
+            self.enter_internal_error();
+        }
+    }
+
+    async fn terminate(&mut self) {
+        let Some(mut w) = self.worker.take() else {
+            return;
+        };
+        w.expect_exit = true;
+        let _ = tokio::time::timeout(QUIT_TIMEOUT, w.rpc.call(VcpuRequest::Quit, &[])).await;
+        match tokio::time::timeout(QUIT_TIMEOUT, w.child.wait()).await {
+            Ok(Ok(s)) => log::info!("bulkhead-vcpu (pid {}) {}", w.pid, describe_exit(s)),
+            _ => {
+                log::warn!("bulkhead-vcpu (pid {}) did not quit; killing it", w.pid);
+                let _ = w.child.start_kill();
+                let _ = w.child.wait().await;
+            }
+        }
+    }
+}
+
+async fn next_event(
+    events: &mut Option<mpsc::UnboundedReceiver<EventItem<VcpuProtocol>>>,
+) -> Result<VcpuEvent, bulkhead_ipc::Error> {
+    let Some(rx) = events.as_mut() else {
+        return std::future::pending().await;
+    };
+    match rx.recv().await {
+        Some(Ok((ev, _fds))) => Ok(ev),
+        Some(Err(e)) => {
+            *events = None;
+            Err(e)
+        }
+        None => {
+            *events = None;
+            Err(bulkhead_ipc::Error::PeerClosed)
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Spawns the worker, does the handshake and sends `Setup` with the fds in the contract's order.
+async fn start_worker(guest: &GuestSpec) -> Result<Worker, VmError> {
+    let (mine, theirs) = bulkhead_ipc::channel::seqpacket_pair()
+        .map_err(|source| VmError::Ipc { pid: 0, source })?;
+    let mut child = worker::spawn(&guest.worker_path, theirs)?;
+    let pid = child.id().unwrap_or(0);
+    log::info!("started {} (pid {pid})", guest.worker_path.display());
+    let died = |child: &mut tokio::process::Child, what: &'static str| {
+        let status = match child.try_wait() {
+            Ok(Some(s)) => Some(describe_exit(s)),
+            _ => None,
+        };
+        status.map(|status| VmError::Died { pid, status, what })
+    };
+    let chan = AsyncChannel::<VcpuProtocol>::from_fd(mine)
+        .map_err(|source| VmError::Ipc { pid, source })?;
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, chan.handshake(Role::Monitor, Role::Vcpu)).await {
+        Ok(Ok(_hello)) => {}
+        Ok(Err(source)) => {
+            // Give a dying worker a moment so the error can say how it ended.
+            let _ = tokio::time::timeout(Duration::from_millis(500), child.wait()).await;
+            return Err(died(&mut child, "handshake").unwrap_or(VmError::Ipc { pid, source }));
+        }
+        Err(_) => {
+            return Err(VmError::Timeout {
+                pid,
+                what: "handshake",
+                secs: HANDSHAKE_TIMEOUT.as_secs(),
+            })
+        }
+    }
+    let (rpc, events) = RpcClient::new(chan);
+    let kernel = reopen_readonly(&guest.kernel).map_err(|source| VmError::Reopen {
+        what: "the kernel",
+        source,
+    })?;
+    let initrd = match &guest.initrd {
+        Some(f) => Some(reopen_readonly(f).map_err(|source| VmError::Reopen {
+            what: "the initrd",
+            source,
+        })?),
+        None => None,
+    };
+    let serial_in = guest.serial.input();
+    let serial_out = guest.serial.output();
+    let setup = VmSetup {
+        mem_size: guest.memory.size(),
+        vcpus: guest.vcpus,
+        cmdline: guest.cmdline.clone(),
+        has_initrd: initrd.is_some(),
+        serial_in: serial_in.is_some(),
+        serial_out: serial_out.is_some(),
+        no_reboot: guest.no_reboot,
+    };
+    let mut fds: Vec<BorrowedFd<'_>> =
+        vec![guest.kvm.as_fd(), guest.memory.as_fd(), kernel.as_fd()];
+    fds.extend(initrd.as_ref().map(AsFd::as_fd));
+    fds.extend(serial_in);
+    fds.extend(serial_out);
+    let res = tokio::time::timeout(SETUP_TIMEOUT, rpc.call(VcpuRequest::Setup(setup), &fds)).await;
+    drop(fds);
+    match res {
+        Ok(Ok((VcpuReply::Ok, _))) => {}
+        Ok(Ok((VcpuReply::Error(msg), _))) => return Err(VmError::Refused { pid, msg }),
+        Ok(Ok((other, _))) => {
+            return Err(VmError::Refused {
+                pid,
+                msg: format!("unexpected reply {other:?} to Setup"),
+            })
+        }
+        Ok(Err(source)) => {
+            let _ = tokio::time::timeout(Duration::from_millis(500), child.wait()).await;
+            return Err(died(&mut child, "setup").unwrap_or(VmError::Ipc { pid, source }));
+        }
+        Err(_) => {
+            return Err(VmError::Timeout {
+                pid,
+                what: "setup",
+                secs: SETUP_TIMEOUT.as_secs(),
+            })
+        }
+    }
+    Ok(Worker {
+        rpc,
+        events: Some(events),
+        child,
+        pid,
+        expect_exit: false,
+        kill_at: None,
+    })
+}
