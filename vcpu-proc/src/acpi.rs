@@ -1,0 +1,318 @@
+//! ACPI tables (built with the `acpi_tables` crate): RSDP, XSDT, a hardware-reduced FADT with
+//! sleep control/status and reset registers (as cloud-hypervisor does), a MADT with one local
+//! APIC per vCPU and the IOAPIC, and a DSDT with `_S5_`. The RSDP sits at [`memory::ACPI_START`]
+//! (0xE0000) so a legacy BIOS-area scan finds it; the zero page also points at it.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::devices::{acpi_pm, rtc, serial};
+use crate::memory::{self, GuestMem};
+
+const OEM_ID: [u8; 6] = *b"BLKHD ";
+const OEM_REVISION: u32 = 1;
+/// `_S5_` sleep type the DSDT declares and the sleep control register decodes.
+pub const S5_SLEEP_TYPE: u8 = 5;
+/// IAPC_BOOT_ARCH: VGA not present.
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+
+/// Errors placing ACPI tables.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Too many vCPUs for 8-bit APIC ids.
+    #[error("{0} vCPUs do not fit in xAPIC ids")]
+    TooManyCpus(u32),
+    /// The tables do not fit in the BIOS area.
+    #[error("ACPI tables ({0} bytes) overflow the BIOS area")]
+    TooBig(u64),
+    /// Writing to guest memory failed.
+    #[error("cannot write ACPI tables: {0}")]
+    GuestWrite(vm_memory::GuestMemoryError),
+}
+
+/// The tables, each with its guest address.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    /// (address, bytes) of each table; the first is the RSDP.
+    pub blobs: Vec<(u64, Vec<u8>)>,
+}
+
+impl Tables {
+    /// Address of the RSDP.
+    pub fn rsdp_addr(&self) -> u64 {
+        memory::ACPI_START
+    }
+}
+
+fn bytes_of(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+fn align16(x: u64) -> u64 {
+    (x + 15) & !15
+}
+
+/// The DSDT: `Name (\_S5_, Package () { 5, 0, 0, 0 })`, COM1 (PNP0501, I/O 0x3f8, GSI 4)
+/// and the CMOS RTC (PNP0B00, I/O 0x70). With a hardware-reduced FADT Linux has no legacy
+/// PIC and maps ISA interrupts only for devices ACPI describes, so COM1's interrupt must be
+/// declared here; the RTC is declared without one (we raise no RTC interrupts).
+pub fn dsdt() -> Vec<u8> {
+    let mut t = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"BLKHDSDT", OEM_REVISION);
+    let zero = 0u8;
+    let typ = S5_SLEEP_TYPE;
+    let pkg = aml::Package::new(vec![&typ, &zero, &zero, &zero]);
+    let s5 = aml::Name::new("_S5_".into(), &pkg);
+    t.append_slice(&bytes_of(&s5));
+
+    let com1_hid = aml::EISAName::new("PNP0501");
+    let com1_irq = aml::Interrupt::new(true, true, false, false, serial::COM1_GSI);
+    let com1_io = aml::IO::new(serial::COM1_PORT, serial::COM1_PORT, 1, serial::LEN as u8);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_irq, &com1_io]);
+    let (hid, uid, crs) = (
+        aml::Name::new("_HID".into(), &com1_hid),
+        aml::Name::new("_UID".into(), &zero),
+        aml::Name::new("_CRS".into(), &com1_crs),
+    );
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
+    t.append_slice(&bytes_of(&com1));
+
+    let rtc_hid = aml::EISAName::new("PNP0B00");
+    let rtc_io = aml::IO::new(rtc::INDEX_PORT, rtc::INDEX_PORT, 1, rtc::LEN as u8);
+    let rtc_crs = aml::ResourceTemplate::new(vec![&rtc_io]);
+    let (hid, crs) = (
+        aml::Name::new("_HID".into(), &rtc_hid),
+        aml::Name::new("_CRS".into(), &rtc_crs),
+    );
+    let rtc_dev = aml::Device::new("_SB_.RTC0".into(), vec![&hid, &crs]);
+    t.append_slice(&bytes_of(&rtc_dev));
+    t.as_slice().to_vec()
+}
+
+/// The hardware-reduced FADT.
+pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let io8 = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            u64::from(port),
+        )
+    };
+    let mut f = FADTBuilder::new(OEM_ID, *b"BLKHFACP", OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    f.reset_reg = io8(acpi_pm::RESET_PORT);
+    f.reset_value = acpi_pm::RESET_VALUE;
+    f.sleep_control_reg = io8(acpi_pm::SLEEP_CONTROL_PORT);
+    f.sleep_status_reg = io8(acpi_pm::SLEEP_STATUS_PORT);
+    f.iapc_boot_arch = IAPC_VGA_NOT_PRESENT.into();
+    f.hypervisor_vendor_identity = u64::from_le_bytes(*b"BULKHEAD").into();
+    bytes_of(&f.finalize())
+}
+
+/// The MADT: local APIC `i` with APIC id `apic_ids[i]`, and the IOAPIC at GSI base 0.
+pub fn madt(apic_ids: &[u32]) -> Result<Vec<u8>, Error> {
+    let mut m = MADT::new(
+        OEM_ID,
+        *b"BLKHAPIC",
+        OEM_REVISION,
+        LocalInterruptController::Address(memory::LAPIC_ADDR),
+    );
+    for (uid, id) in apic_ids.iter().enumerate() {
+        let id8 = u8::try_from(*id).map_err(|_| Error::TooManyCpus(apic_ids.len() as u32))?;
+        let uid8 = u8::try_from(uid).map_err(|_| Error::TooManyCpus(apic_ids.len() as u32))?;
+        m.add_structure(ProcessorLocalApic::new(uid8, id8, EnabledStatus::Enabled));
+    }
+    let ioapic_id =
+        u8::try_from(apic_ids.len()).map_err(|_| Error::TooManyCpus(apic_ids.len() as u32))?;
+    m.add_structure(IoApic::new(ioapic_id, memory::IOAPIC_ADDR, 0));
+    Ok(bytes_of(&m))
+}
+
+/// Builds all tables for a machine whose vCPUs have `apic_ids`.
+pub fn build(apic_ids: &[u32]) -> Result<Tables, Error> {
+    if apic_ids.len() > 254 {
+        return Err(Error::TooManyCpus(apic_ids.len() as u32));
+    }
+    let rsdp_addr = memory::ACPI_START;
+    let xsdt_addr = align16(rsdp_addr + Rsdp::len() as u64);
+    // XSDT with two entries: header + 2 * 8.
+    let fadt_addr = align16(xsdt_addr + 36 + 2 * 8);
+    let dsdt_bytes = dsdt();
+    let fadt_len = FADTBuilder::new(OEM_ID, *b"BLKHFACP", OEM_REVISION).finalize();
+    let fadt_len = bytes_of(&fadt_len).len() as u64;
+    let dsdt_addr = align16(fadt_addr + fadt_len);
+    let madt_addr = align16(dsdt_addr + dsdt_bytes.len() as u64);
+    let fadt_bytes = fadt(dsdt_addr);
+    let madt_bytes = madt(apic_ids)?;
+    let end = madt_addr + madt_bytes.len() as u64;
+    if end > crate::boot::RESET_VECTOR {
+        return Err(Error::TooBig(end - memory::ACPI_START));
+    }
+    let mut xsdt = XSDT::new(OEM_ID, *b"BLKHXSDT", OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    Ok(Tables {
+        blobs: vec![
+            (rsdp_addr, bytes_of(&Rsdp::new(OEM_ID, xsdt_addr))),
+            (xsdt_addr, bytes_of(&xsdt)),
+            (fadt_addr, fadt_bytes),
+            (dsdt_addr, dsdt_bytes),
+            (madt_addr, madt_bytes),
+        ],
+    })
+}
+
+/// Writes the tables to guest memory.
+pub fn write(mem: &GuestMem, tables: &Tables) -> Result<(), Error> {
+    for (addr, bytes) in &tables.blobs {
+        mem.write_slice(bytes, GuestAddress(*addr))
+            .map_err(Error::GuestWrite)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[off..off + 8]);
+        u64::from_le_bytes(a)
+    }
+
+    #[test]
+    fn checksums_and_lengths() {
+        let t = build(&[0, 1, 2, 3]).expect("tables");
+        let (rsdp_addr, rsdp) = &t.blobs[0];
+        assert_eq!(*rsdp_addr, 0xe0000);
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(rsdp), 0);
+        for (_, b) in &t.blobs[1..] {
+            assert_eq!(sum(b), 0, "table {:?}", std::str::from_utf8(&b[..4]));
+            assert_eq!(u32_at(b, 4) as usize, b.len());
+        }
+        // The blobs do not overlap and stay in the BIOS area.
+        let mut spans: Vec<(u64, u64)> = t
+            .blobs
+            .iter()
+            .map(|(a, b)| (*a, a + b.len() as u64))
+            .collect();
+        spans.sort();
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0);
+        }
+        assert!(spans[spans.len() - 1].1 <= 0x100000);
+    }
+
+    #[test]
+    fn pointers_link_up() {
+        let t = build(&[0, 1]).expect("tables");
+        let find = |sig: &[u8]| {
+            t.blobs
+                .iter()
+                .find(|(_, b)| &b[..4] == sig)
+                .cloned()
+                .expect("table")
+        };
+        let rsdp = &t.blobs[0].1;
+        let xsdt_addr = u64_at(rsdp, 24);
+        let (xa, xsdt) = find(b"XSDT");
+        assert_eq!(xa, xsdt_addr);
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(&xsdt, o))
+            .collect();
+        let (fa, fadt) = find(b"FACP");
+        let (ma, _) = find(b"APIC");
+        assert_eq!(entries, vec![fa, ma]);
+        let (da, _) = find(b"DSDT");
+        assert_eq!(u64_at(&fadt, 140), da); // X_DSDT
+                                            // Flags: HW_REDUCED_ACPI and RESET_REG_SUP.
+        let flags = u32_at(&fadt, 112);
+        assert_ne!(flags & (1 << 20), 0);
+        assert_ne!(flags & (1 << 10), 0);
+        // Reset register: system I/O, 8 bits, at the reset port; value follows.
+        assert_eq!(fadt[116], 1);
+        assert_eq!(fadt[117], 8);
+        assert_eq!(u64_at(&fadt, 120), u64::from(acpi_pm::RESET_PORT));
+        assert_eq!(fadt[128], acpi_pm::RESET_VALUE);
+        // Sleep control and status registers.
+        assert_eq!(
+            u64_at(&fadt, 244 + 4),
+            u64::from(acpi_pm::SLEEP_CONTROL_PORT)
+        );
+        assert_eq!(
+            u64_at(&fadt, 256 + 4),
+            u64::from(acpi_pm::SLEEP_STATUS_PORT)
+        );
+    }
+
+    #[test]
+    fn madt_has_one_lapic_per_cpu_and_an_ioapic() {
+        let m = madt(&[0, 1, 2]).expect("madt");
+        assert_eq!(u32_at(&m, 36), 0xfee0_0000);
+        let mut off = 44;
+        let mut lapics = vec![];
+        let mut ioapics = 0;
+        while off < m.len() {
+            let (ty, len) = (m[off], m[off + 1] as usize);
+            match ty {
+                0 => lapics.push((m[off + 2], m[off + 3], u32_at(&m, off + 4))),
+                1 => {
+                    ioapics += 1;
+                    assert_eq!(u32_at(&m, off + 4), 0xfec0_0000);
+                }
+                _ => panic!("unexpected MADT entry {ty}"),
+            }
+            off += len;
+        }
+        assert_eq!(lapics, vec![(0, 0, 1), (1, 1, 1), (2, 2, 1)]);
+        assert_eq!(ioapics, 1);
+        assert!(madt(&[0; 300]).is_err());
+    }
+
+    #[test]
+    fn dsdt_declares_s5() {
+        let d = dsdt();
+        let body = &d[36..];
+        // NameOp, "_S5_", PackageOp.
+        assert_eq!(&body[..6], &[0x08, b'_', b'S', b'5', b'_', 0x12]);
+        // Package: length, 4 elements, first is BytePrefix 5.
+        assert_eq!(body[7], 4);
+        assert_eq!(&body[8..10], &[0x0a, 5]);
+        // COM1 and the RTC follow as devices with their PNP ids (EISA-encoded).
+        let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"COM1"));
+        assert!(has(b"RTC0"));
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x05, 0x01])); // DWordPrefix EISAID("PNP0501")
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0b, 0x00])); // DWordPrefix EISAID("PNP0B00")
+                                                       // COM1's extended interrupt descriptor names GSI 4, and its I/O range is 0x3f8+8.
+        assert!(has(&[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
+        assert!(has(&[0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 1, 8]));
+    }
+}
