@@ -25,6 +25,8 @@ pub struct VmSetup {
     pub mem_size: u64,
     /// Number of vCPUs.
     pub vcpus: u32,
+    /// How the vCPUs are arranged; the product of its fields equals `vcpus`.
+    pub topology: CpuTopology,
     /// Kernel command line.
     pub cmdline: String,
     /// An initrd fd follows the kernel fd.
@@ -43,6 +45,39 @@ impl VmSetup {
         3 + usize::from(self.has_initrd)
             + usize::from(self.serial_in)
             + usize::from(self.serial_out)
+    }
+}
+
+/// CPU topology as `-smp` describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuTopology {
+    /// Sockets.
+    pub sockets: u32,
+    /// Dies per socket.
+    pub dies: u32,
+    /// Cores per die.
+    pub cores: u32,
+    /// Threads per core.
+    pub threads: u32,
+}
+
+impl CpuTopology {
+    /// `vcpus` cores on one socket, one thread each (what a bare `-smp N` means for Bulkhead).
+    pub fn flat(vcpus: u32) -> Self {
+        CpuTopology {
+            sockets: 1,
+            dies: 1,
+            cores: vcpus,
+            threads: 1,
+        }
+    }
+
+    /// Number of vCPUs this topology holds, or `None` on overflow.
+    pub fn cpus(&self) -> Option<u32> {
+        self.sockets
+            .checked_mul(self.dies)?
+            .checked_mul(self.cores)?
+            .checked_mul(self.threads)
     }
 }
 

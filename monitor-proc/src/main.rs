@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 
+use bulkhead_ipc::messages::CpuTopology;
 use bulkhead_monitor::cli::{self, Action, Config, Machine};
 use bulkhead_monitor::qmp::commands::Registry;
 use bulkhead_monitor::qmp::events::EventBus;
@@ -134,6 +135,12 @@ async fn build_guest(cfg: &Config) -> anyhow::Result<GuestSpec> {
         initrd,
         serial,
         vcpus: cfg.smp.cpus,
+        topology: CpuTopology {
+            sockets: cfg.smp.sockets,
+            dies: cfg.smp.dies,
+            cores: cfg.smp.cores,
+            threads: cfg.smp.threads,
+        },
         cmdline: cfg.append.clone(),
         no_reboot: cfg.no_reboot,
     })

@@ -34,8 +34,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bulkhead_ipc::messages::{CpuTopology, VcpuRequest, VmSetup};
 use bulkhead_ipc::messages::{ShutdownCause as GuestCause, VcpuEvent, VcpuProtocol, VcpuReply};
-use bulkhead_ipc::messages::{VcpuRequest, VmSetup};
 use bulkhead_ipc::rpc::EventItem;
 use bulkhead_ipc::{AsyncChannel, Role, RpcClient};
 use tokio::sync::{mpsc, oneshot};
@@ -154,6 +154,8 @@ pub struct GuestSpec {
     pub serial: SerialHost,
     /// vCPUs.
     pub vcpus: u32,
+    /// How `-smp` arranged them.
+    pub topology: CpuTopology,
     /// Kernel command line.
     pub cmdline: String,
     /// `-no-reboot`.
@@ -684,6 +686,7 @@ async fn start_worker(guest: &GuestSpec) -> Result<Worker, VmError> {
     let setup = VmSetup {
         mem_size: guest.memory.size(),
         vcpus: guest.vcpus,
+        topology: guest.topology,
         cmdline: guest.cmdline.clone(),
         has_initrd: initrd.is_some(),
         serial_in: serial_in.is_some(),

@@ -171,6 +171,12 @@ impl Machine {
                 "the kvm fd is not /dev/kvm (API version mismatch)".into(),
             ));
         }
+        if setup.topology.cpus() != Some(setup.vcpus) {
+            return Err(Error::Setup(format!(
+                "CPU topology {:?} does not hold exactly {} vCPUs",
+                setup.topology, setup.vcpus
+            )));
+        }
         if setup.vcpus as usize > kvm.get_max_vcpus() {
             return Err(Error::Setup(format!(
                 "KVM allows at most {} vCPUs",
@@ -246,7 +252,12 @@ impl Machine {
         }
 
         // Guest image.
-        let topology = cpuid::Topology::flat(setup.vcpus);
+        // CPUID has no die level in the leaves we fill, so dies fold into cores per socket.
+        let topology = cpuid::Topology {
+            threads_per_core: setup.topology.threads,
+            cores_per_socket: setup.topology.dies * setup.topology.cores,
+            sockets: setup.topology.sockets,
+        };
         let apic_ids: Vec<u32> = (0..setup.vcpus).map(|i| topology.apic_id(i)).collect();
         let tables = acpi::build(&apic_ids)?;
         let mut kernel = File::from(fds.kernel);

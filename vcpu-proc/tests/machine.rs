@@ -8,23 +8,22 @@ use std::time::{Duration, Instant};
 
 use std::os::fd::AsFd;
 
-use bulkhead_ipc::messages::{ShutdownCause, VcpuEvent, VcpuReply, VcpuRequest};
+use bulkhead_ipc::messages::{CpuTopology, ShutdownCause, VcpuEvent, VcpuReply, VcpuRequest};
 use common::guest;
 use common::harness::{Boot, Worker};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_bulkhead-vcpu");
 const T: Duration = Duration::from_secs(20);
 
-fn have_kvm() -> bool {
-    let ok = std::fs::OpenOptions::new()
+/// These tests need a usable /dev/kvm; without one they fail loudly, never skip.
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        eprintln!("skipping: /dev/kvm is not usable here");
+    {
+        panic!("/dev/kvm is not usable here ({e}): these tests drive the real KVM and cannot run");
     }
-    ok
 }
 
 fn guest_file(name: &str) -> PathBuf {
@@ -55,9 +54,7 @@ fn boot(kernel: &Path, cmdline: &str, vcpus: u32, no_reboot: bool, serial_in: bo
 
 #[test]
 fn poweroff_through_acpi_sleep_register() {
-    if !have_kvm() {
-        return;
-    }
+    require_kvm();
     let k = guest_file("poweroff");
     let mut w = boot(&k, "p", 1, false, false);
     w.ok(VcpuRequest::Run).expect("run");
@@ -80,9 +77,7 @@ fn expect_event(w: &Worker, want: VcpuEvent) -> Instant {
 }
 
 fn reset_then_poweroff(mode: &str) {
-    if !have_kvm() {
-        return;
-    }
+    require_kvm();
     let k = guest_file(mode);
     let mut w = boot(&k, mode, 1, false, false);
     w.ok(VcpuRequest::Run).expect("run");
@@ -112,9 +107,7 @@ fn triple_fault_reboots_the_guest() {
 
 #[test]
 fn no_reboot_turns_resets_into_shutdown() {
-    if !have_kvm() {
-        return;
-    }
+    require_kvm();
     for (mode, cause) in [
         ("r", ShutdownCause::GuestReset),
         ("a", ShutdownCause::GuestReset),
@@ -135,9 +128,7 @@ fn ticks(text: &str) -> usize {
 
 #[test]
 fn pause_stops_the_guest_and_run_resumes_it() {
-    if !have_kvm() {
-        return;
-    }
+    require_kvm();
     let k = guest_file("counter");
     let mut w = boot(&k, "c", 1, false, false);
     assert_eq!(w.serial.len(), 0, "nothing runs before Run");
@@ -171,9 +162,7 @@ fn pause_stops_the_guest_and_run_resumes_it() {
 
 #[test]
 fn reset_restarts_a_running_guest_and_keeps_a_paused_one_paused() {
-    if !have_kvm() {
-        return;
-    }
+    require_kvm();
     let k = guest_file("reset");
     let mut w = boot(&k, "c", 1, false, false);
     w.ok(VcpuRequest::Run).expect("run");
@@ -202,9 +191,7 @@ fn reset_restarts_a_running_guest_and_keeps_a_paused_one_paused() {
 
 #[test]
 fn query_cpus_reports_every_vcpu() {
-    if !have_kvm() {
-        return;
-    }
+    require_kvm();
     let k = guest_file("query");
     let mut w = boot(&k, "x", 2, false, false);
     w.ok(VcpuRequest::Run).expect("run");
@@ -232,9 +219,7 @@ fn query_cpus_reports_every_vcpu() {
 
 #[test]
 fn serial_input_reaches_the_guest() {
-    if !have_kvm() {
-        return;
-    }
+    require_kvm();
     let k = guest_file("echo");
     let mut w = boot(&k, "e", 1, false, true);
     w.ok(VcpuRequest::Run).expect("run");
@@ -250,9 +235,7 @@ fn serial_input_reaches_the_guest() {
 
 #[test]
 fn requests_before_setup_and_bad_setups_are_errors() {
-    if !have_kvm() {
-        return;
-    }
+    require_kvm();
     let mut w = Worker::spawn(Path::new(WORKER)).expect("spawn");
     for req in [
         VcpuRequest::Run,
@@ -282,8 +265,19 @@ fn requests_before_setup_and_bad_setups_are_errors() {
         .expect("reply");
     assert!(matches!(reply, VcpuReply::Error(_)), "{reply:?}");
     let _ = std::fs::remove_file(&junk);
-    // A memory fd whose size disagrees with the setup, and zero vCPUs.
-    for (mem_size, vcpus) in [(32u64 << 20, 1u32), (64 << 20, 0)] {
+    // A memory fd whose size disagrees with the setup, zero vCPUs, a wrong topology.
+    // A topology that does not hold the vCPU count.
+    let bad_topology = CpuTopology {
+        sockets: 2,
+        dies: 1,
+        cores: 1,
+        threads: 1,
+    };
+    for (mem_size, vcpus, topology) in [
+        (32u64 << 20, 1u32, CpuTopology::flat(1)),
+        (64 << 20, 0, CpuTopology::flat(0)),
+        (64 << 20, 1, bad_topology),
+    ] {
         let kvm = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -294,6 +288,7 @@ fn requests_before_setup_and_bad_setups_are_errors() {
         let setup = bulkhead_ipc::messages::VmSetup {
             mem_size,
             vcpus,
+            topology,
             cmdline: "p".into(),
             has_initrd: false,
             serial_in: false,
@@ -316,9 +311,7 @@ fn requests_before_setup_and_bad_setups_are_errors() {
 
 #[test]
 fn worker_exits_when_the_monitor_goes_away() {
-    if !have_kvm() {
-        return;
-    }
+    require_kvm();
     let k = guest_file("orphan");
     let mut w = boot(&k, "c", 1, false, false);
     w.ok(VcpuRequest::Run).expect("run");

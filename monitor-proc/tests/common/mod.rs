@@ -270,8 +270,9 @@ impl Qmp {
 
     /// Sends `text` and returns the next non-event message.
     pub fn raw(&mut self, text: &str) -> Value {
-        self.send_raw(text);
-        self.send_raw("\n");
+        // One write: the server may act on a complete object before its newline arrives
+        // (`quit` then closes the socket), so a separate newline write could hit EPIPE.
+        self.send_raw(&format!("{text}\n"));
         self.reply()
     }
 

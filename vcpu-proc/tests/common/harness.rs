@@ -15,7 +15,9 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use bulkhead_ipc::messages::{VcpuEvent, VcpuProtocol, VcpuReply, VcpuRequest, VmSetup};
+use bulkhead_ipc::messages::{
+    CpuTopology, VcpuEvent, VcpuProtocol, VcpuReply, VcpuRequest, VmSetup,
+};
 use bulkhead_ipc::{Channel, Frame, Role};
 
 /// Collected serial output with a condition variable for waiters.
@@ -250,6 +252,7 @@ impl Worker {
         let setup = VmSetup {
             mem_size,
             vcpus: b.vcpus,
+            topology: CpuTopology::flat(b.vcpus),
             cmdline: b.cmdline.to_string(),
             has_initrd: initrd.is_some(),
             serial_in: in_r.is_some(),
