@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds Bulkhead and runs the whole test suite: exactly what CI (.ci/run) does.
+#
+#   tests/run-all.sh                 # everything
+#   tests/run-all.sh -E 'test(smp2)' # extra arguments go to `cargo nextest run`
+#
+# The end-to-end tests (tests/tests/*.rs) boot an L1 VM under QEMU/TCG in which Bulkhead runs
+# a real Linux guest; they need qemu-system-x86_64 and apt-get access to the Debian archive
+# (see .ci/run for the packages) and find the Bulkhead binaries in target/release (or
+# $BULKHEAD_BIN_DIR). Logs of each VM run are kept in target/nested-runs/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --workspace --bins
+cargo nextest run --workspace --release --no-fail-fast "$@"

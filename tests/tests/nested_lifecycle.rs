@@ -1,0 +1,211 @@
+//! VM lifecycle through QMP and from inside the guest: stop/cont, system_reset, guest poweroff
+//! and reboot (with and without `-no-reboot`), and the death of the vCPU worker.
+//!
+//! Tests whose guest acts on its own right after boot start Bulkhead with `-S` and connect QMP
+//! before `cont`, so that no event can be missed.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use bulkhead_tests::util::scaled;
+use bulkhead_tests::{
+    boot_l1_for_bulkhead, parse_tick, spawn_l2_guest, L1Process, NestedVm, Qmp, L2_BOOT_TIMEOUT,
+};
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Starts a paused (`-S`) guest in `mode`, connects QMP, checks it is not running and resumes it.
+fn start_paused<'vm>(
+    vm: &'vm NestedVm,
+    mode: &str,
+    extra: &[&str],
+) -> Result<(L1Process<'vm>, Qmp)> {
+    let mut args = vec!["-S"];
+    args.extend_from_slice(extra);
+    let bh = spawn_l2_guest(vm, 1, mode, &args)?;
+    let mut qmp = vm.qmp(QMP_TIMEOUT)?;
+    let (status, running) = qmp.query_status()?;
+    println!("status with -S: {status}");
+    ensure!(
+        !running,
+        "guest started with -S must not run before cont (status {status})"
+    );
+    qmp.execute("cont", None)?;
+    qmp.wait_event("RESUME", scaled(EVENT_TIMEOUT))?;
+    Ok((bh, qmp))
+}
+
+#[test]
+fn stop_and_cont_pause_the_guest() -> Result<()> {
+    let vm = boot_l1_for_bulkhead("lifecycle-stop-cont")?;
+    let bh = spawn_l2_guest(&vm, 1, "idle", &[])?;
+    bh.wait_for_console("BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
+    bh.wait_for_console("BULKHEAD-TICK 2 ", Duration::from_secs(60))?;
+    let mut qmp = vm.qmp(QMP_TIMEOUT)?;
+
+    qmp.execute("stop", None)?;
+    qmp.wait_event("STOP", scaled(EVENT_TIMEOUT))?;
+    assert_eq!(qmp.query_status()?, ("paused".to_owned(), false));
+    // Let ticks already on their way through the serial chain arrive, then watch for 3 s.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = bh
+        .output_lines()
+        .iter()
+        .rev()
+        .find_map(|l| parse_tick(l))
+        .context("no tick before stop")?;
+    let mark = bh.mark();
+    std::thread::sleep(Duration::from_secs(3));
+    let during: Vec<String> = vm
+        .bulkhead_output()
+        .lines_since(mark)
+        .into_iter()
+        .filter(|l| l.contains("BULKHEAD-TICK"))
+        .collect();
+    assert!(during.is_empty(), "guest ticked while paused: {during:?}");
+    assert_eq!(qmp.query_status()?, ("paused".to_owned(), false));
+
+    qmp.execute("cont", None)?;
+    qmp.wait_event("RESUME", scaled(EVENT_TIMEOUT))?;
+    assert_eq!(qmp.query_status()?, ("running".to_owned(), true));
+    let (i, line) = bh.wait_for_console_from(mark, "BULKHEAD-TICK", Duration::from_secs(30))?;
+    let after = parse_tick(&line).context("bad tick line")?;
+    assert_eq!(
+        after.0,
+        before.0 + 1,
+        "tick counter must continue: before {before:?}, after {after:?}"
+    );
+    let (_, line2) = bh.wait_for_console_from(i + 1, "BULKHEAD-TICK", Duration::from_secs(30))?;
+    let after2 = parse_tick(&line2).context("bad tick line")?;
+    println!(
+        "guest uptime: last tick before stop {:.2}s, after cont {:.2}s, {:.2}s",
+        before.1, after.1, after2.1
+    );
+    assert!(
+        after.1 > before.1,
+        "guest clock went backwards: {before:?} -> {after:?}"
+    );
+    assert!(
+        after2.1 > after.1 + 0.5,
+        "guest clock does not advance after cont: {after:?} -> {after2:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn system_reset_reboots_the_guest() -> Result<()> {
+    let vm = boot_l1_for_bulkhead("lifecycle-system-reset")?;
+    let bh = spawn_l2_guest(&vm, 1, "idle", &[])?;
+    let (first, _) =
+        bh.wait_for_console_from(bh.start_mark(), "BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
+    bh.wait_for_console("BULKHEAD-TICK 1 ", Duration::from_secs(60))?;
+    let mut qmp = vm.qmp(QMP_TIMEOUT)?;
+    let reset_at = Instant::now();
+    qmp.execute("system_reset", None)?;
+    qmp.wait_event("RESET", scaled(EVENT_TIMEOUT))?;
+    let (second, _) = bh.wait_for_console_from(first + 1, "BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
+    println!(
+        "system_reset -> GUEST-UP again in {:.1}s",
+        reset_at.elapsed().as_secs_f64()
+    );
+    // A fresh boot: the tick counter starts again at 0.
+    bh.wait_for_console_from(second, "BULKHEAD-TICK 0 ", Duration::from_secs(60))?;
+    assert_eq!(qmp.query_status()?, ("running".to_owned(), true));
+    Ok(())
+}
+
+#[test]
+fn guest_poweroff_shuts_down_and_exits_0() -> Result<()> {
+    let vm = boot_l1_for_bulkhead("lifecycle-poweroff")?;
+    let (bh, mut qmp) = start_paused(&vm, "poweroff", &[])?;
+    bh.wait_for_console("BULKHEAD-POWEROFF", L2_BOOT_TIMEOUT)?;
+    let ev = qmp.wait_event("SHUTDOWN", scaled(EVENT_TIMEOUT))?;
+    println!("SHUTDOWN event: {ev}");
+    let status = bh.wait_exit(Duration::from_secs(60))?;
+    assert_eq!(
+        status, 0,
+        "bulkhead must exit with status 0 after a guest poweroff"
+    );
+    let returned = vm
+        .bulkhead_output()
+        .count(bh.start_mark(), "BULKHEAD-POWEROFF-RETURNED");
+    assert_eq!(returned, 0, "poweroff returned in the guest");
+    Ok(())
+}
+
+#[test]
+fn guest_reboot_resets_and_boots_again() -> Result<()> {
+    let vm = boot_l1_for_bulkhead("lifecycle-reboot")?;
+    let (bh, mut qmp) = start_paused(&vm, "reboot", &[])?;
+    let (first, _) =
+        bh.wait_for_console_from(bh.start_mark(), "BULKHEAD-REBOOT", L2_BOOT_TIMEOUT)?;
+    qmp.wait_event("RESET", scaled(EVENT_TIMEOUT))?;
+    bh.wait_for_console_from(first + 1, "BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
+    ensure!(
+        bh.exit_status()?.is_none(),
+        "bulkhead exited although -no-reboot was not given"
+    );
+    Ok(())
+}
+
+#[test]
+fn guest_reboot_with_no_reboot_shuts_down() -> Result<()> {
+    let vm = boot_l1_for_bulkhead("lifecycle-reboot-no-reboot")?;
+    let (bh, mut qmp) = start_paused(&vm, "reboot", &["-no-reboot"])?;
+    bh.wait_for_console("BULKHEAD-REBOOT", L2_BOOT_TIMEOUT)?;
+    let ev = qmp.wait_event("SHUTDOWN", scaled(EVENT_TIMEOUT))?;
+    println!("SHUTDOWN event: {ev}");
+    let status = bh.wait_exit(Duration::from_secs(60))?;
+    assert_eq!(
+        status, 0,
+        "bulkhead must exit with status 0 after a guest reboot with -no-reboot"
+    );
+    let ups = vm
+        .bulkhead_output()
+        .count(bh.start_mark(), "BULKHEAD-GUEST-UP");
+    assert_eq!(ups, 1, "the guest booted again despite -no-reboot");
+    Ok(())
+}
+
+#[test]
+fn killing_the_vcpu_worker_gives_internal_error() -> Result<()> {
+    let vm = boot_l1_for_bulkhead("lifecycle-vcpu-kill")?;
+    let bh = spawn_l2_guest(&vm, 1, "idle", &[])?;
+    bh.wait_for_console("BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
+    bh.wait_for_console("BULKHEAD-TICK 1 ", Duration::from_secs(60))?;
+    let mut qmp = vm.qmp(QMP_TIMEOUT)?;
+    assert_eq!(qmp.query_status()?, ("running".to_owned(), true));
+
+    let pids = vm.pidof("bulkhead-vcpu")?;
+    ensure!(!pids.is_empty(), "no bulkhead-vcpu process found in L1");
+    let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+    vm.sh_ok(
+        &format!("kill -9 {}", list.join(" ")),
+        Duration::from_secs(20),
+    )?;
+
+    let deadline = Instant::now() + scaled(Duration::from_secs(30));
+    let (status, running) = loop {
+        let s = qmp
+            .query_status()
+            .context("the monitor must keep answering after the vCPU worker died")?;
+        if s.0 == "internal-error" {
+            break s;
+        }
+        if Instant::now() > deadline {
+            bail!("status is still {s:?} 30 s after killing bulkhead-vcpu");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(!running, "status {status} must not be running");
+    ensure!(
+        bh.exit_status()?.is_none(),
+        "bulkhead exited after its vCPU worker was killed"
+    );
+    // New QMP sessions still work too.
+    drop(qmp);
+    let mut qmp = vm.qmp(QMP_TIMEOUT)?;
+    assert_eq!(qmp.query_status()?, ("internal-error".to_owned(), false));
+    Ok(())
+}
