@@ -426,9 +426,9 @@ impl NestedVm {
             .stdin(Stdio::null())
             .stdout(File::create(&qemu_log)?)
             .stderr(File::create(log_dir.join("qemu.stderr.log"))?);
-        // SAFETY: the closure only calls prctl(2), which is async-signal-safe, between fork and
-        // exec; it makes the kernel kill QEMU if the test process dies without running Drop
-        // (e.g. nextest killing a timed-out test).
+        // The kernel kills QEMU if the test process dies without running Drop (e.g. nextest
+        // killing a timed-out test).
+        // SAFETY: the closure only calls prctl(2), async-signal-safe, between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {

@@ -71,9 +71,9 @@ extern "C" fn kick_handler(_sig: libc::c_int) {
     // both async-signal-safe.
     let p = KVM_RUN.with(|c| c.get());
     if !p.is_null() {
-        // SAFETY: the pointer is this thread's mapped kvm_run page, set while the thread holds
-        // its vCPU fd and cleared before it lets go; immediate_exit is a plain u8 KVM reads on
-        // the next KVM_RUN.
+        // The pointer is this thread's mapped kvm_run page, set while the thread holds its vCPU
+        // fd and cleared before it lets go.
+        // SAFETY: immediate_exit is a plain u8 in that live page; KVM reads it on the next run.
         unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).immediate_exit), 1) };
     }
 }
