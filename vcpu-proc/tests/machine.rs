@@ -60,6 +60,8 @@ fn poweroff_through_acpi_sleep_register() {
     w.ok(VcpuRequest::Run).expect("run");
     let (_, ev) = w.next_event(T).expect("an event");
     assert_eq!(ev, VcpuEvent::Shutdown(ShutdownCause::GuestShutdown));
+    // The event travels over ipc and can overtake bytes still in the serial pipe.
+    w.serial.wait_for("POWEROFF", 0, T);
     let text = w.serial.text();
     assert!(text.contains("BOOT 1\n"), "serial: {text:?}");
     assert!(text.contains("CMOS OK 20"), "serial: {text:?}");
@@ -83,6 +85,8 @@ fn reset_then_poweroff(mode: &str) {
     w.ok(VcpuRequest::Run).expect("run");
     expect_event(&w, VcpuEvent::Reset { guest: true });
     expect_event(&w, VcpuEvent::Shutdown(ShutdownCause::GuestShutdown));
+    // The event travels over ipc and can overtake bytes still in the serial pipe.
+    w.serial.wait_for("POWEROFF", 0, T);
     let text = w.serial.text();
     assert!(text.contains("BOOT 1\n"), "serial: {text:?}");
     assert!(text.contains("BOOT 2\n"), "serial: {text:?}");
@@ -139,8 +143,17 @@ fn pause_stops_the_guest_and_run_resumes_it() {
         w.serial.text()
     );
     w.ok(VcpuRequest::Pause).expect("pause");
-    // Once Pause has been answered, no vCPU executes: output stops.
-    std::thread::sleep(Duration::from_millis(50));
+    // Once Pause has been answered, no vCPU executes: output stops. Let the test's reader
+    // drain what was already in the pipe (it can lag under load) before taking the snapshot.
+    let mut seen = w.serial.len();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = w.serial.len();
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
     let frozen = w.serial.text();
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(w.serial.text(), frozen, "output while paused");
