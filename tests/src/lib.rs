@@ -75,6 +75,42 @@ pub fn bulkhead_l2_args(cpus: u32, mode: &str, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// The reference peer: QEMU with KVM inside L1 (`/usr/bin/qemu-system-x86_64`, copied in with
+/// [`NestedOpts::with_host_qemu`]) booting the same L2 kit with `cpus` vCPUs in `mode`, with QMP
+/// on the same TCP port as [`bulkhead_l2_args`]. The whole argv, program first.
+pub fn qemu_l2_argv(cpus: u32, mode: &str) -> Vec<String> {
+    [
+        "/usr/bin/qemu-system-x86_64",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-M",
+        "q35",
+        "-m",
+        "256",
+        "-smp",
+        &cpus.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        kit::L2_BZIMAGE,
+        "-initrd",
+        kit::L2_INITRD,
+        "-append",
+        &l2_append(mode),
+        "-serial",
+        "stdio",
+        "-qmp",
+        "tcp:0.0.0.0:4444,server=on,wait=off",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
 /// Time allowed for an L2 guest to print its first marker after Bulkhead starts (before
 /// scaling). QEMU/KVM inside L1 needs about 10 s on a 2-core TCG host.
 pub const L2_BOOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);

@@ -7,8 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use bulkhead_tests::kit::{L2_BZIMAGE, L2_INITRD};
-use bulkhead_tests::{l2_append, record_timing, NestedOpts, NestedVm};
+use bulkhead_tests::{qemu_l2_argv, record_timing, NestedOpts, NestedVm};
 
 #[test]
 fn qemu_kvm_in_l1_boots_the_l2_kit() -> Result<()> {
@@ -18,32 +17,9 @@ fn qemu_kvm_in_l1_boots_the_l2_kit() -> Result<()> {
         ..NestedOpts::new("reference-qemu")
     })?;
     println!("L1 boot: {:.1}s", vm.boot_time().as_secs_f64());
-    let append = l2_append("idle");
-    let qemu = vm.spawn(&[
-        "/usr/bin/qemu-system-x86_64",
-        "-enable-kvm",
-        "-cpu",
-        "host",
-        "-M",
-        "q35",
-        "-m",
-        "256",
-        "-smp",
-        "2",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-kernel",
-        L2_BZIMAGE,
-        "-initrd",
-        L2_INITRD,
-        "-append",
-        &append,
-        "-serial",
-        "stdio",
-    ])?;
+    let argv = qemu_l2_argv(2, "idle");
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let qemu = vm.spawn(&argv)?;
     let started = Instant::now();
     qemu.wait_for_console("BULKHEAD-GUEST-UP", Duration::from_secs(300))?;
     record_timing(

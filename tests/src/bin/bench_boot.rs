@@ -40,9 +40,9 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bulkhead_tests::kit::{self, L2_BZIMAGE, L2_INITRD};
+use bulkhead_tests::kit;
 use bulkhead_tests::util::{scaled, shell_quote, which, workspace_root};
-use bulkhead_tests::{bulkhead_l2_args, l2_append, NestedOpts, NestedVm, QmpError};
+use bulkhead_tests::{bulkhead_l2_args, l2_append, qemu_l2_argv, NestedOpts, NestedVm, QmpError};
 use serde_json::{json, Value};
 
 const USAGE: &str = "\
@@ -165,36 +165,7 @@ impl Vmm {
             }
             // As tests/tests/nested_reference_qemu.rs runs it, with -smp 1 and a QMP server for
             // `quit` (same address as Bulkhead's).
-            Vmm::Qemu => [
-                "/usr/bin/qemu-system-x86_64",
-                "-enable-kvm",
-                "-cpu",
-                "host",
-                "-M",
-                "q35",
-                "-m",
-                "256",
-                "-smp",
-                "1",
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-no-reboot",
-                "-kernel",
-                L2_BZIMAGE,
-                "-initrd",
-                L2_INITRD,
-                "-append",
-                &l2_append("idle"),
-                "-serial",
-                "stdio",
-                "-qmp",
-                "tcp:0.0.0.0:4444,server=on,wait=off",
-            ]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect(),
+            Vmm::Qemu => qemu_l2_argv(1, "idle"),
         }
     }
 }
