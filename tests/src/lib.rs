@@ -47,54 +47,15 @@ pub fn l2_append(mode: &str) -> String {
     s
 }
 
-/// Bulkhead arguments for booting the test L2 guest with `cpus` vCPUs in `mode`, with QMP on
-/// TCP port 4444 in L1 (forwarded to [`NestedVm::qmp_port`]). `extra` is appended (e.g.
-/// `-no-reboot`, `-S`).
-pub fn bulkhead_l2_args(cpus: u32, mode: &str, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "-m",
-        "256",
-        "-smp",
-        &cpus.to_string(),
-        "-kernel",
-        kit::L2_BZIMAGE,
-        "-initrd",
-        kit::L2_INITRD,
-        "-append",
-        &l2_append(mode),
-        "-serial",
-        "stdio",
-        "-nographic",
-        "-qmp",
-        "tcp:0.0.0.0:4444,server=on,wait=off",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    v.extend(extra.iter().map(|s| (*s).to_owned()));
-    v
-}
-
-/// The reference peer: QEMU with KVM inside L1 (`/usr/bin/qemu-system-x86_64`, copied in with
-/// [`NestedOpts::with_host_qemu`]) booting the same L2 kit with `cpus` vCPUs in `mode`, with QMP
-/// on the same TCP port as [`bulkhead_l2_args`]. The whole argv, program first.
-pub fn qemu_l2_argv(cpus: u32, mode: &str) -> Vec<String> {
+/// The arguments both VMMs take to boot the test L2 guest with `cpus` vCPUs in `mode`: 256 MiB,
+/// the kit's kernel and initrd, the console on stdout, QMP on TCP port 4444 in L1 (forwarded to
+/// [`NestedVm::qmp_port`]).
+fn l2_guest_args(cpus: u32, mode: &str) -> Vec<String> {
     [
-        "/usr/bin/qemu-system-x86_64",
-        "-enable-kvm",
-        "-cpu",
-        "host",
-        "-M",
-        "q35",
         "-m",
         "256",
         "-smp",
         &cpus.to_string(),
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
         "-kernel",
         kit::L2_BZIMAGE,
         "-initrd",
@@ -109,6 +70,39 @@ pub fn qemu_l2_argv(cpus: u32, mode: &str) -> Vec<String> {
     .iter()
     .map(|s| (*s).to_owned())
     .collect()
+}
+
+/// Bulkhead arguments for booting the test L2 guest (see [`l2_guest_args`]); `extra` is
+/// appended (e.g. `-no-reboot`, `-S`).
+pub fn bulkhead_l2_args(cpus: u32, mode: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = l2_guest_args(cpus, mode);
+    v.push("-nographic".to_owned());
+    v.extend(extra.iter().map(|s| (*s).to_owned()));
+    v
+}
+
+/// The reference peer: QEMU with KVM inside L1 (`/usr/bin/qemu-system-x86_64`, copied in with
+/// [`NestedOpts::with_host_qemu`]) booting the same L2 guest (see [`l2_guest_args`]). The whole
+/// argv, program first.
+pub fn qemu_l2_argv(cpus: u32, mode: &str) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "/usr/bin/qemu-system-x86_64",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-M",
+        "q35",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    v.extend(l2_guest_args(cpus, mode));
+    v
 }
 
 /// Time allowed for an L2 guest to print its first marker after Bulkhead starts (before
