@@ -3,6 +3,8 @@
 //! - [`cli`]: the QEMU-style command line;
 //! - [`daemon`]: `-daemonize` and `-pidfile`;
 //! - [`memory`]: guest RAM as a sealed memfd;
+//! - [`fds`]: fds passed in by clients (per-session `getfd` names, shared `add-fd` sets);
+//! - [`info`]: facts about the configured machine that query commands report;
 //! - [`chardev`]: the serial port's host side (`-serial`);
 //! - [`worker`]: spawning `bulkhead-vcpu` with exactly the fds it needs, describing its exit;
 //! - [`vm`]: the run-state machine and the worker client (supervision);
@@ -12,6 +14,8 @@
 pub mod chardev;
 pub mod cli;
 pub mod daemon;
+pub mod fds;
+pub mod info;
 pub mod logging;
 pub mod memory;
 pub mod qmp;

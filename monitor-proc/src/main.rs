@@ -16,7 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use bulkhead_ipc::messages::CpuTopology;
 use bulkhead_monitor::cli::{self, Action, Config, Machine};
-use bulkhead_monitor::qmp::commands::Registry;
+use bulkhead_monitor::info::MachineInfo;
 use bulkhead_monitor::qmp::events::EventBus;
 use bulkhead_monitor::qmp::server::QmpServer;
 use bulkhead_monitor::qmp::session::Shared;
@@ -160,12 +160,13 @@ async fn serve(cfg: Config, ready: Option<daemon::Ready>) -> anyhow::Result<i32>
             Machine::None => None,
         };
         let (mut vm, handle) = Vm::new(bus.clone(), guest, cfg.no_shutdown, exit.clone());
-        let shared = Arc::new(Shared {
-            bus: bus.clone(),
-            registry: Registry::new(),
-            vm: handle.clone(),
-            exit: exit.clone(),
-        });
+        let info = MachineInfo {
+            name: cfg.name.clone(),
+            uuid: cfg.uuid.clone(),
+            has_guest: cfg.machine == Machine::Bulkhead,
+            kvm_present: cfg.machine == Machine::Bulkhead,
+        };
+        let shared = Arc::new(Shared::new(bus.clone(), handle.clone(), exit.clone(), info));
         server.wait_for_clients(&shared).await?;
         vm.boot(cfg.start_paused).await?;
         if let Some(pid) = vm.worker_pid() {

@@ -9,11 +9,11 @@
 //!
 //! On unix sockets the reader receives with `recvmsg`, so file descriptors sent with
 //! `SCM_RIGHTS` arrive (close-on-exec) with the bytes. They are held for the next command, as
-//! QEMU does for `getfd`/`add-fd`, and closed once that command has run without claiming them.
-//! No command claims any yet; the hook is [`SessionState::take_fds`].
+//! QEMU does for `getfd`/`add-fd`, and closed once that command has run without claiming them
+//! (see [`crate::fds`]).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::{tcp, unix};
@@ -23,10 +23,12 @@ use super::events::{EventBus, Outgoing, SessionQueue, SessionSink};
 use super::protocol::{
     error_line, greeting_line, parse_request, return_line, Chunk, QmpError, Splitter,
 };
+use crate::fds::{FdSets, SessionFds, MAX_PENDING_FDS};
+use crate::info::MachineInfo;
 use crate::vm::{ExitRequest, VmHandle};
 
-/// Most fds a session may hold between commands; more are closed on arrival.
-pub const MAX_SESSION_FDS: usize = 16;
+/// Most fds one `recvmsg` accepts.
+const MAX_SESSION_FDS: usize = MAX_PENDING_FDS;
 
 /// What every session shares.
 #[derive(Debug)]
@@ -39,6 +41,51 @@ pub struct Shared {
     pub vm: VmHandle,
     /// Asks the monitor to exit.
     pub exit: ExitRequest,
+    /// The fd sets (`add-fd`), shared by all sessions.
+    pub fdsets: Arc<FdSets>,
+    /// Facts about the machine.
+    pub info: MachineInfo,
+}
+
+impl Shared {
+    /// Everything sessions share, with the full command registry and no fd sets yet.
+    pub fn new(bus: Arc<EventBus>, vm: VmHandle, exit: ExitRequest, info: MachineInfo) -> Self {
+        Shared {
+            bus,
+            registry: Registry::new(),
+            vm,
+            exit,
+            fdsets: Arc::new(FdSets::default()),
+            info,
+        }
+    }
+}
+
+/// One session as command handlers see it.
+#[derive(Debug)]
+pub struct SessionCtx {
+    id: u64,
+    fds: Mutex<SessionFds>,
+}
+
+impl SessionCtx {
+    /// A session with no fds.
+    pub fn new(id: u64) -> Self {
+        SessionCtx {
+            id,
+            fds: Mutex::new(SessionFds::default()),
+        }
+    }
+
+    /// The session id (as in the log).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The session's fds.
+    pub fn fds(&self) -> MutexGuard<'_, SessionFds> {
+        self.fds.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// A freshly accepted connection.
@@ -51,33 +98,36 @@ pub enum Conn {
 }
 
 /// Per-session protocol state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SessionState {
     negotiated: bool,
-    fds: Vec<OwnedFd>,
+    ctx: Arc<SessionCtx>,
 }
 
 impl SessionState {
+    fn new(id: u64) -> Self {
+        SessionState {
+            negotiated: false,
+            ctx: Arc::new(SessionCtx::new(id)),
+        }
+    }
+
     /// True once `qmp_capabilities` succeeded.
     pub fn negotiated(&self) -> bool {
         self.negotiated
     }
 
-    fn add_fds(&mut self, fds: Vec<OwnedFd>, id: u64) {
-        for fd in fds {
-            if self.fds.len() < MAX_SESSION_FDS {
-                self.fds.push(fd);
-            } else {
-                log::warn!(
-                    "QMP session {id}: too many file descriptors received; closing the excess"
-                );
-            }
+    fn add_fds(&mut self, fds: Vec<OwnedFd>) {
+        if fds.is_empty() {
+            return;
         }
-    }
-
-    /// Takes the fds received for the current command (for `getfd`/`add-fd`).
-    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
-        std::mem::take(&mut self.fds)
+        let dropped = self.ctx.fds().add_received(fds);
+        if dropped > 0 {
+            log::warn!(
+                "QMP session {}: too many file descriptors received; closed {dropped}",
+                self.ctx.id()
+            );
+        }
     }
 }
 
@@ -216,7 +266,7 @@ async fn read_loop(
 ) {
     sink.send(Arc::from(greeting_line()));
     let mut splitter = Splitter::new();
-    let mut state = SessionState::default();
+    let mut state = SessionState::new(sink.id());
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let work = async {
@@ -224,7 +274,7 @@ async fn read_loop(
             if n == 0 {
                 return Ok::<bool, std::io::Error>(false);
             }
-            state.add_fds(fds, sink.id());
+            state.add_fds(fds);
             for chunk in splitter.feed(&buf[..n]) {
                 handle_chunk(chunk, &mut state, &sink, &shared).await;
             }
@@ -242,7 +292,12 @@ async fn read_loop(
     sink.close();
 }
 
-async fn handle_chunk(chunk: Chunk, state: &mut SessionState, sink: &SessionSink, shared: &Shared) {
+async fn handle_chunk(
+    chunk: Chunk,
+    state: &mut SessionState,
+    sink: &SessionSink,
+    shared: &Arc<Shared>,
+) {
     let bytes = match chunk {
         Chunk::Error(msg) => {
             sink.send(Arc::from(error_line(&QmpError::generic(msg), None)));
@@ -258,8 +313,8 @@ async fn handle_chunk(chunk: Chunk, state: &mut SessionState, sink: &SessionSink
         }
     };
     let ctx = Context {
-        vm: shared.vm.clone(),
-        session: sink.id(),
+        shared: shared.clone(),
+        session: state.ctx.clone(),
     };
     let result = match shared
         .registry
@@ -269,7 +324,7 @@ async fn handle_chunk(chunk: Chunk, state: &mut SessionState, sink: &SessionSink
         Err(e) => Err(e),
     };
     // Fds that came with this command and were not claimed by it are closed now.
-    drop(state.take_fds());
+    drop(state.ctx.fds().take_pending());
     let id = req.id.as_deref();
     match result {
         Ok(outcome) => {

@@ -14,8 +14,16 @@ use std::pin::Pin;
 
 use serde_json::{Map, Value};
 
-use super::protocol::{version_value, QmpError};
-use crate::vm::VmHandle;
+use super::protocol::QmpError;
+use super::session::{SessionCtx, Shared};
+
+mod core;
+mod unsupported;
+
+pub use unsupported::UNSUPPORTED;
+
+/// Every table of implemented commands; a module per family adds its own.
+const TABLES: &[&[Command]] = &[core::COMMANDS];
 
 /// What a handler's future resolves to.
 pub type HandlerResult = Result<Outcome, QmpError>;
@@ -98,13 +106,33 @@ impl Outcome {
     }
 }
 
-/// What a handler can reach.
+/// What a handler can reach: what all sessions share (the VM, the fd sets, the registry, the
+/// machine's facts) and the calling session's own state (its id and its fds).
 #[derive(Debug, Clone)]
 pub struct Context {
-    /// The VM actor.
-    pub vm: VmHandle,
-    /// The calling session's id.
-    pub session: u64,
+    /// Shared by every session.
+    pub shared: std::sync::Arc<Shared>,
+    /// The calling session.
+    pub session: std::sync::Arc<SessionCtx>,
+}
+
+impl Context {
+    /// A context on a `-M none` machine with a fresh bus, for unit tests. The returned VM actor
+    /// is not running: commands that reach it wait until it is spawned.
+    #[doc(hidden)]
+    pub fn for_tests() -> (crate::vm::Vm, Context) {
+        let bus = super::events::EventBus::new();
+        let (exit, _rx) = crate::vm::ExitRequest::new();
+        let (vm, handle) = crate::vm::Vm::new(bus.clone(), None, false, exit.clone());
+        let shared = std::sync::Arc::new(Shared::new(
+            bus,
+            handle,
+            exit,
+            crate::info::MachineInfo::default(),
+        ));
+        let session = std::sync::Arc::new(SessionCtx::new(1));
+        (vm, Context { shared, session })
+    }
 }
 
 /// One command.
@@ -139,8 +167,11 @@ impl Registry {
         let mut r = Registry {
             commands: BTreeMap::new(),
         };
-        for c in COMMANDS {
-            r.commands.insert(c.name, *c);
+        for table in TABLES {
+            for c in *table {
+                let old = r.commands.insert(c.name, *c);
+                debug_assert!(old.is_none(), "command {} registered twice", c.name);
+            }
         }
         r
     }
@@ -176,7 +207,12 @@ impl Registry {
         }
         let cmd = self
             .get(name)
-            .ok_or_else(|| QmpError::not_found(format!("The command {name} has not been found")))?;
+            .ok_or_else(|| match unsupported::reason(name) {
+                Some(why) => QmpError::not_found(format!(
+                    "The command {name} is not supported by Bulkhead: {why}"
+                )),
+                None => QmpError::not_found(format!("The command {name} has not been found")),
+            })?;
         validate_args(cmd.args, &args)?;
         Ok((cmd.handler)(ctx, args))
     }
@@ -243,119 +279,6 @@ fn type_error(s: &ArgSpec) -> QmpError {
     ))
 }
 
-/// The QMP capabilities QEMU defines; Bulkhead offers none of them yet.
-const QMP_CAPABILITY_VALUES: &[&str] = &["oob"];
-
-static COMMANDS: &[Command] = &[
-    Command {
-        name: QMP_CAPABILITIES,
-        args: &[ArgSpec {
-            name: "enable",
-            ty: ArgType::EnumList(QMP_CAPABILITY_VALUES),
-            optional: true,
-        }],
-        handler: qmp_capabilities,
-    },
-    Command {
-        name: "query-status",
-        args: &[],
-        handler: query_status,
-    },
-    Command {
-        name: "query-version",
-        args: &[],
-        handler: query_version,
-    },
-    Command {
-        name: "stop",
-        args: &[],
-        handler: stop,
-    },
-    Command {
-        name: "cont",
-        args: &[],
-        handler: cont,
-    },
-    Command {
-        name: "system_reset",
-        args: &[],
-        handler: system_reset,
-    },
-    Command {
-        name: "quit",
-        args: &[],
-        handler: quit,
-    },
-];
-
-fn qmp_capabilities(_ctx: Context, args: Map<String, Value>) -> HandlerFuture {
-    Box::pin(async move {
-        // Every value passed validation, but none is offered (the greeting lists none).
-        if let Some(Value::Array(list)) = args.get("enable") {
-            let names: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
-            if !names.is_empty() {
-                return Err(QmpError::generic(format!(
-                    "Capability {} not available",
-                    names.join(", ")
-                )));
-            }
-        }
-        Ok(Outcome {
-            value: Value::Object(Map::new()),
-            post: Some(PostAction::EnterCommandMode),
-        })
-    })
-}
-
-fn query_status(ctx: Context, _args: Map<String, Value>) -> HandlerFuture {
-    Box::pin(async move {
-        let state = ctx.vm.status().await?;
-        let mut m = Map::new();
-        m.insert("status".into(), state.as_str().into());
-        m.insert("singlestep".into(), false.into());
-        m.insert(
-            "running".into(),
-            (state == crate::vm::RunState::Running).into(),
-        );
-        Ok(Outcome::value(Value::Object(m)))
-    })
-}
-
-fn query_version(_ctx: Context, _args: Map<String, Value>) -> HandlerFuture {
-    Box::pin(async move { Ok(Outcome::value(version_value())) })
-}
-
-fn stop(ctx: Context, _args: Map<String, Value>) -> HandlerFuture {
-    Box::pin(async move {
-        ctx.vm.stop().await?;
-        Ok(Outcome::empty())
-    })
-}
-
-fn cont(ctx: Context, _args: Map<String, Value>) -> HandlerFuture {
-    Box::pin(async move {
-        ctx.vm.cont().await?;
-        Ok(Outcome::empty())
-    })
-}
-
-fn system_reset(ctx: Context, _args: Map<String, Value>) -> HandlerFuture {
-    Box::pin(async move {
-        ctx.vm.reset().await?;
-        Ok(Outcome::empty())
-    })
-}
-
-fn quit(ctx: Context, _args: Map<String, Value>) -> HandlerFuture {
-    Box::pin(async move {
-        ctx.vm.quit().await?;
-        Ok(Outcome {
-            value: Value::Object(Map::new()),
-            post: Some(PostAction::Exit),
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,13 +341,7 @@ mod tests {
     #[tokio::test]
     async fn dispatch_order_matches_qemu() {
         let r = Registry::new();
-        let (exit, _rx) = crate::vm::ExitRequest::new();
-        let (_vm, handle) =
-            crate::vm::Vm::new(crate::qmp::events::EventBus::new(), None, false, exit);
-        let ctx = Context {
-            vm: handle,
-            session: 1,
-        };
+        let (_vm, ctx) = Context::for_tests();
         let err = |name: &str, a: Value, negotiated: bool| {
             r.prepare(name, args(a), negotiated, ctx.clone())
                 .err()
