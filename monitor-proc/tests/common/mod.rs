@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod compare;
+
 pub const BULKHEAD: &str = env!("CARGO_BIN_EXE_bulkhead");
 
 /// A scratch directory removed on drop.
