@@ -18,12 +18,20 @@ use super::protocol::QmpError;
 use super::session::{SessionCtx, Shared};
 
 mod core;
+mod fds;
+mod hmp;
+mod introspect;
 mod unsupported;
 
 pub use unsupported::UNSUPPORTED;
 
 /// Every table of implemented commands; a module per family adds its own.
-const TABLES: &[&[Command]] = &[core::COMMANDS];
+const TABLES: &[&[Command]] = &[
+    core::COMMANDS,
+    fds::COMMANDS,
+    introspect::COMMANDS,
+    hmp::COMMANDS,
+];
 
 /// What a handler's future resolves to.
 pub type HandlerResult = Result<Outcome, QmpError>;
