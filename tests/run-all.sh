@@ -7,9 +7,13 @@
 # The end-to-end tests (tests/tests/*.rs) boot an L1 VM under QEMU/TCG in which Bulkhead runs
 # a real Linux guest; they need qemu-system-x86_64 and apt-get access to the Debian archive
 # (see .ci/run for the packages) and find the Bulkhead binaries in target/release (or
-# $BULKHEAD_BIN_DIR). Logs of each VM run are kept in target/nested-runs/.
+# $BULKHEAD_BIN_DIR). Logs of each VM run are kept in target/nested-runs/. The QMP client
+# tests (monitor-proc/tests/python_clients.rs) need target/pyenv, which tests/python/setup.sh
+# creates (python3 with venv support and access to PyPI, once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+tests/python/setup.sh
 
 cargo build --release --workspace --bins
 cargo nextest run --workspace --release --no-fail-fast "$@"
