@@ -3,6 +3,8 @@
 //! in the kernel command line (`-append`):
 //!
 //! - `fake.log=PATH`: append `pid N` and every request received to PATH;
+//! - `fake.files=PATH`: append the start of the kernel and initrd of every `Setup`
+//!   (`kernel: TEXT`, `initrd: TEXT`) to PATH;
 //! - `fake.serial-hello`: write `fake-guest: hello\n` to the serial port when first run;
 //! - `fake.echo`: copy serial input back to serial output;
 //! - `fake.shutdown-after=MS`, `fake.reset-after=MS`, `fake.internal-error-after=MS`,
@@ -49,6 +51,15 @@ fn open_fds() -> Vec<i32> {
     // SAFETY: F_GETFD on integers only.
     v.retain(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0);
     v
+}
+
+/// The first bytes of a file (read at offset 0 without moving the file offset), as text.
+fn head(fd: &OwnedFd) -> String {
+    let mut buf = [0u8; 64];
+    // SAFETY: pread into a buffer we own, bounded by its length.
+    let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let n = usize::try_from(n).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).trim_end().to_string()
 }
 
 fn word_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
@@ -149,6 +160,15 @@ fn main() {
                 log_line(&log, &format!("pid {}", std::process::id()));
                 log_line(&log, "Setup");
                 let res = check_setup(&setup, &fds, &fds_before);
+                for (i, what) in [(2, "kernel"), (3, "initrd")] {
+                    if i == 3 && !setup.has_initrd {
+                        continue;
+                    }
+                    if let Some(fd) = fds.get(i) {
+                        let files = word_value(&cmdline, "fake.files").map(str::to_string);
+                        log_line(&files, &format!("{what}: {}", head(fd)));
+                    }
+                }
                 let mut it = fds.into_iter().skip(3 + usize::from(setup.has_initrd));
                 if setup.serial_in {
                     serial_in = it.next().map(File::from);

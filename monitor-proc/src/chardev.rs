@@ -7,7 +7,7 @@
 //!   in raw mode the way QEMU's stdio chardev does (`signal=on`: Ctrl-C still interrupts the
 //!   monitor, which then shuts down cleanly) and restored on exit ([`restore_tty`]).
 //! - `file:PATH`: opened by the monitor with `O_WRONLY | O_CREAT | O_TRUNC` (QEMU truncates too),
-//!   output only.
+//!   output only. PATH may be `/dev/fdset/N`: a write-only fd of that set, truncated.
 //! - `unix:PATH,server=on[,wait=off]`: the monitor listens on PATH and relays between a pipe pair
 //!   handed to the worker and one connected client at a time (further clients wait in the
 //!   backlog, as with QEMU's socket chardev). Guest output is never allowed to block the guest:
@@ -25,7 +25,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::net::UnixListener;
 
+use std::sync::Arc;
+
 use crate::cli::{ListenAddr, SerialBackend, ServerSpec};
+use crate::fds::{DupLease, FdSets, OpenSpec};
 
 /// Errors setting up the serial port's host side.
 #[derive(Debug, thiserror::Error)]
@@ -173,11 +176,14 @@ pub struct SerialHost {
     input: Option<OwnedFd>,
     output: Option<OwnedFd>,
     relay: Option<UnixRelay>,
+    /// Keeps a `file:/dev/fdset/N` output registered with its set.
+    _lease: Option<DupLease>,
 }
 
 impl SerialHost {
-    /// Opens what `backend` needs (files, terminal mode, pipes, the listening socket).
-    pub fn open(backend: &SerialBackend) -> Result<Self, ChardevError> {
+    /// Opens what `backend` needs (files, terminal mode, pipes, the listening socket); a
+    /// `file:` path may name one of `fdsets`.
+    pub fn open(backend: &SerialBackend, fdsets: &Arc<FdSets>) -> Result<Self, ChardevError> {
         let spec = match backend {
             SerialBackend::Stdio => "stdio".to_string(),
             SerialBackend::File(p) => format!("file:{}", p.display()),
@@ -190,6 +196,7 @@ impl SerialHost {
             input: None,
             output: None,
             relay: None,
+            _lease: None,
         };
         match backend {
             SerialBackend::None => {}
@@ -205,18 +212,19 @@ impl SerialHost {
                 host.output = Some(f.into());
             }
             SerialBackend::File(path) => {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o666)
-                    .open(path)
-                    .map_err(|source| ChardevError::Open {
+                let (f, lease) = fdsets
+                    .open(path, OpenSpec::WRITE_TRUNCATE)
+                    .map_err(|e| ChardevError::Open {
                         spec,
                         path: path.clone(),
-                        source,
-                    })?;
+                        source: std::io::Error::new(
+                            std::io::Error::from_raw_os_error(e.errno()).kind(),
+                            e,
+                        ),
+                    })?
+                    .into_parts();
                 host.output = Some(f.into());
+                host._lease = lease;
             }
             SerialBackend::Stdio => {
                 host.input = Some(dup_cloexec(libc::STDIN_FILENO, "dup stdin")?);
@@ -384,12 +392,16 @@ async fn run_relay(
 }
 
 /// Reopens an already open file (by `/proc/self/fd`) as a new, independent open file
-/// description, so each worker gets its own file offset.
+/// description, so each worker gets its own file offset. A file the monitor could not open by
+/// itself (passed in by a client, `-add-fd`) may refuse that; it is then duplicated instead,
+/// which shares the offset: harmless, because only one worker runs at a time and it seeks
+/// before every read of the kernel and initrd.
 pub fn reopen_readonly(file: &File) -> std::io::Result<File> {
     OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .or_else(|_| file.try_clone())
 }
 
 #[cfg(test)]
@@ -403,7 +415,8 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("serial.log");
         std::fs::write(&path, b"old content").expect("write");
-        let host = SerialHost::open(&SerialBackend::File(path.clone())).expect("open");
+        let host = SerialHost::open(&SerialBackend::File(path.clone()), &Default::default())
+            .expect("open");
         assert!(host.input().is_none());
         let out = host.output().expect("output");
         let mut f = File::from(out.try_clone_to_owned().expect("dup"));
@@ -414,9 +427,9 @@ mod tests {
 
     #[test]
     fn none_and_null() {
-        let none = SerialHost::open(&SerialBackend::None).expect("none");
+        let none = SerialHost::open(&SerialBackend::None, &Default::default()).expect("none");
         assert!(none.input().is_none() && none.output().is_none());
-        let null = SerialHost::open(&SerialBackend::Null).expect("null");
+        let null = SerialHost::open(&SerialBackend::Null, &Default::default()).expect("null");
         assert!(null.input().is_none() && null.output().is_some());
     }
 
@@ -429,7 +442,7 @@ mod tests {
             addr: ListenAddr::Unix(path.clone()),
             wait: false,
         });
-        let mut host = SerialHost::open(&backend).expect("open");
+        let mut host = SerialHost::open(&backend, &Default::default()).expect("open");
         host.start().await.expect("start");
         let mut guest_out = File::from(
             host.output()

@@ -10,7 +10,8 @@
 //! `-m`, `-smp`, `-kernel`, `-initrd`, `-append`, `-serial`, `-qmp` (repeatable), `-S`, `-name`,
 //! `-uuid`, `-nographic`, `-no-reboot`, `-no-shutdown`, `-pidfile`, `-daemonize`,
 //! `-M`/`-machine` (`bulkhead`, the default, or `none`), the no-ops `-enable-kvm`, `-accel kvm`,
-//! `-display none`, `-nodefaults`, `-no-user-config`, and Bulkhead's own `--worker-dir DIR`.
+//! `-display none`, `-nodefaults`, `-no-user-config`, `-add-fd` (checked against the inherited fds
+//! at startup, see [`crate::fds::FdSets::add_inherited`]), and Bulkhead's own `--worker-dir DIR`.
 //!
 //! Choices (documented in [`USAGE`]): the default machine is called `bulkhead`; QEMU's board
 //! names (`pc`, `q35`, `microvm`, ...) are refused rather than silently aliased, because the
@@ -39,6 +40,9 @@ It accepts this subset of qemu-system-x86_64's command line:
                       vCPUs and topology (default 1); maxcpus must equal cpus
   -kernel PATH        Linux kernel to boot directly (required unless -M none)
   -initrd PATH        initial ramdisk
+  -add-fd fd=N,set=M[,opaque=S]
+                      put inherited fd N (not 0-2) in fd set M; any PATH above
+                      (and -serial file:PATH) may then be /dev/fdset/M
   -append CMDLINE     kernel command line
   -serial DEV         stdio | file:PATH | unix:PATH,server=on[,wait=off] | null | none
                       (default: stdio with -nographic, otherwise none)
@@ -209,6 +213,20 @@ pub enum SerialBackend {
     None,
 }
 
+/// One `-add-fd fd=N,set=M[,opaque=S]`. The values are kept as given; QEMU's checks of them
+/// (range, an fd that is open and inherited) run at startup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddFd {
+    /// `fd=` (-1 when missing).
+    pub fd: i64,
+    /// `set=` (-1 when missing).
+    pub set: i64,
+    /// `opaque=`.
+    pub opaque: Option<String>,
+    /// The option's argument as written (for messages).
+    pub text: String,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -248,6 +266,8 @@ pub struct Config {
     pub daemonize: bool,
     /// `--worker-dir`.
     pub worker_dir: Option<PathBuf>,
+    /// `-add-fd`, in order.
+    pub add_fds: Vec<AddFd>,
 }
 
 impl Default for Config {
@@ -271,6 +291,7 @@ impl Default for Config {
             pidfile: None,
             daemonize: false,
             worker_dir: None,
+            add_fds: Vec::new(),
         }
     }
 }
@@ -279,7 +300,6 @@ impl Default for Config {
 /// rather than "invalid").
 const UNSUPPORTED: &[&str] = &[
     "action",
-    "add-fd",
     "audiodev",
     "bios",
     "blockdev",
@@ -442,6 +462,10 @@ where
             "pidfile" => cfg.pidfile = Some(PathBuf::from(nonempty(&opt, value(&mut i)?)?)),
             "daemonize" => cfg.daemonize = true,
             "worker-dir" => cfg.worker_dir = Some(PathBuf::from(nonempty(&opt, value(&mut i)?)?)),
+            "add-fd" => {
+                let v = value(&mut i)?;
+                cfg.add_fds.push(parse_add_fd(&opt, &v)?);
+            }
             "enable-kvm" | "no-user-config" => {}
             "nodefaults" => nodefaults = true,
             "accel" => {
@@ -756,6 +780,72 @@ fn parse_smp(opt: &str, v: &str) -> Result<Smp, CliError> {
         cores: cores_v,
         threads: threads_v,
     })
+}
+
+/// QEMU's `-add-fd` syntax: `fd`, `set` (numbers as `strtoull` with base 0 reads them, a leading
+/// `-` negating) and `opaque`; later keys override earlier ones.
+fn parse_add_fd(opt: &str, v: &str) -> Result<AddFd, CliError> {
+    let bad = |reason: String| CliError::BadValue {
+        option: opt.into(),
+        value: v.into(),
+        reason,
+    };
+    let mut spec = AddFd {
+        fd: -1,
+        set: -1,
+        opaque: None,
+        text: v.to_string(),
+    };
+    for (k, val) in parse_opts(v, None) {
+        match k.as_str() {
+            "fd" | "set" => {
+                let n = parse_qemu_number(&val).map_err(|e| match e {
+                    NumberError::NotANumber => bad(format!("Parameter '{k}' expects a number")),
+                    NumberError::TooLarge => {
+                        bad(format!("Value '{val}' is too large for parameter '{k}'"))
+                    }
+                })?;
+                if k == "fd" {
+                    spec.fd = n;
+                } else {
+                    spec.set = n;
+                }
+            }
+            "opaque" => spec.opaque = Some(val),
+            "" if v.is_empty() => {}
+            _ => return Err(bad(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    Ok(spec)
+}
+
+enum NumberError {
+    NotANumber,
+    TooLarge,
+}
+
+/// A QemuOpts number: `strtoull` with base 0 (decimal, `0x` hex, leading-`0` octal), a
+/// leading `-` wrapping as in C; read as a signed 64-bit value.
+fn parse_qemu_number(s: &str) -> Result<i64, NumberError> {
+    let t = s.trim_start();
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (radix, digits) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (16, h)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (8, &t[1..])
+    } else {
+        (10, t)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(NumberError::NotANumber);
+    }
+    let n = u64::from_str_radix(digits, radix).map_err(|_| NumberError::TooLarge)?;
+    let n = if neg { n.wrapping_neg() } else { n };
+    // The bits as C stores them in an int64_t.
+    Ok(n as i64)
 }
 
 fn parse_machine(opt: &str, v: &str) -> Result<Machine, CliError> {
@@ -1288,6 +1378,76 @@ mod tests {
         );
         assert!(err(&["disk.img"]).to_string().contains("disk.img"));
         assert_eq!(err(&["-m"]).to_string(), "-m: requires an argument");
+    }
+
+    #[test]
+    fn add_fd_syntax() {
+        let c = run(&[
+            "-M",
+            "none",
+            "-add-fd",
+            "fd=9,set=1,opaque=a,,b",
+            "-add-fd",
+            "set=0x10,fd=012",
+        ]);
+        assert_eq!(
+            c.add_fds,
+            vec![
+                AddFd {
+                    fd: 9,
+                    set: 1,
+                    opaque: Some("a,b".into()),
+                    text: "fd=9,set=1,opaque=a,,b".into()
+                },
+                AddFd {
+                    fd: 10,
+                    set: 16,
+                    opaque: None,
+                    text: "set=0x10,fd=012".into()
+                }
+            ]
+        );
+        // Missing values stay -1 (refused at startup with QEMU's message); negatives wrap.
+        let c = run(&[
+            "-M",
+            "none",
+            "-add-fd",
+            "",
+            "-add-fd",
+            "fd=-2,set=1,opaque=",
+        ]);
+        assert_eq!((c.add_fds[0].fd, c.add_fds[0].set), (-1, -1));
+        assert_eq!(
+            (c.add_fds[1].fd, c.add_fds[1].opaque.as_deref()),
+            (-2, Some(""))
+        );
+        let e = |a: &str| err(&["-M", "none", "-add-fd", a]).to_string();
+        assert_eq!(
+            e("fd=abc,set=1"),
+            "-add-fd fd=abc,set=1: Parameter 'fd' expects a number"
+        );
+        assert_eq!(
+            e("fd=9,set=1k"),
+            "-add-fd fd=9,set=1k: Parameter 'set' expects a number"
+        );
+        assert_eq!(
+            e("fd=,set=1"),
+            "-add-fd fd=,set=1: Parameter 'fd' expects a number"
+        );
+        assert_eq!(
+            e("fd=9,set=99999999999999999999"),
+            "-add-fd fd=9,set=99999999999999999999: Value '99999999999999999999' is too large \
+             for parameter 'set'"
+        );
+        assert_eq!(
+            e("fd=9,set=1,foo=bar"),
+            "-add-fd fd=9,set=1,foo=bar: Invalid parameter 'foo'"
+        );
+        assert_eq!(e("9"), "-add-fd 9: Invalid parameter '9'");
+        assert_eq!(
+            err(&["-add-fd"]).to_string(),
+            "-add-fd: requires an argument"
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! `bulkhead_monitor` library; this file only wires them together (and is the one place that
 //! uses `anyhow`).
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use bulkhead_ipc::messages::CpuTopology;
 use bulkhead_monitor::cli::{self, Action, Config, Machine};
+use bulkhead_monitor::fds::{DupLease, FdSets, OpenSpec};
 use bulkhead_monitor::info::MachineInfo;
 use bulkhead_monitor::qmp::events::EventBus;
 use bulkhead_monitor::qmp::server::QmpServer;
@@ -69,6 +70,9 @@ fn real_main() -> anyhow::Result<i32> {
 }
 
 fn run(cfg: Config) -> anyhow::Result<i32> {
+    // -add-fd takes its inherited fds first (QEMU refuses a close-on-exec one as "in use").
+    let fdsets = Arc::new(FdSets::default());
+    fdsets.add_inherited(&cfg.add_fds)?;
     // Nothing we inherited may leak into a worker.
     worker::cloexec_inherited_fds();
     // Fork before any thread exists; the original process waits for `ready` and exits.
@@ -89,7 +93,7 @@ fn run(cfg: Config) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let code = rt.block_on(serve(cfg, ready));
+    let code = rt.block_on(serve(cfg, ready, fdsets));
     drop(rt);
     drop(pidfile);
     code
@@ -103,8 +107,13 @@ fn set_process_name(name: &str) {
     unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
 }
 
-/// Opens what the guest needs: RAM, /dev/kvm, kernel, initrd, serial.
-async fn build_guest(cfg: &Config) -> anyhow::Result<GuestSpec> {
+/// Opens what the guest needs: RAM, /dev/kvm, kernel, initrd, serial. Kernel and initrd may be
+/// `/dev/fdset/N`; the returned leases keep those duplicates registered with their sets and
+/// must live as long as the guest.
+async fn build_guest(
+    cfg: &Config,
+    fdsets: &Arc<FdSets>,
+) -> anyhow::Result<(GuestSpec, Vec<DupLease>)> {
     let worker_path = worker::worker_path(cfg.worker_dir.as_deref(), worker::VCPU_WORKER)?;
     let kvm = OpenOptions::new()
         .read(true)
@@ -113,8 +122,14 @@ async fn build_guest(cfg: &Config) -> anyhow::Result<GuestSpec> {
         .open("/dev/kvm")
         .context("could not open /dev/kvm")?;
     let memory = memory::GuestMemory::create(cfg.mem_size)?;
-    let open = |p: &std::path::Path, what: &str| {
-        File::open(p).with_context(|| format!("could not open {what} '{}'", p.display()))
+    let mut leases = Vec::new();
+    let mut open = |p: &std::path::Path, what: &str| {
+        let (file, lease) = fdsets
+            .open(p, OpenSpec::READ)
+            .with_context(|| format!("could not open {what} '{}'", p.display()))?
+            .into_parts();
+        leases.extend(lease);
+        anyhow::Ok(file)
     };
     let kernel = match &cfg.kernel {
         Some(k) => open(k, "kernel")?,
@@ -125,9 +140,9 @@ async fn build_guest(cfg: &Config) -> anyhow::Result<GuestSpec> {
         .as_deref()
         .map(|p| open(p, "initrd"))
         .transpose()?;
-    let mut serial = chardev::SerialHost::open(&cfg.serial)?;
+    let mut serial = chardev::SerialHost::open(&cfg.serial, fdsets)?;
     serial.start().await?;
-    Ok(GuestSpec {
+    let guest = GuestSpec {
         worker_path,
         kvm,
         memory,
@@ -143,10 +158,15 @@ async fn build_guest(cfg: &Config) -> anyhow::Result<GuestSpec> {
         },
         cmdline: cfg.append.clone(),
         no_reboot: cfg.no_reboot,
-    })
+    };
+    Ok((guest, leases))
 }
 
-async fn serve(cfg: Config, ready: Option<daemon::Ready>) -> anyhow::Result<i32> {
+async fn serve(
+    cfg: Config,
+    ready: Option<daemon::Ready>,
+    fdsets: Arc<FdSets>,
+) -> anyhow::Result<i32> {
     // Signals are caught from the start: one arriving during startup (say, while waiting for a
     // wait=on client) ends the monitor cleanly too.
     let mut signals = Signals::new()?;
@@ -155,9 +175,12 @@ async fn serve(cfg: Config, ready: Option<daemon::Ready>) -> anyhow::Result<i32>
     // Listen first, so a QMP client can connect while the guest is set up (and for wait=on).
     let mut server = QmpServer::bind(&cfg.qmp)?;
     let startup = async {
-        let guest = match cfg.machine {
-            Machine::Bulkhead => Some(build_guest(&cfg).await?),
-            Machine::None => None,
+        let (guest, leases) = match cfg.machine {
+            Machine::Bulkhead => {
+                let (guest, leases) = build_guest(&cfg, &fdsets).await?;
+                (Some(guest), leases)
+            }
+            Machine::None => (None, Vec::new()),
         };
         let (mut vm, handle) = Vm::new(bus.clone(), guest, cfg.no_shutdown, exit.clone());
         let info = MachineInfo {
@@ -166,15 +189,18 @@ async fn serve(cfg: Config, ready: Option<daemon::Ready>) -> anyhow::Result<i32>
             has_guest: cfg.machine == Machine::Bulkhead,
             kvm_present: cfg.machine == Machine::Bulkhead,
         };
-        let shared = Arc::new(Shared::new(bus.clone(), handle.clone(), exit.clone(), info));
+        let mut shared = Shared::new(bus.clone(), handle.clone(), exit.clone(), info);
+        shared.fdsets = fdsets.clone();
+        let shared = Arc::new(shared);
         server.wait_for_clients(&shared).await?;
         vm.boot(cfg.start_paused).await?;
         if let Some(pid) = vm.worker_pid() {
             log::info!("bulkhead-vcpu (pid {pid}) is ready");
         }
-        anyhow::Ok((vm, handle, shared))
+        anyhow::Ok((vm, handle, shared, leases))
     };
-    let (vm, handle, shared) = tokio::select! {
+    // The leases live as long as the guest may be (re)started from its kernel and initrd.
+    let (vm, handle, shared, _leases) = tokio::select! {
         r = startup => r?,
         signo = signals.next() => {
             log::warn!("terminating on signal {signo}");

@@ -8,9 +8,14 @@
 //! (see [`super::events`]). End of input flushes what is queued and closes the connection.
 //!
 //! On unix sockets the reader receives with `recvmsg`, so file descriptors sent with
-//! `SCM_RIGHTS` arrive (close-on-exec) with the bytes. They are held for the next command, as
-//! QEMU does for `getfd`/`add-fd`, and closed once that command has run without claiming them
-//! (see [`crate::fds`]).
+//! `SCM_RIGHTS` arrive (close-on-exec) with the bytes. They are given to one command, and closed
+//! once that command has run without claiming them (see [`crate::fds`]). Which command: the
+//! kernel may glue several sends into one read, but a read always ends with the send that
+//! carried fds (a unix stream read stops after the first message with fds). So fds belong to the
+//! last command the read completes, or, if the read completes none or ends inside a command (a
+//! lone whitespace byte sent ahead of the command, as Python's `qemu.qmp` `send_fd_scm` does, or
+//! a command cut by the buffer), to the next command to complete. Newer fds replace older ones
+//! still waiting, as in QEMU.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -102,6 +107,8 @@ pub enum Conn {
 pub struct SessionState {
     negotiated: bool,
     ctx: Arc<SessionCtx>,
+    /// Fds received for the next command to complete.
+    waiting_fds: Vec<OwnedFd>,
 }
 
 impl SessionState {
@@ -109,6 +116,7 @@ impl SessionState {
         SessionState {
             negotiated: false,
             ctx: Arc::new(SessionCtx::new(id)),
+            waiting_fds: Vec::new(),
         }
     }
 
@@ -116,19 +124,31 @@ impl SessionState {
     pub fn negotiated(&self) -> bool {
         self.negotiated
     }
+}
 
-    fn add_fds(&mut self, fds: Vec<OwnedFd>) {
-        if fds.is_empty() {
-            return;
-        }
-        let dropped = self.ctx.fds().add_received(fds);
-        if dropped > 0 {
-            log::warn!(
-                "QMP session {}: too many file descriptors received; closed {dropped}",
-                self.ctx.id()
-            );
+/// Decides which of the `chunks` completed by one read gets which fds: `waiting` (received
+/// earlier) go to the first chunk, `received` (with this read) to the last chunk if the read
+/// ended between values, otherwise they wait for the next value. Returns the fds per chunk and
+/// what waits afterwards.
+fn assign_fds(
+    chunks: usize,
+    ended_idle: bool,
+    waiting: Vec<OwnedFd>,
+    received: Vec<OwnedFd>,
+) -> (Vec<Vec<OwnedFd>>, Vec<OwnedFd>) {
+    let mut per_chunk: Vec<Vec<OwnedFd>> = (0..chunks).map(|_| Vec::new()).collect();
+    let mut still_waiting = waiting;
+    if let Some(first) = per_chunk.first_mut() {
+        *first = std::mem::take(&mut still_waiting);
+    }
+    if !received.is_empty() {
+        match per_chunk.last_mut() {
+            // Newer fds replace older ones (which are closed).
+            Some(last) if ended_idle => *last = received,
+            _ => still_waiting = received,
         }
     }
+    (per_chunk, still_waiting)
 }
 
 enum Reader {
@@ -274,9 +294,18 @@ async fn read_loop(
             if n == 0 {
                 return Ok::<bool, std::io::Error>(false);
             }
-            state.add_fds(fds);
-            for chunk in splitter.feed(&buf[..n]) {
-                handle_chunk(chunk, &mut state, &sink, &shared).await;
+            let chunks = splitter.feed(&buf[..n]);
+            let waiting = std::mem::take(&mut state.waiting_fds);
+            let (per_chunk, still_waiting) =
+                assign_fds(chunks.len(), splitter.is_idle(), waiting, fds);
+            state.waiting_fds = still_waiting;
+            for (chunk, fds) in chunks.into_iter().zip(per_chunk) {
+                state.ctx.fds().offer(fds);
+                let (line, post) = handle_chunk(chunk, &state, &shared).await;
+                // Fds that came with this command and were not claimed by it are closed before
+                // the client hears the answer.
+                drop(state.ctx.fds().take_pending());
+                answer(line, post, &mut state, &sink, &shared);
             }
             Ok(true)
         };
@@ -292,25 +321,20 @@ async fn read_loop(
     sink.close();
 }
 
+/// Runs one value cut from the input; returns the line to answer and what to do after
+/// sending it.
 async fn handle_chunk(
     chunk: Chunk,
-    state: &mut SessionState,
-    sink: &SessionSink,
+    state: &SessionState,
     shared: &Arc<Shared>,
-) {
+) -> (String, Option<PostAction>) {
     let bytes = match chunk {
-        Chunk::Error(msg) => {
-            sink.send(Arc::from(error_line(&QmpError::generic(msg), None)));
-            return;
-        }
+        Chunk::Error(msg) => return (error_line(&QmpError::generic(msg), None), None),
         Chunk::Value(bytes) => bytes,
     };
     let req = match parse_request(&bytes) {
         Ok(r) => r,
-        Err(bad) => {
-            sink.send(Arc::from(error_line(&bad.error, bad.id.as_deref())));
-            return;
-        }
+        Err(bad) => return (error_line(&bad.error, bad.id.as_deref()), None),
     };
     let ctx = Context {
         shared: shared.clone(),
@@ -323,23 +347,87 @@ async fn handle_chunk(
         Ok(fut) => fut.await,
         Err(e) => Err(e),
     };
-    // Fds that came with this command and were not claimed by it are closed now.
-    drop(state.ctx.fds().take_pending());
     let id = req.id.as_deref();
     match result {
-        Ok(outcome) => {
-            sink.send(Arc::from(return_line(&outcome.value, id)));
-            match outcome.post {
-                Some(PostAction::EnterCommandMode) => {
-                    state.negotiated = true;
-                    shared.bus.set_negotiated(sink.id());
-                }
-                Some(PostAction::Exit) => shared.exit.request(0),
-                None => {}
-            }
+        Ok(outcome) => (return_line(&outcome.value, id), outcome.post),
+        Err(e) => (error_line(&e, id), None),
+    }
+}
+
+/// Sends a command's answer, then acts on it.
+fn answer(
+    line: String,
+    post: Option<PostAction>,
+    state: &mut SessionState,
+    sink: &SessionSink,
+    shared: &Arc<Shared>,
+) {
+    sink.send(Arc::from(line));
+    match post {
+        Some(PostAction::EnterCommandMode) => {
+            state.negotiated = true;
+            shared.bus.set_negotiated(sink.id());
         }
-        Err(e) => {
-            sink.send(Arc::from(error_line(&e, id)));
-        }
+        Some(PostAction::Exit) => shared.exit.request(0),
+        None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn fds(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| {
+                std::fs::File::open("/dev/null")
+                    .expect("open /dev/null")
+                    .into()
+            })
+            .collect()
+    }
+
+    fn raws(v: &[OwnedFd]) -> Vec<RawFd> {
+        v.iter().map(AsRawFd::as_raw_fd).collect()
+    }
+
+    #[test]
+    fn fds_go_to_the_command_they_came_with() {
+        // A whole command with its fds: that command.
+        let r = fds(1);
+        let want = raws(&r);
+        let (per, wait) = assign_fds(1, true, Vec::new(), r);
+        assert_eq!(raws(&per[0]), want);
+        assert!(wait.is_empty());
+        // Glued: earlier fd-less commands, then the one that carried the fds.
+        let r = fds(2);
+        let want = raws(&r);
+        let (per, wait) = assign_fds(3, true, Vec::new(), r);
+        assert!(per[0].is_empty() && per[1].is_empty());
+        assert_eq!(raws(&per[2]), want);
+        assert!(wait.is_empty());
+        // A lone " " (no command yet): the fds wait for the next command...
+        let r = fds(1);
+        let want = raws(&r);
+        let (per, wait) = assign_fds(0, true, Vec::new(), r);
+        assert!(per.is_empty());
+        assert_eq!(raws(&wait), want);
+        // ...which is the first one completed later.
+        let (per, wait) = assign_fds(2, true, wait, Vec::new());
+        assert_eq!(raws(&per[0]), want);
+        assert!(per[1].is_empty() && wait.is_empty());
+        // A read ending inside a command: its fds are that command's.
+        let r = fds(1);
+        let want = raws(&r);
+        let (per, wait) = assign_fds(1, false, Vec::new(), r);
+        assert!(per[0].is_empty());
+        assert_eq!(raws(&wait), want);
+        // Newer fds replace older ones still waiting.
+        let (old, new) = (fds(1), fds(1));
+        let want = raws(&new);
+        let (per, wait) = assign_fds(1, true, old, new);
+        assert_eq!(raws(&per[0]), want);
+        assert!(wait.is_empty());
     }
 }

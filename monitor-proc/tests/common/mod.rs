@@ -2,9 +2,12 @@
 //! client over unix or TCP sockets, scratch directories, and the fake worker.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -123,6 +126,72 @@ impl Monitor {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+impl Monitor {
+    /// Like [`Monitor::start`], with inherited fds: each `(fd, target)` is duplicated onto
+    /// `target` in the child, without close-on-exec (as a shell's `N<file` would).
+    pub fn start_with_fds(scratch: &Scratch, args: &[&str], fds: &[(RawFd, RawFd)]) -> Self {
+        let stderr_path = scratch.path(&format!("stderr-{}", Instant::now().elapsed().as_nanos()));
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut cmd = Command::new(BULKHEAD);
+        cmd.args(args)
+            .env("BULKHEAD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let fds = fds.to_vec();
+        // SAFETY: the closure runs in the forked child before exec and only calls dup2/fcntl,
+        // which are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &(fd, target) in &fds {
+                    if fd == target {
+                        let flags = libc::fcntl(fd, libc::F_GETFD);
+                        if flags < 0
+                            || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(fd, target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn bulkhead");
+        Monitor { child, stderr_path }
+    }
+
+    /// The monitor's open fds and what they point at.
+    pub fn fds(&self) -> BTreeMap<i32, String> {
+        proc_fds(self.child.id())
+    }
+}
+
+/// `/proc/<pid>/fd`: fd number → link target.
+pub fn proc_fds(pid: u32) -> BTreeMap<i32, String> {
+    let dir = format!("/proc/{pid}/fd");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((fd, target.to_string_lossy().into_owned()))
+        })
+        .collect()
+}
+
+/// Where a [`Qmp::send_with_fds`] attaches its fds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FdsOn {
+    /// The command text and the fds in one `sendmsg`.
+    Command,
+    /// A lone `" "` carries the fds (Python qemu.qmp's `send_fd_scm`); the command follows in
+    /// a second write.
+    LoneSpace,
 }
 
 impl Drop for Monitor {
@@ -264,6 +333,33 @@ impl Qmp {
     /// The socket the client writes to (for sendmsg with fds).
     pub fn writer_stream(&self) -> &Stream {
         &self.writer
+    }
+
+    /// Sends `text` plus a newline with `fds` attached (`SCM_RIGHTS`), as `on` says. Unix
+    /// sockets only.
+    pub fn send_with_fds(&mut self, text: &str, fds: &[RawFd], on: FdsOn) {
+        use sendfd::SendWithFd;
+        let Stream::Unix(s) = &self.writer else {
+            panic!("fds can only be sent over a unix socket");
+        };
+        let line = format!("{text}\n");
+        match on {
+            FdsOn::Command => {
+                let n = s.send_with_fd(line.as_bytes(), fds).expect("sendmsg");
+                assert_eq!(n, line.len(), "short sendmsg");
+            }
+            FdsOn::LoneSpace => {
+                let n = s.send_with_fd(b" ", fds).expect("sendmsg");
+                assert_eq!(n, 1, "short sendmsg");
+                self.send_raw(&line);
+            }
+        }
+    }
+
+    /// [`Qmp::send_with_fds`] and the reply.
+    pub fn cmd_with_fds(&mut self, text: &str, fds: &[RawFd], on: FdsOn) -> Value {
+        self.send_with_fds(text, fds, on);
+        self.reply()
     }
 
     pub fn send_raw(&mut self, text: &str) {
