@@ -1,13 +1,36 @@
-//! Per-role confinement of Bulkhead's worker processes.
+//! Per-role confinement of Bulkhead's processes.
 //!
-//! This crate will own the whole sandbox policy (namespaces, empty root, capabilities,
-//! landlock, seccomp, rlimits). What exists today are the process-hygiene steps every worker
-//! takes before it reads anything: die with the monitor, set `no_new_privs`, and keep no fd
-//! it was not handed on purpose. Full confinement is the sandbox issue's work.
+//! - [`policy`]: one policy per role (namespaces, rlimits, landlock, the seccomp allowlist with
+//!   its ioctl filters), declared in one place.
+//! - [`launch`]: how the monitor (and the tests) start a worker: `clone3` into fresh user, mount,
+//!   pid, ipc, uts and network namespaces with a pidfd, uid/gid maps written by the parent, only
+//!   the fds handed on purpose, `execveat` of the binary opened by the parent.
+//! - [`enter`](mod@enter): what the worker does to itself before it reads anything untrusted:
+//!   private mounts, pivot into an empty read-only tmpfs, capabilities and the bounding set gone,
+//!   `no_new_privs`, rlimits, landlock with no filesystem access, seccomp last.
+//! - [`seccomp`]: filters compiled with seccompiler, and the `SIGSYS` report of a violation.
+//! - [`features`]: what this kernel offers, so Bulkhead can refuse to run with less.
+//!
+//! The process-hygiene helpers below ([`die_with_parent`], [`set_no_new_privs`],
+//! [`close_fds_except`]) are used by every worker, confined or not.
+
+pub mod enter;
+pub mod features;
+pub mod ioctls;
+pub mod launch;
+pub mod policy;
+pub mod seccomp;
+pub mod syscall_names;
 
 use std::os::fd::RawFd;
 
-/// Errors from applying a confinement step.
+pub use enter::{enter, EnterReport, Mode};
+pub use policy::{Params, Policy, Role};
+
+/// The fd at which a launched worker finds the write end of its violation-report pipe.
+pub const REPORT_FD: RawFd = 4;
+
+/// Errors from confining a process.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A system call failed.
@@ -18,6 +41,56 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A seccomp filter could not be built or installed.
+    #[error("seccomp: {what}: {detail}")]
+    Seccomp {
+        /// The step.
+        what: &'static str,
+        /// The library's message.
+        detail: String,
+    },
+    /// Landlock could not be applied.
+    #[error("landlock: {0}")]
+    Landlock(String),
+    /// Capabilities could not be dropped.
+    #[error("capabilities: {0}")]
+    Caps(String),
+    /// The kernel or the launch lacks something the policy needs, and weaker confinement was
+    /// not accepted.
+    #[error(
+        "the sandbox would be weaker than the {role} policy requires: {}; \
+         fix the host, or accept weaker confinement with --sandbox allow-weak",
+        .missing.join("; ")
+    )]
+    Weak {
+        /// The role.
+        role: &'static str,
+        /// What is missing.
+        missing: Vec<String>,
+    },
+    /// Starting the worker failed.
+    #[error("cannot start {path}: {what}: {source}")]
+    Launch {
+        /// The binary.
+        path: String,
+        /// The step.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A bad argument.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// `Sys` with the current `errno`.
+    pub(crate) fn sys(what: &'static str) -> Error {
+        Error::Sys {
+            what,
+            source: std::io::Error::last_os_error(),
+        }
+    }
 }
 
 /// Result alias for this crate.
@@ -25,10 +98,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 fn check(rc: libc::c_int, what: &'static str) -> Result<()> {
     if rc < 0 {
-        return Err(Error::Sys {
-            what,
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(Error::sys(what));
     }
     Ok(())
 }
@@ -41,7 +111,9 @@ pub fn set_no_new_privs() -> Result<()> {
 }
 
 /// Asks the kernel to SIGKILL this process when its parent (the monitor) dies, and checks the
-/// parent did not die before the request took effect.
+/// parent did not die before the request took effect. In a new pid namespace the parent is
+/// outside it and `getppid()` is 0 throughout; the launcher has already set the death signal
+/// and checked its parent there.
 pub fn die_with_parent(expected_parent: libc::pid_t) -> Result<()> {
     // SAFETY: prctl with integer arguments only.
     let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
