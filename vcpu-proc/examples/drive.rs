@@ -98,9 +98,9 @@ fn main() {
 fn drive(a: &Args) -> Result<(), String> {
     let t0 = Instant::now();
     let say = |msg: String| println!("\n[drive +{:.3}] {msg}", t0.elapsed().as_secs_f64());
-    let mut w =
-        Worker::spawn(&a.worker).map_err(|e| format!("spawn {}: {e}", a.worker.display()))?;
-    say(format!("worker pid {} up", w.child.id()));
+    let mut w = Worker::spawn(&a.worker, a.mem_mib, a.vcpus)
+        .map_err(|e| format!("spawn {}: {e}", a.worker.display()))?;
+    say(format!("worker pid {} up", w.child.pid()));
     let setup_at = Instant::now();
     let reply = w.setup(&Boot {
         kernel: &a.kernel,

@@ -35,7 +35,7 @@ fn guest_file(name: &str) -> PathBuf {
 }
 
 fn boot(kernel: &Path, cmdline: &str, vcpus: u32, no_reboot: bool, serial_in: bool) -> Worker {
-    let mut w = Worker::spawn(Path::new(WORKER)).expect("spawn worker");
+    let mut w = Worker::spawn(Path::new(WORKER), 64, vcpus).expect("spawn worker");
     let reply = w
         .setup(&Boot {
             kernel,
@@ -249,7 +249,7 @@ fn serial_input_reaches_the_guest() {
 #[test]
 fn requests_before_setup_and_bad_setups_are_errors() {
     require_kvm();
-    let mut w = Worker::spawn(Path::new(WORKER)).expect("spawn");
+    let mut w = Worker::spawn(Path::new(WORKER), 64, 1).expect("spawn");
     for req in [
         VcpuRequest::Run,
         VcpuRequest::Pause,

@@ -8,9 +8,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +18,8 @@ use bulkhead_ipc::messages::{
     CpuTopology, VcpuEvent, VcpuProtocol, VcpuReply, VcpuRequest, VmSetup,
 };
 use bulkhead_ipc::{Channel, Frame, Role};
+use bulkhead_sandbox::launch::{Child, Command, IdMap};
+use bulkhead_sandbox::Role as SandboxRole;
 
 /// Collected serial output with a condition variable for waiters.
 #[derive(Default)]
@@ -142,29 +143,43 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 impl Worker {
-    /// Spawns `worker` with an ipc socket at fd 3 and completes the handshake.
-    pub fn spawn(worker: &Path) -> std::io::Result<Self> {
+    /// Spawns `worker` the way the monitor does: in the vcpu role's namespaces
+    /// (`bulkhead_sandbox::launch`), with its ipc socket at fd 3 and the violation-report pipe at
+    /// fd 4, told to confine itself fully (`--sandbox on`) for a guest of `mem_mib` MiB and
+    /// `vcpus` vCPUs; then completes the handshake.
+    pub fn spawn(worker: &Path, mem_mib: u64, vcpus: u32) -> std::io::Result<Self> {
         let (ours, theirs) = Channel::<VcpuProtocol>::pair().map_err(std::io::Error::other)?;
         let theirs = theirs.into_fd();
-        let raw = theirs.as_raw_fd();
-        let mut cmd = Command::new(worker);
-        cmd.arg("--ipc-fd").arg("3").stdin(Stdio::null());
-        // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl) between
-        // fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if raw == 3 {
-                    let flags = libc::fcntl(3, libc::F_GETFD);
-                    if flags < 0 || libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(raw, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        let devnull = File::open("/dev/null")?;
+        let policy = SandboxRole::Vcpu.policy();
+        let ids = IdMap::for_current_user(None).map_err(std::io::Error::other)?;
+        let mut cmd = Command::new(worker).map_err(std::io::Error::other)?;
+        let mem = (mem_mib << 20).to_string();
+        let n = vcpus.to_string();
+        for a in [
+            "--ipc-fd",
+            "3",
+            "--sandbox",
+            "on",
+            "--mem-bytes",
+            mem.as_str(),
+            "--vcpus",
+            n.as_str(),
+        ] {
+            cmd.arg(a).map_err(std::io::Error::other)?;
         }
-        let child = cmd.spawn()?;
+        if let Ok(level) = std::env::var("BULKHEAD_LOG") {
+            cmd.env("BULKHEAD_LOG", level)
+                .map_err(std::io::Error::other)?;
+        }
+        cmd.fd(devnull.as_fd(), 0)
+            .and_then(|c| c.fd(std::io::stdout().as_fd(), 1))
+            .and_then(|c| c.fd(std::io::stderr().as_fd(), 2))
+            .and_then(|c| c.fd(theirs.as_fd(), 3))
+            .map_err(std::io::Error::other)?;
+        cmd.namespaces(policy.namespaces, Some(ids))
+            .report_pipe(true);
+        let child = cmd.spawn().map_err(std::io::Error::other)?;
         drop(theirs);
         ours.handshake(Role::Monitor, Role::Vcpu)
             .map_err(std::io::Error::other)?;
@@ -315,7 +330,7 @@ impl Worker {
 
     /// Resident set size of the worker, in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.pid())).ok()?;
         s.lines()
             .find(|l| l.starts_with("VmRSS:"))?
             .split_whitespace()
@@ -327,7 +342,7 @@ impl Worker {
     /// The worker's memory counters (VmRSS, RssAnon, RssFile, RssShmem), in KiB. Guest RAM
     /// the worker has touched counts as RssShmem (the memfd); its own overhead is the rest.
     pub fn rss_breakdown(&self) -> String {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.pid()))
             .unwrap_or_default();
         s.lines()
             .filter(|l| {
@@ -340,11 +355,18 @@ impl Worker {
             .join(" ")
     }
 
-    /// Waits for the worker to exit.
+    /// Waits for the worker to exit. A death by SIGSYS prints the system call the sandbox
+    /// refused (the allowlist lacks it, or the worker misbehaved).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
+                if s.signal() == Some(libc::SIGSYS) {
+                    eprintln!(
+                        "bulkhead-vcpu was killed by the sandbox: {:?}",
+                        self.child.violation()
+                    );
+                }
                 return Some(s);
             }
             if Instant::now() >= deadline {
@@ -357,9 +379,18 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        match self.child.try_wait() {
+            Ok(None) => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+            Ok(Some(s)) if s.signal() == Some(libc::SIGSYS) => {
+                eprintln!(
+                    "bulkhead-vcpu was killed by the sandbox: {:?}",
+                    self.child.violation()
+                );
+            }
+            _ => {}
         }
     }
 }
