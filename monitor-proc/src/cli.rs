@@ -19,6 +19,8 @@
 
 use std::path::PathBuf;
 
+use bulkhead_sandbox::Mode;
+
 /// Default guest RAM, as QEMU's x86 default.
 pub const DEFAULT_MEM_SIZE: u64 = 128 << 20;
 /// Most vCPUs the `bulkhead` machine accepts (xAPIC ids stay below 255).
@@ -61,6 +63,14 @@ It accepts this subset of qemu-system-x86_64's command line:
                       accepted for compatibility; Bulkhead always uses KVM
   --worker-dir DIR    where to find bulkhead-vcpu (default: the directory of the
                       bulkhead executable itself; PATH is never searched)
+  --sandbox on|off|allow-weak
+                      how workers are confined (default on: namespaces, empty root, no
+                      capabilities, rlimits, landlock, seccomp; refuses to run if the kernel
+                      lacks any of it). allow-weak runs with what the kernel offers and says
+                      what is missing; off confines nothing (debugging only)
+  --sandbox-user UID:GID
+                      the outside ids of a worker's root when bulkhead runs as root
+                      (default 65534:65534, nobody; never 0)
   -h, -help, --help   this text
   -version            version information
 
@@ -266,6 +276,10 @@ pub struct Config {
     pub daemonize: bool,
     /// `--worker-dir`.
     pub worker_dir: Option<PathBuf>,
+    /// `--sandbox`.
+    pub sandbox: Mode,
+    /// `--sandbox-user`.
+    pub sandbox_user: Option<(u32, u32)>,
     /// `-add-fd`, in order.
     pub add_fds: Vec<AddFd>,
 }
@@ -291,6 +305,8 @@ impl Default for Config {
             pidfile: None,
             daemonize: false,
             worker_dir: None,
+            sandbox: Mode::On,
+            sandbox_user: None,
             add_fds: Vec::new(),
         }
     }
@@ -462,6 +478,26 @@ where
             "pidfile" => cfg.pidfile = Some(PathBuf::from(nonempty(&opt, value(&mut i)?)?)),
             "daemonize" => cfg.daemonize = true,
             "worker-dir" => cfg.worker_dir = Some(PathBuf::from(nonempty(&opt, value(&mut i)?)?)),
+            "sandbox" => {
+                let v = value(&mut i)?;
+                cfg.sandbox = Mode::from_name(&v).ok_or_else(|| CliError::BadValue {
+                    option: opt.clone(),
+                    value: v.clone(),
+                    reason: "expected on, off or allow-weak".into(),
+                })?;
+            }
+            "sandbox-user" => {
+                let v = value(&mut i)?;
+                let ids = v
+                    .split_once(':')
+                    .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+                    .filter(|&(u, g): &(u32, u32)| u != 0 && g != 0);
+                cfg.sandbox_user = Some(ids.ok_or_else(|| CliError::BadValue {
+                    option: opt.clone(),
+                    value: v.clone(),
+                    reason: "expected UID:GID, both numbers other than 0".into(),
+                })?);
+            }
             "add-fd" => {
                 let v = value(&mut i)?;
                 cfg.add_fds.push(parse_add_fd(&opt, &v)?);
@@ -1333,6 +1369,23 @@ mod tests {
         );
         assert_eq!(c.pidfile, Some(PathBuf::from("/tmp/p")));
         assert_eq!(c.worker_dir, Some(PathBuf::from("/opt/bh")));
+        assert_eq!(c.sandbox, Mode::On);
+        assert_eq!(c.sandbox_user, None);
+        assert_eq!(with_kernel(&["--sandbox", "off"]).sandbox, Mode::Off);
+        assert_eq!(
+            with_kernel(&["--sandbox", "allow-weak"]).sandbox,
+            Mode::AllowWeak
+        );
+        assert_eq!(
+            with_kernel(&["--sandbox-user", "1000:100"]).sandbox_user,
+            Some((1000, 100))
+        );
+        assert!(err(&["-kernel", "/k", "--sandbox", "maybe"])
+            .to_string()
+            .contains("expected on, off or allow-weak"));
+        assert!(err(&["-kernel", "/k", "--sandbox-user", "0:0"])
+            .to_string()
+            .contains("UID:GID"));
         assert_eq!(with_kernel(&["-name", "foo"]).name.as_deref(), Some("foo"));
         assert!(with_kernel(&["-nographic"]).nographic);
         assert!(err(&["-kernel", "/k", "-name", "guest=x,foo=y"])

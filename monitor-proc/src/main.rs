@@ -75,6 +75,17 @@ fn run(cfg: Config) -> anyhow::Result<i32> {
     fdsets.add_inherited(&cfg.add_fds)?;
     // Nothing we inherited may leak into a worker.
     worker::cloexec_inherited_fds();
+    // Say now (before daemonizing) whether the workers can be confined as configured.
+    if cfg.machine == Machine::Bulkhead {
+        let warnings = sandbox_config(&cfg).preflight()?;
+        for w in warnings {
+            if cfg.sandbox == bulkhead_sandbox::Mode::Off {
+                eprintln!("bulkhead: WARNING: {w}");
+            } else {
+                log::warn!("{w}");
+            }
+        }
+    }
     // Fork before any thread exists; the original process waits for `ready` and exits.
     let ready = if cfg.daemonize {
         Some(daemon::daemonize()?)
@@ -97,6 +108,13 @@ fn run(cfg: Config) -> anyhow::Result<i32> {
     drop(rt);
     drop(pidfile);
     code
+}
+
+fn sandbox_config(cfg: &Config) -> worker::SandboxConfig {
+    worker::SandboxConfig {
+        mode: cfg.sandbox,
+        ids: cfg.sandbox_user,
+    }
 }
 
 fn set_process_name(name: &str) {
@@ -158,6 +176,7 @@ async fn build_guest(
         },
         cmdline: cfg.append.clone(),
         no_reboot: cfg.no_reboot,
+        sandbox: sandbox_config(cfg),
     };
     Ok((guest, leases))
 }

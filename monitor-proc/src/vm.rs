@@ -45,7 +45,7 @@ use crate::chardev::{reopen_readonly, SerialHost};
 use crate::memory::GuestMemory;
 use crate::qmp::events::{Event, EventBus, ShutdownCause};
 use crate::qmp::protocol::QmpError;
-use crate::worker::{self, describe_exit, WorkerError};
+use crate::worker::{self, SandboxConfig, WorkerError, WorkerProcess};
 
 /// How long the worker has for the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -160,6 +160,8 @@ pub struct GuestSpec {
     pub cmdline: String,
     /// `-no-reboot`.
     pub no_reboot: bool,
+    /// How the worker is confined (`--sandbox`).
+    pub sandbox: SandboxConfig,
 }
 
 /// Requests the monitor's main task to exit with a status.
@@ -269,7 +271,7 @@ impl VmHandle {
 struct Worker {
     rpc: RpcClient<VcpuProtocol>,
     events: Option<mpsc::UnboundedReceiver<EventItem<VcpuProtocol>>>,
-    child: tokio::process::Child,
+    child: WorkerProcess,
     pid: u32,
     /// An exit now is part of the plan (quit, guest shutdown).
     expect_exit: bool,
@@ -580,11 +582,11 @@ impl Vm {
     }
 
     fn on_exit(&mut self, status: std::io::Result<std::process::ExitStatus>) {
-        let Some(w) = self.worker.take() else {
+        let Some(mut w) = self.worker.take() else {
             return;
         };
         let desc = match status {
-            Ok(s) => describe_exit(s),
+            Ok(s) => w.child.describe(s),
             Err(e) => format!("could not be waited for ({e})"),
         };
         if w.expect_exit {
@@ -602,7 +604,7 @@ impl Vm {
         w.expect_exit = true;
         let _ = tokio::time::timeout(QUIT_TIMEOUT, w.rpc.call(VcpuRequest::Quit, &[])).await;
         match tokio::time::timeout(QUIT_TIMEOUT, w.child.wait()).await {
-            Ok(Ok(s)) => log::info!("bulkhead-vcpu (pid {}) {}", w.pid, describe_exit(s)),
+            Ok(Ok(s)) => log::info!("bulkhead-vcpu (pid {}) {}", w.pid, w.child.describe(s)),
             _ => {
                 log::warn!("bulkhead-vcpu (pid {}) did not quit; killing it", w.pid);
                 let _ = w.child.start_kill();
@@ -642,12 +644,16 @@ async fn sleep_until(at: Option<Instant>) {
 async fn start_worker(guest: &GuestSpec) -> Result<Worker, VmError> {
     let (mine, theirs) = bulkhead_ipc::channel::seqpacket_pair()
         .map_err(|source| VmError::Ipc { pid: 0, source })?;
-    let mut child = worker::spawn(&guest.worker_path, theirs)?;
-    let pid = child.id().unwrap_or(0);
+    let params = bulkhead_sandbox::Params {
+        mem_bytes: guest.memory.size(),
+        vcpus: guest.vcpus,
+    };
+    let mut child = worker::spawn(&guest.worker_path, theirs, &guest.sandbox, params)?;
+    let pid = child.id();
     log::info!("started {} (pid {pid})", guest.worker_path.display());
-    let died = |child: &mut tokio::process::Child, what: &'static str| {
+    let died = |child: &mut WorkerProcess, what: &'static str| {
         let status = match child.try_wait() {
-            Ok(Some(s)) => Some(describe_exit(s)),
+            Ok(Some(s)) => Some(child.describe(s)),
             _ => None,
         };
         status.map(|status| VmError::Died { pid, status, what })

@@ -237,7 +237,8 @@ impl Session {
             line: String::new(),
         };
         sess.read_reply()?; // the greeting
-        sess.writer.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")?;
+        sess.writer
+            .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")?;
         let r = sess.read_reply()?;
         if !r.contains("\"return\"") {
             bail!("negotiation failed: {r}");
@@ -313,18 +314,20 @@ fn run_scenario(server: Server, sessions: usize, opts: &Opts) -> Result<Sample> 
     for mut s in conns {
         let barrier = barrier.clone();
         let warmup = opts.warmup;
-        threads.push(std::thread::spawn(move || -> Result<(Vec<u64>, Instant)> {
-            for _ in 0..warmup {
-                s.round_trip()?;
-            }
-            barrier.wait();
-            let mut lat = Vec::with_capacity(per_session);
-            for _ in 0..per_session {
-                let d = s.round_trip()?;
-                lat.push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-            }
-            Ok((lat, Instant::now()))
-        }));
+        threads.push(std::thread::spawn(
+            move || -> Result<(Vec<u64>, Instant)> {
+                for _ in 0..warmup {
+                    s.round_trip()?;
+                }
+                barrier.wait();
+                let mut lat = Vec::with_capacity(per_session);
+                for _ in 0..per_session {
+                    let d = s.round_trip()?;
+                    lat.push(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+                }
+                Ok((lat, Instant::now()))
+            },
+        ));
     }
     barrier.wait();
     let t0 = Instant::now();
@@ -332,7 +335,9 @@ fn run_scenario(server: Server, sessions: usize, opts: &Opts) -> Result<Sample> 
     let mut sample = Sample::default();
     let mut end = t0;
     for t in threads {
-        let (lat, done) = t.join().map_err(|_| anyhow!("a client thread panicked"))??;
+        let (lat, done) = t
+            .join()
+            .map_err(|_| anyhow!("a client thread panicked"))??;
         sample.latencies_ns.extend(lat);
         end = end.max(done);
     }
