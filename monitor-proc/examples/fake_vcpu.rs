@@ -10,9 +10,20 @@
 //! - `fake.shutdown-after=MS`, `fake.reset-after=MS`, `fake.internal-error-after=MS`,
 //!   `fake.exit-after=MS` (exit status 3): guest/worker behaviour MS ms after the first `Run`;
 //! - `fake.hang-pause`: never answer `Pause`;
-//! - `fake.refuse-setup`: answer `Setup` with an error.
+//! - `QueryCpus` answers one entry per vCPU of the setup, each with the thread id of a real
+//!   (idle) thread of this process named `vcpuN`, placed in the setup's topology like the real
+//!   worker places it; vCPU N reports `pc` 0x1000 * (N + 1) and is halted when N is odd;
+//! - `fake.refuse-setup`: answer `Setup` with an error;
+//! - `fake.sigsys`: on the first `Run`, install the vcpu role's real seccomp filter (with its
+//!   SIGSYS reporter on fd 4) and call `socket(2)`, which the filter refuses: the worker dies by
+//!   SIGSYS and the monitor must name the call.
 //!
-//! It refuses `Setup` if anything is off: fds beyond 0-3 open before setup, a wrong fd count,
+//! It is launched like the real worker (in its namespaces unless `--sandbox off`) but does not
+//! confine itself; the pid it logs is its pid as the monitor sees it (not 1, its pid inside its
+//! own pid namespace).
+//!
+//! It refuses `Setup` if anything is off: fds beyond 0-3 (and the sandbox report pipe at 4
+//! unless `--sandbox off`) open before setup, a wrong fd count,
 //! a RAM memfd of the wrong size or without the grow/shrink/seal seals, or a kvm fd that is not
 //! `/dev/kvm`.
 
@@ -76,10 +87,11 @@ fn check_setup(
     setup: &bulkhead_ipc::messages::VmSetup,
     fds: &[OwnedFd],
     fds_before: &[i32],
+    expected_fds: &[i32],
 ) -> Result<(), String> {
-    if fds_before != [0, 1, 2, 3] {
+    if fds_before != expected_fds {
         return Err(format!(
-            "fds open at start: {fds_before:?}, expected [0, 1, 2, 3]"
+            "fds open at start: {fds_before:?}, expected {expected_fds:?}"
         ));
     }
     if fds.len() != setup.fd_count() {
@@ -121,6 +133,28 @@ fn check_setup(
     Ok(())
 }
 
+/// Installs the vcpu role's seccomp filter and makes a call it refuses; never returns.
+fn violate_seccomp() -> ! {
+    use bulkhead_sandbox::{seccomp, Role, REPORT_FD};
+    // SAFETY: getpid cannot fail.
+    let pid = unsafe { libc::getpid() };
+    let filters = match seccomp::compile(Role::Vcpu.policy(), pid) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("fake_vcpu: {e}");
+            std::process::exit(4);
+        }
+    };
+    if let Err(e) = seccomp::install(&filters, Some(REPORT_FD)) {
+        eprintln!("fake_vcpu: {e}");
+        std::process::exit(4);
+    }
+    // SAFETY: socket(2) with integer arguments; the filter refuses it before it runs.
+    unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    eprintln!("fake_vcpu: socket(2) was not refused");
+    std::process::exit(5);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) != Some("--ipc-fd")
@@ -130,6 +164,20 @@ fn main() {
         std::process::exit(2);
     }
     let fds_before = open_fds();
+    let sandboxed = args
+        .windows(2)
+        .find(|w| w[0] == "--sandbox")
+        .is_none_or(|w| w[1] != "off");
+    let expected_fds: &[i32] = if sandboxed {
+        &[0, 1, 2, 3, 4]
+    } else {
+        &[0, 1, 2, 3]
+    };
+    // Our pid as the monitor sees it: /proc is the host's, so /proc/self names the outer pid.
+    let pid = std::fs::read_link("/proc/self")
+        .ok()
+        .and_then(|p| p.to_str()?.parse::<u32>().ok())
+        .unwrap_or_else(std::process::id);
     // SAFETY: fd 3 is the channel the monitor handed us; nothing else owns it.
     let chan = Arc::new(Channel::<VcpuProtocol>::from_fd(unsafe {
         OwnedFd::from_raw_fd(3)
@@ -143,6 +191,7 @@ fn main() {
     let mut serial_in: Option<File> = None;
     let mut serial_out: Option<Arc<File>> = None;
     let mut started = false;
+    let mut cpus: Vec<CpuInfo> = Vec::new();
     loop {
         let (frame, fds) = match chan.recv() {
             Ok(v) => v,
@@ -157,9 +206,10 @@ fn main() {
             VcpuRequest::Setup(setup) => {
                 cmdline = setup.cmdline.clone();
                 log = word_value(&cmdline, "fake.log").map(str::to_string);
-                log_line(&log, &format!("pid {}", std::process::id()));
+                log_line(&log, &format!("pid {pid}"));
                 log_line(&log, "Setup");
-                let res = check_setup(&setup, &fds, &fds_before);
+                let res = check_setup(&setup, &fds, &fds_before, expected_fds);
+                cpus = spawn_vcpu_threads(&setup);
                 for (i, what) in [(2, "kernel"), (3, "initrd")] {
                     if i == 3 && !setup.has_initrd {
                         continue;
@@ -187,6 +237,9 @@ fn main() {
             VcpuRequest::Run => {
                 if !started {
                     started = true;
+                    if has_word(&cmdline, "fake.sigsys") {
+                        violate_seccomp();
+                    }
                     if has_word(&cmdline, "fake.serial-hello") {
                         if let Some(out) = &serial_out {
                             let _ = (&**out).write_all(b"fake-guest: hello\n");
@@ -211,15 +264,7 @@ fn main() {
             }
             VcpuRequest::Pause if has_word(&cmdline, "fake.hang-pause") => continue,
             VcpuRequest::Pause | VcpuRequest::Reset => VcpuReply::Ok,
-            VcpuRequest::QueryCpus => VcpuReply::Cpus(vec![CpuInfo {
-                index: 0,
-                thread_id: std::process::id() as i32,
-                halted: false,
-                pc: 0,
-                socket_id: 0,
-                core_id: 0,
-                thread_in_core: 0,
-            }]),
+            VcpuRequest::QueryCpus => VcpuReply::Cpus(cpus.clone()),
             VcpuRequest::Quit => {
                 let _ = chan.reply(id, VcpuReply::Ok, &[]);
                 std::process::exit(0);
@@ -229,6 +274,41 @@ fn main() {
             std::process::exit(0);
         }
     }
+}
+
+/// One idle thread per vCPU (so thread ids are real, as in `/proc/self/task`), and the
+/// `QueryCpus` answer describing them.
+fn spawn_vcpu_threads(setup: &bulkhead_ipc::messages::VmSetup) -> Vec<CpuInfo> {
+    let t = setup.topology;
+    let threads = t.threads.max(1);
+    let cores = (t.dies * t.cores).max(1);
+    let mut out = Vec::new();
+    for index in 0..setup.vcpus {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                // SAFETY: gettid has no arguments and cannot fail.
+                let _ = tx.send(unsafe { libc::gettid() });
+                loop {
+                    std::thread::park();
+                }
+            });
+        let thread_id = match spawned {
+            Ok(_) => rx.recv().unwrap_or(0),
+            Err(_) => 0,
+        };
+        out.push(CpuInfo {
+            index,
+            thread_id,
+            halted: index % 2 == 1,
+            pc: 0x1000 * (u64::from(index) + 1),
+            socket_id: index / (threads * cores),
+            core_id: (index / threads) % cores,
+            thread_in_core: index % threads,
+        });
+    }
+    out
 }
 
 fn spawn_timers(cmdline: &str, chan: Arc<Channel<VcpuProtocol>>) {

@@ -3,27 +3,40 @@
 //! The worker binary is looked up in one directory only: the directory of the monitor's own
 //! executable (`/proc/self/exe`), or the one given with `--worker-dir`. `PATH` is never searched.
 //!
-//! The worker is started as `bulkhead-vcpu --ipc-fd 3` with its end of a fresh `SOCK_SEQPACKET`
-//! pair at fd 3, `/dev/null` on stdin, the monitor's stderr on stdout and stderr, and no other fd:
-//! every fd of the monitor is close-on-exec (inherited ones are marked so at startup by
-//! [`cloexec_inherited_fds`]) and the child marks everything above 3 close-on-exec again right before `exec`.
-//! Its environment is cleared except for `BULKHEAD_LOG`, `RUST_BACKTRACE` and `RUST_LOG`.
-//! Everything else the worker needs (`/dev/kvm`, guest RAM, kernel, initrd, serial) travels over
-//! the channel with the `Setup` request.
+//! The worker is started by [`bulkhead_sandbox::launch`] as
+//! `bulkhead-vcpu --ipc-fd 3 --sandbox MODE --mem-bytes N --vcpus N` with `/dev/null` on stdin,
+//! the monitor's stderr on stdout and stderr, its end of a fresh `SOCK_SEQPACKET` pair at fd 3,
+//! the write end of its violation-report pipe at fd 4 (unless `--sandbox off`), and no other fd.
+//! Its environment is empty but for `BULKHEAD_LOG`, `RUST_BACKTRACE` and `RUST_LOG`. Everything
+//! else the worker needs (`/dev/kvm`, guest RAM, kernel, initrd, serial) travels over the
+//! channel with the `Setup` request.
 //!
-//! Supervision: the monitor holds the [`tokio::process::Child`]; its `wait` completes as soon as
-//! the kernel reports the exit (SIGCHLD), and the channel reports [`bulkhead_ipc::Error::PeerClosed`]
-//! at the same moment. [`describe_exit`] renders the status as the logs show it.
+//! Sandbox (`--sandbox`, see [`SandboxConfig`]): `on` (the default) starts it in fresh user,
+//! mount, pid, ipc, uts and network namespaces, as uid/gid 0 inside mapped to an unprivileged
+//! id outside (nobody, 65534, when the monitor is root; `--sandbox-user` changes it; the
+//! monitor's own ids otherwise), and the worker confines itself fully before reading anything
+//! or refuses to run; `allow-weak` does what the kernel allows and says what is missing; `off`
+//! (debugging only) starts it without namespaces and the worker skips confinement.
+//!
+//! Supervision goes through the launcher's pidfd: [`WorkerProcess::wait`] waits for it to become
+//! readable (tokio `AsyncFd`) and collects the status with `waitid(P_PIDFD)`; the channel reports
+//! [`bulkhead_ipc::Error::PeerClosed`] at the same moment. Kills go through
+//! `pidfd_send_signal`, so a recycled pid is never hit. [`describe_exit`] renders the status as
+//! the logs show it, and [`WorkerProcess::describe`] adds the system call a seccomp violation
+//! named.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
+
+use bulkhead_sandbox::launch::{Child, Command, IdMap};
+use bulkhead_sandbox::seccomp::Violation;
+use bulkhead_sandbox::{Mode, Params, Role};
+use tokio::io::unix::AsyncFd;
 
 /// The worker's file name.
 pub const VCPU_WORKER: &str = "bulkhead-vcpu";
-/// `close_range(2)` flag: mark the range close-on-exec instead of closing it (Linux 5.11).
-const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
 /// The fd number the worker finds its channel at.
 pub const IPC_FD: RawFd = 3;
 
@@ -33,17 +46,65 @@ pub enum WorkerError {
     /// The monitor's own executable path cannot be read.
     #[error("cannot find the bulkhead executable's directory: {0}")]
     SelfExe(std::io::Error),
-    /// The worker binary does not exist or is not executable.
-    #[error("cannot start {path}: {source}")]
-    Spawn {
-        /// The binary.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// Preparing the channel fd failed.
-    #[error("cannot prepare the worker's channel: {0}")]
+    /// The worker could not be started.
+    #[error(transparent)]
+    Spawn(#[from] bulkhead_sandbox::Error),
+    /// Preparing an fd failed.
+    #[error("cannot prepare the worker's fds: {0}")]
     Fd(std::io::Error),
+}
+
+/// How the monitor confines its workers (`--sandbox`, `--sandbox-user`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// `on`, `off` or `allow-weak`.
+    pub mode: Mode,
+    /// The outside uid:gid a worker's root maps to when the monitor runs as root (default:
+    /// nobody, 65534:65534).
+    pub ids: Option<(u32, u32)>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            mode: Mode::On,
+            ids: None,
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// Checks this kernel against the vcpu role's policy: `Ok(warnings)` to log, or the
+    /// refusal. `off` always passes (with its loud warning).
+    pub fn preflight(&self) -> Result<Vec<String>, WorkerError> {
+        match self.mode {
+            Mode::Off => Ok(vec![
+                "***** --sandbox off: the vCPU worker runs WITHOUT namespaces, capability \
+                 dropping, landlock or seccomp. A guest that takes over the worker owns the \
+                 host user it runs as. For debugging only. *****"
+                    .to_string(),
+            ]),
+            mode => {
+                IdMap::for_current_user(self.ids)?;
+                let policy = Role::Vcpu.policy();
+                let missing = bulkhead_sandbox::features::Features::probe().missing_for(policy);
+                if missing.is_empty() {
+                    Ok(Vec::new())
+                } else if mode == Mode::AllowWeak {
+                    Ok(missing
+                        .into_iter()
+                        .map(|m| format!("--sandbox allow-weak: {m}; confinement is weaker"))
+                        .collect())
+                } else {
+                    Err(bulkhead_sandbox::Error::Weak {
+                        role: policy.role.name(),
+                        missing,
+                    }
+                    .into())
+                }
+            }
+        }
+    }
 }
 
 /// Where the worker binary `name` lives: `dir/name`, or next to our own executable.
@@ -68,8 +129,9 @@ pub fn worker_path(dir: Option<&Path>, name: &str) -> Result<PathBuf, WorkerErro
     Ok(dir.join(name))
 }
 
-/// Marks every fd above 2 that the monitor inherited close-on-exec, so no worker can inherit
-/// anything by accident. Call once at startup.
+/// Marks every fd above 2 that the monitor inherited close-on-exec. Call once at startup. The
+/// launcher closes everything a worker was not handed anyway; this keeps other children (none
+/// today) from inheriting them too.
 pub fn cloexec_inherited_fds() {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
@@ -90,84 +152,143 @@ pub fn cloexec_inherited_fds() {
     }
 }
 
-/// Starts `path --ipc-fd 3` with `ipc` as its fd 3. The returned child is killed if dropped.
-pub fn spawn(path: &Path, ipc: OwnedFd) -> Result<tokio::process::Child, WorkerError> {
-    // Move the channel to an fd above 3 (close-on-exec), so the dup2 onto 3 in the child always
-    // creates a fresh, inheritable descriptor.
-    // SAFETY: F_DUPFD_CLOEXEC on an fd we own; the result is a new fd we then own.
-    let high = unsafe { libc::fcntl(ipc.as_raw_fd(), libc::F_DUPFD_CLOEXEC, IPC_FD + 1) };
-    if high < 0 {
-        return Err(WorkerError::Fd(std::io::Error::last_os_error()));
+/// The launcher's child, registered with tokio through its pidfd.
+struct PidFd(Child);
+
+impl AsRawFd for PidFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.pidfd().as_raw_fd()
     }
-    // SAFETY: fcntl just returned this new fd; nothing else owns it.
-    let high = unsafe { OwnedFd::from_raw_fd(high) };
-    drop(ipc);
-    let high_raw = high.as_raw_fd();
-    // The worker's stdout goes to our stderr: our stdout may be the guest's serial console.
-    // SAFETY: F_DUPFD_CLOEXEC of our stderr; the result, if any, is a new fd we own.
-    let err_fd = unsafe { libc::fcntl(libc::STDERR_FILENO, libc::F_DUPFD_CLOEXEC, 0) };
-    let stdout = if err_fd >= 0 {
-        // SAFETY: fcntl just returned this new fd; nothing else owns it.
-        Stdio::from(unsafe { OwnedFd::from_raw_fd(err_fd) })
-    } else {
-        Stdio::null()
-    };
-    let mut cmd = tokio::process::Command::new(path);
-    cmd.arg("--ipc-fd")
-        .arg(IPC_FD.to_string())
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(Stdio::inherit())
-        .env_clear()
-        .kill_on_drop(true);
-    // The worker gets no environment but the diagnostics switches.
-    for key in ["BULKHEAD_LOG", "RUST_BACKTRACE", "RUST_LOG"] {
-        if let Some(v) = std::env::var_os(key) {
-            cmd.env(key, v);
+}
+
+/// A running worker. Dropping it kills and reaps the process.
+pub struct WorkerProcess {
+    inner: AsyncFd<PidFd>,
+}
+
+impl std::fmt::Debug for WorkerProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WorkerProcess(pid {})", self.id())
+    }
+}
+
+impl WorkerProcess {
+    /// Its pid (as the monitor sees it; inside its pid namespace it is 1).
+    pub fn id(&self) -> u32 {
+        self.inner.get_ref().0.pid() as u32
+    }
+
+    /// Its exit status, once it has exited (reaping it); cancel-safe.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        loop {
+            if let Some(s) = self.inner.get_mut().0.try_wait()? {
+                return Ok(s);
+            }
+            let mut guard = self.inner.readable_mut().await?;
+            guard.clear_ready();
         }
     }
-    // SAFETY: the closure runs in the child between fork and exec and only makes
-    // async-signal-safe system calls (dup2, close_range, getrlimit, fcntl) on plain integers.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(high_raw, IPC_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Belt and braces: mark everything above 3 close-on-exec, even an fd someone forgot
-            // to (closing instead would also close std's exec-error pipe).
-            if libc::syscall(
-                libc::SYS_close_range,
-                IPC_FD + 1,
-                u32::MAX,
-                CLOSE_RANGE_CLOEXEC,
-            ) != 0
-            {
-                let mut rl = libc::rlimit {
-                    rlim_cur: 0,
-                    rlim_max: 0,
-                };
-                let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
-                    rl.rlim_cur.min(65536) as RawFd
-                } else {
-                    1024
-                };
-                for fd in (IPC_FD + 1)..max {
-                    let flags = libc::fcntl(fd, libc::F_GETFD);
-                    if flags >= 0 {
-                        libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-                    }
-                }
-            }
-            Ok(())
-        });
+
+    /// Its exit status if it has exited, without waiting.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        self.inner.get_mut().0.try_wait()
     }
-    let child = cmd.spawn().map_err(|source| WorkerError::Spawn {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    // Our copy of the worker's end closes here, so the worker's death closes the channel.
-    drop(high);
-    Ok(child)
+
+    /// Sends SIGKILL (the exit is then collected by [`WorkerProcess::wait`]).
+    pub fn start_kill(&mut self) -> std::io::Result<()> {
+        self.inner.get_ref().0.kill()
+    }
+
+    /// How it ended, with the refused system call when the sandbox killed it.
+    pub fn describe(&mut self, status: ExitStatus) -> String {
+        let mut d = describe_exit(status);
+        if status.signal() == Some(libc::SIGSYS) {
+            match self.inner.get_mut().0.violation() {
+                Some(v) => d.push_str(&format!(": the sandbox refused {v}")),
+                None => d.push_str(" (no seccomp report)"),
+            }
+        }
+        d
+    }
+
+    /// The seccomp violation it reported (believe it only after a death by SIGSYS).
+    pub fn violation(&mut self) -> Option<Violation> {
+        self.inner.get_mut().0.violation()
+    }
+}
+
+/// Starts `path` with `ipc` as its channel, confined by `sandbox` for a guest described by
+/// `params` (see the module documentation).
+pub fn spawn(
+    path: &Path,
+    ipc: OwnedFd,
+    sandbox: &SandboxConfig,
+    params: Params,
+) -> Result<WorkerProcess, WorkerError> {
+    let devnull = std::fs::File::open("/dev/null").map_err(WorkerError::Fd)?;
+    let mem = params.mem_bytes.to_string();
+    let vcpus = params.vcpus.to_string();
+    let mut with_namespaces = sandbox.mode != Mode::Off;
+    if sandbox.mode == Mode::AllowWeak
+        && bulkhead_sandbox::features::user_namespaces_blocked().is_some()
+    {
+        with_namespaces = false;
+    }
+    loop {
+        let mut cmd = Command::new(path)?;
+        for a in [
+            "--ipc-fd",
+            "3",
+            "--sandbox",
+            sandbox.mode.name(),
+            "--mem-bytes",
+            mem.as_str(),
+            "--vcpus",
+            vcpus.as_str(),
+        ] {
+            cmd.arg(a)?;
+        }
+        // The worker gets no environment but the diagnostics switches.
+        for key in ["BULKHEAD_LOG", "RUST_BACKTRACE", "RUST_LOG"] {
+            if let Some(v) = std::env::var_os(key) {
+                cmd.env(key, v)?;
+            }
+        }
+        // Its stdout goes to our stderr: our stdout may be the guest's serial console.
+        let stderr = std::io::stderr();
+        cmd.fd(devnull.as_fd(), 0)?
+            .fd(stderr.as_fd(), 1)?
+            .fd(stderr.as_fd(), 2)?
+            .fd(ipc.as_fd(), IPC_FD)?;
+        cmd.report_pipe(sandbox.mode != Mode::Off);
+        if with_namespaces {
+            cmd.namespaces(
+                Role::Vcpu.policy().namespaces,
+                Some(IdMap::for_current_user(sandbox.ids)?),
+            );
+        }
+        match cmd.spawn() {
+            Ok(child) => {
+                // SAFETY: the pidfd belongs to `child`, which the AsyncFd owns for its whole
+                // life; the Child never closes or replaces it before it is dropped.
+                let inner = unsafe {
+                    AsyncFd::register_with_interest(PidFd(child), tokio::io::Interest::READABLE)
+                }
+                .map_err(|e| WorkerError::Fd(e.into()))?;
+                // Our copy of the worker's end closes here, so its death closes the channel.
+                drop(ipc);
+                return Ok(WorkerProcess { inner });
+            }
+            Err(e) if with_namespaces && sandbox.mode == Mode::AllowWeak => {
+                log::warn!(
+                    "--sandbox allow-weak: {e}; starting {} without namespaces",
+                    path.display()
+                );
+                with_namespaces = false;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// `exited with status N` or `was killed by signal SIGNAME`.

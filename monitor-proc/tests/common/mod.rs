@@ -32,6 +32,10 @@ impl Scratch {
         ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("scratch dir");
+        // The fake worker runs sandboxed as nobody (the tests run as root) and writes its log
+        // here.
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .expect("chmod scratch dir");
         Scratch(p)
     }
 
