@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use crate::cli::{ListenAddr, SerialBackend, ServerSpec};
 use crate::fds::{DupLease, FdSets, OpenSpec};
+use crate::info::{Chardev, ChardevBackend, ServerAddr};
 
 /// Errors setting up the serial port's host side.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +179,8 @@ pub struct SerialHost {
     relay: Option<UnixRelay>,
     /// Keeps a `file:/dev/fdset/N` output registered with its set.
     _lease: Option<DupLease>,
+    /// The back end as `query-chardev` shows it (`serial0`); none for `-serial none`.
+    dev: Option<Arc<Chardev>>,
 }
 
 impl SerialHost {
@@ -197,7 +200,23 @@ impl SerialHost {
             output: None,
             relay: None,
             _lease: None,
+            dev: None,
         };
+        let kind = match backend {
+            SerialBackend::None => None,
+            SerialBackend::Null => Some(ChardevBackend::Plain("null")),
+            SerialBackend::File(_) => Some(ChardevBackend::Plain("file")),
+            SerialBackend::Stdio => Some(ChardevBackend::Plain("stdio")),
+            SerialBackend::Unix(server) => match &server.addr {
+                ListenAddr::Unix(p) => Some(ChardevBackend::Server(ServerAddr::Unix(
+                    p.display().to_string(),
+                ))),
+                // Refused below.
+                ListenAddr::Tcp { .. } => None,
+            },
+        };
+        // The serial port is the machine's: a guest uses it from the start.
+        host.dev = kind.map(|k| Chardev::new("serial0", k, true));
         match backend {
             SerialBackend::None => {}
             SerialBackend::Null => {
@@ -288,6 +307,7 @@ impl SerialHost {
         let listener = UnixListener::from_std(listener).map_err(sock)?;
         let out_r = pipe::Receiver::from_owned_fd(out_r).map_err(sock)?;
         let in_w = pipe::Sender::from_owned_fd(in_w).map_err(sock)?;
+        let dev = self.dev.clone();
         let mut first = None;
         if relay.spec.wait {
             eprintln!(
@@ -297,8 +317,13 @@ impl SerialHost {
             let (s, _) = listener.accept().await.map_err(sock)?;
             first = Some(s);
         }
-        tokio::spawn(run_relay(listener, first, out_r, in_w));
+        tokio::spawn(run_relay(listener, first, out_r, in_w, dev));
         Ok(())
+    }
+
+    /// The back end as `query-chardev` shows it, if there is one.
+    pub fn chardev(&self) -> Option<Arc<Chardev>> {
+        self.dev.clone()
     }
 
     /// The socket path to remove at exit, if any.
@@ -320,6 +345,7 @@ async fn run_relay(
     mut first: Option<tokio::net::UnixStream>,
     mut out_r: pipe::Receiver,
     mut in_w: pipe::Sender,
+    dev: Option<Arc<Chardev>>,
 ) {
     let mut buf = vec![0u8; 4096];
     let mut dropped: u64 = 0;
@@ -344,6 +370,8 @@ async fn run_relay(
                 }
             },
         };
+        // Connected (for `query-chardev`) until this client is gone.
+        let _client = dev.as_ref().map(|d| d.connect(None));
         let (mut rd, wr) = stream.into_split();
         // Client → guest, with back-pressure on the client; hands the pipe back at the end.
         let mut input = tokio::spawn(async move {

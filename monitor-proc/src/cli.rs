@@ -77,6 +77,149 @@ It accepts this subset of qemu-system-x86_64's command line:
 Environment: BULKHEAD_LOG=error|warn|info|debug|trace sets the log level (default warn).
 ";
 
+/// The type of a parameter of an option written in QEMU's `key=value` syntax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamType {
+    /// Any text.
+    String,
+    /// `on`/`off` (and QEMU's other spellings).
+    Boolean,
+    /// A number.
+    Number,
+    /// A size with an optional suffix (`K`, `M`, `G`, ...).
+    Size,
+}
+
+impl ParamType {
+    /// Every type.
+    pub const ALL: &'static [ParamType] = &[
+        ParamType::String,
+        ParamType::Boolean,
+        ParamType::Number,
+        ParamType::Size,
+    ];
+
+    /// QEMU's name (`query-command-line-options`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParamType::String => "string",
+            ParamType::Boolean => "boolean",
+            ParamType::Number => "number",
+            ParamType::Size => "size",
+        }
+    }
+}
+
+/// One parameter of an option written in `key=value` syntax.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionParam {
+    /// The key.
+    pub name: &'static str,
+    /// Its type.
+    pub ty: ParamType,
+    /// What it does.
+    pub help: &'static str,
+}
+
+/// An option written in `key=value` syntax, under the name QEMU gives its option group.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionGroup {
+    /// QEMU's group name (`query-command-line-options`' `option`).
+    pub name: &'static str,
+    /// The option as written on the command line.
+    pub flag: &'static str,
+    /// Its parameters, in QEMU's declaration order.
+    pub params: &'static [OptionParam],
+}
+
+const fn param(name: &'static str, ty: ParamType, help: &'static str) -> OptionParam {
+    OptionParam { name, ty, help }
+}
+
+/// Every option of [`parse`] that takes QEMU's `key=value` syntax, with exactly the keys the
+/// parser accepts (a unit test holds the two together). `query-command-line-options` reports
+/// this table. Options without keys (`-kernel PATH`, `-S`, ...) are not QemuOpts options in
+/// QEMU either, and are not listed; neither are `-serial` and `-qmp`, which QEMU lists under
+/// `chardev` and `mon`, options Bulkhead does not have.
+pub const OPTION_GROUPS: &[OptionGroup] = &[
+    OptionGroup {
+        name: "machine",
+        flag: "-machine",
+        params: &[
+            param(
+                "type",
+                ParamType::String,
+                "the machine: bulkhead (the default) or none",
+            ),
+            param("accel", ParamType::String, "the accelerator: kvm only"),
+        ],
+    },
+    OptionGroup {
+        name: "smp-opts",
+        flag: "-smp",
+        params: &[
+            param("cpus", ParamType::Number, "number of vCPUs"),
+            param("sockets", ParamType::Number, "number of sockets"),
+            param("dies", ParamType::Number, "dies per socket"),
+            param("cores", ParamType::Number, "cores per die"),
+            param("threads", ParamType::Number, "threads per core"),
+            param(
+                "maxcpus",
+                ParamType::Number,
+                "maximum number of vCPUs; must equal cpus (no CPU hot-plug)",
+            ),
+        ],
+    },
+    OptionGroup {
+        name: "memory",
+        flag: "-m",
+        params: &[param("size", ParamType::Size, "guest RAM")],
+    },
+    OptionGroup {
+        name: "name",
+        flag: "-name",
+        params: &[
+            param("guest", ParamType::String, "the name of the guest"),
+            param(
+                "process",
+                ParamType::String,
+                "the name of the bulkhead process, as top and ps show it",
+            ),
+            param(
+                "debug-threads",
+                ParamType::Boolean,
+                "accepted for compatibility; no effect",
+            ),
+        ],
+    },
+    OptionGroup {
+        name: "accel",
+        flag: "-accel",
+        params: &[param(
+            "accel",
+            ParamType::String,
+            "the accelerator: kvm only",
+        )],
+    },
+    OptionGroup {
+        name: "add-fd",
+        flag: "-add-fd",
+        params: &[
+            param(
+                "fd",
+                ParamType::Number,
+                "an inherited file descriptor to put in the fd set",
+            ),
+            param("set", ParamType::Number, "the fd set"),
+            param(
+                "opaque",
+                ParamType::String,
+                "free-form text describing the fd",
+            ),
+        ],
+    },
+];
+
 /// Errors in the command line. `main` prints them as `bulkhead: <error>` and exits 1.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CliError {
@@ -1501,6 +1644,42 @@ mod tests {
             err(&["-add-fd"]).to_string(),
             "-add-fd: requires an argument"
         );
+    }
+
+    #[test]
+    fn option_groups_list_exactly_what_the_parser_accepts() {
+        // A value each parameter accepts, by group and key.
+        let sample = |group: &str, key: &str| -> &'static str {
+            match (group, key) {
+                ("machine", "type") => "bulkhead",
+                ("machine" | "accel", "accel") => "kvm",
+                ("smp-opts", "maxcpus") => "2",
+                ("smp-opts", "sockets") => "2",
+                ("smp-opts", _) => "1",
+                ("memory", "size") => "256M",
+                ("name", "debug-threads") => "on",
+                ("name", _) => "x",
+                ("add-fd", "opaque") => "text",
+                ("add-fd", _) => "5",
+                _ => panic!("no sample value for {group}.{key}"),
+            }
+        };
+        for g in OPTION_GROUPS {
+            assert!(!g.params.is_empty(), "{}", g.name);
+            for p in g.params {
+                let v = format!("{}={}", p.name, sample(g.name, p.name));
+                let args = ["-kernel", "/k", g.flag, v.as_str()];
+                match parse(args.iter().copied()) {
+                    Ok(Action::Run(_)) => {}
+                    other => panic!("{} {v}: {other:?}", g.flag),
+                }
+            }
+            // A key the table does not list is refused.
+            let e = err(&["-kernel", "/k", g.flag, "nosuchkey=1"]);
+            assert!(matches!(e, CliError::BadValue { .. }), "{}: {e:?}", g.flag);
+        }
+        let names: std::collections::BTreeSet<_> = OPTION_GROUPS.iter().map(|g| g.name).collect();
+        assert_eq!(names.len(), OPTION_GROUPS.len());
     }
 
     #[test]

@@ -201,12 +201,20 @@ async fn serve(
             }
             Machine::None => (None, Vec::new()),
         };
+        // query-chardev: the QMP listeners, then the serial port (if the guest has one).
+        let mut chardevs = server.chardevs();
+        chardevs.extend(guest.as_ref().and_then(|g| g.serial.chardev()));
         let (mut vm, handle) = Vm::new(bus.clone(), guest, cfg.no_shutdown, exit.clone());
         let info = MachineInfo {
             name: cfg.name.clone(),
             uuid: cfg.uuid.clone(),
             has_guest: cfg.machine == Machine::Bulkhead,
             kvm_present: cfg.machine == Machine::Bulkhead,
+            vcpus: match cfg.machine {
+                Machine::Bulkhead => cfg.smp.cpus,
+                Machine::None => 0,
+            },
+            chardevs,
         };
         let mut shared = Shared::new(bus.clone(), handle.clone(), exit.clone(), info);
         shared.fdsets = fdsets.clone();

@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_ipc::messages::{CpuTopology, VcpuRequest, VmSetup};
+use bulkhead_ipc::messages::{CpuInfo, CpuTopology, VcpuRequest, VmSetup};
 use bulkhead_ipc::messages::{ShutdownCause as GuestCause, VcpuEvent, VcpuProtocol, VcpuReply};
 use bulkhead_ipc::rpc::EventItem;
 use bulkhead_ipc::{AsyncChannel, Role, RpcClient};
@@ -84,6 +84,95 @@ impl RunState {
             RunState::InternalError => "internal-error",
         }
     }
+}
+
+/// One vCPU as the worker reported it, placed in the `-smp` topology as QEMU numbers it
+/// (`query-cpus`, `query-cpus-fast`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcpuInfo {
+    /// vCPU index (QEMU's `cpu-index`).
+    pub index: u32,
+    /// Host thread id of its thread in `bulkhead-vcpu`.
+    pub thread_id: i32,
+    /// Halted (waiting for an interrupt) when sampled.
+    pub halted: bool,
+    /// Instruction pointer when sampled.
+    pub pc: u64,
+    /// Socket.
+    pub socket_id: u32,
+    /// Die within the socket; only when `-smp` has more than one die per socket (as QEMU
+    /// reports `die-id`).
+    pub die_id: Option<u32>,
+    /// Core within the die.
+    pub core_id: u32,
+    /// Thread within the core.
+    pub thread_in_core: u32,
+}
+
+/// Checks the worker's vCPU list against the configuration and places each vCPU. The worker
+/// counts cores per socket (dies folded in); QEMU counts them per die.
+fn place_cpus(
+    mut list: Vec<CpuInfo>,
+    vcpus: u32,
+    topology: CpuTopology,
+) -> Result<Vec<VcpuInfo>, String> {
+    list.sort_by_key(|c| c.index);
+    let indexes: Vec<u32> = list.iter().map(|c| c.index).collect();
+    let expected: Vec<u32> = (0..vcpus).collect();
+    if indexes != expected {
+        return Err(format!(
+            "the vCPU worker reported vCPUs {indexes:?}, expected 0 to {}",
+            vcpus.saturating_sub(1)
+        ));
+    }
+    let cores = topology.cores.max(1);
+    Ok(list
+        .into_iter()
+        .map(|c| {
+            let (die_id, core_id) = if topology.dies > 1 {
+                (Some(c.core_id / cores), c.core_id % cores)
+            } else {
+                (None, c.core_id)
+            };
+            VcpuInfo {
+                index: c.index,
+                thread_id: c.thread_id,
+                halted: c.halted,
+                pc: c.pc,
+                socket_id: c.socket_id,
+                die_id,
+                core_id,
+                thread_in_core: c.thread_in_core,
+            }
+        })
+        .collect())
+}
+
+/// The host thread id of each thread of process `pid` by its thread id in the process's own
+/// pid namespace (from `NSpid` in `/proc/PID/task/*/status`): a sandboxed worker sees its own
+/// thread ids, management stacks need the host's (for affinity and cgroups). Without a pid
+/// namespace both are the same.
+fn host_tids(pid: u32) -> std::collections::HashMap<i32, i32> {
+    let mut map = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return map;
+    };
+    for entry in dir.flatten() {
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let Some(line) = status.lines().find_map(|l| l.strip_prefix("NSpid:")) else {
+            continue;
+        };
+        let ids: Vec<i32> = line
+            .split_whitespace()
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        if let (Some(&host), Some(&inner)) = (ids.first(), ids.last()) {
+            map.insert(inner, host);
+        }
+    }
+    map
 }
 
 /// Errors bringing up the worker.
@@ -189,6 +278,10 @@ enum Request {
     Cont(Reply<()>),
     Reset(Reply<()>),
     Quit(Reply<()>),
+    QueryCpus {
+        fresh: bool,
+        reply: Reply<Vec<VcpuInfo>>,
+    },
     Signal(i32),
     Terminate(oneshot::Sender<()>),
 }
@@ -207,6 +300,7 @@ impl std::fmt::Debug for Request {
             Request::Cont(_) => "Cont",
             Request::Reset(_) => "Reset",
             Request::Quit(_) => "Quit",
+            Request::QueryCpus { .. } => "QueryCpus",
             Request::Signal(_) => "Signal",
             Request::Terminate(_) => "Terminate",
         })
@@ -254,6 +348,16 @@ impl VmHandle {
         self.ask(Request::Quit).await
     }
 
+    /// The vCPUs as `bulkhead-vcpu` reports them (none with `-M none`). `fresh` asks the
+    /// worker now (it stops the vCPUs for a moment to sample their registers: `query-cpus`);
+    /// otherwise the answer may come from the worker's first report, whose thread ids and
+    /// placement hold for the worker's life (`query-cpus-fast`, which must not disturb the
+    /// guest). Fails when the worker is not running (after it died or the guest powered off
+    /// under `-no-shutdown`; `system_reset` starts a new one).
+    pub async fn query_cpus(&self, fresh: bool) -> Result<Vec<VcpuInfo>, QmpError> {
+        self.ask(|reply| Request::QueryCpus { fresh, reply }).await
+    }
+
     /// A terminating signal arrived.
     pub async fn signal(&self, signo: i32) {
         let _ = self.tx.send(Request::Signal(signo)).await;
@@ -277,6 +381,8 @@ struct Worker {
     expect_exit: bool,
     /// The channel closed: kill the process at this instant if it has not exited.
     kill_at: Option<Instant>,
+    /// Its last vCPU report.
+    cpus: Option<Vec<VcpuInfo>>,
 }
 
 /// The VM actor.
@@ -424,6 +530,10 @@ impl Vm {
                 let r = self.reset().await;
                 let _ = tx.send(r);
             }
+            Request::QueryCpus { fresh, reply } => {
+                let r = self.query_cpus(fresh).await;
+                let _ = reply.send(r);
+            }
             Request::Quit(tx) => {
                 self.bus.emit(&Event::Shutdown(ShutdownCause::HostQmpQuit));
                 self.expect_worker_exit();
@@ -448,16 +558,24 @@ impl Vm {
     /// Sends `req` to the worker and maps the outcome to a QMP result. A worker that does not
     /// answer in time is killed (its exit then moves the VM to internal-error).
     async fn call(&mut self, req: VcpuRequest) -> Result<(), QmpError> {
+        let what = format!("{req:?}");
+        match self.call_reply(req).await? {
+            VcpuReply::Ok => Ok(()),
+            other => Err(QmpError::generic(format!(
+                "the vCPU worker answered {what} with {other:?}"
+            ))),
+        }
+    }
+
+    /// Like [`Vm::call`], returning whatever the worker answered but an error.
+    async fn call_reply(&mut self, req: VcpuRequest) -> Result<VcpuReply, QmpError> {
         let Some(w) = self.worker.as_mut() else {
             return Err(QmpError::generic("the vCPU worker is not running"));
         };
         let what = format!("{req:?}");
         match tokio::time::timeout(CALL_TIMEOUT, w.rpc.call(req, &[])).await {
-            Ok(Ok((VcpuReply::Ok, _))) => Ok(()),
             Ok(Ok((VcpuReply::Error(msg), _))) => Err(QmpError::generic(msg)),
-            Ok(Ok((other, _))) => Err(QmpError::generic(format!(
-                "the vCPU worker answered {what} with {other:?}"
-            ))),
+            Ok(Ok((reply, _))) => Ok(reply),
             Ok(Err(e)) => Err(QmpError::generic(format!("the vCPU worker is gone: {e}"))),
             Err(_) => {
                 log::error!(
@@ -469,6 +587,50 @@ impl Vm {
                 Err(QmpError::generic("the vCPU worker did not answer"))
             }
         }
+    }
+
+    async fn query_cpus(&mut self, fresh: bool) -> Result<Vec<VcpuInfo>, QmpError> {
+        let Some(guest) = &self.guest else {
+            // -M none: no CPUs at all, as QEMU's none machine.
+            return Ok(Vec::new());
+        };
+        let (vcpus, topology) = (guest.vcpus, guest.topology);
+        let Some(w) = self.worker.as_ref() else {
+            return Err(QmpError::generic(
+                "the vCPUs are gone: the vCPU worker is not running \
+                 (system_reset starts a new one)",
+            ));
+        };
+        if let (false, Some(cpus)) = (fresh, &w.cpus) {
+            return Ok(cpus.clone());
+        }
+        let list = match self.call_reply(VcpuRequest::QueryCpus).await? {
+            VcpuReply::Cpus(list) => list,
+            other => {
+                return Err(QmpError::generic(format!(
+                    "the vCPU worker answered QueryCpus with {other:?}"
+                )))
+            }
+        };
+        let mut cpus = place_cpus(list, vcpus, topology).map_err(QmpError::generic)?;
+        if let Some(w) = self.worker.as_ref() {
+            let tids = host_tids(w.pid);
+            for c in &mut cpus {
+                match tids.get(&c.thread_id) {
+                    Some(&host) => c.thread_id = host,
+                    None => log::warn!(
+                        "bulkhead-vcpu (pid {}) reported thread {} for vCPU {}, which it does not have",
+                        w.pid,
+                        c.thread_id,
+                        c.index
+                    ),
+                }
+            }
+        }
+        if let Some(w) = self.worker.as_mut() {
+            w.cpus = Some(cpus.clone());
+        }
+        Ok(cpus)
     }
 
     async fn stop(&mut self) -> Result<(), QmpError> {
@@ -734,5 +896,87 @@ async fn start_worker(guest: &GuestSpec) -> Result<Worker, VmError> {
         pid,
         expect_exit: false,
         kill_at: None,
+        cpus: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(index: u32, socket_id: u32, core_id: u32, thread_in_core: u32) -> CpuInfo {
+        CpuInfo {
+            index,
+            thread_id: 1000 + index as i32,
+            halted: index % 2 == 1,
+            pc: 0x1000 * u64::from(index),
+            socket_id,
+            core_id,
+            thread_in_core,
+        }
+    }
+
+    fn topo(sockets: u32, dies: u32, cores: u32, threads: u32) -> CpuTopology {
+        CpuTopology {
+            sockets,
+            dies,
+            cores,
+            threads,
+        }
+    }
+
+    #[test]
+    fn cpus_are_sorted_and_placed_with_dies_as_qemu_counts_them() {
+        // -smp 4,dies=2,cores=2: the worker counts 4 cores in the socket.
+        let list = vec![
+            cpu(3, 0, 3, 0),
+            cpu(0, 0, 0, 0),
+            cpu(2, 0, 2, 0),
+            cpu(1, 0, 1, 0),
+        ];
+        let placed = place_cpus(list, 4, topo(1, 2, 2, 1)).expect("placed");
+        let ids: Vec<_> = placed
+            .iter()
+            .map(|c| (c.index, c.socket_id, c.die_id, c.core_id, c.thread_in_core))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                (0, 0, Some(0), 0, 0),
+                (1, 0, Some(0), 1, 0),
+                (2, 0, Some(1), 0, 0),
+                (3, 0, Some(1), 1, 0)
+            ]
+        );
+        assert_eq!(placed[3].thread_id, 1003);
+        assert!(placed[3].halted && !placed[2].halted);
+        assert_eq!(placed[2].pc, 0x2000);
+        // One die: no die-id at all.
+        let placed = place_cpus(vec![cpu(0, 0, 0, 0), cpu(1, 1, 0, 0)], 2, topo(2, 1, 1, 1))
+            .expect("placed");
+        assert!(placed.iter().all(|c| c.die_id.is_none()));
+        assert_eq!(placed[1].socket_id, 1);
+    }
+
+    #[test]
+    fn thread_ids_of_this_process_map_to_themselves() {
+        let me = std::process::id();
+        let tids = host_tids(me);
+        let main = i32::try_from(me).expect("pid");
+        assert_eq!(tids.get(&main), Some(&main));
+        assert!(host_tids(u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn a_report_that_does_not_match_the_configuration_is_refused() {
+        for list in [
+            vec![cpu(0, 0, 0, 0)],
+            vec![cpu(0, 0, 0, 0), cpu(0, 0, 1, 0)],
+            vec![cpu(0, 0, 0, 0), cpu(2, 0, 1, 0)],
+            vec![cpu(0, 0, 0, 0), cpu(1, 0, 1, 0), cpu(2, 0, 2, 0)],
+        ] {
+            let e = place_cpus(list, 2, topo(1, 1, 2, 1)).expect_err("refused");
+            assert!(e.contains("expected 0 to 1"), "{e}");
+        }
+    }
 }

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use super::session::{self, Conn, Shared};
 use crate::chardev::{absolute, bind_unix};
 use crate::cli::{ListenAddr, ServerSpec};
+use crate::info::{Chardev, ChardevBackend, ClientGuard, ServerAddr};
 
 /// Most sessions served at once; further connections are closed at once.
 pub const MAX_SESSIONS: usize = 64;
@@ -58,15 +59,17 @@ enum Listener {
 }
 
 impl Listener {
-    async fn accept(&self) -> std::io::Result<Conn> {
+    /// Accepts a client and records it as connected to `dev` until the session ends.
+    async fn accept(&self, dev: &Arc<Chardev>) -> std::io::Result<(Conn, ClientGuard)> {
         match self {
-            Listener::Unix(l) => Ok(Conn::Unix(l.accept().await?.0)),
+            Listener::Unix(l) => Ok((Conn::Unix(l.accept().await?.0), dev.connect(None))),
             Listener::Tcp { listener, nodelay } => {
-                let (s, _) = listener.accept().await?;
+                let (s, peer) = listener.accept().await?;
                 if *nodelay {
                     let _ = s.set_nodelay(true);
                 }
-                Ok(Conn::Tcp(s))
+                let ends = s.local_addr().ok().map(|local| (local, peer));
+                Ok((Conn::Tcp(s), dev.connect(ends)))
             }
         }
     }
@@ -74,7 +77,8 @@ impl Listener {
 
 /// The bound listeners.
 pub struct QmpServer {
-    listeners: Vec<(ServerSpec, Arc<Listener>)>,
+    /// Each listener with its character device (`compat_monitorN`, as QEMU labels `-qmp`).
+    listeners: Vec<(ServerSpec, Arc<Listener>, Arc<Chardev>)>,
     socket_paths: Vec<PathBuf>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -93,11 +97,14 @@ impl QmpServer {
                 addr: addr_text.clone(),
                 source,
             };
-            let listener = match &spec.addr {
+            let (listener, addr) = match &spec.addr {
                 ListenAddr::Unix(path) => {
                     let std_l = bind_unix(path).map_err(bind_err)?;
                     server.socket_paths.push(absolute(path));
-                    Listener::Unix(UnixListener::from_std(std_l).map_err(bind_err)?)
+                    (
+                        Listener::Unix(UnixListener::from_std(std_l).map_err(bind_err)?),
+                        ServerAddr::Unix(path.display().to_string()),
+                    )
                 }
                 ListenAddr::Tcp {
                     host,
@@ -141,24 +148,38 @@ impl QmpServer {
                         }
                     };
                     l.set_nonblocking(true).map_err(bind_err)?;
-                    if let Ok(local) = l.local_addr() {
-                        log::info!("QMP listening on tcp:{local}");
-                    }
-                    Listener::Tcp {
-                        listener: TcpListener::from_std(l).map_err(bind_err)?,
-                        nodelay: *nodelay,
-                    }
+                    let local = l.local_addr().map_err(bind_err)?;
+                    log::info!("QMP listening on tcp:{local}");
+                    (
+                        Listener::Tcp {
+                            listener: TcpListener::from_std(l).map_err(bind_err)?,
+                            nodelay: *nodelay,
+                        },
+                        ServerAddr::Tcp(local),
+                    )
                 }
             };
-            server.listeners.push((spec.clone(), Arc::new(listener)));
+            let label = format!("compat_monitor{}", server.listeners.len());
+            let dev = Chardev::new(label, ChardevBackend::Server(addr), true);
+            server
+                .listeners
+                .push((spec.clone(), Arc::new(listener), dev));
         }
         Ok(server)
+    }
+
+    /// The listeners' character devices, in `-qmp` order (for `query-chardev`).
+    pub fn chardevs(&self) -> Vec<Arc<Chardev>> {
+        self.listeners
+            .iter()
+            .map(|(_, _, dev)| dev.clone())
+            .collect()
     }
 
     /// For every `wait=on` listener, waits for one client and starts its session (QEMU: "QEMU
     /// waiting for connection on: ...").
     pub async fn wait_for_clients(&self, shared: &Arc<Shared>) -> Result<(), ServerError> {
-        for (spec, l) in &self.listeners {
+        for (spec, l, dev) in &self.listeners {
             if !spec.wait {
                 continue;
             }
@@ -166,32 +187,33 @@ impl QmpServer {
                 "bulkhead: waiting for connection on: {},server=on",
                 spec.addr
             );
-            let conn = l.accept().await.map_err(|source| ServerError::Accept {
+            let (conn, guard) = l.accept(dev).await.map_err(|source| ServerError::Accept {
                 addr: spec.addr.to_string(),
                 source,
             })?;
-            session::spawn(conn, shared.clone());
+            session::spawn(conn, shared.clone(), Some(guard));
         }
         Ok(())
     }
 
     /// Starts accepting on every listener.
     pub fn serve(&mut self, shared: &Arc<Shared>) {
-        for (spec, l) in &self.listeners {
+        for (spec, l, dev) in &self.listeners {
             let l = l.clone();
+            let dev = dev.clone();
             let shared = shared.clone();
             let addr = spec.addr.to_string();
             self.tasks.push(tokio::spawn(async move {
                 loop {
-                    match l.accept().await {
-                        Ok(conn) => {
+                    match l.accept(&dev).await {
+                        Ok((conn, guard)) => {
                             if shared.bus.len() >= MAX_SESSIONS {
                                 log::warn!(
                                     "QMP {addr}: refusing a connection: {MAX_SESSIONS} sessions already open"
                                 );
                                 continue;
                             }
-                            session::spawn(conn, shared.clone());
+                            session::spawn(conn, shared.clone(), Some(guard));
                         }
                         Err(e) => {
                             // EMFILE and friends: back off instead of spinning.

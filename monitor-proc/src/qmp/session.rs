@@ -29,7 +29,7 @@ use super::protocol::{
     error_line, greeting_line, parse_request, return_line, Chunk, QmpError, Splitter,
 };
 use crate::fds::{FdSets, SessionFds, MAX_PENDING_FDS};
-use crate::info::MachineInfo;
+use crate::info::{ClientGuard, MachineInfo};
 use crate::vm::{ExitRequest, VmHandle};
 
 /// Most fds one `recvmsg` accepts.
@@ -188,7 +188,11 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<Owned
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cmsg_buf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cmsg_buf);
+    // Room for exactly MAX_SESSION_FDS fds: the kernel closes any beyond (MSG_CTRUNC).
+    const FD_BYTES: u32 = (MAX_SESSION_FDS * std::mem::size_of::<RawFd>()) as u32;
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    let room = unsafe { libc::CMSG_SPACE(FD_BYTES) } as usize;
+    msg.msg_controllen = std::mem::size_of_val(&cmsg_buf).min(room);
     // SAFETY: `msg` points at `iov` (covering `buf`) and `cmsg_buf`, all live and writable for
     // the duration of the call.
     let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
@@ -221,8 +225,9 @@ fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<Owned
     Ok((usize::try_from(n).unwrap_or(0), fds))
 }
 
-/// Registers and starts a session on `conn`.
-pub fn spawn(conn: Conn, shared: Arc<Shared>) {
+/// Registers and starts a session on `conn`. `client`, if given, records the connection on its
+/// listener's character device (`query-chardev`) until the session ends.
+pub fn spawn(conn: Conn, shared: Arc<Shared>, client: Option<ClientGuard>) {
     let Some((sink, queue)) = shared.bus.register() else {
         return; // shutting down
     };
@@ -238,7 +243,13 @@ pub fn spawn(conn: Conn, shared: Arc<Shared>) {
         }
     };
     let killed = queue.killed.clone();
-    tokio::spawn(write_loop(writer, queue, shared.bus.clone(), sink.clone()));
+    tokio::spawn(write_loop(
+        writer,
+        queue,
+        shared.bus.clone(),
+        sink.clone(),
+        client,
+    ));
     tokio::spawn(read_loop(reader, sink, killed, shared));
 }
 
@@ -247,6 +258,7 @@ async fn write_loop(
     mut queue: SessionQueue,
     bus: Arc<EventBus>,
     sink: SessionSink,
+    client: Option<ClientGuard>,
 ) {
     let id = sink.id();
     let mut killed = queue.killed.clone();
@@ -275,6 +287,7 @@ async fn write_loop(
     sink.kill();
     drop(queue.rx);
     bus.unregister(id);
+    drop(client);
     log::info!("QMP session {id} closed");
 }
 
