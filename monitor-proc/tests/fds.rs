@@ -805,3 +805,24 @@ fn ten_thousand_cycles_leave_the_fd_table_as_it_was() {
         started.elapsed()
     );
 }
+
+#[test]
+fn at_most_sixteen_fds_per_message_the_rest_closed() {
+    let s = Scratch::new("many");
+    let (m, sock) = none_with_qmp(&s, &[]);
+    let mut q = session(&sock);
+    let before = m.fds();
+    let f = file(&s, "f", "f");
+    // 16 fds: one named, fifteen closed.
+    let sixteen = vec![f.as_raw_fd(); 16];
+    assert_eq!(q.cmd_with_fds(GETFD_A, &sixteen, FdsOn::Command), ok());
+    assert_eq!(fds_on(&m, &s.path("f")).len(), 1);
+    assert_eq!(q.raw(CLOSEFD_A), ok());
+    // 40 fds: the kernel truncates the message to 16 and closes the rest; nothing leaks and the
+    // command still gets its fd.
+    let forty = vec![f.as_raw_fd(); 40];
+    assert_eq!(q.cmd_with_fds(GETFD_A, &forty, FdsOn::Command), ok());
+    assert_eq!(fds_on(&m, &s.path("f")).len(), 1);
+    assert_eq!(q.raw(CLOSEFD_A), ok());
+    assert_eq!(m.fds(), before);
+}

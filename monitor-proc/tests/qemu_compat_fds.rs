@@ -534,3 +534,97 @@ fn add_fd_errors_read_like_qemu_7_2() {
         assert_eq!(bmsg, qmsg, "-add-fd {spec}");
     }
 }
+
+#[test]
+fn remove_fd_while_not_running_differs_from_qemu_7_2_as_documented() {
+    let s = Scratch::new("qemu-fds-paused");
+    let (ro, _rw) = files(&s);
+    let (_qemu, qemu_sock) = start_qemu(&s, &["-S"]);
+    let (_bh, bh_sock) = start_bulkhead(&s, &["-S"]);
+    let mut answers = Vec::new();
+    for sock in [&qemu_sock, &bh_sock] {
+        let mut c = Qmp::unix(sock);
+        c.negotiate();
+        assert_eq!(c.status(), "prelaunch");
+        let add = r#"{"execute": "add-fd", "arguments": {"fdset-id": 1}}"#;
+        let r = c.cmd_with_fds(add, &[ro.as_raw_fd()], FdsOn::Command);
+        assert_eq!(r["return"]["fdset-id"], 1, "{r}");
+        let rm = r#"{"execute": "remove-fd", "arguments": {"fdset-id": 1}}"#;
+        assert_eq!(c.raw(rm), serde_json::json!({"return": {}}));
+        c.cmd("query-fdsets");
+        let line = c.lines.last().expect("reply").clone();
+        answers.push(mask_fds(&line, &mut Vec::new(), true));
+    }
+    // QEMU 7.2 closes removed fds only while the VM runs (runstate_is_running() in
+    // monitor_fdset_cleanup), so in prelaunch the fd stays listed and open; QEMU 9.1 and
+    // Bulkhead close it at once.
+    assert_eq!(
+        answers[0],
+        "{\"return\": [{\"fds\": [{\"fd\": \"$F0\"}], \"fdset-id\": 1}]}\r\n"
+    );
+    assert_eq!(answers[1], "{\"return\": []}\r\n");
+}
+
+#[test]
+fn named_fds_across_reconnection_differ_from_qemu_7_2_as_documented() {
+    let s = Scratch::new("qemu-fds-reconnect");
+    let (ro, _rw) = files(&s);
+    let (_qemu, qemu_sock) = start_qemu(&s, &[]);
+    let (_bh, bh_sock) = start_bulkhead(&s, &[]);
+    let mut answers = Vec::new();
+    for sock in [&qemu_sock, &bh_sock] {
+        let mut c = Qmp::unix(sock);
+        c.negotiate();
+        let getfd = r#"{"execute": "getfd", "arguments": {"fdname": "keep"}}"#;
+        let r = c.cmd_with_fds(getfd, &[ro.as_raw_fd()], FdsOn::Command);
+        assert_eq!(r, serde_json::json!({"return": {}}));
+        drop(c);
+        let mut c = Qmp::unix(sock);
+        c.negotiate();
+        answers.push(c.raw(r#"{"execute": "closefd", "arguments": {"fdname": "keep"}}"#));
+    }
+    // A QEMU monitor is one chardev: its named fds survive the client's reconnection.
+    // Bulkhead's names belong to a session and are closed with it.
+    assert_eq!(answers[0], serde_json::json!({"return": {}}));
+    assert_eq!(
+        answers[1],
+        serde_json::json!({"error": {"class": "GenericError",
+            "desc": "File descriptor named 'keep' not found"}})
+    );
+}
+
+#[test]
+fn add_fd_number_beyond_int_differs_from_qemu_7_2_as_documented() {
+    let s = Scratch::new("qemu-addfd-int");
+    let (ro, _rw) = files(&s);
+    // 2^32 + 45: QEMU truncates it to int 45 and takes the inherited fd 45.
+    let spec = "fd=4294967341,set=1";
+    let inherit = [(ro.as_raw_fd(), 45)];
+    let sock = s.s("qemu.sock");
+    let qmp = format!("unix:{sock},server=on,wait=off");
+    let qemu = spawn_with_fds(
+        "qemu-system-x86_64",
+        &[
+            "-M", "none", "-display", "none", "-qmp", &qmp, "-add-fd", spec,
+        ],
+        &inherit,
+    )
+    .spawn()
+    .unwrap_or_else(|e| {
+        panic!("qemu-system-x86_64 is required for this test and could not be started ({e})")
+    });
+    let _qemu = Killer(qemu);
+    let mut c = Qmp::unix(&sock);
+    c.negotiate();
+    assert_eq!(c.cmd("query-fdsets")["return"][0]["fdset-id"], 1);
+    let out = spawn_with_fds(BULKHEAD, &["-M", "none", "-add-fd", spec], &inherit)
+        .output()
+        .expect("bulkhead");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).lines().next(),
+        Some(
+            "bulkhead: -add-fd fd=4294967341,set=1: fd option is required and must be non-negative"
+        )
+    );
+}

@@ -464,7 +464,12 @@ macro_rules! paste_nr {
     };
 }
 
-/// What every worker's Rust runtime needs: memory, threads, signals, time, exit.
+/// What every worker's Rust runtime needs: memory, threads (glibc's `pthread_create`: `clone`,
+/// `set_robust_list`, `rseq`, `sched_getaffinity`; Rust's thread names and stack guards:
+/// `prctl(PR_SET_NAME)`, `sigaltstack`), signals, time (`clock_gettime` when the vDSO cannot
+/// serve it, e.g. on a TSC-less clocksource; `clock_nanosleep` for `thread::sleep`, and
+/// `restart_syscall` when a kick signal interrupts it), `getrandom` (hash map keys), file
+/// metadata of handed fds (`statx`), exit.
 const RUNTIME: &[Allowed] = &[
     sys!(read),
     sys!(write),
@@ -476,12 +481,9 @@ const RUNTIME: &[Allowed] = &[
     sys!(madvise),
     sys!(brk),
     sys!(futex),
-    sys!(sched_yield),
     sys!(sched_getaffinity),
-    sys!(nanosleep),
     sys!(clock_nanosleep),
     sys!(clock_gettime),
-    sys!(gettimeofday),
     sys!(getrandom),
     sys!(
         rt_sigaction,
@@ -509,7 +511,7 @@ const RUNTIME: &[Allowed] = &[
         prctl,
         Rule::ArgIn {
             arg: 0,
-            values: &[libc::PR_SET_NAME as u64, libc::PR_GET_NAME as u64]
+            values: &[libc::PR_SET_NAME as u64]
         }
     ),
     sys!(exit),
@@ -529,8 +531,6 @@ const RUNTIME: &[Allowed] = &[
             ]
         }
     ),
-    sys!(fstat),
-    sys!(newfstatat),
     sys!(statx),
 ];
 
@@ -849,6 +849,20 @@ mod tests {
 
     #[test]
     fn counts() {
+        // The sizes docs/ARCHITECTURE.md quotes (`cargo test -p bulkhead-sandbox counts --
+        // --nocapture`).
+        for r in Role::ALL {
+            let p = r.policy();
+            let bpf: usize = crate::seccomp::compile(p, 1)
+                .map(|f| f.iter().map(Vec::len).sum())
+                .unwrap_or(0);
+            eprintln!(
+                "{}: {} system calls, {} ioctl numbers, {bpf} BPF instructions",
+                r.name(),
+                p.syscall_count(),
+                p.ioctl_count()
+            );
+        }
         assert_eq!(VCPU.ioctl_count(), ioctls::VCPU_KVM.len());
         assert!(VCPU.syscall_count() > 30);
         assert_eq!(NETD.ioctl_count(), 4);
