@@ -61,8 +61,9 @@ pub fn shape(v: &Value) -> Value {
 pub fn converse(q: &mut Qmp, steps: &[Step]) -> Vec<Vec<String>> {
     let mut all = Vec::new();
     for (what, input, _) in steps {
-        q.send_raw(input);
-        q.send_raw("\n");
+        // One write: the server may act on a complete object (`quit`) before a separate
+        // newline write arrives, which would then fail with EPIPE.
+        q.send_raw(&format!("{input}\n"));
         let mut lines = Vec::new();
         loop {
             let line = q
