@@ -1,9 +1,11 @@
 //! VM lifecycle through QMP and from inside the guest: stop/cont, system_reset, guest poweroff
-//! and reboot (with and without `-no-reboot`), and the death of the vCPU worker.
+//! and reboot (with and without `-no-reboot`), and the death of the vCPU worker (on a two-vCPU
+//! guest whose `query-cpus-fast`/`query-cpus` must name the worker's real vCPU threads first).
 //!
 //! Tests whose guest acts on its own right after boot start Bulkhead with `-S` and connect QMP
 //! before `cont`, so that no event can be missed.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -168,17 +170,92 @@ fn guest_reboot_with_no_reboot_shuts_down() -> Result<()> {
     Ok(())
 }
 
+/// Checks `query-cpus-fast` and `query-cpus` against the vCPU threads of `worker` (an L1 pid):
+/// one entry per vCPU, in order, each thread id a thread of the worker named `vcpuN`, the
+/// same in both answers and in HMP's `info cpus`.
+fn check_vcpu_threads(vm: &NestedVm, qmp: &mut Qmp, worker: u32, vcpus: usize) -> Result<()> {
+    let tasks: BTreeSet<i64> = vm
+        .sh_ok(
+            &format!("ls /proc/{worker}/task"),
+            scaled(Duration::from_secs(20)),
+        )?
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    println!("bulkhead-vcpu (pid {worker}) threads: {tasks:?}");
+    let fast = qmp.execute("query-cpus-fast", None)?;
+    println!("query-cpus-fast: {fast}");
+    let fast = fast.as_array().context("query-cpus-fast: not a list")?;
+    ensure!(
+        fast.len() == vcpus,
+        "query-cpus-fast lists {} vCPUs, -smp says {vcpus}",
+        fast.len()
+    );
+    let mut tids = Vec::new();
+    for (i, cpu) in fast.iter().enumerate() {
+        ensure!(cpu["cpu-index"] == i, "entry {i}: {cpu}");
+        ensure!(cpu["target"] == "x86_64", "entry {i}: {cpu}");
+        let tid = cpu["thread-id"].as_i64().context("thread-id")?;
+        ensure!(
+            tasks.contains(&tid),
+            "vCPU {i}: thread {tid} is not a thread of bulkhead-vcpu {worker} ({tasks:?})"
+        );
+        let name = vm.sh_ok(
+            &format!("cat /proc/{worker}/task/{tid}/comm"),
+            scaled(Duration::from_secs(20)),
+        )?;
+        ensure!(
+            name.trim() == format!("vcpu{i}"),
+            "vCPU {i}: thread {tid} is {name:?}"
+        );
+        tids.push(tid);
+    }
+    let distinct: BTreeSet<i64> = tids.iter().copied().collect();
+    ensure!(distinct.len() == vcpus, "thread ids repeat: {tids:?}");
+    let cpus = qmp.execute("query-cpus", None)?;
+    println!("query-cpus: {cpus}");
+    let cpus = cpus.as_array().context("query-cpus: not a list")?;
+    ensure!(cpus.len() == vcpus, "query-cpus lists {} vCPUs", cpus.len());
+    for (i, cpu) in cpus.iter().enumerate() {
+        ensure!(
+            cpu["CPU"] == i && cpu["thread_id"] == tids[i] && cpu["arch"] == "x86",
+            "query-cpus entry {i}: {cpu}"
+        );
+        ensure!(cpu["pc"].as_u64().is_some(), "query-cpus entry {i}: {cpu}");
+    }
+    let text = qmp.execute(
+        "human-monitor-command",
+        Some(serde_json::json!({"command-line": "info cpus", "cpu-index": 1})),
+    )?;
+    let want: String = tids
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            format!(
+                "{} CPU #{i}: thread_id={t}\r\n",
+                if i == 1 { '*' } else { ' ' }
+            )
+        })
+        .collect();
+    ensure!(text == want.as_str(), "info cpus: {text}");
+    Ok(())
+}
+
 #[test]
 fn killing_the_vcpu_worker_gives_internal_error() -> Result<()> {
     let vm = boot_l1_for_bulkhead("lifecycle-vcpu-kill")?;
-    let bh = spawn_l2_guest(&vm, 1, "idle", &[])?;
+    let bh = spawn_l2_guest(&vm, 2, "idle", &[])?;
     bh.wait_for_console("BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
     bh.wait_for_console("BULKHEAD-TICK 1 ", Duration::from_secs(60))?;
     let mut qmp = vm.qmp(QMP_TIMEOUT)?;
     assert_eq!(qmp.query_status()?, ("running".to_owned(), true));
 
     let pids = vm.pidof("bulkhead-vcpu")?;
-    ensure!(!pids.is_empty(), "no bulkhead-vcpu process found in L1");
+    ensure!(
+        pids.len() == 1,
+        "expected one bulkhead-vcpu process in L1, found {pids:?}"
+    );
+    check_vcpu_threads(&vm, &mut qmp, pids[0], 2)?;
     let list: Vec<String> = pids.iter().map(u32::to_string).collect();
     vm.sh_ok(
         &format!("kill -9 {}", list.join(" ")),
@@ -207,5 +284,11 @@ fn killing_the_vcpu_worker_gives_internal_error() -> Result<()> {
     drop(qmp);
     let mut qmp = vm.qmp(QMP_TIMEOUT)?;
     assert_eq!(qmp.query_status()?, ("internal-error".to_owned(), false));
+    // The vCPUs went with the worker.
+    let gone = qmp.execute("query-cpus-fast", None);
+    ensure!(
+        gone.is_err(),
+        "query-cpus-fast after the worker died: {gone:?}"
+    );
     Ok(())
 }
