@@ -911,29 +911,45 @@ fn parse_smp(opt: &str, v: &str) -> Result<Smp, CliError> {
     }
     let [cpus, sockets, dies, cores, threads, maxcpus] = fields;
     let dies = dies.unwrap_or(1);
-    // QEMU 7.2's algorithm for x86 (prefer sockets over cores when filling in).
-    let cores_v = cores.unwrap_or(1);
-    let threads_v = threads.unwrap_or(1);
-    let (sockets_v, maxcpus_v) = match (cpus, maxcpus) {
-        (None, None) => {
-            let s = sockets.unwrap_or(1);
-            (
-                s,
-                s.saturating_mul(dies)
-                    .saturating_mul(cores_v)
-                    .saturating_mul(threads_v),
-            )
-        }
-        _ => {
-            let m = maxcpus.or(cpus).unwrap_or(1);
-            let per_socket = dies
-                .saturating_mul(cores_v)
-                .saturating_mul(threads_v)
-                .max(1);
-            let s = sockets.unwrap_or_else(|| (m / per_socket).max(1));
-            (s, maxcpus.unwrap_or_else(|| s.saturating_mul(per_socket)))
-        }
+    // QEMU's algorithm for its current machine types (since 6.2: prefer cores over sockets when
+    // filling in what was left out; threads last).
+    let (sockets_v, cores_v, threads_v) = if cpus.is_none() && maxcpus.is_none() {
+        (
+            sockets.unwrap_or(1),
+            cores.unwrap_or(1),
+            threads.unwrap_or(1),
+        )
+    } else {
+        let m = maxcpus.or(cpus).unwrap_or(1);
+        let (s, c, t) = match (sockets, cores) {
+            (s, None) => {
+                let s = s.unwrap_or(1);
+                let t = threads.unwrap_or(1);
+                (
+                    s,
+                    m / s.saturating_mul(dies).saturating_mul(t).max(1),
+                    Some(t),
+                )
+            }
+            (None, Some(c)) => {
+                let t = threads.unwrap_or(1);
+                (
+                    m / dies.saturating_mul(c).saturating_mul(t).max(1),
+                    c,
+                    Some(t),
+                )
+            }
+            (Some(s), Some(c)) => (s, c, threads),
+        };
+        let t = t.unwrap_or_else(|| m / s.saturating_mul(dies).saturating_mul(c).max(1));
+        (s, c, t)
     };
+    let maxcpus_v = maxcpus.unwrap_or_else(|| {
+        sockets_v
+            .saturating_mul(dies)
+            .saturating_mul(cores_v)
+            .saturating_mul(threads_v)
+    });
     let cpus_v = cpus.unwrap_or(maxcpus_v);
     let product =
         u64::from(sockets_v) * u64::from(dies) * u64::from(cores_v) * u64::from(threads_v);
@@ -1298,6 +1314,15 @@ mod tests {
         assert_eq!((s.cpus, s.sockets, s.cores), (4, 2, 2));
         let s = with_kernel(&["-smp", "4,maxcpus=4"]).smp;
         assert_eq!(s.cpus, 4);
+        // As QEMU 7.2's pc machine fills in: cores first, then sockets, threads last.
+        let s = with_kernel(&["-smp", "2"]).smp;
+        assert_eq!((s.sockets, s.cores, s.threads), (1, 2, 1));
+        let s = with_kernel(&["-smp", "8,sockets=2"]).smp;
+        assert_eq!((s.sockets, s.cores, s.threads), (2, 4, 1));
+        let s = with_kernel(&["-smp", "8,sockets=2,cores=2"]).smp;
+        assert_eq!((s.sockets, s.cores, s.threads), (2, 2, 2));
+        let s = with_kernel(&["-smp", "4,threads=2"]).smp;
+        assert_eq!((s.sockets, s.cores, s.threads), (1, 2, 2));
         for bad in [
             "0",
             "cpus=2,sockets=1,cores=3,threads=1",

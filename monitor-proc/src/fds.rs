@@ -33,6 +33,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 /// Most fds one received message may carry; more are closed by the kernel on arrival.
 pub const MAX_PENDING_FDS: usize = 16;
 
+/// Most fds one session may name with `getfd` (QEMU has no bound; without one a client could
+/// exhaust the monitor's fd table and starve every other session and the workers).
+pub const MAX_NAMED_FDS: usize = 256;
+/// Most fds all fd sets together may hold (same reason).
+pub const MAX_SET_FDS: usize = 1024;
+
 /// The prefix that names an fd set instead of a file.
 pub const FDSET_PREFIX: &str = "/dev/fdset/";
 
@@ -51,6 +57,12 @@ pub enum FdError {
     /// An `fd=NAME` consumer named an unknown fd.
     #[error("File descriptor named '{0}' has not been found")]
     NotFoundForUse(String),
+    /// The session already names [`MAX_NAMED_FDS`] fds.
+    #[error("Too many named file descriptors in this session (at most {MAX_NAMED_FDS}); close some with 'closefd'")]
+    TooManyNamed,
+    /// The fd sets already hold [`MAX_SET_FDS`] fds.
+    #[error("Too many file descriptors in fd sets (at most {MAX_SET_FDS}); remove some with 'remove-fd'")]
+    TooManyInSets,
     /// `add-fd` with a negative set id.
     #[error("Parameter 'fdset-id' expects a non-negative value")]
     NegativeSetId,
@@ -134,6 +146,10 @@ impl SessionFds {
         if starts_with_digit(name) {
             drop(fd);
             return Err(FdError::NameStartsWithDigit);
+        }
+        if !self.named.contains_key(name) && self.named.len() >= MAX_NAMED_FDS {
+            drop(fd);
+            return Err(FdError::TooManyNamed);
         }
         Ok(self.named.insert(name.to_string(), fd))
     }
@@ -366,6 +382,11 @@ impl FdSets {
         opaque: Option<String>,
     ) -> Result<AddedFd, FdError> {
         let mut inner = self.lock();
+        if inner.sets.values().map(|s| s.fds.len()).sum::<usize>() >= MAX_SET_FDS {
+            drop(inner);
+            drop(fd);
+            return Err(FdError::TooManyInSets);
+        }
         let id = match fdset_id {
             Some(id) if id < 0 => {
                 drop(inner);
@@ -748,6 +769,33 @@ mod tests {
             s.take_named("tap").map(drop).expect_err("gone").to_string(),
             "File descriptor named 'tap' has not been found"
         );
+        // A session names at most MAX_NAMED_FDS fds; re-using a name still works at the limit.
+        let mut full = SessionFds::default();
+        for i in 0..MAX_NAMED_FDS {
+            full.offer(vec![open(&p, Access::ReadOnly)]);
+            full.getfd(&format!("n{i}")).expect("getfd");
+        }
+        let f = open(&p, Access::ReadOnly);
+        let raw = f.as_raw_fd();
+        full.offer(vec![f]);
+        assert_eq!(full.getfd("more").err(), Some(FdError::TooManyNamed));
+        assert!(!is_open(raw), "the refused fd is closed");
+        full.offer(vec![open(&p, Access::ReadOnly)]);
+        assert!(full.getfd("n0").expect("re-use").is_some());
+        drop(full);
+        // The fd sets hold at most MAX_SET_FDS fds in all.
+        let sets = FdSets::default();
+        for i in 0..MAX_SET_FDS {
+            sets.add(open(&p, Access::ReadOnly), Some((i % 7) as i64), None)
+                .expect("add");
+        }
+        assert_eq!(
+            sets.add(open(&p, Access::ReadOnly), None, None).err(),
+            Some(FdError::TooManyInSets)
+        );
+        sets.remove(0, None).expect("remove");
+        sets.add(open(&p, Access::ReadOnly), None, None)
+            .expect("room again");
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 

@@ -75,6 +75,7 @@ fn run(cfg: Config) -> anyhow::Result<i32> {
     fdsets.add_inherited(&cfg.add_fds)?;
     // Nothing we inherited may leak into a worker.
     worker::cloexec_inherited_fds();
+    raise_fd_limit();
     // Say now (before daemonizing) whether the workers can be confined as configured.
     if cfg.machine == Machine::Bulkhead {
         let warnings = sandbox_config(&cfg).preflight()?;
@@ -114,6 +115,31 @@ fn sandbox_config(cfg: &Config) -> worker::SandboxConfig {
     worker::SandboxConfig {
         mode: cfg.sandbox,
         ids: cfg.sandbox_user,
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit (at most 65536): QMP clients may pass
+/// in up to 256 named fds per session and 1024 in fd sets, beyond the common soft limit of 1024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `lim`, which is valid for writes.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let want = lim.rlim_max.min(65536);
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want;
+        // SAFETY: setrlimit reads one valid rlimit; raising the soft limit up to the hard one
+        // needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            log::warn!(
+                "cannot raise the open-file limit: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 
