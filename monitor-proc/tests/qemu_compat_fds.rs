@@ -322,20 +322,14 @@ fn run(q: &mut Qmp, ro: &File, rw: &File) -> Vec<Vec<String>> {
             Fds::Two => q.send_with_fds(&text, &[ro.as_raw_fd(), rw.as_raw_fd()], FdsOn::Command),
             Fds::RoLone => q.send_with_fds(&text, &[ro.as_raw_fd()], FdsOn::LoneSpace),
         }
-        let mut lines = Vec::new();
-        loop {
-            let line = q
-                .read_line()
-                .unwrap_or_else(|| panic!("{what}: connection closed before the reply"));
-            let v: Value =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what}: {line}: {e}"));
-            let is_event = v.get("event").is_some();
-            let fresh = !is_event && text.contains("add-fd") && v.get("return").is_some();
-            lines.push(mask_fds(&line, &mut seen, fresh));
-            if !is_event {
-                break;
-            }
-        }
+        let lines = read_step(q, what)
+            .into_iter()
+            .map(|line| {
+                let v: Value = serde_json::from_str(&line).expect("json");
+                let fresh = text.contains("add-fd") && v.get("return").is_some();
+                mask_fds(&line, &mut seen, fresh)
+            })
+            .collect();
         all.push(lines);
     }
     all

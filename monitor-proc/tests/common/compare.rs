@@ -64,19 +64,7 @@ pub fn converse(q: &mut Qmp, steps: &[Step]) -> Vec<Vec<String>> {
         // One write: the server may act on a complete object (`quit`) before a separate
         // newline write arrives, which would then fail with EPIPE.
         q.send_raw(&format!("{input}\n"));
-        let mut lines = Vec::new();
-        loop {
-            let line = q
-                .read_line()
-                .unwrap_or_else(|| panic!("{what}: connection closed before the reply"));
-            let v: Value =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what}: {line}: {e}"));
-            let is_event = v.get("event").is_some();
-            lines.push(line);
-            if !is_event {
-                break;
-            }
-        }
+        let mut lines = read_step(q, what);
         if *what == "quit" {
             // The SHUTDOWN event may follow the reply: collect until EOF.
             while let Some(l) = q.read_line() {
@@ -86,6 +74,23 @@ pub fn converse(q: &mut Qmp, steps: &[Step]) -> Vec<Vec<String>> {
         all.push(lines);
     }
     all
+}
+
+/// Reads one step's answer: the events that come first, then the reply (raw lines).
+pub fn read_step(q: &mut Qmp, what: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let line = q
+            .read_line()
+            .unwrap_or_else(|| panic!("{what}: connection closed before the reply"));
+        let v: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{what}: {line}: {e}"));
+        let is_event = v.get("event").is_some();
+        lines.push(line);
+        if !is_event {
+            return lines;
+        }
+    }
 }
 
 pub struct Killer(pub Child);

@@ -167,17 +167,10 @@ fn query_fdsets(ctx: Context, _args: Map<String, Value>) -> HandlerFuture {
 
 #[cfg(test)]
 mod tests {
-    use super::super::Registry;
+    use super::super::{args, Registry};
     use super::*;
     use serde_json::json;
     use std::os::fd::{AsRawFd, OwnedFd};
-
-    fn args(v: Value) -> Map<String, Value> {
-        match v {
-            Value::Object(m) => m,
-            _ => panic!("not an object"),
-        }
-    }
 
     fn some_fd() -> OwnedFd {
         std::fs::File::open("/dev/null").expect("open").into()

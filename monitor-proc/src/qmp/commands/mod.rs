@@ -21,6 +21,7 @@ mod core;
 mod fds;
 mod hmp;
 mod introspect;
+pub mod sandbox;
 mod unsupported;
 
 pub use unsupported::UNSUPPORTED;
@@ -31,6 +32,7 @@ const TABLES: &[&[Command]] = &[
     fds::COMMANDS,
     introspect::COMMANDS,
     hmp::COMMANDS,
+    sandbox::COMMANDS,
 ];
 
 /// What a handler's future resolves to.
@@ -287,18 +289,20 @@ fn type_error(s: &ArgSpec) -> QmpError {
     ))
 }
 
+/// The members of a JSON object literal, for unit tests that build arguments with `json!`.
+#[cfg(test)]
+pub(crate) fn args(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => panic!("not an object"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::qmp::protocol::ErrorClass;
     use serde_json::json;
-
-    fn args(v: Value) -> Map<String, Value> {
-        match v {
-            Value::Object(m) => m,
-            _ => panic!("not an object"),
-        }
-    }
 
     #[test]
     fn argument_validation_messages() {
