@@ -21,7 +21,6 @@ mod core;
 mod fds;
 mod hmp;
 mod introspect;
-pub mod sandbox;
 mod unsupported;
 
 pub use unsupported::UNSUPPORTED;
@@ -32,7 +31,6 @@ const TABLES: &[&[Command]] = &[
     fds::COMMANDS,
     introspect::COMMANDS,
     hmp::COMMANDS,
-    sandbox::COMMANDS,
 ];
 
 /// What a handler's future resolves to.
