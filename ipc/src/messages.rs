@@ -94,6 +94,9 @@ pub enum VcpuRequest {
     Reset,
     /// Report the state of each vCPU.
     QueryCpus,
+    /// Report what the worker's sandbox `enter` did ([`SandboxReport`]): landlock's state is
+    /// not visible in `/proc`, so only the worker can say.
+    QuerySandbox,
     /// Stop the vCPUs and exit cleanly.
     Quit,
 }
@@ -135,6 +138,29 @@ pub enum VcpuReply {
     Error(String),
     /// Answer to [`VcpuRequest::QueryCpus`].
     Cpus(Vec<CpuInfo>),
+    /// Answer to [`VcpuRequest::QuerySandbox`].
+    Sandbox(SandboxReport),
+}
+
+/// What a worker's sandbox `enter` did, as the worker itself reports it (the monitor reads
+/// everything else about a worker's confinement from `/proc`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxReport {
+    /// Whether `enter` ran at all (it did not if the worker failed before, which it cannot
+    /// survive, or for a stand-in worker that does not confine itself).
+    pub entered: bool,
+    /// `on`, `off` or `allow-weak`, as the worker was told.
+    pub mode: String,
+    /// The landlock ABI of the ruleset it applied (0: none).
+    pub landlock_abi: i32,
+    /// The kernel enforces every right of the ruleset (false: only those of its older ABI).
+    pub landlock_full: bool,
+    /// BPF instructions of the seccomp filters it installed, over all filters.
+    pub seccomp_instructions: u64,
+    /// What it could not apply (only under `allow-weak`).
+    pub weak: Vec<String>,
+    /// How long `enter` took, in microseconds.
+    pub enter_micros: u64,
 }
 
 impl Wire for VcpuReply {}

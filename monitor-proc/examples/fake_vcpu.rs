@@ -10,6 +10,8 @@
 //! - `fake.shutdown-after=MS`, `fake.reset-after=MS`, `fake.internal-error-after=MS`,
 //!   `fake.exit-after=MS` (exit status 3): guest/worker behaviour MS ms after the first `Run`;
 //! - `fake.hang-pause`: never answer `Pause`;
+//! - `QuerySandbox` answers that it did not enter a sandbox (`entered: false`, the mode it was
+//!   given);
 //! - `QueryCpus` answers one entry per vCPU of the setup, each with the thread id of a real
 //!   (idle) thread of this process named `vcpuN`, placed in the setup's topology like the real
 //!   worker places it; vCPU N reports `pc` 0x1000 * (N + 1) and is halted when N is odd;
@@ -34,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_ipc::messages::{
-    CpuInfo, ShutdownCause, VcpuEvent, VcpuProtocol, VcpuReply, VcpuRequest,
+    CpuInfo, SandboxReport, ShutdownCause, VcpuEvent, VcpuProtocol, VcpuReply, VcpuRequest,
 };
 use bulkhead_ipc::{Channel, Frame, Role};
 
@@ -164,10 +166,11 @@ fn main() {
         std::process::exit(2);
     }
     let fds_before = open_fds();
-    let sandboxed = args
+    let mode = args
         .windows(2)
         .find(|w| w[0] == "--sandbox")
-        .is_none_or(|w| w[1] != "off");
+        .map_or_else(|| "on".to_string(), |w| w[1].clone());
+    let sandboxed = mode != "off";
     let expected_fds: &[i32] = if sandboxed {
         &[0, 1, 2, 3, 4]
     } else {
@@ -265,6 +268,16 @@ fn main() {
             VcpuRequest::Pause if has_word(&cmdline, "fake.hang-pause") => continue,
             VcpuRequest::Pause | VcpuRequest::Reset => VcpuReply::Ok,
             VcpuRequest::QueryCpus => VcpuReply::Cpus(cpus.clone()),
+            // It does not confine itself: it says so, as the real worker would without `enter`.
+            VcpuRequest::QuerySandbox => VcpuReply::Sandbox(SandboxReport {
+                entered: false,
+                mode: mode.clone(),
+                landlock_abi: 0,
+                landlock_full: false,
+                seccomp_instructions: 0,
+                weak: Vec::new(),
+                enter_micros: 0,
+            }),
             VcpuRequest::Quit => {
                 let _ = chan.reply(id, VcpuReply::Ok, &[]);
                 std::process::exit(0);

@@ -30,6 +30,8 @@ pub struct MachineInfo {
     pub vcpus: u32,
     /// The character devices, in the order they were created.
     pub chardevs: Vec<Arc<Chardev>>,
+    /// `--sandbox` (`None`: not configured, as in unit tests).
+    pub sandbox: Option<bulkhead_sandbox::Mode>,
 }
 
 /// A socket a character device listens on.

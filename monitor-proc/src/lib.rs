@@ -5,6 +5,7 @@
 //! - [`memory`]: guest RAM as a sealed memfd;
 //! - [`fds`]: fds passed in by clients (per-session `getfd` names, shared `add-fd` sets);
 //! - [`info`]: facts about the configured machine that query commands report;
+//! - [`inspect`]: a live process's confinement as `/proc` shows it (`x-query-sandbox`);
 //! - [`chardev`]: the serial port's host side (`-serial`);
 //! - [`worker`]: spawning `bulkhead-vcpu` with exactly the fds it needs, describing its exit;
 //! - [`vm`]: the run-state machine and the worker client (supervision);
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod daemon;
 pub mod fds;
 pub mod info;
+pub mod inspect;
 pub mod logging;
 pub mod memory;
 pub mod qmp;

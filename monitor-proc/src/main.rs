@@ -241,6 +241,7 @@ async fn serve(
                 Machine::None => 0,
             },
             chardevs,
+            sandbox: Some(cfg.sandbox),
         };
         let mut shared = Shared::new(bus.clone(), handle.clone(), exit.clone(), info);
         shared.fdsets = fdsets.clone();

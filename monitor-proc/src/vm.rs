@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulkhead_ipc::messages::{CpuInfo, CpuTopology, VcpuRequest, VmSetup};
+use bulkhead_ipc::messages::{CpuInfo, CpuTopology, SandboxReport, VcpuRequest, VmSetup};
 use bulkhead_ipc::messages::{ShutdownCause as GuestCause, VcpuEvent, VcpuProtocol, VcpuReply};
 use bulkhead_ipc::rpc::EventItem;
 use bulkhead_ipc::{AsyncChannel, Role, RpcClient};
@@ -107,6 +107,20 @@ pub struct VcpuInfo {
     pub core_id: u32,
     /// Thread within the core.
     pub thread_in_core: u32,
+}
+
+/// A running worker as `x-query-sandbox` lists it: what the monitor knows (role, pid, the
+/// policy it was given) and what the worker itself reported about its sandbox.
+#[derive(Debug, Clone)]
+pub struct WorkerSandbox {
+    /// Its role.
+    pub role: bulkhead_sandbox::Role,
+    /// Its pid as the monitor sees it.
+    pub pid: u32,
+    /// How it was launched (`--sandbox`).
+    pub mode: bulkhead_sandbox::Mode,
+    /// What it reported (`None`: it did not answer; the error says why).
+    pub report: Result<SandboxReport, String>,
 }
 
 /// Checks the worker's vCPU list against the configuration and places each vCPU. The worker
@@ -282,6 +296,7 @@ enum Request {
         fresh: bool,
         reply: Reply<Vec<VcpuInfo>>,
     },
+    Sandbox(oneshot::Sender<Vec<WorkerSandbox>>),
     Signal(i32),
     Terminate(oneshot::Sender<()>),
 }
@@ -301,6 +316,7 @@ impl std::fmt::Debug for Request {
             Request::Reset(_) => "Reset",
             Request::Quit(_) => "Quit",
             Request::QueryCpus { .. } => "QueryCpus",
+            Request::Sandbox(_) => "Sandbox",
             Request::Signal(_) => "Signal",
             Request::Terminate(_) => "Terminate",
         })
@@ -358,6 +374,18 @@ impl VmHandle {
         self.ask(|reply| Request::QueryCpus { fresh, reply }).await
     }
 
+    /// The running workers with their sandbox reports (`x-query-sandbox`); empty when none
+    /// runs. A worker's report is asked for once and kept: it describes what the worker did at
+    /// start, which does not change.
+    pub async fn sandbox(&self) -> Result<Vec<WorkerSandbox>, QmpError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Sandbox(tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
     /// A terminating signal arrived.
     pub async fn signal(&self, signo: i32) {
         let _ = self.tx.send(Request::Signal(signo)).await;
@@ -383,6 +411,8 @@ struct Worker {
     kill_at: Option<Instant>,
     /// Its last vCPU report.
     cpus: Option<Vec<VcpuInfo>>,
+    /// What it reported about its sandbox.
+    sandbox: Option<SandboxReport>,
 }
 
 /// The VM actor.
@@ -534,6 +564,10 @@ impl Vm {
                 let r = self.query_cpus(fresh).await;
                 let _ = reply.send(r);
             }
+            Request::Sandbox(reply) => {
+                let r = self.sandbox().await;
+                let _ = reply.send(r);
+            }
             Request::Quit(tx) => {
                 self.bus.emit(&Event::Shutdown(ShutdownCause::HostQmpQuit));
                 self.expect_worker_exit();
@@ -631,6 +665,39 @@ impl Vm {
             w.cpus = Some(cpus.clone());
         }
         Ok(cpus)
+    }
+
+    async fn sandbox(&mut self) -> Vec<WorkerSandbox> {
+        let Some(mode) = self.guest.as_ref().map(|g| g.sandbox.mode) else {
+            return Vec::new();
+        };
+        let cached = match self.worker.as_ref() {
+            None => return Vec::new(),
+            Some(w) => w.sandbox.clone(),
+        };
+        let report = match cached {
+            Some(r) => Ok(r),
+            None => match self.call_reply(VcpuRequest::QuerySandbox).await {
+                Ok(VcpuReply::Sandbox(r)) => {
+                    if let Some(w) = self.worker.as_mut() {
+                        w.sandbox = Some(r.clone());
+                    }
+                    Ok(r)
+                }
+                Ok(other) => Err(format!("unexpected reply {other:?}")),
+                Err(e) => Err(e.desc),
+            },
+        };
+        self.worker
+            .as_ref()
+            .map(|w| WorkerSandbox {
+                role: bulkhead_sandbox::Role::Vcpu,
+                pid: w.pid,
+                mode,
+                report,
+            })
+            .into_iter()
+            .collect()
     }
 
     async fn stop(&mut self) -> Result<(), QmpError> {
@@ -897,6 +964,7 @@ async fn start_worker(guest: &GuestSpec) -> Result<Worker, VmError> {
         expect_exit: false,
         kill_at: None,
         cpus: None,
+        sandbox: None,
     })
 }
 

@@ -1,6 +1,7 @@
 //! The monitor launches its worker sandboxed: the (fake) worker runs in its own namespaces as
-//! an unprivileged user, `--sandbox off` says loudly that it is not, and a seccomp violation
-//! kills only the worker, with the refused system call named in the monitor's log.
+//! an unprivileged user, `--sandbox off` says loudly that it is not, `x-query-sandbox` shows
+//! both processes as `/proc` does, and a seccomp violation kills only the worker, with the
+//! refused system call named in the monitor's log.
 
 mod common;
 
@@ -142,6 +143,125 @@ fn a_seccomp_violation_kills_only_the_worker_and_names_the_call() {
         assert!(std::time::Instant::now() < deadline, "no internal-error");
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success());
+}
+
+/// The `x-query-sandbox` answer, checked against its schema.
+fn query_sandbox(q: &mut Qmp) -> serde_json::Value {
+    let schema = q.cmd("query-qmp-schema")["return"].clone();
+    let r = q.cmd("x-query-sandbox");
+    let v = r["return"].clone();
+    let ty = bulkhead_monitor::qmp::schema::ret_type_of(&schema, "x-query-sandbox")
+        .expect("x-query-sandbox in the schema");
+    bulkhead_monitor::qmp::schema::check_value(&schema, ty, &v)
+        .unwrap_or_else(|e| panic!("{e}: {r}"));
+    v
+}
+
+fn ns_id(pid: i32, kind: &str) -> u64 {
+    let link = ns(pid, kind);
+    bulkhead_monitor::inspect::parse_ns_link(&link)
+        .expect("ns link")
+        .1
+}
+
+#[test]
+fn x_query_sandbox_lists_the_monitor_and_the_worker_from_proc() {
+    let s = Scratch::new("sbx-query");
+    let (mut m, sock) = start(&s, "", &[]);
+    let mut q = Qmp::unix(&sock);
+    q.negotiate();
+    let pid = worker_pid(&s);
+    let v = query_sandbox(&mut q);
+    assert_eq!(v["mode"], "on", "{v}");
+    let procs = v["processes"].as_array().expect("processes");
+    assert_eq!(procs.len(), 2, "{v}");
+    let (mon, w) = (&procs[0], &procs[1]);
+    assert_eq!(mon["role"], "monitor");
+    assert_eq!(mon["pid"], m.child.id());
+    assert_eq!(w["role"], "vcpu");
+    assert_eq!(w["pid"], pid);
+    assert_eq!(w["ns-pid"], 1);
+    // Every namespace the launcher creates is the worker's own, with the id /proc shows.
+    let by_type = |p: &serde_json::Value, t: &str| {
+        p["namespaces"]
+            .as_array()
+            .expect("namespaces")
+            .iter()
+            .find(|n| n["type"] == t)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {t} namespace in {p}"))
+    };
+    for kind in ["user", "mnt", "pid", "ipc", "uts", "net"] {
+        let n = by_type(w, kind);
+        assert_eq!(n["id"], ns_id(pid, kind), "{kind}");
+        assert_eq!(n["differs-from-monitor"], true, "{kind}");
+        assert_eq!(by_type(mon, kind)["differs-from-monitor"], false, "{kind}");
+    }
+    assert_eq!(by_type(w, "cgroup")["differs-from-monitor"], false);
+    // uid 0 inside, nobody (or the test's own uid) outside.
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let outside = if euid == 0 { 65534 } else { euid };
+    assert_eq!(w["uid"]["outside"], outside, "{w}");
+    assert_eq!(w["uid"]["inside"], 0, "{w}");
+    assert_eq!(
+        w["uid"]["map"],
+        json!([{"inside": 0, "outside": outside, "count": 1}])
+    );
+    assert_eq!(mon["uid"]["inside"], euid);
+    // The fake worker does not confine itself: /proc says so, and so does its own report.
+    assert_eq!(w["seccomp"]["mode"], "disabled");
+    assert_eq!(w["seccomp"]["filters"], 0);
+    assert!(w["seccomp"].get("instructions").is_none(), "{w}");
+    assert_eq!(w["landlock"]["source"], "worker-reported");
+    assert_eq!(w["landlock"]["status"], "not-enforced");
+    assert_eq!(mon["landlock"]["source"], "monitor-recorded");
+    // Capabilities and limits as /proc shows them at this moment.
+    let cap = |key: &str| u64::from_str_radix(&status_field(pid, key), 16).expect("hex");
+    assert_eq!(w["capabilities"]["effective"], cap("CapEff"));
+    assert_eq!(w["capabilities"]["bounding"], cap("CapBnd"));
+    let files = w["rlimits"]
+        .as_array()
+        .expect("rlimits")
+        .iter()
+        .find(|l| l["name"] == "Max open files")
+        .cloned()
+        .expect("nofile");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("line");
+    assert!(
+        line.contains(&files["soft"].to_string()),
+        "{line} vs {files}"
+    );
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success());
+}
+
+#[test]
+fn x_query_sandbox_under_sandbox_off_shows_shared_namespaces() {
+    let s = Scratch::new("sbx-query-off");
+    let (mut m, sock) = start(&s, "", &["--sandbox", "off"]);
+    let mut q = Qmp::unix(&sock);
+    q.negotiate();
+    let pid = worker_pid(&s);
+    let v = query_sandbox(&mut q);
+    assert_eq!(v["mode"], "off", "{v}");
+    let w = &v["processes"][1];
+    assert_eq!(w["pid"], pid);
+    assert_eq!(w["ns-pid"], pid);
+    assert!(
+        w["namespaces"]
+            .as_array()
+            .expect("namespaces")
+            .iter()
+            .all(|n| n["differs-from-monitor"] == false),
+        "{w}"
+    );
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success());
 }

@@ -24,6 +24,7 @@
 //! skipped and listed in [`EnterReport::weak`].
 
 use std::os::fd::RawFd;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::features::Features;
@@ -98,6 +99,25 @@ impl std::fmt::Display for EnterReport {
     }
 }
 
+/// What [`enter`] did in this process, kept for the process to report later (a worker answers
+/// the monitor's sandbox query from it: landlock's state is not visible in `/proc`).
+#[derive(Debug, Clone)]
+pub struct Entered {
+    /// The mode `enter` was called with.
+    pub mode: Mode,
+    /// The role whose policy was applied.
+    pub role: crate::policy::Role,
+    /// Its report.
+    pub report: EnterReport,
+}
+
+static ENTERED: OnceLock<Entered> = OnceLock::new();
+
+/// What [`enter`] did in this process (`None`: it was not called, or failed).
+pub fn entered() -> Option<&'static Entered> {
+    ENTERED.get()
+}
+
 /// Whether this process runs in a user namespace of its own (not the initial one).
 fn in_own_user_namespace() -> bool {
     match std::fs::read_to_string("/proc/self/uid_map") {
@@ -113,6 +133,21 @@ fn in_own_user_namespace() -> bool {
 /// main thread before any other thread exists and before reading anything untrusted.
 /// `report_fd` is where a seccomp violation is reported (the launcher's [`crate::REPORT_FD`]).
 pub fn enter(
+    policy: &Policy,
+    params: &Params,
+    mode: Mode,
+    report_fd: Option<RawFd>,
+) -> Result<EnterReport> {
+    let report = enter_inner(policy, params, mode, report_fd)?;
+    let _ = ENTERED.set(Entered {
+        mode,
+        role: policy.role,
+        report: report.clone(),
+    });
+    Ok(report)
+}
+
+fn enter_inner(
     policy: &Policy,
     params: &Params,
     mode: Mode,
@@ -335,6 +370,9 @@ mod tests {
         let r = enter(&crate::policy::VCPU, &Params::default(), Mode::Off, None).expect("off");
         assert!(r.weak.is_empty());
         assert_eq!(r.seccomp_instructions, 0);
+        // Recorded for the worker's report (the first call in a process wins).
+        let e = entered().expect("recorded");
+        assert_eq!(e.report.landlock_abi, 0);
     }
 
     #[test]

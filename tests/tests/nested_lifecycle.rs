@@ -1,6 +1,7 @@
 //! VM lifecycle through QMP and from inside the guest: stop/cont, system_reset, guest poweroff
 //! and reboot (with and without `-no-reboot`), and the death of the vCPU worker (on a two-vCPU
-//! guest whose `query-cpus-fast`/`query-cpus` must name the worker's real vCPU threads first).
+//! guest whose `query-cpus-fast`/`query-cpus` must name the worker's real vCPU threads, and
+//! whose `x-query-sandbox` must show the worker confined as L1's `/proc` does, first).
 //!
 //! Tests whose guest acts on its own right after boot start Bulkhead with `-S` and connect QMP
 //! before `cont`, so that no event can be missed.
@@ -241,6 +242,107 @@ fn check_vcpu_threads(vm: &NestedVm, qmp: &mut Qmp, worker: u32, vcpus: usize) -
     Ok(())
 }
 
+/// Checks `x-query-sandbox` against the real, confined `bulkhead-vcpu` (`worker`, an L1 pid):
+/// its own six namespaces, root inside mapped to nobody, no capabilities, `no_new_privs`, the
+/// vcpu policy's seccomp filter, the landlock ruleset it reports, the policy's limits, and the
+/// same values in L1's `/proc`.
+fn check_sandbox(vm: &NestedVm, qmp: &mut Qmp, worker: u32) -> Result<()> {
+    let v = qmp.execute("x-query-sandbox", None)?;
+    println!("x-query-sandbox: {v}");
+    ensure!(v["mode"] == "on", "mode: {v}");
+    let procs = v["processes"].as_array().context("processes")?;
+    ensure!(procs.len() == 2, "want the monitor and one worker: {v}");
+    let (mon, w) = (&procs[0], &procs[1]);
+    ensure!(
+        mon["role"] == "monitor" && w["role"] == "vcpu",
+        "roles: {v}"
+    );
+    ensure!(
+        w["pid"] == worker && w["ns-pid"] == 1,
+        "worker pid: {w} (L1 says {worker})"
+    );
+    let ns = w["namespaces"].as_array().context("namespaces")?;
+    for kind in ["user", "mnt", "pid", "ipc", "uts", "net"] {
+        let n = ns
+            .iter()
+            .find(|n| n["type"] == kind)
+            .with_context(|| format!("no {kind} namespace: {w}"))?;
+        ensure!(n["differs-from-monitor"] == true, "{kind}: {n}");
+        let link = vm.sh_ok(
+            &format!("readlink /proc/{worker}/ns/{kind}"),
+            scaled(Duration::from_secs(20)),
+        )?;
+        ensure!(
+            link.trim() == format!("{kind}:[{}]", n["id"]),
+            "{kind}: L1 says {link:?}, x-query-sandbox {n}"
+        );
+    }
+    ensure!(
+        w["uid"]["inside"] == 0 && w["uid"]["outside"] == 65534,
+        "uid: {w}"
+    );
+    ensure!(
+        w["gid"]["inside"] == 0 && w["gid"]["outside"] == 65534,
+        "gid: {w}"
+    );
+    for set in [
+        "inheritable",
+        "permitted",
+        "effective",
+        "bounding",
+        "ambient",
+    ] {
+        ensure!(w["capabilities"][set] == 0, "capabilities {set}: {w}");
+    }
+    ensure!(w["no-new-privs"] == true, "no-new-privs: {w}");
+    let status = vm.sh_ok(
+        &format!("grep -E '^(CapBnd|NoNewPrivs|Seccomp|Seccomp_filters):' /proc/{worker}/status"),
+        scaled(Duration::from_secs(20)),
+    )?;
+    println!("L1 /proc/{worker}/status: {status}");
+    ensure!(
+        status.contains("CapBnd:\t0000000000000000") && status.contains("Seccomp:\t2"),
+        "L1 status: {status}"
+    );
+    let filters = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+        .map(str::trim)
+        .context("Seccomp_filters")?;
+    ensure!(
+        w["seccomp"]["mode"] == "filter"
+            && filters.parse::<u64>().ok() == w["seccomp"]["filters"].as_u64(),
+        "seccomp: {w} vs L1 {filters}"
+    );
+    let policy: usize =
+        bulkhead_sandbox::seccomp::compile(bulkhead_sandbox::Role::Vcpu.policy(), 1)?
+            .iter()
+            .map(Vec::len)
+            .sum();
+    ensure!(
+        w["seccomp"]["instructions"] == policy,
+        "instructions: {w} (policy {policy})"
+    );
+    // L1's kernel (6.1) offers landlock ABI 2; the worker asks for every right it knows, so the
+    // kernel enforces the part it has.
+    let ll = &w["landlock"];
+    ensure!(
+        ll["source"] == "worker-reported" && ll["abi"] == 2 && ll["status"] == "partially-enforced",
+        "landlock: {ll}"
+    );
+    let nofile = w["rlimits"]
+        .as_array()
+        .context("rlimits")?
+        .iter()
+        .find(|l| l["name"] == "Max open files")
+        .context("no Max open files")?;
+    ensure!(
+        nofile["soft"] == 68 && nofile["hard"] == 68,
+        "Max open files {nofile} (the vcpu policy gives 64 + 2 per vCPU)"
+    );
+    Ok(())
+}
+
 #[test]
 fn killing_the_vcpu_worker_gives_internal_error() -> Result<()> {
     let vm = boot_l1_for_bulkhead("lifecycle-vcpu-kill")?;
@@ -256,6 +358,7 @@ fn killing_the_vcpu_worker_gives_internal_error() -> Result<()> {
         "expected one bulkhead-vcpu process in L1, found {pids:?}"
     );
     check_vcpu_threads(&vm, &mut qmp, pids[0], 2)?;
+    check_sandbox(&vm, &mut qmp, pids[0])?;
     let list: Vec<String> = pids.iter().map(u32::to_string).collect();
     vm.sh_ok(
         &format!("kill -9 {}", list.join(" ")),

@@ -226,6 +226,23 @@ fn query_cpus_reports_every_vcpu() {
     assert_ne!(cpus[0].thread_id, cpus[1].thread_id);
     let code = guest::LOAD_ADDR..guest::LOAD_ADDR + guest::CODE.len() as u64;
     assert!(code.contains(&cpus[0].pc), "pc {:#x}", cpus[0].pc);
+    // The worker reports what its sandbox `enter` did (x-query-sandbox's landlock part):
+    // entered fully under --sandbox on, with the vcpu policy's filter size.
+    let report = match w.request(VcpuRequest::QuerySandbox, &[], T).expect("reply") {
+        VcpuReply::Sandbox(r) => r,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert!(report.entered, "{report:?}");
+    assert_eq!(report.mode, "on");
+    assert!(report.landlock_abi >= 1, "{report:?}");
+    assert!(report.weak.is_empty(), "{report:?}");
+    let policy: usize =
+        bulkhead_sandbox::seccomp::compile(bulkhead_sandbox::Role::Vcpu.policy(), 1)
+            .expect("compile")
+            .iter()
+            .map(Vec::len)
+            .sum();
+    assert_eq!(report.seccomp_instructions, policy as u64);
     // Querying does not stop a running machine.
     w.ok(VcpuRequest::Quit).expect("quit");
 }

@@ -117,6 +117,7 @@ pub const RETURNS: &[(&str, &str)] = &[
     ("remove-fd", EMPTY),
     ("stop", EMPTY),
     ("system_reset", EMPTY),
+    ("x-query-sandbox", "XSandboxInfo"),
 ];
 
 /// Every event the bus can emit, with its data type. Exactly the events of
@@ -253,6 +254,114 @@ pub const TYPES: &[(&str, TypeDef)] = &[
     (
         "FdsetFdInfo",
         object(&[req("fd", "int"), opt("opaque", "str")]),
+    ),
+    // x-query-sandbox (a Bulkhead extension; see qmp/commands/sandbox.rs).
+    (
+        "XSandboxInfo",
+        object(&[
+            req("mode", "XSandboxMode"),
+            req("processes", "[XSandboxProcess]"),
+        ]),
+    ),
+    ("XSandboxMode", TypeDef::Enum(&["on", "off", "allow-weak"])),
+    (
+        "XSandboxProcess",
+        object(&[
+            req("role", "XSandboxRole"),
+            req("pid", "int"),
+            req("ns-pid", "int"),
+            req("namespaces", "[XSandboxNamespace]"),
+            req("uid", "XSandboxIds"),
+            req("gid", "XSandboxIds"),
+            req("groups", "[int]"),
+            req("capabilities", "XSandboxCapabilities"),
+            req("no-new-privs", "bool"),
+            req("seccomp", "XSandboxSeccomp"),
+            req("landlock", "XSandboxLandlock"),
+            req("rlimits", "[XSandboxRlimit]"),
+        ]),
+    ),
+    (
+        "XSandboxRole",
+        TypeDef::Enum(&["vcpu", "blockd", "netd", "monitor"]),
+    ),
+    (
+        "XSandboxNamespace",
+        object(&[
+            req("type", "str"),
+            req("id", "int"),
+            req("differs-from-monitor", "bool"),
+        ]),
+    ),
+    (
+        "XSandboxIds",
+        object(&[
+            req("outside", "int"),
+            opt("inside", "int"),
+            req("map", "[XSandboxIdRange]"),
+        ]),
+    ),
+    (
+        "XSandboxIdRange",
+        object(&[
+            req("inside", "int"),
+            req("outside", "int"),
+            req("count", "int"),
+        ]),
+    ),
+    (
+        "XSandboxCapabilities",
+        object(&[
+            req("inheritable", "int"),
+            req("permitted", "int"),
+            req("effective", "int"),
+            req("bounding", "int"),
+            req("ambient", "int"),
+        ]),
+    ),
+    (
+        "XSandboxSeccomp",
+        object(&[
+            req("mode", "XSandboxSeccompMode"),
+            req("filters", "int"),
+            opt("instructions", "int"),
+        ]),
+    ),
+    (
+        "XSandboxSeccompMode",
+        TypeDef::Enum(&["disabled", "strict", "filter"]),
+    ),
+    (
+        "XSandboxLandlock",
+        object(&[
+            req("source", "XSandboxReportSource"),
+            req("abi", "int"),
+            req("status", "XSandboxLandlockStatus"),
+            opt("weaknesses", "[str]"),
+            opt("enter-us", "int"),
+        ]),
+    ),
+    (
+        "XSandboxReportSource",
+        TypeDef::Enum(&["worker-reported", "monitor-recorded"]),
+    ),
+    (
+        "XSandboxLandlockStatus",
+        TypeDef::Enum(&[
+            "fully-enforced",
+            "partially-enforced",
+            "not-enforced",
+            "unknown",
+        ]),
+    ),
+    (
+        "XSandboxRlimit",
+        object(&[
+            req("name", "str"),
+            opt("soft", "int"),
+            opt("hard", "int"),
+            opt("units", "str"),
+        ]),
     ),
     // Event data.
     (
@@ -908,6 +1017,17 @@ mod tests {
             .map(|t| t.as_str())
             .collect();
         assert_eq!(types, enum_values("CommandLineParameterType"));
+        let roles: BTreeSet<&str> = bulkhead_sandbox::Role::ALL
+            .into_iter()
+            .map(bulkhead_sandbox::Role::name)
+            .collect();
+        assert_eq!(roles, enum_values("XSandboxRole"));
+        use bulkhead_sandbox::Mode;
+        let modes: BTreeSet<&str> = [Mode::On, Mode::Off, Mode::AllowWeak]
+            .into_iter()
+            .map(Mode::name)
+            .collect();
+        assert_eq!(modes, enum_values("XSandboxMode"));
     }
 
     #[test]
