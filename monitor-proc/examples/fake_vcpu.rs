@@ -18,7 +18,9 @@
 //! - `fake.refuse-setup`: answer `Setup` with an error;
 //! - `fake.sigsys`: on the first `Run`, install the vcpu role's real seccomp filter (with its
 //!   SIGSYS reporter on fd 4) and call `socket(2)`, which the filter refuses: the worker dies by
-//!   SIGSYS and the monitor must name the call.
+//!   SIGSYS and the monitor must name the call;
+//! - `fake.sigsys-after=MS`: the same, MS ms after the first `Run` (from another thread, while
+//!   the machine runs).
 //!
 //! It is launched like the real worker (in its namespaces unless `--sandbox off`) but does not
 //! confine itself; the pid it logs is its pid as the monitor sees it (not 1, its pid inside its
@@ -360,6 +362,9 @@ fn spawn_timers(cmdline: &str, chan: Arc<Channel<VcpuProtocol>>) {
                 let _ = c.send_event(VcpuEvent::InternalError("fake emulation failure".into()));
             }),
         );
+    }
+    if let Some(d) = ms("fake.sigsys-after") {
+        after(d, Box::new(|| violate_seccomp()));
     }
     if let Some(d) = ms("fake.exit-after") {
         after(d, Box::new(|| std::process::exit(3)));

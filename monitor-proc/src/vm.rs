@@ -23,7 +23,8 @@
 //! |                       | state shutdown                                                      |
 //! | guest reset           | RESET(guest-reset)                                                  |
 //! | worker internal error | STOP (if running), internal-error                                   |
-//! | worker death          | logged with its status or signal; STOP (if running), internal-error |
+//! | worker death          | logged with its status or signal (and the refused system call after |
+//! |                       | a seccomp kill); X_WORKER_EXITED; STOP (if running), internal-error |
 //!
 //! With `-M none` there is no worker: the same transitions happen on the state alone, as QEMU
 //! does for its `none` machine.
@@ -43,7 +44,7 @@ use tokio::time::Instant;
 
 use crate::chardev::{reopen_readonly, SerialHost};
 use crate::memory::GuestMemory;
-use crate::qmp::events::{Event, EventBus, ShutdownCause};
+use crate::qmp::events::{Event, EventBus, ShutdownCause, WorkerExit};
 use crate::qmp::protocol::QmpError;
 use crate::worker::{self, SandboxConfig, WorkerError, WorkerProcess};
 
@@ -814,14 +815,28 @@ impl Vm {
         let Some(mut w) = self.worker.take() else {
             return;
         };
-        let desc = match status {
-            Ok(s) => w.child.describe(s),
-            Err(e) => format!("could not be waited for ({e})"),
+        let (desc, violation, status) = match status {
+            Ok(s) => {
+                let (d, v) = w.child.describe_with_violation(s);
+                (d, v, Some(s))
+            }
+            Err(e) => (format!("could not be waited for ({e})"), None, None),
         };
         if w.expect_exit {
             log::info!("bulkhead-vcpu (pid {}) {desc}", w.pid);
         } else {
             log::error!("bulkhead-vcpu (pid {}) {desc}", w.pid);
+            // The event first, then STOP and the state change: QEMU reports the cause of an
+            // internal error before the STOP it leads to.
+            use std::os::unix::process::ExitStatusExt;
+            self.bus.emit(&Event::WorkerExited(WorkerExit {
+                role: bulkhead_sandbox::Role::Vcpu.name(),
+                pid: w.pid,
+                exit_status: status.and_then(|s| s.code()),
+                signal: status.and_then(|s| s.signal()).map(worker::signal_name),
+                syscall: violation.map(|v| (v.nr, v.name())),
+                description: desc,
+            }));
             self.enter_internal_error();
         }
     }

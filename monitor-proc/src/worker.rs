@@ -201,14 +201,24 @@ impl WorkerProcess {
 
     /// How it ended, with the refused system call when the sandbox killed it.
     pub fn describe(&mut self, status: ExitStatus) -> String {
+        self.describe_with_violation(status).0
+    }
+
+    /// [`WorkerProcess::describe`], and the violation itself when the sandbox killed it (the
+    /// report is read once: call one of the two, once).
+    pub fn describe_with_violation(&mut self, status: ExitStatus) -> (String, Option<Violation>) {
         let mut d = describe_exit(status);
+        let mut violation = None;
         if status.signal() == Some(libc::SIGSYS) {
             match self.inner.get_mut().0.violation() {
-                Some(v) => d.push_str(&format!(": the sandbox refused {v}")),
+                Some(v) => {
+                    d.push_str(&format!(": the sandbox refused {v}"));
+                    violation = Some(v);
+                }
                 None => d.push_str(" (no seccomp report)"),
             }
         }
-        d
+        (d, violation)
     }
 
     /// The seccomp violation it reported (believe it only after a death by SIGSYS).

@@ -162,7 +162,7 @@ fn none_machine_answers_every_query() {
     assert_eq!(events, in_schema("event"));
     assert_eq!(
         events,
-        ["RESET", "RESUME", "SHUTDOWN", "STOP"]
+        ["RESET", "RESUME", "SHUTDOWN", "STOP", "X_WORKER_EXITED"]
             .map(String::from)
             .into()
     );

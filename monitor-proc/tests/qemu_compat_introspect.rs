@@ -18,7 +18,7 @@ use common::compare::{converse, differences, start_bulkhead, start_qemu, Compare
 use common::*;
 
 /// Bulkhead's own commands and events (`docs/QMP.md`, "Bulkhead extensions"): not in QEMU.
-const EXTENSIONS: &[&str] = &["x-query-sandbox"];
+const EXTENSIONS: &[&str] = &["x-query-sandbox", "X_WORKER_EXITED"];
 const UUID: &str = "12345678-9abc-def0-1234-56789abcdef0";
 
 fn machine_args(port: u16) -> Vec<String> {
@@ -441,7 +441,13 @@ fn introspection_and_hmp_answer_like_qemu_7_2() {
     let dropped: BTreeSet<String> = ["query-cpus", "query-events"].map(String::from).into();
     let ours_only: BTreeSet<String> = names(&oc).difference(&names(&tc)).cloned().collect();
     let mut expected = dropped.clone();
-    expected.extend(EXTENSIONS.iter().map(|s| s.to_string()));
+    // (Commands are lower case; X_ names are events.)
+    expected.extend(
+        EXTENSIONS
+            .iter()
+            .filter(|s| s.starts_with("x-"))
+            .map(|s| s.to_string()),
+    );
     assert_eq!(ours_only, expected);
     for cmd in &dropped {
         let (tc, oc) = t_o(&theirs, &ours, step(cmd));
@@ -457,7 +463,7 @@ fn introspection_and_hmp_answer_like_qemu_7_2() {
     let (_, oc) = t_o(&theirs, &ours, step("query-events"));
     assert_eq!(
         names(&oc),
-        ["RESET", "RESUME", "SHUTDOWN", "STOP"]
+        ["RESET", "RESUME", "SHUTDOWN", "STOP", "X_WORKER_EXITED"]
             .map(String::from)
             .into()
     );

@@ -137,12 +137,80 @@ fn a_seccomp_violation_kills_only_the_worker_and_names_the_call() {
         T,
     );
     assert!(stderr.contains("args [0x2, 0x1, 0x0"), "{stderr}");
+    // The event names the worker and the call.
+    let ev = q.event("X_WORKER_EXITED");
+    assert_eq!(ev["data"]["role"], "vcpu", "{ev}");
+    assert_eq!(ev["data"]["pid"], pid, "{ev}");
+    assert_eq!(ev["data"]["signal"], "SIGSYS", "{ev}");
+    assert_eq!(ev["data"]["sandbox-violation"], true, "{ev}");
+    assert_eq!(ev["data"]["syscall"], libc::SYS_socket, "{ev}");
+    assert_eq!(ev["data"]["syscall-name"], "socket", "{ev}");
     // The monitor goes on serving, in QEMU's state for a dead machine.
     let deadline = std::time::Instant::now() + T;
     while q.status() != "internal-error" {
         assert!(std::time::Instant::now() < deadline, "no internal-error");
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success());
+}
+
+/// The worker pids `worker.log` has seen so far, in order.
+fn worker_pids(s: &Scratch) -> Vec<i32> {
+    std::fs::read_to_string(s.path("worker.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("pid ")?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_violation_while_running_stops_the_vm_and_system_reset_starts_a_new_worker() {
+    let s = Scratch::new("sbx-sigsys-run");
+    let (mut m, sock) = start(&s, "fake.sigsys-after=300", &[]);
+    let mut q = Qmp::unix(&sock);
+    q.negotiate();
+    let pid = worker_pid(&s);
+    assert_eq!(q.status(), "running");
+    let schema = q.cmd("query-qmp-schema")["return"].clone();
+    // X_WORKER_EXITED, then STOP, as QEMU reports an internal error's cause before its STOP.
+    let ev = q.event("X_WORKER_EXITED");
+    let ty = bulkhead_monitor::qmp::schema::event_type_of(&schema, "X_WORKER_EXITED")
+        .expect("event in the schema");
+    bulkhead_monitor::qmp::schema::check_value(&schema, ty, &ev["data"])
+        .unwrap_or_else(|e| panic!("{e}: {ev}"));
+    assert_eq!(ev["data"]["pid"], pid, "{ev}");
+    assert_eq!(ev["data"]["syscall-name"], "socket", "{ev}");
+    assert!(
+        ev["data"]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("the sandbox refused system call")),
+        "{ev}"
+    );
+    assert!(
+        q.events.is_empty(),
+        "nothing before X_WORKER_EXITED: {:?}",
+        q.events
+    );
+    q.event("STOP");
+    m.wait_stderr(
+        &format!("bulkhead-vcpu (pid {pid}) was killed by signal SIGSYS"),
+        T,
+    );
+    assert_eq!(q.status(), "internal-error");
+    assert!(error_desc(&q.cmd("cont")).contains("Resetting the Virtual Machine is required"));
+    // Only the monitor is left.
+    let v = query_sandbox(&mut q);
+    assert_eq!(v["processes"].as_array().map(Vec::len), Some(1), "{v}");
+    // system_reset brings up a fresh worker, paused (prelaunch), that then runs.
+    assert_eq!(q.cmd("system_reset"), json!({"return": {}}));
+    q.event("RESET");
+    assert_eq!(q.status(), "prelaunch");
+    let pids = worker_pids(&s);
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert_ne!(pids[1], pid);
+    let v = query_sandbox(&mut q);
+    assert_eq!(v["processes"][1]["pid"], pids[1], "{v}");
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success());
 }

@@ -379,6 +379,18 @@ fn killing_the_vcpu_worker_gives_internal_error() -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     };
     assert!(!running, "status {status} must not be running");
+    // The death was reported: the worker, its pid and the signal (no sandbox violation).
+    let ev = qmp.wait_event("X_WORKER_EXITED", scaled(EVENT_TIMEOUT))?;
+    println!("X_WORKER_EXITED: {ev}");
+    let d = &ev["data"];
+    ensure!(
+        d["role"] == "vcpu"
+            && d["pid"] == pids[0]
+            && d["signal"] == "SIGKILL"
+            && d["sandbox-violation"] == false,
+        "X_WORKER_EXITED: {ev}"
+    );
+    qmp.wait_event("STOP", scaled(EVENT_TIMEOUT))?;
     ensure!(
         bh.exit_status()?.is_none(),
         "bulkhead exited after its vCPU worker was killed"

@@ -61,6 +61,23 @@ impl ShutdownCause {
     }
 }
 
+/// A worker that died when it should not have (`X_WORKER_EXITED`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerExit {
+    /// Its role (`vcpu`, ...).
+    pub role: &'static str,
+    /// Its pid as the monitor saw it.
+    pub pid: u32,
+    /// Its exit status, if it exited.
+    pub exit_status: Option<i32>,
+    /// The signal that killed it (`SIGSYS`), if one did.
+    pub signal: Option<String>,
+    /// For a seccomp kill: the refused system call's number and name (when known).
+    pub syscall: Option<(i64, Option<&'static str>)>,
+    /// How the monitor's log describes the death.
+    pub description: String,
+}
+
 /// An event Bulkhead emits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -72,6 +89,9 @@ pub enum Event {
     Reset(ShutdownCause),
     /// The machine shut down (or is about to, with the process).
     Shutdown(ShutdownCause),
+    /// A worker died unexpectedly (a Bulkhead extension, named as QAPI names experimental
+    /// ones); for a sandbox violation it names the refused system call.
+    WorkerExited(WorkerExit),
 }
 
 impl Event {
@@ -82,6 +102,7 @@ impl Event {
             Event::Resume => "RESUME",
             Event::Reset(_) => "RESET",
             Event::Shutdown(_) => "SHUTDOWN",
+            Event::WorkerExited(_) => "X_WORKER_EXITED",
         }
     }
 
@@ -93,6 +114,27 @@ impl Event {
                 m.insert("guest".into(), Value::Bool(c.is_guest()));
                 m.insert("reason".into(), Value::String(c.as_str().into()));
                 Some(Value::Object(m))
+            }
+            Event::WorkerExited(w) => {
+                let mut m = vec![
+                    ("role", Value::from(w.role)),
+                    ("pid", Value::from(w.pid)),
+                    ("sandbox-violation", Value::from(w.syscall.is_some())),
+                    ("description", Value::from(w.description.as_str())),
+                ];
+                if let Some(code) = w.exit_status {
+                    m.push(("exit-status", Value::from(code)));
+                }
+                if let Some(sig) = &w.signal {
+                    m.push(("signal", Value::from(sig.as_str())));
+                }
+                if let Some((nr, name)) = w.syscall {
+                    m.push(("syscall", Value::from(nr)));
+                    if let Some(name) = name {
+                        m.push(("syscall-name", Value::from(name)));
+                    }
+                }
+                Some(super::qdict::object(m))
             }
         }
     }
@@ -326,6 +368,26 @@ mod tests {
             "{\"timestamp\": {\"seconds\": 1700000000, \"microseconds\": 123456}, \"event\": \"SHUTDOWN\", \
              \"data\": {\"guest\": true, \"reason\": \"guest-shutdown\"}}\r\n"
         );
+    }
+
+    #[test]
+    fn worker_exits_name_the_refused_call() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 0);
+        let line = Event::WorkerExited(WorkerExit {
+            role: "vcpu",
+            pid: 42,
+            exit_status: None,
+            signal: Some("SIGSYS".into()),
+            syscall: Some((41, Some("socket"))),
+            description: "was killed by signal SIGSYS".into(),
+        })
+        .to_line_at(t);
+        let v: Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(v["event"], "X_WORKER_EXITED");
+        assert_eq!(v["data"]["syscall"], 41);
+        assert_eq!(v["data"]["syscall-name"], "socket");
+        assert_eq!(v["data"]["sandbox-violation"], true);
+        assert!(v["data"].get("exit-status").is_none());
     }
 
     #[tokio::test]

@@ -127,6 +127,7 @@ pub const EVENTS: &[(&str, &str)] = &[
     ("RESUME", EMPTY),
     ("SHUTDOWN", "q_obj_SHUTDOWN-arg"),
     ("STOP", EMPTY),
+    ("X_WORKER_EXITED", "q_obj_X_WORKER_EXITED-arg"),
 ];
 
 /// The named types, by the names QEMU's schema gives them (masked on the wire).
@@ -371,6 +372,20 @@ pub const TYPES: &[(&str, TypeDef)] = &[
     (
         "q_obj_RESET-arg",
         object(&[req("guest", "bool"), req("reason", "ShutdownCause")]),
+    ),
+    // A Bulkhead extension (qmp/events.rs WorkerExit).
+    (
+        "q_obj_X_WORKER_EXITED-arg",
+        object(&[
+            req("role", "XSandboxRole"),
+            req("pid", "int"),
+            req("sandbox-violation", "bool"),
+            req("description", "str"),
+            opt("exit-status", "int"),
+            opt("signal", "str"),
+            opt("syscall", "int"),
+            opt("syscall-name", "str"),
+        ]),
     ),
     // The causes Bulkhead's events use (crate::qmp::events::ShutdownCause), in QEMU's order.
     (
@@ -917,10 +932,22 @@ mod tests {
             Event::Resume,
             Event::Reset(ShutdownCause::HostQmpSystemReset),
             Event::Shutdown(ShutdownCause::HostQmpQuit),
+            Event::WorkerExited(crate::qmp::events::WorkerExit {
+                role: "vcpu",
+                pid: 1,
+                exit_status: Some(1),
+                signal: None,
+                syscall: None,
+                description: String::new(),
+            }),
         ];
         for e in &all {
             match e {
-                Event::Stop | Event::Resume | Event::Reset(_) | Event::Shutdown(_) => {}
+                Event::Stop
+                | Event::Resume
+                | Event::Reset(_)
+                | Event::Shutdown(_)
+                | Event::WorkerExited(_) => {}
             }
         }
         all
