@@ -17,3 +17,9 @@ tests/python/setup.sh
 
 cargo build --release --workspace --bins
 cargo nextest run --workspace --release --no-fail-fast "$@"
+
+# Proof by attack (docs/SECURITY.md): needs the test-only feature attack-hook, so it is built in
+# a target directory of its own and can never replace the release binaries in target/release.
+CARGO_TARGET_DIR=target/attack-hook cargo nextest run -p bulkhead-sandbox -p bulkhead-vcpu-proc \
+  --features bulkhead-sandbox/attack-hook,bulkhead-vcpu-proc/attack-hook --no-fail-fast \
+  -E 'binary(attacks)'

@@ -10,10 +10,15 @@
 //!   `no_new_privs`, rlimits, landlock with no filesystem access, seccomp last.
 //! - [`seccomp`]: filters compiled with seccompiler, and the `SIGSYS` report of a violation.
 //! - [`features`]: what this kernel offers, so Bulkhead can refuse to run with less.
+//! - `attack` (feature `attack-hook`, tests only, never in a release build): the attempts a
+//!   compromised worker would make, run inside the worker to prove the layers hold
+//!   (`docs/SECURITY.md`).
 //!
 //! The process-hygiene helpers below ([`die_with_parent`], [`set_no_new_privs`],
 //! [`close_fds_except`]) are used by every worker, confined or not.
 
+#[cfg(feature = "attack-hook")]
+pub mod attack;
 pub mod enter;
 pub mod features;
 pub mod ioctls;

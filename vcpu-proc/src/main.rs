@@ -6,6 +6,11 @@
 //! sandbox, seccomp included, is in place before the handshake. Guest RAM size and vCPU count
 //! come on the command line because the address-space and thread limits depend on them; the
 //! `Setup` frame that follows must agree (a bigger guest simply fails to map).
+//!
+//! Built with the feature `attack-hook` (tests only; it cannot be compiled into a release build)
+//! it also takes `--attack NAME --attack-target SPEC --attack-trigger-fd N`: once confined, a
+//! thread waits for a byte on fd N (the test sends it after `Setup`, so guest memory is mapped)
+//! and then makes attempt NAME of `bulkhead_sandbox::attack`, reporting on stdout.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
@@ -18,6 +23,16 @@ struct Args {
     ipc_fd: RawFd,
     mode: Mode,
     params: Params,
+    #[cfg(feature = "attack-hook")]
+    attack: Option<Hook>,
+}
+
+/// `--attack`: what to attempt, at what, and when.
+#[cfg(feature = "attack-hook")]
+struct Hook {
+    which: bulkhead_sandbox::attack::Attack,
+    target: bulkhead_sandbox::attack::Target,
+    trigger_fd: RawFd,
 }
 
 const USAGE: &str =
@@ -28,6 +43,8 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut fd = None;
     let mut mode = Mode::On;
     let mut params = Params::default();
+    #[cfg(feature = "attack-hook")]
+    let (mut attack, mut target, mut trigger) = (None, None, None);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
@@ -47,6 +64,30 @@ fn parse_args() -> anyhow::Result<Args> {
                 params.mem_bytes = value()?.parse().context("--mem-bytes takes a number")?
             }
             "--vcpus" => params.vcpus = value()?.parse().context("--vcpus takes a number")?,
+            #[cfg(feature = "attack-hook")]
+            "--attack" => {
+                let v = value()?;
+                attack = Some(
+                    bulkhead_sandbox::attack::Attack::from_name(&v)
+                        .with_context(|| format!("--attack {v:?}: no such attempt"))?,
+                );
+            }
+            #[cfg(feature = "attack-hook")]
+            "--attack-target" => {
+                let v = value()?;
+                target = Some(
+                    bulkhead_sandbox::attack::Target::parse(&v)
+                        .with_context(|| format!("--attack-target {v:?}"))?,
+                );
+            }
+            #[cfg(feature = "attack-hook")]
+            "--attack-trigger-fd" => {
+                trigger = Some(
+                    value()?
+                        .parse::<RawFd>()
+                        .context("--attack-trigger-fd takes a number")?,
+                )
+            }
             other => bail!("unknown argument {other:?} ({USAGE})"),
         }
     }
@@ -58,6 +99,16 @@ fn parse_args() -> anyhow::Result<Args> {
         ipc_fd,
         mode,
         params,
+        #[cfg(feature = "attack-hook")]
+        attack: match (attack, target, trigger) {
+            (None, None, None) => None,
+            (Some(which), Some(target), Some(trigger_fd)) => Some(Hook {
+                which,
+                target,
+                trigger_fd,
+            }),
+            _ => bail!("--attack needs --attack-target and --attack-trigger-fd"),
+        },
     })
 }
 
@@ -73,8 +124,11 @@ fn main() -> anyhow::Result<()> {
     let parent = unsafe { libc::getppid() };
     bulkhead_sandbox::die_with_parent(parent).context("die_with_parent")?;
     bulkhead_sandbox::set_no_new_privs().context("no_new_privs")?;
-    bulkhead_sandbox::close_fds_except(3, &[args.ipc_fd, REPORT_FD])
-        .context("closing inherited fds")?;
+    #[allow(unused_mut)]
+    let mut keep = vec![args.ipc_fd, REPORT_FD];
+    #[cfg(feature = "attack-hook")]
+    keep.extend(args.attack.as_ref().map(|h| h.trigger_fd));
+    bulkhead_sandbox::close_fds_except(3, &keep).context("closing inherited fds")?;
     let report_fd = fd_is_open(REPORT_FD).then_some(REPORT_FD);
     let report = bulkhead_sandbox::enter(Role::Vcpu.policy(), &args.params, args.mode, report_fd)
         .context("sandbox")?;
@@ -82,6 +136,25 @@ fn main() -> anyhow::Result<()> {
         Mode::Off => log::warn!("running WITHOUT a sandbox (--sandbox off)"),
         _ if !report.weak.is_empty() => log::warn!("{report}"),
         _ => log::info!("{report}"),
+    }
+    #[cfg(feature = "attack-hook")]
+    if let Some(hook) = args.attack {
+        std::thread::Builder::new()
+            .name("attack".into())
+            .spawn(move || {
+                let mut b = 0u8;
+                // SAFETY: read(2) of one byte into a local.
+                let n = unsafe { libc::read(hook.trigger_fd, (&mut b as *mut u8).cast(), 1) };
+                if n == 1 {
+                    bulkhead_sandbox::attack::run_and_report(
+                        hook.which,
+                        Role::Vcpu,
+                        &hook.target,
+                        libc::STDOUT_FILENO,
+                    );
+                }
+            })
+            .context("starting the attack thread")?;
     }
     // SAFETY: the monitor passed this fd to us as our end of the ipc socketpair; nothing else
     // in this process owns it (every other inherited fd was just closed).

@@ -4,6 +4,11 @@
 //! - `wait`: reads stdin until EOF and exits 0;
 //! - `syscall NR`: makes system call NR with zero arguments (a forbidden one kills it by SIGSYS);
 //! - `ioctl REQUEST`: `ioctl(0, REQUEST, 0)` (hex or decimal), then prints the result.
+//!
+//! With the feature `attack-hook` (tests only) also `attack NAME TARGET [LAYERS]`: runs one of
+//! `bulkhead_sandbox::attack`'s attempts against TARGET (`pid=…,addr=…,port=…,mnt=…`) and
+//! reports it on stdout; LAYERS (`no-seccomp`, `no-seccomp-no-landlock`) leaves layers out of
+//! the sandbox, to see what stops the attempt below them.
 
 use std::io::{Read, Write};
 
@@ -32,6 +37,11 @@ fn main() {
         mem_bytes: 64 << 20,
         vcpus: 1,
     };
+    #[cfg(feature = "attack-hook")]
+    if action == "attack" {
+        attack(role, mode, &params, &args[4..]);
+        return;
+    }
     let report = match enter(role.policy(), &params, mode, Some(REPORT_FD)) {
         Ok(r) => r,
         Err(e) => {
@@ -62,4 +72,40 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// `attack NAME TARGET [LAYERS]`.
+#[cfg(feature = "attack-hook")]
+fn attack(role: Role, mode: Mode, params: &Params, args: &[String]) {
+    use bulkhead_sandbox::attack::{self, Attack, Target};
+    let usage = "usage: bulkhead-sandbox-probe ROLE MODE attack NAME TARGET \
+                 [no-seccomp|no-seccomp-no-landlock]";
+    let (Some(which), Some(target)) = (
+        args.first().and_then(|a| Attack::from_name(a)),
+        args.get(1).and_then(|t| Target::parse(t)),
+    ) else {
+        eprintln!("{usage}");
+        std::process::exit(2);
+    };
+    let (no_seccomp, no_landlock) = match args.get(2).map(String::as_str) {
+        None => (false, false),
+        Some("no-seccomp") => (true, false),
+        Some("no-seccomp-no-landlock") => (true, true),
+        Some(_) => {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+    };
+    let report =
+        match attack::enter_without(role, params, mode, Some(REPORT_FD), no_seccomp, no_landlock) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("bulkhead-sandbox-probe: {e}");
+                std::process::exit(1);
+            }
+        };
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "READY {report}");
+    let _ = out.flush();
+    attack::run_and_report(which, role, &target, 1);
 }

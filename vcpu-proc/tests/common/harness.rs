@@ -148,6 +148,18 @@ impl Worker {
     /// fd 4, told to confine itself fully (`--sandbox on`) for a guest of `mem_mib` MiB and
     /// `vcpus` vCPUs; then completes the handshake.
     pub fn spawn(worker: &Path, mem_mib: u64, vcpus: u32) -> std::io::Result<Self> {
+        Self::spawn_with(worker, mem_mib, vcpus, &[], None, &[])
+    }
+
+    /// [`Worker::spawn`] with more arguments, another stdout, and more fds (`(fd, number)`).
+    pub fn spawn_with(
+        worker: &Path,
+        mem_mib: u64,
+        vcpus: u32,
+        extra_args: &[&str],
+        stdout: Option<std::os::fd::BorrowedFd<'_>>,
+        extra_fds: &[(std::os::fd::BorrowedFd<'_>, i32)],
+    ) -> std::io::Result<Self> {
         let (ours, theirs) = Channel::<VcpuProtocol>::pair().map_err(std::io::Error::other)?;
         let theirs = theirs.into_fd();
         let devnull = File::open("/dev/null")?;
@@ -165,7 +177,10 @@ impl Worker {
             mem.as_str(),
             "--vcpus",
             n.as_str(),
-        ] {
+        ]
+        .iter()
+        .chain(extra_args)
+        {
             cmd.arg(a).map_err(std::io::Error::other)?;
         }
         if let Ok(level) = std::env::var("BULKHEAD_LOG") {
@@ -173,10 +188,13 @@ impl Worker {
                 .map_err(std::io::Error::other)?;
         }
         cmd.fd(devnull.as_fd(), 0)
-            .and_then(|c| c.fd(std::io::stdout().as_fd(), 1))
+            .and_then(|c| c.fd(stdout.unwrap_or(std::io::stdout().as_fd()), 1))
             .and_then(|c| c.fd(std::io::stderr().as_fd(), 2))
             .and_then(|c| c.fd(theirs.as_fd(), 3))
             .map_err(std::io::Error::other)?;
+        for (fd, n) in extra_fds {
+            cmd.fd(*fd, *n).map_err(std::io::Error::other)?;
+        }
         cmd.namespaces(policy.namespaces, Some(ids))
             .report_pipe(true);
         let child = cmd.spawn().map_err(std::io::Error::other)?;

@@ -1,0 +1,286 @@
+//! Proof by attack, every role: `bulkhead-sandbox-probe` is launched by the real launcher in a
+//! role's namespaces, enters the role's sandbox and makes one attempt of
+//! `bulkhead_sandbox::attack` (one process per attempt: a killed attempt takes its process
+//! with it). Each attempt is run twice: under the whole sandbox (what stops it first) and with
+//! seccomp left out (what stops it below seccomp); an attempt landlock stops there is run a third
+//! time without landlock too, to prove it was landlock. The outcomes must match the two tables
+//! in `docs/SECURITY.md` (`BULKHEAD_BLESS_SECURITY_MD=1` rewrites them from what was observed),
+//! and no worker attempt may succeed under the whole sandbox.
+//!
+//! Run: `cargo test -p bulkhead-sandbox --features attack-hook --test attacks -- --nocapture`.
+#![cfg(feature = "attack-hook")]
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bulkhead_sandbox::attack::{
+    self, began, judge, parse_result, Attack, Layer, Observed, Target, Verdict,
+};
+use bulkhead_sandbox::launch::{Child, Command, IdMap};
+use bulkhead_sandbox::Role;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_bulkhead-sandbox-probe");
+/// The fd at which a probe finds the (sealed) guest-memory memfd.
+const MEM_FD: i32 = 5;
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a writable array of two ints.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 returned two new fds nobody else owns.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// A 1 MiB memfd sealed the way the monitor seals guest memory.
+fn sealed_memfd() -> OwnedFd {
+    // SAFETY: a NUL-terminated name and flags.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"attack-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: memfd_create returned a new fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate and fcntl with integers on our own fd.
+    unsafe {
+        assert_eq!(libc::ftruncate(fd.as_raw_fd(), 1 << 20), 0);
+        assert_eq!(
+            libc::fcntl(
+                fd.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL
+            ),
+            0
+        );
+    }
+    fd
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Full,
+    NoSeccomp,
+    NoSeccompNoLandlock,
+}
+
+impl Variant {
+    fn arg(self) -> Option<&'static str> {
+        match self {
+            Variant::Full => None,
+            Variant::NoSeccomp => Some("no-seccomp"),
+            Variant::NoSeccompNoLandlock => Some("no-seccomp-no-landlock"),
+        }
+    }
+}
+
+struct World {
+    target_worker: Target,
+    target_monitor: Target,
+    mem: OwnedFd,
+    _listener: std::net::TcpListener,
+    canary: &'static mut [u8; 64],
+    scratch: PathBuf,
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the probe did not exit");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+struct Run {
+    observed: Observed,
+    ready: String,
+    landlock_on: bool,
+}
+
+fn run(w: &World, role: Role, variant: Variant, a: Attack) -> Run {
+    let target = if role.policy().namespaces == 0 {
+        &w.target_monitor
+    } else {
+        &w.target_worker
+    };
+    let (out_r, out_w) = pipe();
+    let devnull = std::fs::File::open("/dev/null").expect("/dev/null");
+    let mut cmd = Command::new(Path::new(PROBE)).expect("command");
+    let t = target.to_arg();
+    let mut args = vec![role.name(), "on", "attack", a.name(), t.as_str()];
+    args.extend(variant.arg());
+    for x in args {
+        cmd.arg(x).expect("arg");
+    }
+    cmd.fd(devnull.as_fd(), 0).expect("fd");
+    cmd.fd(out_w.as_fd(), 1).expect("fd");
+    cmd.fd(std::io::stderr().as_fd(), 2).expect("fd");
+    cmd.fd(w.mem.as_fd(), MEM_FD).expect("fd");
+    cmd.report_pipe(true);
+    let policy = role.policy();
+    if policy.namespaces != 0 {
+        cmd.namespaces(
+            policy.namespaces,
+            Some(IdMap::for_current_user(None).expect("ids")),
+        );
+    }
+    let mut child = cmd.spawn().expect("spawn");
+    drop(out_w);
+    let mut text = String::new();
+    std::fs::File::from(out_r)
+        .read_to_string(&mut text)
+        .expect("read");
+    let status = wait_exit(&mut child);
+    let ready = text
+        .lines()
+        .find(|l| l.starts_with("READY "))
+        .unwrap_or_else(|| panic!("{role:?} {variant:?} {a:?}: never ready: {text:?} {status:?}"))
+        .to_string();
+    assert!(
+        began(&text, a),
+        "{role:?} {variant:?} {a:?}: the attempt did not start: {text:?}"
+    );
+    let observed = match status.signal() {
+        Some(signal) => Observed::Killed {
+            signal,
+            violation: (signal == libc::SIGSYS)
+                .then(|| child.violation())
+                .flatten(),
+        },
+        None => match parse_result(&text, a) {
+            Some(o) => Observed::Returned(o),
+            None => Observed::Vanished(status.code()),
+        },
+    };
+    let landlock_on = !ready.contains("landlock ABI 0");
+    Run {
+        observed,
+        ready,
+        landlock_on,
+    }
+}
+
+fn judged(role: Role, variant: Variant, a: Attack, r: &Run) -> Verdict {
+    judge(a, &r.observed, r.landlock_on).unwrap_or_else(|e| {
+        panic!(
+            "{role:?} {variant:?}: {e}\n  observed {:?}\n  {}",
+            r.observed, r.ready
+        )
+    })
+}
+
+fn security_md() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/SECURITY.md")
+}
+
+/// Compares the doc's table `name` with `rendered`; rewrites it when blessing.
+fn check_table(name: &str, rendered: &str) -> Result<(), String> {
+    let path = security_md();
+    let doc = std::fs::read_to_string(&path).unwrap_or_default();
+    let current = attack::table_section(&doc, name);
+    if current == Some(rendered) {
+        return Ok(());
+    }
+    if std::env::var_os("BULKHEAD_BLESS_SECURITY_MD").is_some() {
+        if let Some(cur) = current {
+            let start = cur.as_ptr() as usize - doc.as_ptr() as usize;
+            let mut new = doc.clone();
+            new.replace_range(start..start + cur.len(), rendered);
+            std::fs::write(&path, new).expect("write docs/SECURITY.md");
+            eprintln!("rewrote table {name} in docs/SECURITY.md");
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "docs/SECURITY.md, table {name} (between <!-- {name}:begin --> and <!-- {name}:end -->) \
+         does not match what the attacks showed; observed:\n{rendered}\n(re-run with \
+         BULKHEAD_BLESS_SECURITY_MD=1 to rewrite it, after checking the change is right)"
+    ))
+}
+
+#[test]
+fn every_attempt_fails_in_every_worker_and_docs_say_what_stops_it() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let canary: &'static mut [u8; 64] = Box::leak(Box::new([0x11u8; 64]));
+    let scratch = std::env::temp_dir().join(format!("bulkhead-attack-mnt-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let pid = std::process::id() as i32;
+    let addr = canary.as_ptr() as u64;
+    let w = World {
+        target_worker: Target {
+            monitor_pid: pid,
+            monitor_addr: addr,
+            port,
+            mount_point: "/".into(),
+        },
+        target_monitor: Target {
+            monitor_pid: pid,
+            monitor_addr: addr,
+            port,
+            mount_point: scratch.display().to_string(),
+        },
+        mem: sealed_memfd(),
+        _listener: listener,
+        canary,
+        scratch,
+    };
+    assert!(Path::new("/etc/passwd").exists() && Path::new("/bin/sh").exists());
+
+    let mut full = BTreeMap::new();
+    let mut below = BTreeMap::new();
+    let mut failures = Vec::new();
+    for (col, role) in Role::ALL.into_iter().enumerate() {
+        for a in Attack::ALL {
+            let r = run(&w, role, Variant::Full, a);
+            let v = judged(role, Variant::Full, a, &r);
+            let worker = role.policy().namespaces != 0;
+            if worker && v.layer == Layer::NotStopped {
+                failures.push(format!("{role:?} {a:?} succeeded: {}", v.cell));
+            }
+            eprintln!("{:8} {:22} full:   {}", role.name(), a.name(), v.cell);
+            full.insert((a, col), v.cell);
+
+            let r = run(&w, role, Variant::NoSeccomp, a);
+            let v = judged(role, Variant::NoSeccomp, a, &r);
+            assert!(r.ready.contains("seccomp 0 BPF"), "{}", r.ready);
+            eprintln!("{:8} {:22} below:  {}", role.name(), a.name(), v.cell);
+            if v.layer == Layer::Landlock {
+                // Prove it: the same attempt without landlock gets further.
+                let r2 = run(&w, role, Variant::NoSeccompNoLandlock, a);
+                assert!(!r2.landlock_on, "landlock still applied: {}", r2.ready);
+                let v2 = judged(role, Variant::NoSeccompNoLandlock, a, &r2);
+                eprintln!("{:8} {:22} no LL:  {}", role.name(), a.name(), v2.cell);
+                assert_ne!(v2.layer, Layer::Landlock, "{role:?} {a:?}");
+            }
+            below.insert((a, col), v.cell);
+        }
+    }
+    // Nothing reached the monitor's buffer.
+    // SAFETY: a volatile read of our own live buffer (another process may have written it).
+    let canary = unsafe { std::ptr::read_volatile(&*w.canary) };
+    assert_eq!(canary, [0x11u8; 64], "the monitor's memory was written");
+    let _ = std::fs::remove_dir(&w.scratch);
+    assert!(failures.is_empty(), "{failures:#?}");
+
+    let cols: Vec<&str> = Role::ALL.iter().map(|r| r.name()).collect();
+    let t_full = attack::render_table(&cols, &full);
+    let t_below = attack::render_table(&cols, &below);
+    println!("whole sandbox:\n{t_full}\nseccomp left out:\n{t_below}");
+    let errs: Vec<String> = [
+        check_table("attacks-full", &t_full),
+        check_table("attacks-below-seccomp", &t_below),
+    ]
+    .into_iter()
+    .filter_map(Result::err)
+    .collect();
+    assert!(errs.is_empty(), "{}", errs.join("\n\n"));
+}
