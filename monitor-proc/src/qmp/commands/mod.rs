@@ -21,6 +21,7 @@ mod core;
 mod fds;
 mod hmp;
 mod introspect;
+pub mod sandbox;
 mod unsupported;
 
 pub use unsupported::UNSUPPORTED;
@@ -31,6 +32,7 @@ const TABLES: &[&[Command]] = &[
     fds::COMMANDS,
     introspect::COMMANDS,
     hmp::COMMANDS,
+    sandbox::COMMANDS,
 ];
 
 /// What a handler's future resolves to.
