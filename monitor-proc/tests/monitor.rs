@@ -423,32 +423,9 @@ fn qmp_wait_on_waits_for_a_client_before_starting() {
 // ---- with the fake worker ----
 
 fn guest(scratch: &Scratch, append: &str, extra: &[&str]) -> (Monitor, String) {
-    let sock = scratch.s("qmp.sock");
-    let kernel = scratch.path("vmlinux");
-    std::fs::write(&kernel, b"\x7fELF fake kernel").expect("kernel");
-    let spec = format!("unix:{sock},server=on,wait=off");
-    let wd = fake_worker_dir(scratch);
-    let log = scratch.s("worker.log");
-    let append = format!("fake.log={log} {append}");
-    let kernel = kernel.to_str().expect("utf8").to_string();
-    let mut args = vec![
-        "-kernel",
-        kernel.as_str(),
-        "-m",
-        "64M",
-        "-smp",
-        "2",
-        "--worker-dir",
-        wd.as_str(),
-        "-append",
-        append.as_str(),
-        "-qmp",
-        spec.as_str(),
-    ];
+    let mut args = vec!["-smp", "2"];
     args.extend_from_slice(extra);
-    let m = Monitor::start(scratch, &args);
-    wait_for_socket(&sock, T);
-    (m, sock)
+    fake_guest(scratch, append, &args)
 }
 
 fn worker_log(scratch: &Scratch) -> String {

@@ -13,29 +13,7 @@ use serde_json::json;
 const T: Duration = Duration::from_secs(20);
 
 fn start(s: &Scratch, append: &str, extra: &[&str]) -> (Monitor, String) {
-    let sock = s.s("qmp.sock");
-    let kernel = s.path("vmlinux");
-    std::fs::write(&kernel, b"\x7fELF fake kernel").expect("kernel");
-    let spec = format!("unix:{sock},server=on,wait=off");
-    let wd = fake_worker_dir(s);
-    let append = format!("fake.log={} {append}", s.s("worker.log"));
-    let kernel = kernel.to_str().expect("utf8").to_string();
-    let mut args = vec![
-        "-kernel",
-        kernel.as_str(),
-        "-m",
-        "64M",
-        "--worker-dir",
-        wd.as_str(),
-        "-append",
-        append.as_str(),
-        "-qmp",
-        spec.as_str(),
-    ];
-    args.extend_from_slice(extra);
-    let m = Monitor::start(s, &args);
-    wait_for_socket(&sock, T);
-    (m, sock)
+    fake_guest(s, append, extra)
 }
 
 fn worker_pid(s: &Scratch) -> i32 {

@@ -258,9 +258,7 @@ fn serial_input_reaches_the_guest() {
     expect_event(&w, VcpuEvent::Shutdown(ShutdownCause::GuestShutdown));
     // The shutdown event can overtake the echoed bytes still in the serial pipe: wait for them.
     assert!(
-        w.serial
-            .wait_for("HELLO BULKHEAD POWEROFF", 0, T)
-            .is_some(),
+        w.serial.wait_for("HELLO BULKHEAD POWEROFF", 0, T).is_some(),
         "{:?}",
         w.serial.text()
     );

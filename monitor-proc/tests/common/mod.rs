@@ -440,3 +440,32 @@ pub fn error_class(v: &Value) -> &str {
 pub fn error_desc(v: &Value) -> &str {
     v["error"]["desc"].as_str().unwrap_or("<none>")
 }
+
+/// Starts `bulkhead` with a fake kernel and the fake worker (logging to `worker.log` in the
+/// scratch directory), `-m 64M`, `append` after the log option, QMP on `qmp.sock`, and `extra`
+/// arguments; returns it once the socket exists.
+pub fn fake_guest(s: &Scratch, append: &str, extra: &[&str]) -> (Monitor, String) {
+    let sock = s.s("qmp.sock");
+    let kernel = s.path("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF fake kernel").expect("kernel");
+    let spec = format!("unix:{sock},server=on,wait=off");
+    let wd = fake_worker_dir(s);
+    let append = format!("fake.log={} {append}", s.s("worker.log"));
+    let kernel = kernel.to_str().expect("utf8").to_string();
+    let mut args = vec![
+        "-kernel",
+        kernel.as_str(),
+        "-m",
+        "64M",
+        "--worker-dir",
+        wd.as_str(),
+        "-append",
+        append.as_str(),
+        "-qmp",
+        spec.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    let m = Monitor::start(s, &args);
+    wait_for_socket(&sock, Duration::from_secs(20));
+    (m, sock)
+}
