@@ -1,7 +1,100 @@
-//! `bulkhead-blockd`: the virtio-blk back end (issue 5). Not implemented yet: the binary exists so the
-//! process layout is complete, and it refuses to run rather than pretend to serve a device.
+//! `bulkhead-blockd`: a vhost-user-blk server for one disk image (issue 5), standalone the way
+//! `qemu-storage-daemon --export vhost-user-blk` runs: it opens the image and binds the socket,
+//! confines itself with the blockd role's sandbox policy, and only then accepts one front end and
+//! serves it until it disconnects. See docs/ARCHITECTURE.md, "blockd".
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use bulkhead_blockd::backend::BlockBackend;
+use bulkhead_blockd::confine;
+use bulkhead_blockd::format::{Cache, DiskImage, Raw, DIRECT_ALIGN};
+use bulkhead_blockd::options::Options;
+use bulkhead_sandbox::enter::Mode;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 fn main() -> std::process::ExitCode {
-    eprintln!("bulkhead-blockd: not implemented yet: the virtio-blk back end (issue 5) is not built in this version");
-    std::process::ExitCode::from(1)
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bulkhead-blockd: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let o = match Options::parse(std::env::args().skip(1)) {
+        Ok(o) => o,
+        Err(e) => return Err(anyhow!("{e}")),
+    };
+    let mode = Mode::from_name(&o.sandbox)
+        .ok_or_else(|| anyhow!("--sandbox {}: on, off or allow-weak", o.sandbox))?;
+
+    // Everything that needs a path happens here, before the sandbox.
+    let mut oo = std::fs::OpenOptions::new();
+    oo.read(true).write(!o.readonly);
+    let direct = o.cache == Cache::None;
+    if direct {
+        oo.custom_flags(libc::O_DIRECT);
+    }
+    let file = oo
+        .open(&o.file)
+        .with_context(|| format!("opening {}", o.file))?;
+    let disk: Arc<dyn DiskImage> = Arc::new(Raw::new(file, o.readonly, direct)?);
+    let mut listener =
+        Listener::new(&o.socket, true).with_context(|| format!("binding {}", o.socket))?;
+
+    // One malloc arena: glibc shrinks the heaps of per-thread arenas after large frees and, the
+    // first time, reads /proc/sys/vm/overcommit_memory to decide how: an openat the sandbox
+    // refuses. The main arena trims with brk only.
+    // SAFETY: mallopt with integer arguments, before any other thread exists.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        return Err(anyhow!("mallopt(M_ARENA_MAX, 1) failed"));
+    }
+
+    // Standalone: the blockd role's policy minus the launcher's part (see confine.rs and
+    // docs/ARCHITECTURE.md, "blockd").
+    let policy = confine::standalone_policy();
+    let params = confine::params(o.max_guest_mem);
+    let report = bulkhead_sandbox::enter::enter(&policy, &params, mode, None)
+        .context("entering the blockd sandbox")?;
+    eprintln!("bulkhead-blockd: {report}");
+
+    let block_size = if direct { DIRECT_ALIGN as u32 } else { 512 };
+    let backend = Arc::new(BlockBackend::new(
+        disk,
+        o.serial.into_bytes(),
+        o.num_queues,
+        block_size,
+    ));
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new("bulkhead-blockd".into(), backend, mem)
+        .map_err(|e| anyhow!("creating the vhost-user daemon: {e}"))?;
+    eprintln!("bulkhead-blockd: listening on {}", o.socket);
+    daemon
+        .start(&mut listener)
+        .map_err(|e| anyhow!("accepting the front end: {e}"))?;
+    // The listener would unlink its path when dropped: a path operation the sandbox refuses
+    // (landlock and seccomp). The socket file stays behind, as after a kill.
+    std::mem::forget(listener);
+    let r = daemon.wait();
+    for h in daemon.get_epoll_handlers() {
+        h.send_exit_event();
+    }
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let s = e.to_string();
+            // A front end that goes away is the normal end of a session.
+            if s.contains("disconnect") || s.contains("Disconnect") || s.contains("partial") {
+                Ok(())
+            } else {
+                Err(anyhow!("serving the front end: {s}"))
+            }
+        }
+    }
 }

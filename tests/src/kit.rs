@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 4;
+const KIT_FORMAT: u32 = 5;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -59,6 +59,16 @@ const L1_BOOT_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
 const L1_KVM_MODULES: &[&str] = &["kvm_amd"];
 /// Modules shipped in L1 (with dependencies) but not loaded: available to tests via `modprobe`.
 const L1_EXTRA_MODULES: &[&str] = &["tun", "vhost_net", "vhost_vsock", "virtio_console"];
+/// Modules shipped in the L2 initramfs (with dependencies) and loaded by `bulkhead.test=blk`:
+/// the cloud kernel has virtio-pci and virtio-blk as modules.
+const L2_BLK_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
+
+/// Offset in bytes at which `bulkhead.test=blk` writes its pattern.
+pub const BLK_PATTERN_OFFSET: u64 = 1 << 20;
+/// Length in bytes of that pattern: [`BLK_PATTERN_LINE`] repeated, cut to this length.
+pub const BLK_PATTERN_LEN: usize = 65536;
+/// The line `bulkhead.test=blk` repeats (busybox `yes`, so followed by a newline each time).
+pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 
 /// The L2 guest's `/init` (busybox sh). Markers, each on its own line on the console:
 ///
@@ -67,7 +77,13 @@ const L1_EXTRA_MODULES: &[&str] = &["tun", "vhost_net", "vhost_vsock", "virtio_c
 /// * then by `bulkhead.test=` on the kernel command line:
 ///   * `idle` (default): `BULKHEAD-TICK <n> <uptime seconds>` every second, forever;
 ///   * `poweroff`: `BULKHEAD-POWEROFF`, then `poweroff -f`;
-///   * `reboot`: `BULKHEAD-REBOOT`, then `reboot -f`.
+///   * `reboot`: `BULKHEAD-REBOOT`, then `reboot -f`;
+///   * `blk`: loads the virtio-pci and virtio-blk modules, waits for `/dev/vda`, prints
+///     `BULKHEAD-BLK-SIZE=<sectors>`, `BULKHEAD-BLK-SERIAL=<serial>`, `BULKHEAD-BLK-MD5=<md5 of
+///     the whole disk>`, writes [`BLK_PATTERN_LEN`] bytes of [`BLK_PATTERN_LINE`] lines at
+///     [`BLK_PATTERN_OFFSET`], syncs, drops the page cache, prints `BULKHEAD-BLK-WROTE=<md5>` and
+///     `BULKHEAD-BLK-READBACK=<md5 read back from the disk>`, then `BULKHEAD-BLK-DONE` and
+///     `poweroff -f` (any failure prints `BULKHEAD-BLK-FAIL <what>` first).
 ///
 /// If `poweroff -f`/`reboot -f` returns, it prints `BULKHEAD-POWEROFF-RETURNED` /
 /// `BULKHEAD-REBOOT-RETURNED` and idles, so that a VMM that ignores the request is visible.
@@ -95,6 +111,29 @@ case "$mode" in
         echo BULKHEAD-REBOOT
         reboot -f
         echo BULKHEAD-REBOOT-RETURNED
+        ;;
+    blk)
+        for m in $(cat /etc/bulkhead/blk-modules); do
+            insmod "/lib/modules/$m" || echo "BULKHEAD-BLK-FAIL insmod $m"
+        done
+        n=0
+        while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n + 1)); done
+        if [ -b /dev/vda ]; then
+            echo "BULKHEAD-BLK-SIZE=$(cat /sys/block/vda/size)"
+            echo "BULKHEAD-BLK-SERIAL=$(cat /sys/block/vda/serial 2>/dev/null)"
+            echo "BULKHEAD-BLK-MD5=$(md5sum < /dev/vda | cut -d' ' -f1)"
+            yes BULKHEAD-BLK-PATTERN | head -c 65536 > /tmp/pattern
+            echo "BULKHEAD-BLK-WROTE=$(md5sum < /tmp/pattern | cut -d' ' -f1)"
+            dd if=/tmp/pattern of=/dev/vda bs=4096 seek=256 conv=notrunc,fsync 2>/dev/null \
+                || echo "BULKHEAD-BLK-FAIL dd write"
+            sync
+            echo 3 > /proc/sys/vm/drop_caches
+            echo "BULKHEAD-BLK-READBACK=$(dd if=/dev/vda bs=4096 skip=256 count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
+        else
+            echo "BULKHEAD-BLK-FAIL no /dev/vda"
+        fi
+        echo BULKHEAD-BLK-DONE
+        poweroff -f
         ;;
 esac
 n=0
@@ -804,6 +843,25 @@ fn build_kit(root: &Path, scratch: &Path) -> Result<()> {
         add_skeleton(&mut cpio)?;
         add_busybox(&mut cpio, &busybox)?;
         cpio.file("init", 0o755, L2_INIT.as_bytes())?;
+        // virtio-pci + virtio-blk for bulkhead.test=blk, flat under /lib/modules, in load order.
+        let moddir = l2_root.join("lib/modules").join(&l2_kver);
+        let blk = ModuleDeps::load(&moddir)?.closure(L2_BLK_MODULES)?;
+        let mut order = String::new();
+        for rel in &blk {
+            let plain = plain_module_path(rel);
+            let name = Path::new(&plain)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| anyhow!("module path {plain} has no file name"))?;
+            cpio.file(
+                &format!("lib/modules/{name}"),
+                0o644,
+                &read_module(&moddir.join(rel))?,
+            )?;
+            order.push_str(&name);
+            order.push('\n');
+        }
+        cpio.file("etc/bulkhead/blk-modules", 0o644, order.as_bytes())?;
         cpio.finish()?;
     }
 

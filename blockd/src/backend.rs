@@ -1,0 +1,242 @@
+//! The vhost-user-blk back end on rust-vmm's `vhost-user-backend` framework.
+//!
+//! The framework handles the vhost-user protocol (memory table, vring addresses, kick and call
+//! eventfds) and runs one epoll worker thread per entry of [`BlockBackend::queues_per_thread`]:
+//! here one thread per queue, so queues are served in parallel. A kick makes the worker pop every
+//! available chain (`virtio-queue` walks the chain and stops on loops, indirect tables inside
+//! indirect tables and reads outside guest memory), turn it into [`request::Desc`]s, serve it
+//! ([`request::serve`]), and put it on the used ring; with `VIRTIO_RING_F_EVENT_IDX` the guest is
+//! interrupted only when it asked to be.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::format::DiskImage;
+use crate::request::{self, Desc, Device};
+
+/// Queue size offered to the front end.
+pub const QUEUE_SIZE: usize = 256;
+/// Most queues (one worker thread each).
+pub const MAX_QUEUES: usize = 16;
+/// `seg_max` in the config space: data descriptors per request the driver may use.
+pub const SEG_MAX: u32 = 128;
+
+/// Guest memory as the framework hands it over.
+pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// What the back end serves.
+pub struct BlockBackend {
+    disk: Arc<dyn DiskImage>,
+    serial: Vec<u8>,
+    num_queues: usize,
+    /// `blk_size` advertised (512, or 4096 under `cache=none`).
+    block_size: u32,
+    mem: Mutex<Option<GuestMem>>,
+    event_idx: AtomicBool,
+}
+
+impl BlockBackend {
+    /// A back end for `disk` with `num_queues` queues (1..=[`MAX_QUEUES`]).
+    pub fn new(
+        disk: Arc<dyn DiskImage>,
+        serial: Vec<u8>,
+        num_queues: usize,
+        block_size: u32,
+    ) -> BlockBackend {
+        BlockBackend {
+            disk,
+            serial,
+            num_queues: num_queues.clamp(1, MAX_QUEUES),
+            block_size,
+            mem: Mutex::new(None),
+            event_idx: AtomicBool::new(false),
+        }
+    }
+
+    /// The virtio-blk config space (virtio 1.2, 5.2.4), 60 bytes, little endian.
+    pub fn config_space(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        let put = |c: &mut [u8; 60], at: usize, b: &[u8]| c[at..at + b.len()].copy_from_slice(b);
+        put(
+            &mut c,
+            0,
+            &(self.disk.size() / request::SECTOR).to_le_bytes(),
+        ); // capacity
+        put(&mut c, 12, &SEG_MAX.to_le_bytes()); // seg_max
+        put(&mut c, 20, &self.block_size.to_le_bytes()); // blk_size
+        put(&mut c, 34, &(self.num_queues as u16).to_le_bytes()); // num_queues
+        put(&mut c, 36, &request::MAX_ZERO_SECTORS.to_le_bytes()); // max_discard_sectors
+        put(&mut c, 40, &(request::MAX_SEGMENTS as u32).to_le_bytes()); // max_discard_seg
+        put(&mut c, 44, &(self.block_size / 512).to_le_bytes()); // discard_sector_alignment
+        put(&mut c, 48, &request::MAX_ZERO_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        put(&mut c, 52, &(request::MAX_SEGMENTS as u32).to_le_bytes()); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    /// Pops and serves every available request of `vring`; returns whether any was served.
+    fn process_queue(&self, vring: &VringRwLock) -> bool {
+        let Some(mem) = self.mem.lock().ok().and_then(|m| m.clone()) else {
+            return false;
+        };
+        let mem = mem.memory();
+        let dev = Device {
+            disk: &*self.disk,
+            serial: &self.serial,
+        };
+        let mut served = false;
+        let mut state = vring.get_mut();
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+            let head = chain.head_index();
+            let descs: Vec<Desc> = chain
+                .take(request::MAX_DESCRIPTORS + 1)
+                .map(|d| Desc {
+                    addr: d.addr(),
+                    len: d.len(),
+                    write_only: d.is_write_only(),
+                })
+                .collect();
+            let done = request::serve(&*mem, &descs, &dev);
+            if let Err(e) = state.add_used(head, done.used_len) {
+                log::warn!("add_used: {e}");
+                break;
+            }
+            served = true;
+        }
+        if served {
+            signal(&mut state, self.event_idx.load(Ordering::Relaxed));
+        }
+        served
+    }
+}
+
+fn signal(state: &mut VringState<GuestMem>, event_idx: bool) {
+    let needed = if event_idx {
+        state.needs_notification().unwrap_or(true)
+    } else {
+        true
+    };
+    if needed {
+        if let Err(e) = state.signal_used_queue() {
+            log::warn!("signalling the used queue: {e}");
+        }
+    }
+}
+
+impl VhostUserBackend for BlockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ
+            | 1 << VIRTIO_BLK_F_DISCARD
+            | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.disk.read_only() {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.config_space();
+        let start = (offset as usize).min(c.len());
+        let end = start.saturating_add(size as usize).min(c.len());
+        let mut v = c[start..end].to_vec();
+        v.resize(size as usize, 0);
+        v
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> std::io::Result<()> {
+        let mut m = self
+            .mem
+            .lock()
+            .map_err(|_| std::io::Error::other("memory lock poisoned"))?;
+        *m = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Lets the framework stop each worker thread when the front end goes (without it the
+        // handler's drop would wait for them forever).
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::warn!("exit eventfd: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(std::io::Error::other("unexpected event set"));
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Err(std::io::Error::other("event for an unknown queue"));
+        };
+        if self.event_idx.load(Ordering::Relaxed) {
+            // Serve, re-enable notifications, and serve again what slipped in meanwhile.
+            loop {
+                let _ = vring.disable_notification();
+                self.process_queue(vring);
+                match vring.enable_notification() {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            }
+        } else {
+            self.process_queue(vring);
+        }
+        Ok(())
+    }
+}
