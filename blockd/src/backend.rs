@@ -103,14 +103,18 @@ impl BlockBackend {
         let mut state = vring.get_mut();
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
-            let descs: Vec<Desc> = chain
-                .take(request::MAX_DESCRIPTORS + 1)
-                .map(|d| Desc {
-                    addr: d.addr(),
-                    len: d.len(),
-                    write_only: d.is_write_only(),
-                })
-                .collect();
+            let desc = |d: virtio_queue::desc::split::Descriptor| Desc {
+                addr: d.addr(),
+                len: d.len(),
+                write_only: d.is_write_only(),
+            };
+            let mut chain = chain.map(desc);
+            let mut descs: Vec<Desc> = chain.by_ref().take(request::MAX_DESCRIPTORS).collect();
+            // Past the limit keep only the last descriptor (the walk is bounded by the queue or
+            // indirect table size): the request then fails with its status where it belongs.
+            if let Some(last) = chain.last() {
+                descs.push(last);
+            }
             let done = request::serve(&*mem, &descs, &dev);
             if let Err(e) = state.add_used(head, done.used_len) {
                 log::warn!("add_used: {e}");

@@ -1,0 +1,544 @@
+//! Hostile queues against the real `bulkhead-blockd` binary (sandboxed, `--sandbox on`): this test
+//! is the vhost-user front end (rust-vmm's `vhost::vhost_user::Frontend` over the real socket),
+//! shares a memfd as guest memory, writes the split rings itself and fills them with bad
+//! requests: data outside guest memory, descriptor loops, an oversize indirect chain, unknown
+//! request types, wrong directions and lengths, a runaway available index. Each must complete
+//! with an error status or be returned with nothing written (dropped) — and afterwards blockd must
+//! still be alive and serve good requests.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM_SIZE: usize = 1 << 20;
+const QSIZE: u16 = 16;
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const HDR: u64 = 0x10000;
+const DATA: u64 = 0x20000;
+const STATUS: u64 = 0x30000;
+const INDIRECT: u64 = 0x40000;
+const IMAGE_SIZE: usize = 1 << 20;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+struct Blockd(Child);
+
+impl Drop for Blockd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Guest memory: a shared memfd mapped here, handed to blockd in the memory table.
+struct Guest {
+    base: *mut u8,
+    memfd: File,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl Guest {
+    fn new() -> Guest {
+        // SAFETY: memfd_create with a NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"hostile-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: fd is a fresh descriptor we own from here on.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(MEM_SIZE as u64).expect("ftruncate");
+        // SAFETY: a fresh shared mapping of the memfd's MEM_SIZE bytes.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED, "mmap");
+        Guest {
+            base: base.cast(),
+            memfd,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    fn ua(&self, gpa: u64) -> u64 {
+        self.base as u64 + gpa
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) {
+        assert!(gpa as usize + bytes.len() <= MEM_SIZE);
+        // SAFETY: inside the mapping (checked above); the back end only reads what we publish
+        // after the fence in submit().
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(gpa as usize), bytes.len())
+        };
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa as usize + len <= MEM_SIZE);
+        let mut v = vec![0u8; len];
+        // SAFETY: inside the mapping (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(self.base.add(gpa as usize), v.as_mut_ptr(), len) };
+        v
+    }
+
+    fn read_u16_volatile(&self, gpa: u64) -> u16 {
+        // SAFETY: an aligned u16 inside the mapping, written concurrently by the back end.
+        unsafe { std::ptr::read_volatile(self.base.add(gpa as usize).cast::<u16>()) }
+    }
+
+    fn desc_at(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..].copy_from_slice(&next.to_le_bytes());
+        self.write(table + u64::from(i) * 16, &d);
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        self.desc_at(DESC, i, addr, len, flags, next);
+    }
+
+    fn header(&self, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        self.write(HDR, &h);
+    }
+
+    /// Puts `head` on the available ring and kicks.
+    fn submit(&mut self, head: u16, kick: &EventFd) {
+        self.write(STATUS, &[0xff]);
+        let slot = AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2;
+        self.write(slot, &head.to_le_bytes());
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        fence(Ordering::SeqCst);
+        kick.write(1).expect("kick");
+    }
+
+    /// Waits for the next used entry: (id, len).
+    fn complete(&mut self, blockd: &mut Child) -> (u32, u32) {
+        let start = Instant::now();
+        while self.read_u16_volatile(USED + 2) == self.used_seen {
+            if let Ok(Some(st)) = blockd.try_wait() {
+                panic!("bulkhead-blockd died: {st}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no completion in 10 s (blockd hung?)"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        fence(Ordering::SeqCst);
+        let e = self.read(USED + 4 + u64::from(self.used_seen % QSIZE) * 8, 8);
+        self.used_seen = self.used_seen.wrapping_add(1);
+        (
+            u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
+            u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+        )
+    }
+
+    fn status(&self) -> u8 {
+        self.read(STATUS, 1)[0]
+    }
+}
+
+fn image_bytes() -> Vec<u8> {
+    (0..IMAGE_SIZE).map(|i| (i % 253) as u8).collect()
+}
+
+fn scratch() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("hostile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+fn connect(sock: &Path, blockd: &mut Child) -> Frontend {
+    let start = Instant::now();
+    loop {
+        if sock.exists() {
+            if let Ok(f) = Frontend::connect(sock, 1) {
+                return f;
+            }
+        }
+        if let Ok(Some(st)) = blockd.try_wait() {
+            panic!("bulkhead-blockd exited before accepting: {st}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn hostile_queues_get_error_statuses_and_blockd_keeps_serving() {
+    let dir = scratch();
+    let image = dir.join("disk.raw");
+    File::create(&image)
+        .and_then(|mut f| f.write_all(&image_bytes()))
+        .expect("image");
+    let sock = dir.join("blk.sock");
+    let log = File::create(dir.join("blockd.log")).expect("log");
+    let mut blockd = Blockd(
+        Command::new(env!("CARGO_BIN_EXE_bulkhead-blockd"))
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--file")
+            .arg(&image)
+            .args(["--serial", "hostile", "--sandbox", "on"])
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn bulkhead-blockd"),
+    );
+    let mut fe = connect(&sock, &mut blockd.0);
+    let mut g = Guest::new();
+
+    // Negotiation, as QEMU's vhost-user-blk does it.
+    fe.set_owner().expect("set_owner");
+    let features = fe.get_features().expect("get_features");
+    let want = (1u64 << 32) // VIRTIO_F_VERSION_1
+        | (1 << 28) // VIRTIO_RING_F_INDIRECT_DESC
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    assert_eq!(features & want, want, "features {features:#x}");
+    let pf = fe.get_protocol_features().expect("get_protocol_features");
+    assert!(pf.contains(VhostUserProtocolFeatures::CONFIG));
+    fe.set_protocol_features(VhostUserProtocolFeatures::CONFIG)
+        .expect("set_protocol_features");
+    fe.set_features(want).expect("set_features");
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM_SIZE as u64,
+        userspace_addr: g.ua(0),
+        mmap_offset: 0,
+        mmap_handle: g.memfd.as_raw_fd(),
+    }])
+    .expect("set_mem_table");
+    let (call, kick) = (
+        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+    );
+    fe.set_vring_num(0, QSIZE).expect("set_vring_num");
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: g.ua(DESC),
+            used_ring_addr: g.ua(USED),
+            avail_ring_addr: g.ua(AVAIL),
+            log_addr: None,
+        },
+    )
+    .expect("set_vring_addr");
+    fe.set_vring_base(0, 0).expect("set_vring_base");
+    fe.set_vring_call(0, &call).expect("set_vring_call");
+    fe.set_vring_kick(0, &kick).expect("set_vring_kick");
+    fe.set_vring_enable(0, true).expect("set_vring_enable");
+
+    let disk = image_bytes();
+    let good_read = |g: &mut Guest, blockd: &mut Child, kick: &EventFd, sector: u64| {
+        g.header(T_IN, sector);
+        g.write(DATA, &[0u8; 1024]);
+        g.desc(0, HDR, 16, F_NEXT, 1);
+        g.desc(1, DATA, 1024, F_NEXT | F_WRITE, 2);
+        g.desc(2, STATUS, 1, F_WRITE, 0);
+        g.submit(0, kick);
+        let (id, len) = g.complete(blockd);
+        assert_eq!((id, len), (0, 1025), "good read completion");
+        assert_eq!(g.status(), S_OK, "good read status");
+        let off = sector as usize * 512;
+        assert_eq!(g.read(DATA, 1024), disk[off..off + 1024], "good read data");
+    };
+    good_read(&mut g, &mut blockd.0, &kick, 3);
+
+    // Each bad request: (what, set-up, allowed statuses; None = dropped).
+    type Setup = fn(&Guest);
+    let cases: Vec<(&str, Setup, &[Option<u8>])> = vec![
+        (
+            "data outside guest memory",
+            |g| {
+                g.header(T_IN, 0);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, 0x4000_0000, 512, F_NEXT | F_WRITE, 2);
+                g.desc(2, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_IOERR)],
+        ),
+        (
+            "data straddling the end of guest memory",
+            |g| {
+                g.header(T_IN, 0);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, MEM_SIZE as u64 - 256, 512, F_NEXT | F_WRITE, 2);
+                g.desc(2, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_IOERR)],
+        ),
+        (
+            "header outside guest memory",
+            |g| {
+                g.desc(0, 0x4000_0000, 16, F_NEXT, 1);
+                g.desc(1, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_IOERR)],
+        ),
+        (
+            "descriptor loop",
+            |g| {
+                g.header(T_IN, 0);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, DATA, 512, F_NEXT | F_WRITE, 0);
+            },
+            &[Some(S_IOERR), None],
+        ),
+        (
+            "next index beyond the queue",
+            |g| {
+                g.header(T_IN, 0);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, DATA, 512, F_NEXT | F_WRITE, 200);
+            },
+            &[Some(S_IOERR), None],
+        ),
+        (
+            "oversize indirect chain (1100 descriptors)",
+            |g| {
+                g.header(T_OUT, 0);
+                g.desc_at(INDIRECT, 0, HDR, 16, F_NEXT, 1);
+                for i in 1..1099u16 {
+                    g.desc_at(INDIRECT, i, DATA, 512, F_NEXT, i + 1);
+                }
+                g.desc_at(INDIRECT, 1099, STATUS, 1, F_WRITE, 0);
+                g.desc(0, INDIRECT, 1100 * 16, F_INDIRECT, 0);
+            },
+            &[Some(S_IOERR)],
+        ),
+        (
+            "indirect table outside guest memory",
+            |g| {
+                g.desc(0, 0x4000_0000, 3 * 16, F_INDIRECT, 0);
+            },
+            &[None],
+        ),
+        (
+            "unknown request type",
+            |g| {
+                g.header(0x7777, 0);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_UNSUPP)],
+        ),
+        (
+            "read into a device-readable buffer",
+            |g| {
+                g.header(T_IN, 0);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, DATA, 512, F_NEXT, 2);
+                g.desc(2, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_IOERR)],
+        ),
+        (
+            "write from a device-writable buffer",
+            |g| {
+                g.header(T_OUT, 0);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, DATA, 512, F_NEXT | F_WRITE, 2);
+                g.desc(2, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_IOERR)],
+        ),
+        (
+            "device-writable header",
+            |g| {
+                g.header(T_IN, 0);
+                g.desc(0, HDR, 16, F_NEXT | F_WRITE, 1);
+                g.desc(1, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_IOERR)],
+        ),
+        (
+            "short header",
+            |g| {
+                g.header(T_IN, 0);
+                g.desc(0, HDR, 8, F_NEXT, 1);
+                g.desc(1, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_IOERR)],
+        ),
+        (
+            "length not a sector multiple",
+            |g| {
+                g.header(T_IN, 0);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, DATA, 100, F_NEXT | F_WRITE, 2);
+                g.desc(2, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_IOERR)],
+        ),
+        (
+            "read past the end of the disk",
+            |g| {
+                g.header(T_IN, (IMAGE_SIZE / 512) as u64 - 1);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, DATA, 1024, F_NEXT | F_WRITE, 2);
+                g.desc(2, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_IOERR)],
+        ),
+        (
+            "sector overflow",
+            |g| {
+                g.header(T_OUT, u64::MAX / 256);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, DATA, 512, F_NEXT, 2);
+                g.desc(2, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_IOERR)],
+        ),
+        (
+            "4 GiB of data",
+            |g| {
+                g.header(T_OUT, 0);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, DATA, u32::MAX, F_NEXT, 2);
+                g.desc(2, DATA, u32::MAX, F_NEXT, 3);
+                g.desc(3, STATUS, 1, F_WRITE, 0);
+            },
+            &[Some(S_IOERR), None],
+        ),
+        (
+            "device-readable status",
+            |g| {
+                g.header(T_FLUSH, 0);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, STATUS, 1, 0, 0);
+            },
+            &[None],
+        ),
+        (
+            "empty status",
+            |g| {
+                g.header(T_FLUSH, 0);
+                g.desc(0, HDR, 16, F_NEXT, 1);
+                g.desc(1, STATUS, 0, F_WRITE, 0);
+            },
+            &[None],
+        ),
+    ];
+    for (what, setup, allowed) in cases {
+        setup(&g);
+        g.submit(0, &kick);
+        let (id, len) = g.complete(&mut blockd.0);
+        assert_eq!(id, 0, "{what}: used id");
+        let st = g.status();
+        let got = if st == 0xff { None } else { Some(st) };
+        assert!(
+            allowed.contains(&got),
+            "{what}: status {got:?}, allowed {allowed:?} (used len {len})"
+        );
+        if allowed == [None] {
+            assert_eq!(len, 0, "{what}: a dropped request writes nothing");
+        } else {
+            // A loop's "last" descriptor is wherever the walk stopped: the status may land
+            // there instead, but no data is ever reported as transferred.
+            assert!(len <= 1, "{what}: used len {len}");
+        }
+        // Nothing bad ever reached the image.
+        assert_eq!(
+            std::fs::read(&image).expect("image"),
+            disk,
+            "{what}: image changed"
+        );
+        // Still serving.
+        good_read(&mut g, &mut blockd.0, &kick, 5);
+    }
+
+    // A runaway available index (more requests announced than the queue holds): nothing is
+    // served from it, blockd does not spin or crash, and a sane index brings service back.
+    let sane = g.avail_idx;
+    g.write(AVAIL + 2, &sane.wrapping_add(1000).to_le_bytes());
+    fence(Ordering::SeqCst);
+    kick.write(1).expect("kick");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        g.read_u16_volatile(USED + 2),
+        g.used_seen,
+        "served a runaway index"
+    );
+    assert!(
+        blockd.0.try_wait().expect("try_wait").is_none(),
+        "blockd died"
+    );
+    g.write(AVAIL + 2, &sane.to_le_bytes());
+    good_read(&mut g, &mut blockd.0, &kick, 7);
+
+    // A good write and flush land in the file.
+    g.header(T_OUT, 16);
+    g.write(DATA, &[0xa5; 512]);
+    g.desc(0, HDR, 16, F_NEXT, 1);
+    g.desc(1, DATA, 512, F_NEXT, 2);
+    g.desc(2, STATUS, 1, F_WRITE, 0);
+    g.submit(0, &kick);
+    assert_eq!(g.complete(&mut blockd.0), (0, 1));
+    assert_eq!(g.status(), S_OK);
+    g.header(T_FLUSH, 0);
+    g.desc(0, HDR, 16, F_NEXT, 1);
+    g.desc(1, STATUS, 1, F_WRITE, 0);
+    g.submit(0, &kick);
+    assert_eq!(g.complete(&mut blockd.0), (0, 1));
+    assert_eq!(g.status(), S_OK);
+    let after = std::fs::read(&image).expect("image");
+    assert!(after[8192..8704].iter().all(|b| *b == 0xa5));
+    assert_eq!(after[..8192], disk[..8192]);
+
+    // Hang up: blockd ends on its own, successfully, and never hit its seccomp filter.
+    drop(fe);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = blockd.0.try_wait().expect("try_wait") {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "blockd did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = std::fs::read_to_string(dir.join("blockd.log")).unwrap_or_default();
+    assert!(status.success(), "blockd: {status}: {log}");
+    assert!(log.contains("sandbox entered"), "{log}");
+    assert!(!log.contains("SECCOMP-VIOLATION"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
