@@ -54,9 +54,14 @@ impl Drop for Blockd {
 struct Guest {
     base: *mut u8,
     memfd: File,
+    /// Offset of this queue's rings (queue n: n * RING_STRIDE).
+    ring: u64,
     avail_idx: u16,
     used_seen: u16,
 }
+
+/// Distance between two queues' rings in guest memory.
+const RING_STRIDE: u64 = 0x4000;
 
 impl Guest {
     fn new() -> Guest {
@@ -81,6 +86,18 @@ impl Guest {
         Guest {
             base: base.cast(),
             memfd,
+            ring: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    /// A view of the same memory driving queue `q`'s rings.
+    fn queue(&self, q: u64) -> Guest {
+        Guest {
+            base: self.base,
+            memfd: self.memfd.try_clone().expect("dup memfd"),
+            ring: q * RING_STRIDE,
             avail_idx: 0,
             used_seen: 0,
         }
@@ -122,7 +139,7 @@ impl Guest {
     }
 
     fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        self.desc_at(DESC, i, addr, len, flags, next);
+        self.desc_at(self.ring + DESC, i, addr, len, flags, next);
     }
 
     fn header(&self, kind: u32, sector: u64) {
@@ -135,11 +152,11 @@ impl Guest {
     /// Puts `head` on the available ring and kicks.
     fn submit(&mut self, head: u16, kick: &EventFd) {
         self.write(STATUS, &[0xff]);
-        let slot = AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2;
+        let slot = self.ring + AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2;
         self.write(slot, &head.to_le_bytes());
         fence(Ordering::SeqCst);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        self.write(self.ring + AVAIL + 2, &self.avail_idx.to_le_bytes());
         fence(Ordering::SeqCst);
         kick.write(1).expect("kick");
     }
@@ -147,7 +164,7 @@ impl Guest {
     /// Waits for the next used entry: (id, len).
     fn complete(&mut self, blockd: &mut Child) -> (u32, u32) {
         let start = Instant::now();
-        while self.read_u16_volatile(USED + 2) == self.used_seen {
+        while self.read_u16_volatile(self.ring + USED + 2) == self.used_seen {
             if let Ok(Some(st)) = blockd.try_wait() {
                 panic!("bulkhead-blockd died: {st}");
             }
@@ -158,7 +175,10 @@ impl Guest {
             std::thread::sleep(Duration::from_millis(1));
         }
         fence(Ordering::SeqCst);
-        let e = self.read(USED + 4 + u64::from(self.used_seen % QSIZE) * 8, 8);
+        let e = self.read(
+            self.ring + USED + 4 + u64::from(self.used_seen % QSIZE) * 8,
+            8,
+        );
         self.used_seen = self.used_seen.wrapping_add(1);
         (
             u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
@@ -176,7 +196,12 @@ fn image_bytes() -> Vec<u8> {
 }
 
 fn scratch() -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("hostile-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "hostile-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
@@ -198,8 +223,18 @@ fn connect(sock: &Path, blockd: &mut Child) -> Frontend {
     }
 }
 
-#[test]
-fn hostile_queues_get_error_statuses_and_blockd_keeps_serving() {
+/// A running blockd with `queues` queues set up by the front end: its process, the front end,
+/// one guest view and kick eventfd per queue, the scratch dir and image path.
+struct Session {
+    blockd: Blockd,
+    fe: Frontend,
+    queues: Vec<(Guest, EventFd)>,
+    _calls: Vec<EventFd>,
+    dir: PathBuf,
+    image: PathBuf,
+}
+
+fn start(extra: &[&str], queues: u64) -> Session {
     let dir = scratch();
     let image = dir.join("disk.raw");
     File::create(&image)
@@ -214,13 +249,15 @@ fn hostile_queues_get_error_statuses_and_blockd_keeps_serving() {
             .arg("--file")
             .arg(&image)
             .args(["--serial", "hostile", "--sandbox", "on"])
+            .args(["--num-queues", &queues.to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn bulkhead-blockd"),
     );
     let mut fe = connect(&sock, &mut blockd.0);
-    let mut g = Guest::new();
+    let g = Guest::new();
 
     // Negotiation, as QEMU's vhost-user-blk does it.
     fe.set_owner().expect("set_owner");
@@ -230,9 +267,10 @@ fn hostile_queues_get_error_statuses_and_blockd_keeps_serving() {
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     assert_eq!(features & want, want, "features {features:#x}");
     let pf = fe.get_protocol_features().expect("get_protocol_features");
-    assert!(pf.contains(VhostUserProtocolFeatures::CONFIG));
-    fe.set_protocol_features(VhostUserProtocolFeatures::CONFIG)
+    assert!(pf.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
+    fe.set_protocol_features(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ)
         .expect("set_protocol_features");
+    assert_eq!(fe.get_queue_num().expect("get_queue_num"), queues);
     fe.set_features(want).expect("set_features");
     fe.set_mem_table(&[VhostUserMemoryRegionInfo {
         guest_phys_addr: 0,
@@ -242,29 +280,81 @@ fn hostile_queues_get_error_statuses_and_blockd_keeps_serving() {
         mmap_handle: g.memfd.as_raw_fd(),
     }])
     .expect("set_mem_table");
-    let (call, kick) = (
-        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-    );
-    fe.set_vring_num(0, QSIZE).expect("set_vring_num");
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: g.ua(DESC),
-            used_ring_addr: g.ua(USED),
-            avail_ring_addr: g.ua(AVAIL),
-            log_addr: None,
-        },
-    )
-    .expect("set_vring_addr");
-    fe.set_vring_base(0, 0).expect("set_vring_base");
-    fe.set_vring_call(0, &call).expect("set_vring_call");
-    fe.set_vring_kick(0, &kick).expect("set_vring_kick");
-    fe.set_vring_enable(0, true).expect("set_vring_enable");
+    let mut out = Vec::new();
+    let mut calls = Vec::new();
+    for q in 0..queues {
+        let view = g.queue(q);
+        let (call, kick) = (
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        );
+        let i = q as usize;
+        fe.set_vring_num(i, QSIZE).expect("set_vring_num");
+        fe.set_vring_addr(
+            i,
+            &VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: view.ua(view.ring + DESC),
+                used_ring_addr: view.ua(view.ring + USED),
+                avail_ring_addr: view.ua(view.ring + AVAIL),
+                log_addr: None,
+            },
+        )
+        .expect("set_vring_addr");
+        fe.set_vring_base(i, 0).expect("set_vring_base");
+        fe.set_vring_call(i, &call).expect("set_vring_call");
+        fe.set_vring_kick(i, &kick).expect("set_vring_kick");
+        fe.set_vring_enable(i, true).expect("set_vring_enable");
+        out.push((view, kick));
+        calls.push(call);
+    }
+    Session {
+        blockd,
+        fe,
+        queues: out,
+        _calls: calls,
+        dir,
+        image,
+    }
+}
 
+impl Session {
+    /// Hangs up and checks blockd ends cleanly, never having hit its filter.
+    fn finish(self) {
+        let Session {
+            mut blockd,
+            fe,
+            dir,
+            ..
+        } = self;
+        drop(fe);
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = blockd.0.try_wait().expect("try_wait") {
+                break st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "blockd did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = std::fs::read_to_string(dir.join("blockd.log")).unwrap_or_default();
+        assert!(status.success(), "blockd: {status}: {log}");
+        assert!(log.contains("sandbox entered"), "{log}");
+        assert!(!log.contains("SECCOMP-VIOLATION"), "{log}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn hostile_queues_get_error_statuses_and_blockd_keeps_serving() {
+    let mut session = start(&[], 1);
+    let image = session.image.clone();
+    let (mut g, kick) = session.queues.remove(0);
+    let blockd = &mut session.blockd;
     let disk = image_bytes();
     let good_read = |g: &mut Guest, blockd: &mut Child, kick: &EventFd, sector: u64| {
         g.header(T_IN, sector);
@@ -523,22 +613,129 @@ fn hostile_queues_get_error_statuses_and_blockd_keeps_serving() {
     assert!(after[8192..8704].iter().all(|b| *b == 0xa5));
     assert_eq!(after[..8192], disk[..8192]);
 
-    // Hang up: blockd ends on its own, successfully, and never hit its seccomp filter.
-    drop(fe);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = blockd.0.try_wait().expect("try_wait") {
-            break st;
+    session.finish();
+}
+
+/// Sends one request on `q`: header (`kind`, `sector`), `data` descriptors, status; returns
+/// (used len, status).
+fn request(
+    s: &mut Session,
+    q: usize,
+    kind: u32,
+    sector: u64,
+    data: &[(u64, u32, u16)],
+) -> (u32, u8) {
+    let (g, kick) = &mut s.queues[q];
+    g.header(kind, sector);
+    g.desc(0, HDR, 16, F_NEXT, 1);
+    for (i, (addr, len, flags)) in data.iter().enumerate() {
+        let i = i as u16 + 1;
+        g.desc(i, *addr, *len, flags | F_NEXT, i + 1);
+    }
+    let last = data.len() as u16 + 1;
+    g.desc(last, STATUS, 1, F_WRITE, 0);
+    g.submit(0, kick);
+    let (id, len) = g.complete(&mut s.blockd.0);
+    assert_eq!(id, 0);
+    (len, g.status())
+}
+
+fn segment(g: &Guest, sector: u64, sectors: u32, flags: u32) {
+    let mut seg = [0u8; 16];
+    seg[..8].copy_from_slice(&sector.to_le_bytes());
+    seg[8..12].copy_from_slice(&sectors.to_le_bytes());
+    seg[12..].copy_from_slice(&flags.to_le_bytes());
+    g.write(DATA, &seg);
+}
+
+#[test]
+fn two_queues_get_id_discard_write_zeroes_and_read_only() {
+    const T_GET_ID: u32 = 8;
+    const T_DISCARD: u32 = 11;
+    const T_WRITE_ZEROES: u32 = 13;
+    let disk = image_bytes();
+
+    for cache in ["writeback", "none"] {
+        let mut s = start(&["--cache", cache], 2);
+        // Both queues serve reads.
+        for q in 0..2 {
+            s.queues[q].0.write(DATA, &[0u8; 512]);
+            let r = request(&mut s, q, T_IN, 9, &[(DATA, 512, F_WRITE)]);
+            assert_eq!(r, (513, S_OK), "queue {q}");
+            assert_eq!(s.queues[q].0.read(DATA, 512), disk[4608..5120], "queue {q}");
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "blockd did not exit"
+        // GET_ID: the serial, NUL-padded to 20 bytes.
+        let r = request(&mut s, 1, T_GET_ID, 0, &[(DATA, 20, F_WRITE)]);
+        assert_eq!(r, (21, S_OK));
+        assert_eq!(
+            &s.queues[1].0.read(DATA, 20)[..],
+            b"hostile\0\0\0\0\0\0\0\0\0\0\0\0\0"
         );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let log = std::fs::read_to_string(dir.join("blockd.log")).unwrap_or_default();
-    assert!(status.success(), "blockd: {status}: {log}");
-    assert!(log.contains("sandbox entered"), "{log}");
-    assert!(!log.contains("SECCOMP-VIOLATION"), "{log}");
-    let _ = std::fs::remove_dir_all(&dir);
+        // Write-zeroes (with and without unmap) and discard read back as zeroes.
+        segment(&s.queues[0].0, 16, 8, 0);
+        assert_eq!(
+            request(&mut s, 0, T_WRITE_ZEROES, 0, &[(DATA, 16, 0)]).1,
+            S_OK
+        );
+        segment(&s.queues[0].0, 32, 8, 1);
+        assert_eq!(
+            request(&mut s, 0, T_WRITE_ZEROES, 0, &[(DATA, 16, 0)]).1,
+            S_OK
+        );
+        segment(&s.queues[1].0, 64, 8, 0);
+        assert_eq!(request(&mut s, 1, T_DISCARD, 0, &[(DATA, 16, 0)]).1, S_OK);
+        // An unmap flag on discard, two segments, a segment past the end: refused.
+        segment(&s.queues[1].0, 64, 8, 1);
+        assert_eq!(
+            request(&mut s, 1, T_DISCARD, 0, &[(DATA, 16, 0)]).1,
+            S_UNSUPP
+        );
+        assert_eq!(
+            request(&mut s, 1, T_DISCARD, 0, &[(DATA, 32, 0)]).1,
+            S_IOERR
+        );
+        segment(&s.queues[1].0, (IMAGE_SIZE / 512) as u64, 1, 0);
+        assert_eq!(
+            request(&mut s, 1, T_DISCARD, 0, &[(DATA, 16, 0)]).1,
+            S_IOERR
+        );
+        assert_eq!(request(&mut s, 0, T_FLUSH, 0, &[]).1, S_OK);
+        let after = std::fs::read(&s.image).expect("image");
+        for (sector, what) in [
+            (16, "write-zeroes"),
+            (32, "write-zeroes+unmap"),
+            (64, "discard"),
+        ] {
+            let o = sector * 512;
+            assert!(
+                after[o..o + 4096].iter().all(|b| *b == 0),
+                "{cache}: {what}"
+            );
+            assert_eq!(
+                after[o + 4096..o + 4608],
+                disk[o + 4096..o + 4608],
+                "{cache}: {what}"
+            );
+        }
+        assert_eq!(after.len(), IMAGE_SIZE);
+        s.finish();
+    }
+
+    // Read-only: reads and flushes work, every change is refused, the file is untouched.
+    let mut s = start(&["--readonly"], 1);
+    let r = request(&mut s, 0, T_IN, 0, &[(DATA, 512, F_WRITE)]);
+    assert_eq!(r, (513, S_OK));
+    assert_eq!(request(&mut s, 0, T_OUT, 0, &[(DATA, 512, 0)]).1, S_IOERR);
+    segment(&s.queues[0].0, 0, 8, 0);
+    assert_eq!(
+        request(&mut s, 0, T_WRITE_ZEROES, 0, &[(DATA, 16, 0)]).1,
+        S_IOERR
+    );
+    assert_eq!(
+        request(&mut s, 0, T_DISCARD, 0, &[(DATA, 16, 0)]).1,
+        S_IOERR
+    );
+    assert_eq!(request(&mut s, 0, T_FLUSH, 0, &[]).1, S_OK);
+    assert_eq!(std::fs::read(&s.image).expect("image"), disk);
+    s.finish();
 }
