@@ -1,0 +1,218 @@
+//! The tap device netd serves: opened by name (`/dev/net/tun` + `TUNSETIFF` with
+//! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) before the sandbox, or inherited as an fd. After the
+//! sandbox only `read`/`writev` and the ioctls of the netd policy (`TUNSETOFFLOAD`,
+//! `TUNSETVNETHDRSZ`, `TUNGETIFF`, `TUNGETVNETHDRSZ`) touch it.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use bulkhead_sandbox::ioctls::{TUNGETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ};
+
+use crate::{Error, Result};
+
+/// `TUNSETIFF` (`_IOW('T', 202, int)`), used only before the sandbox.
+pub const TUNSETIFF: u64 = 0x4004_54ca;
+/// `IFF_TAP`.
+pub const IFF_TAP: u16 = 0x0002;
+/// `IFF_NO_PI`.
+pub const IFF_NO_PI: u16 = 0x1000;
+/// `IFF_VNET_HDR`.
+pub const IFF_VNET_HDR: u16 = 0x4000;
+
+/// `TUN_F_CSUM`: the tap may hand us packets with a partial checksum.
+pub const TUN_F_CSUM: u32 = 0x01;
+/// `TUN_F_TSO4`.
+pub const TUN_F_TSO4: u32 = 0x02;
+/// `TUN_F_TSO6`.
+pub const TUN_F_TSO6: u32 = 0x04;
+/// `TUN_F_TSO_ECN`.
+pub const TUN_F_TSO_ECN: u32 = 0x08;
+/// `TUN_F_UFO`.
+pub const TUN_F_UFO: u32 = 0x10;
+
+/// `struct ifreq` as the tun ioctls use it: the name and the flags.
+#[repr(C)]
+#[derive(Default)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: u16,
+    _pad: [u8; 22],
+}
+
+/// A tap fd in non-blocking mode.
+#[derive(Debug)]
+pub struct Tap {
+    fd: OwnedFd,
+}
+
+fn ioctl_ptr<T>(fd: RawFd, req: u64, arg: *mut T, what: &'static str) -> Result<()> {
+    // SAFETY: `req` is one of the tun ioctls whose argument is `*mut T` of the right size
+    // (ifreq or int), and `arg` points to a live, properly sized value owned by the caller.
+    let r = unsafe { libc::ioctl(fd, req as libc::c_ulong, arg) };
+    if r < 0 {
+        return Err(Error::Io(what, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl Tap {
+    /// Opens (creating if needed, as root) the tap `ifname` with a vnet header.
+    pub fn open(ifname: &str) -> Result<Tap> {
+        let bytes = ifname.as_bytes();
+        if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+            return Err(Error::Usage(format!(
+                "--tap {ifname}: not an interface name"
+            )));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open("/dev/net/tun")
+            .map_err(|e| Error::Io("opening /dev/net/tun", e))?;
+        let mut req = IfReq::default();
+        req.name[..bytes.len()].copy_from_slice(bytes);
+        req.flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        ioctl_ptr(file.as_raw_fd(), TUNSETIFF, &mut req, "TUNSETIFF")?;
+        Tap::from_fd(OwnedFd::from(file))
+    }
+
+    /// Takes over an inherited tap fd `fd`; checks it is a tap with a vnet header and makes it
+    /// non-blocking and close-on-exec.
+    ///
+    /// # Safety
+    /// `fd` must be an open fd nothing else in the process owns.
+    pub unsafe fn from_raw_fd(fd: RawFd) -> Result<Tap> {
+        // SAFETY: the caller hands over sole ownership of the open fd.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        Tap::from_fd(owned)
+    }
+
+    fn from_fd(fd: OwnedFd) -> Result<Tap> {
+        let raw = fd.as_raw_fd();
+        let mut req = IfReq::default();
+        ioctl_ptr(raw, TUNGETIFF, &mut req, "TUNGETIFF")?;
+        if req.flags & IFF_TAP == 0 || req.flags & IFF_NO_PI == 0 {
+            return Err(Error::NotATap);
+        }
+        if req.flags & IFF_VNET_HDR == 0 {
+            return Err(Error::NoVnetHdr);
+        }
+        // SAFETY: fcntl on an fd we own, with integer arguments only.
+        let fl = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        // SAFETY: as above.
+        if fl < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+            return Err(Error::Io("fcntl O_NONBLOCK", io::Error::last_os_error()));
+        }
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+            return Err(Error::Io("fcntl FD_CLOEXEC", io::Error::last_os_error()));
+        }
+        Ok(Tap { fd })
+    }
+
+    /// The interface name the kernel reports for the tap.
+    pub fn name(&self) -> Result<String> {
+        let mut req = IfReq::default();
+        ioctl_ptr(self.fd.as_raw_fd(), TUNGETIFF, &mut req, "TUNGETIFF")?;
+        let end = req
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(req.name.len());
+        Ok(String::from_utf8_lossy(&req.name[..end]).into_owned())
+    }
+
+    /// Sets the vnet header size the tap prepends and expects (10 or 12 bytes).
+    pub fn set_vnet_hdr_size(&self, size: usize) -> Result<()> {
+        let mut v = size as libc::c_int;
+        ioctl_ptr(
+            self.fd.as_raw_fd(),
+            TUNSETVNETHDRSZ,
+            &mut v,
+            "TUNSETVNETHDRSZ",
+        )
+    }
+
+    /// Sets the offloads (`TUN_F_*`) the tap may use for packets it hands to us. The ioctl takes
+    /// the flags by value.
+    pub fn set_offload(&self, flags: u32) -> Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes an unsigned long by value; no memory is passed.
+        let r = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                TUNSETOFFLOAD as libc::c_ulong,
+                flags as libc::c_ulong,
+            )
+        };
+        if r < 0 {
+            return Err(Error::Io("TUNSETOFFLOAD", io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Reads one frame (with its vnet header) into `buf`; `Ok(None)` when none is queued.
+    pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: reads at most buf.len() bytes into memory we exclusively borrow.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(n as usize))
+    }
+
+    /// Writes one frame gathered from `iov`.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory readable for its whole length for the duration of the
+    /// call (here: guest memory the back end has mapped).
+    pub unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller guarantees the iovecs are readable; the count fits a c_int
+        // because callers bound it (at most a queue's worth of descriptors).
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// The raw fd (for epoll).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Consumes the tap into a `File` (tests).
+    pub fn into_file(self) -> File {
+        File::from(self.fd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifreq_is_the_kernel_size_and_layout() {
+        assert_eq!(std::mem::size_of::<IfReq>(), 40);
+        assert_eq!(std::mem::offset_of!(IfReq, flags), 16);
+    }
+
+    #[test]
+    fn rejects_bad_names_before_any_system_call() {
+        for n in ["", "a-name-longer-than-15", "a\0b"] {
+            assert!(matches!(Tap::open(n), Err(Error::Usage(_))), "{n:?}");
+        }
+    }
+
+    #[test]
+    fn a_non_tap_fd_is_refused() {
+        let f = std::fs::File::open("/dev/null").expect("/dev/null");
+        assert!(Tap::from_fd(OwnedFd::from(f)).is_err());
+    }
+}
