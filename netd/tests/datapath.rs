@@ -661,3 +661,75 @@ fn rx_without_buffers_backs_off_without_spinning_and_recovers() {
     let err = netd.finish();
     assert!(err.contains("rx_stalls="), "{err}");
 }
+
+/// Opens the namespace's tap from the test (TUNSETIFF with `flags`) and returns the fd with
+/// close-on-exec cleared, for `--tap-fd`.
+fn inheritable_tap(ns: &Netns, flags: u16) -> OwnedFd {
+    let tap = ns.tap.clone();
+    ns.within(move || {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .expect("/dev/net/tun");
+        let mut req = [0u8; 40];
+        req[..tap.len()].copy_from_slice(tap.as_bytes());
+        req[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF with a 40-byte ifreq we own.
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) };
+        assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+        // SAFETY: clears FD_CLOEXEC on an fd we own.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
+        assert_eq!(r, 0);
+        OwnedFd::from(f)
+    })
+}
+
+#[test]
+fn an_inherited_tap_fd_is_served_and_one_without_vnet_header_refused() {
+    let exe = env!("CARGO_BIN_EXE_bulkhead-netd");
+    let ns = Netns::new("i");
+    let sock = ns.packet_socket();
+
+    // Without IFF_VNET_HDR: refused before anything is served.
+    let plain = inheritable_tap(&ns, 0x0002 | 0x1000);
+    let path = socket_path("i0");
+    let out = Command::new(exe)
+        .args([
+            "--socket",
+            &path,
+            "--tap-fd",
+            &plain.as_raw_fd().to_string(),
+        ])
+        .output()
+        .expect("netd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("IFF_VNET_HDR"),
+        "{err}"
+    );
+    drop(plain);
+
+    // With it: netd, started in the test's (host) namespace, serves the namespace's tap.
+    let fd = inheritable_tap(&ns, 0x0002 | 0x1000 | 0x4000);
+    let path = socket_path("i");
+    let child = Command::new(exe)
+        .args(["--socket", &path, "--tap-fd", &fd.as_raw_fd().to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("netd");
+    drop(fd);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !std::path::Path::new(&path).exists() {
+        assert!(Instant::now() < end, "netd never bound {path}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let netd = Netd { child };
+    let mut g = Guest::connect(&path);
+    let out = eth_frame([0xff; 6], MAC, 64, 9);
+    g.transmit(TX_BUF, &out);
+    recv_matching(&sock, |f| f == out.as_slice(), Duration::from_secs(5));
+    drop(g);
+    let err = netd.finish();
+    assert!(err.contains("tx_frames=1"), "{err}");
+}
