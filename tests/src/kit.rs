@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 5;
+const KIT_FORMAT: u32 = 6;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -62,6 +62,14 @@ const L1_EXTRA_MODULES: &[&str] = &["tun", "vhost_net", "vhost_vsock", "virtio_c
 /// Modules shipped in the L2 initramfs (with dependencies) and loaded by `bulkhead.test=blk`:
 /// the cloud kernel has virtio-pci and virtio-blk as modules.
 const L2_BLK_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
+/// Modules shipped in the L2 initramfs (with dependencies) and loaded by `bulkhead.test=net`:
+/// virtio-net (with failover and net_failover) on virtio-pci.
+const L2_NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+
+/// The guest's address in `bulkhead.test=net` (eth0, /24).
+pub const NET_GUEST_ADDR: &str = "10.77.0.2";
+/// The peer `bulkhead.test=net` pings and fetches `http://<peer>:8080/blob` from.
+pub const NET_PEER_ADDR: &str = "10.77.0.1";
 
 /// Offset in bytes at which `bulkhead.test=blk` writes its pattern.
 pub const BLK_PATTERN_OFFSET: u64 = 1 << 20;
@@ -84,6 +92,10 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///     [`BLK_PATTERN_OFFSET`], syncs, drops the page cache, prints `BULKHEAD-BLK-WROTE=<md5>` and
 ///     `BULKHEAD-BLK-READBACK=<md5 read back from the disk>`, then `BULKHEAD-BLK-DONE` and
 ///     `poweroff -f` (any failure prints `BULKHEAD-BLK-FAIL <what>` first).
+///   * `net`: loads virtio-pci and virtio-net, waits for `eth0`, gives it [`NET_GUEST_ADDR`]/24,
+///     prints `BULKHEAD-NET-MAC=<mac>` and `BULKHEAD-NET-CARRIER=<0|1>`, pings [`NET_PEER_ADDR`]
+///     (`BULKHEAD-NET-PING-OK`), prints `BULKHEAD-NET-MD5=<md5 of http://peer:8080/blob>`, then
+///     `BULKHEAD-NET-DONE` and `poweroff -f` (failures print `BULKHEAD-NET-FAIL <what>`).
 ///
 /// If `poweroff -f`/`reboot -f` returns, it prints `BULKHEAD-POWEROFF-RETURNED` /
 /// `BULKHEAD-REBOOT-RETURNED` and idles, so that a VMM that ignores the request is visible.
@@ -133,6 +145,30 @@ case "$mode" in
             echo "BULKHEAD-BLK-FAIL no /dev/vda"
         fi
         echo BULKHEAD-BLK-DONE
+        poweroff -f
+        ;;
+    net)
+        for m in $(cat /etc/bulkhead/net-modules); do
+            name=$(echo "${m%.ko}" | tr - _)
+            grep -q "^$name " /proc/modules && continue
+            insmod "/lib/modules/$m" || echo "BULKHEAD-NET-FAIL insmod $m"
+        done
+        n=0
+        while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n + 1)); done
+        ip link set lo up
+        ip addr add 10.77.0.2/24 dev eth0 || echo "BULKHEAD-NET-FAIL ip addr"
+        ip link set eth0 up || echo "BULKHEAD-NET-FAIL ip link"
+        sleep 1
+        echo "BULKHEAD-NET-MAC=$(cat /sys/class/net/eth0/address)"
+        echo "BULKHEAD-NET-CARRIER=$(cat /sys/class/net/eth0/carrier)"
+        if ping -c 3 -W 10 10.77.0.1 >/dev/null; then
+            echo BULKHEAD-NET-PING-OK
+        else
+            echo "BULKHEAD-NET-FAIL ping"
+        fi
+        wget -q -T 30 -O /tmp/blob http://10.77.0.1:8080/blob || echo "BULKHEAD-NET-FAIL wget"
+        echo "BULKHEAD-NET-MD5=$(md5sum < /tmp/blob | cut -d' ' -f1)"
+        echo BULKHEAD-NET-DONE
         poweroff -f
         ;;
 esac
@@ -862,6 +898,26 @@ fn build_kit(root: &Path, scratch: &Path) -> Result<()> {
             order.push('\n');
         }
         cpio.file("etc/bulkhead/blk-modules", 0o644, order.as_bytes())?;
+        // virtio-pci + virtio-net for bulkhead.test=net: the files not already added above.
+        let mut have: BTreeSet<String> = order.lines().map(str::to_owned).collect();
+        let mut net_order = String::new();
+        for rel in ModuleDeps::load(&moddir)?.closure(L2_NET_MODULES)? {
+            let plain = plain_module_path(&rel);
+            let name = Path::new(&plain)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| anyhow!("module path {plain} has no file name"))?;
+            if have.insert(name.clone()) {
+                cpio.file(
+                    &format!("lib/modules/{name}"),
+                    0o644,
+                    &read_module(&moddir.join(&rel))?,
+                )?;
+            }
+            net_order.push_str(&name);
+            net_order.push('\n');
+        }
+        cpio.file("etc/bulkhead/net-modules", 0o644, net_order.as_bytes())?;
         cpio.finish()?;
     }
 
