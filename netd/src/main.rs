@@ -49,8 +49,13 @@ fn run() -> Result<()> {
         Listener::new(&o.socket, true).with_context(|| format!("binding {}", o.socket))?;
 
     if mode != Mode::Off {
-        let how = confine::leave_host_network().context("leaving the host network namespace")?;
-        eprintln!("bulkhead-netd: {how}");
+        match (confine::leave_host_network(), mode) {
+            (Ok(how), _) => eprintln!("bulkhead-netd: {how}"),
+            (Err(e), Mode::AllowWeak) => {
+                eprintln!("bulkhead-netd: WEAKER: still in the host's network namespace: {e}")
+            }
+            (Err(e), _) => return Err(anyhow!("leaving the host network namespace: {e}")),
+        }
     }
     let policy = confine::standalone_policy();
     let params = confine::params(o.max_guest_mem);
