@@ -309,6 +309,11 @@ fn ring_base(q: usize) -> u64 {
 
 impl Guest {
     fn connect(socket: &str) -> Guest {
+        Guest::connect_without(socket, 0)
+    }
+
+    /// Connects and acks every offered feature but those in `without`.
+    fn connect_without(socket: &str, without: u64) -> Guest {
         // SAFETY: memfd_create with a literal name; result checked.
         let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0);
@@ -325,7 +330,7 @@ impl Guest {
         fe.set_owner().expect("set_owner");
         let features = fe.get_features().expect("get_features");
         assert!(features & (1 << 15) != 0, "mergeable rx buffers offered");
-        fe.set_features(features).expect("set_features");
+        fe.set_features(features & !without).expect("set_features");
         let pf = fe.get_protocol_features().expect("protocol features");
         fe.set_protocol_features(
             pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK),
@@ -732,4 +737,43 @@ fn an_inherited_tap_fd_is_served_and_one_without_vnet_header_refused() {
     drop(g);
     let err = netd.finish();
     assert!(err.contains("tx_frames=1"), "{err}");
+}
+
+#[test]
+fn legacy_header_without_mergeable_buffers_and_oversize_frames_dropped() {
+    let ns = Netns::new("l");
+    let sock = ns.packet_socket();
+    let path = socket_path("l");
+    let netd = Netd::start(&ns, &path);
+    // Neither VERSION_1 nor MRG_RXBUF: the 10-byte legacy header, one chain per frame.
+    let mut g = Guest::connect_without(&path, 1 << 32 | 1 << 15);
+    const LEGACY: usize = 10;
+
+    // tx with a 10-byte header.
+    let out = eth_frame([0xff; 6], MAC, 100, 11);
+    let mut full = vec![0u8; LEGACY];
+    full.extend_from_slice(&out);
+    g.write(TX_BUF, &full);
+    g.post(TX, &[(TX_BUF, full.len() as u32, 0)]);
+    g.kick(TX);
+    recv_matching(&sock, |f| f == out.as_slice(), Duration::from_secs(5));
+
+    // rx: a 4000-byte frame does not fit a 2 KiB buffer: dropped, the chain returned empty;
+    // the next frame that fits arrives with the 10-byte header.
+    g.post(RX, &[(RX_BUF, 2048, F_WRITE)]);
+    g.post(RX, &[(RX_BUF + 0x1000, 2048, F_WRITE)]);
+    g.kick(RX);
+    send_frame(&sock, &eth_frame(MAC, [2, 0, 0, 0, 0, 9], 3986, 12));
+    let small = eth_frame(MAC, [2, 0, 0, 0, 0, 9], 200, 13);
+    send_frame(&sock, &small);
+    g.wait_used(RX, 2, Duration::from_secs(5));
+    assert_eq!(g.used(RX, 0).1, 0, "oversize frame dropped");
+    let (id, len) = g.used(RX, 1);
+    assert_eq!(len as usize, LEGACY + small.len());
+    let got = g.read(RX_BUF + u64::from(id) * 0x1000, len as usize);
+    assert_eq!(&got[LEGACY..], small.as_slice());
+
+    drop(g);
+    let err = netd.finish();
+    assert!(err.contains("rx_frames=1 rx_dropped=1"), "{err}");
 }
