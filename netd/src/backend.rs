@@ -38,6 +38,9 @@ use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::tap::{self, Tap};
 
@@ -528,6 +531,18 @@ impl VhostUserBackend for NetBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         vec![(1u64 << NUM_QUEUES) - 1]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Lets the framework stop the worker thread when the front end goes (without it the
+        // daemon's drop waits for the thread forever).
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::warn!("exit eventfd: {e}");
+                None
+            }
+        }
     }
 
     fn handle_event(

@@ -90,12 +90,10 @@ fn run() -> Result<()> {
         h.send_exit_event();
     }
     eprintln!("bulkhead-netd: {stats}");
-    // Not dropped: the daemon's drop joins its epoll worker thread, which after the front end
-    // has gone stays in epoll_wait (seen here: the exit event does not reach it once the
-    // connection state was reset), so the process would never end. The process exits next.
-    std::mem::forget(daemon);
-    // Nor the listener: its drop unlinks the socket path, which the sandbox refuses (no unlink
-    // in the allowlist, no filesystem in landlock). The path stays; the next start replaces it.
+    drop(daemon);
+    // The listener is not dropped: its drop unlinks the socket path, which the sandbox refuses
+    // (no unlink in the allowlist, no filesystem in landlock). The path stays; the next start
+    // replaces it.
     std::mem::forget(listener);
     match r {
         Ok(()) => Ok(()),
