@@ -105,6 +105,9 @@ impl Drop for AlignedBuf {
 /// A raw image: the file's bytes are the disk's bytes.
 pub struct Raw {
     file: File,
+    /// Under `O_DIRECT`: a second, buffered fd of the same file for a write whose end is the
+    /// file's unaligned end (an `O_DIRECT` write of a partial block there would fail).
+    buffered: Option<File>,
     size: u64,
     read_only: bool,
     direct: bool,
@@ -122,11 +125,19 @@ impl Raw {
         let size = file_size(&file)?;
         Ok(Raw {
             file,
+            buffered: None,
             size,
             read_only,
             direct,
             rmw: Mutex::new(()),
         })
+    }
+
+    /// Adds the buffered fd used under `O_DIRECT` for writes reaching an unaligned end of file
+    /// (opened by the caller before the sandbox, without `O_DIRECT`).
+    pub fn with_buffered_tail(mut self, buffered: File) -> Raw {
+        self.buffered = Some(buffered);
+        self
     }
 
     /// The aligned window `[start, end)` covering `[offset, offset + len)`.
@@ -179,6 +190,18 @@ impl Raw {
         // Never grow the file past its size by the alignment padding.
         let limit = (self.size.max(offset + buf.len() as u64) - start) as usize;
         let n = limit.min(bounce.as_slice().len());
+        if n % DIRECT_ALIGN != 0 {
+            // The file ends inside this block: O_DIRECT cannot write a partial block.
+            let Some(b) = &self.buffered else {
+                return Err(Error::Io(
+                    "pwrite",
+                    std::io::Error::from_raw_os_error(libc::EINVAL),
+                ));
+            };
+            return b
+                .write_all_at(&bounce.as_slice()[..n], start)
+                .map_err(io("pwrite (buffered tail)"));
+        }
         self.write_all_at(&bounce.as_slice()[..n], start)
     }
 
@@ -387,6 +410,30 @@ mod tests {
             assert_eq!(host[4608], (4608 % 251) as u8);
             assert!(host[8192..16384].iter().all(|v| *v == 0xcd));
         }
+    }
+
+    #[test]
+    fn direct_writes_reach_an_unaligned_end_of_file() {
+        let (_d, p) = temp_image(64 * 1024 + 512);
+        let raw = open(&p, true, false).with_buffered_tail(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .expect("open buffered"),
+        );
+        raw.write_at(&[0x77; 512], 64 * 1024).expect("last sector");
+        raw.write_at(&[0x66; 1024], 63 * 1024)
+            .expect("across the last block");
+        raw.flush().expect("flush");
+        let mut back = vec![0u8; 1536];
+        raw.read_at(&mut back, 63 * 1024).expect("read back");
+        assert!(back[..1024].iter().all(|v| *v == 0x66));
+        assert!(back[1024..].iter().all(|v| *v == 0x77));
+        let host = std::fs::read(&p).expect("read back");
+        assert_eq!(host.len(), 64 * 1024 + 512, "size unchanged");
+        assert!(host[63 * 1024..64 * 1024].iter().all(|v| *v == 0x66));
+        assert!(host[64 * 1024..].iter().all(|v| *v == 0x77));
     }
 
     #[test]

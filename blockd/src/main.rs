@@ -44,7 +44,16 @@ fn run() -> Result<()> {
     let file = oo
         .open(&o.file)
         .with_context(|| format!("opening {}", o.file))?;
-    let disk: Arc<dyn DiskImage> = Arc::new(Raw::new(file, o.readonly, direct)?);
+    let mut raw = Raw::new(file, o.readonly, direct)?;
+    if direct && !o.readonly {
+        let buffered = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&o.file)
+            .with_context(|| format!("opening {} (buffered tail)", o.file))?;
+        raw = raw.with_buffered_tail(buffered);
+    }
+    let disk: Arc<dyn DiskImage> = Arc::new(raw);
     let mut listener =
         Listener::new(&o.socket, true).with_context(|| format!("binding {}", o.socket))?;
 
