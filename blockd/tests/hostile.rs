@@ -739,3 +739,27 @@ fn two_queues_get_id_discard_write_zeroes_and_read_only() {
     assert_eq!(std::fs::read(&s.image).expect("image"), disk);
     s.finish();
 }
+
+#[test]
+fn a_flushed_write_survives_kill_9_of_blockd() {
+    for cache in ["writeback", "none"] {
+        let mut s = start(&["--cache", cache], 1);
+        s.queues[0].0.write(DATA, &[0x3c; 4096]);
+        let r = request(&mut s, 0, T_OUT, 40, &[(DATA, 4096, 0)]);
+        assert_eq!(r, (1, S_OK));
+        assert_eq!(request(&mut s, 0, T_FLUSH, 0, &[]), (1, S_OK));
+        // SAFETY: kill with the pid of our own child, still unreaped.
+        let rc = unsafe { libc::kill(s.blockd.0.id() as libc::pid_t, libc::SIGKILL) };
+        assert_eq!(rc, 0);
+        let st = s.blockd.0.wait().expect("wait");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(libc::SIGKILL)
+        );
+        let after = std::fs::read(&s.image).expect("image");
+        let o = 40 * 512;
+        assert!(after[o..o + 4096].iter().all(|b| *b == 0x3c), "{cache}");
+        assert_eq!(after[..o], image_bytes()[..o], "{cache}");
+        let _ = std::fs::remove_dir_all(&s.dir);
+    }
+}
