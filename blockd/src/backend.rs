@@ -222,11 +222,14 @@ impl VhostUserBackend for BlockBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> std::io::Result<()> {
-        if evset != EventSet::IN {
-            return Err(std::io::Error::other("unexpected event set"));
+        if !evset.contains(EventSet::IN) {
+            // An error return would end this queue's worker thread: log and carry on.
+            log::warn!("queue event without IN: {evset:?}");
+            return Ok(());
         }
         let Some(vring) = vrings.get(usize::from(device_event)) else {
-            return Err(std::io::Error::other("event for an unknown queue"));
+            log::warn!("event {device_event} for no queue of this thread");
+            return Ok(());
         };
         if self.event_idx.load(Ordering::Relaxed) {
             // Serve, re-enable notifications, and serve again what slipped in meanwhile.
