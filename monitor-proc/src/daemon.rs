@@ -57,6 +57,11 @@ pub struct Pidfile {
 }
 
 impl Pidfile {
+    /// Its path (as given; removed at exit).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Creates, locks and writes the pid file at `path`.
     pub fn create(path: &Path) -> Result<Self, DaemonError> {
         let path = crate::chardev::absolute(path);
@@ -102,12 +107,17 @@ impl Drop for Pidfile {
 #[derive(Debug)]
 pub struct Ready {
     pipe: OwnedFd,
+    null: Option<File>,
 }
 
 impl Ready {
-    /// Finishes detaching (cwd `/`, stdio to `/dev/null`) and releases the waiting parent,
-    /// which exits 0.
-    pub fn notify(self) -> Result<(), DaemonError> {
+    /// The part of detaching that needs the filesystem: cwd `/` and `/dev/null` opened. Done
+    /// before the monitor confines itself (once every configured path has been opened);
+    /// [`Ready::notify`] does it if it was not.
+    pub fn prepare(&mut self) -> Result<(), DaemonError> {
+        if self.null.is_some() {
+            return Ok(());
+        }
         std::env::set_current_dir("/").map_err(|source| DaemonError::Sys {
             what: "chdir /",
             source,
@@ -120,6 +130,17 @@ impl Ready {
                 what: "open /dev/null",
                 source,
             })?;
+        self.null = Some(null);
+        Ok(())
+    }
+
+    /// Finishes detaching (cwd `/`, stdio to `/dev/null`) and releases the waiting parent,
+    /// which exits 0.
+    pub fn notify(mut self) -> Result<(), DaemonError> {
+        self.prepare()?;
+        let Some(null) = self.null.take() else {
+            return Err(sys("open /dev/null"));
+        };
         for fd in [libc::STDIN_FILENO, libc::STDOUT_FILENO, libc::STDERR_FILENO] {
             // SAFETY: dup2 of an fd we own onto a standard stream number.
             if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
@@ -188,7 +209,10 @@ pub fn daemonize() -> Result<Ready, DaemonError> {
         libc::signal(libc::SIGTTOU, libc::SIG_IGN);
         libc::signal(libc::SIGTTIN, libc::SIG_IGN);
     }
-    Ok(Ready { pipe: wr })
+    Ok(Ready {
+        pipe: wr,
+        null: None,
+    })
 }
 
 #[cfg(test)]

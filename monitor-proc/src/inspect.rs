@@ -233,6 +233,13 @@ fn ids(pid: u32, status: &str, key: &str, map_file: &str) -> Result<Ids, Inspect
 
 /// Reads process `pid`'s confinement (see the module documentation).
 pub fn read_process(pid: u32) -> Result<ProcView, InspectError> {
+    read_process_with(pid, None)
+}
+
+/// [`read_process`], with the namespace ids given (kind, inode) instead of read from
+/// `/proc/PID/ns`: a landlocked monitor may not read those links of a process outside its
+/// landlock domain (landlock applies the ptrace access rules there), so its launcher reads them.
+pub fn read_process_with(pid: u32, ns: Option<Vec<(&str, u64)>>) -> Result<ProcView, InspectError> {
     let status = read(pid, "status")?;
     let num = |key: &str| -> Result<u64, InspectError> {
         field(&status, key)
@@ -249,7 +256,21 @@ pub fn read_process(pid: u32) -> Result<ProcView, InspectError> {
     Ok(ProcView {
         pid,
         ns_pid: u32::try_from(ns_pid).unwrap_or(pid),
-        namespaces: namespaces(pid)?,
+        namespaces: match ns {
+            Some(list) if !list.is_empty() => {
+                let mut v: Vec<Namespace> = list
+                    .into_iter()
+                    .map(|(kind, inode)| Namespace {
+                        kind: kind.to_string(),
+                        inode,
+                    })
+                    .collect();
+                v.sort_by(|a, b| a.kind.cmp(&b.kind));
+                v
+            }
+            Some(_) => return Err(parse_err(pid, "ns", "no namespace could be read")),
+            None => namespaces(pid)?,
+        },
         uid: ids(pid, &status, "Uid", "uid_map")?,
         gid: ids(pid, &status, "Gid", "gid_map")?,
         groups: field(&status, "Groups").map(numbers).unwrap_or_default(),

@@ -7,6 +7,8 @@
 //! - [`info`]: facts about the configured machine that query commands report;
 //! - [`inspect`]: a live process's confinement as `/proc` shows it (`x-query-sandbox`);
 //! - [`chardev`]: the serial port's host side (`-serial`);
+//! - [`launcher`]: the process that starts workers once the monitor has confined itself;
+//! - [`confine`]: the monitor's own landlock ruleset and seccomp filter;
 //! - [`worker`]: spawning `bulkhead-vcpu` with exactly the fds it needs, describing its exit;
 //! - [`vm`]: the run-state machine and the worker client (supervision);
 //! - [`qmp`]: the QMP server (protocol, sessions, command registry, events);
@@ -14,10 +16,12 @@
 
 pub mod chardev;
 pub mod cli;
+pub mod confine;
 pub mod daemon;
 pub mod fds;
 pub mod info;
 pub mod inspect;
+pub mod launcher;
 pub mod logging;
 pub mod memory;
 pub mod qmp;

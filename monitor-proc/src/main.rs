@@ -18,11 +18,12 @@ use bulkhead_ipc::messages::CpuTopology;
 use bulkhead_monitor::cli::{self, Action, Config, Machine};
 use bulkhead_monitor::fds::{DupLease, FdSets, OpenSpec};
 use bulkhead_monitor::info::MachineInfo;
+use bulkhead_monitor::launcher::{Launcher, LauncherConfig};
 use bulkhead_monitor::qmp::events::EventBus;
 use bulkhead_monitor::qmp::server::QmpServer;
 use bulkhead_monitor::qmp::session::Shared;
 use bulkhead_monitor::vm::{ExitRequest, GuestSpec, Vm};
-use bulkhead_monitor::{chardev, daemon, logging, memory, qmp, worker};
+use bulkhead_monitor::{chardev, confine, daemon, logging, memory, qmp, worker};
 
 fn main() {
     logging::init();
@@ -96,17 +97,29 @@ fn run(cfg: Config) -> anyhow::Result<i32> {
     if let Some(name) = &cfg.process_name {
         set_process_name(name);
     }
+    // The launcher: forked while the monitor has one thread and has read nothing from a client;
+    // from now on it alone starts workers, so that the monitor can confine itself.
+    if cfg.machine == Machine::Bulkhead && cfg.sandbox != bulkhead_sandbox::Mode::Off {
+        let launcher = Launcher::start(LauncherConfig {
+            vcpu_path: worker::worker_path(cfg.worker_dir.as_deref(), worker::VCPU_WORKER)?,
+            sandbox: sandbox_config(&cfg),
+        })?;
+        log::debug!("launcher started (pid {})", launcher.pid());
+        worker::set_launcher(launcher);
+    }
     let pidfile = cfg
         .pidfile
         .as_deref()
         .map(daemon::Pidfile::create)
         .transpose()?;
+    let pidfile_path = pidfile.as_ref().map(|p| p.path().to_path_buf());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let code = rt.block_on(serve(cfg, ready, fdsets));
+    let code = rt.block_on(serve(cfg, ready, fdsets, pidfile_path));
     drop(rt);
+    worker::stop_launcher();
     drop(pidfile);
     code
 }
@@ -209,8 +222,9 @@ async fn build_guest(
 
 async fn serve(
     cfg: Config,
-    ready: Option<daemon::Ready>,
+    mut ready: Option<daemon::Ready>,
     fdsets: Arc<FdSets>,
+    pidfile: Option<std::path::PathBuf>,
 ) -> anyhow::Result<i32> {
     // Signals are caught from the start: one arriving during startup (say, while waiting for a
     // wait=on client) ends the monitor cleanly too.
@@ -230,6 +244,31 @@ async fn serve(
         // query-chardev: the QMP listeners, then the serial port (if the guest has one).
         let mut chardevs = server.chardevs();
         chardevs.extend(guest.as_ref().and_then(|g| g.serial.chardev()));
+        // Start-up is done: confine the monitor before the first byte from a client is read
+        // (a daemon first finishes the part of detaching that needs the filesystem).
+        if let Some(r) = ready.as_mut() {
+            r.prepare()?;
+        }
+        let mut paths = confine::MonitorPaths {
+            removed_at_exit: server.socket_paths().to_vec(),
+            reopened: Vec::new(),
+        };
+        paths.removed_at_exit.extend(pidfile.clone());
+        if let Some(g) = &guest {
+            paths
+                .removed_at_exit
+                .extend(g.serial.socket_path().map(|p| p.to_path_buf()));
+            paths.reopened.push(&g.kernel);
+            paths.reopened.extend(g.initrd.as_ref());
+        }
+        if let Some(r) = confine::confine(cfg.sandbox, &paths)? {
+            if r.weak.is_empty() {
+                log::info!("monitor: {r}");
+            } else {
+                log::warn!("monitor: {r}");
+            }
+        }
+        drop(paths);
         let (mut vm, handle) = Vm::new(bus.clone(), guest, cfg.no_shutdown, exit.clone());
         let info = MachineInfo {
             name: cfg.name.clone(),

@@ -52,6 +52,9 @@ pub enum WorkerError {
     /// Preparing an fd failed.
     #[error("cannot prepare the worker's fds: {0}")]
     Fd(std::io::Error),
+    /// The launcher could not start the worker.
+    #[error(transparent)]
+    Launcher(#[from] crate::launcher::LauncherError),
 }
 
 /// How the monitor confines its workers (`--sandbox`, `--sandbox-user`).
@@ -164,6 +167,8 @@ impl AsRawFd for PidFd {
 /// A running worker. Dropping it kills and reaps the process.
 pub struct WorkerProcess {
     inner: AsyncFd<PidFd>,
+    /// The launcher that started it (its parent, which reaps it), if any.
+    launcher: Option<&'static crate::launcher::Launcher>,
 }
 
 impl std::fmt::Debug for WorkerProcess {
@@ -181,7 +186,7 @@ impl WorkerProcess {
     /// Its exit status, once it has exited (reaping it); cancel-safe.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         loop {
-            if let Some(s) = self.inner.get_mut().0.try_wait()? {
+            if let Some(s) = self.try_wait()? {
                 return Ok(s);
             }
             let mut guard = self.inner.readable_mut().await?;
@@ -191,7 +196,14 @@ impl WorkerProcess {
 
     /// Its exit status if it has exited, without waiting.
     pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
-        self.inner.get_mut().0.try_wait()
+        let child = &mut self.inner.get_mut().0;
+        if let Some(l) = self.launcher {
+            if child.status().is_none() && child.has_exited() {
+                let s = l.wait(child.pid()).map_err(std::io::Error::other)?;
+                child.set_status(s);
+            }
+        }
+        child.try_wait()
     }
 
     /// Sends SIGKILL (the exit is then collected by [`WorkerProcess::wait`]).
@@ -227,14 +239,84 @@ impl WorkerProcess {
     }
 }
 
+/// The launcher, once the monitor has forked one (see [`crate::launcher`]): from then on
+/// every worker is started through it.
+static LAUNCHER: std::sync::OnceLock<crate::launcher::Launcher> = std::sync::OnceLock::new();
+
+/// Registers the launcher every later [`spawn`] goes through (once).
+pub fn set_launcher(l: crate::launcher::Launcher) {
+    let _ = LAUNCHER.set(l);
+}
+
+/// The namespace ids of `pid` (the launcher or a worker it started) as the launcher reads
+/// them; `None` without a launcher or when it cannot answer.
+pub fn launcher_namespaces(pid: u32) -> Option<Vec<(&'static str, u64)>> {
+    let l = LAUNCHER.get()?;
+    match l.namespaces(pid as i32) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            log::debug!("launcher: namespaces of pid {pid}: {e}");
+            None
+        }
+    }
+}
+
+/// Ends and reaps the launcher, if there is one (at exit, after the last worker is gone).
+pub fn stop_launcher() {
+    if let Some(l) = LAUNCHER.get() {
+        l.stop();
+    }
+}
+
+/// The launcher's pid, if there is one.
+pub fn launcher_pid() -> Option<u32> {
+    LAUNCHER.get().map(crate::launcher::Launcher::pid)
+}
+
 /// Starts `path` with `ipc` as its channel, confined by `sandbox` for a guest described by
-/// `params` (see the module documentation).
+/// `params` (see the module documentation): through the launcher when there is one (the
+/// worker is then the launcher's child, supervised here by its pidfd), directly otherwise.
 pub fn spawn(
     path: &Path,
     ipc: OwnedFd,
     sandbox: &SandboxConfig,
     params: Params,
 ) -> Result<WorkerProcess, WorkerError> {
+    let (child, launcher) = match LAUNCHER.get() {
+        Some(l) => (l.spawn_vcpu(ipc, params)?, Some(l)),
+        None => (launch(path, ipc, sandbox, params)?, None),
+    };
+    // SAFETY: the pidfd belongs to `child`, which the AsyncFd owns for its whole life; the
+    // Child never closes or replaces it before it is dropped.
+    let inner =
+        unsafe { AsyncFd::register_with_interest(PidFd(child), tokio::io::Interest::READABLE) }
+            .map_err(|e| WorkerError::Fd(e.into()))?;
+    Ok(WorkerProcess { inner, launcher })
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // A launcher's worker: kill it and have the launcher reap it (the Child, not ours to
+        // reap, would only kill it).
+        if let Some(l) = self.launcher {
+            let child = &mut self.inner.get_mut().0;
+            if child.status().is_none() {
+                let _ = child.kill();
+                if let Ok(s) = l.wait(child.pid()) {
+                    child.set_status(s);
+                }
+            }
+        }
+    }
+}
+
+/// Starts `path` (the launch proper, in the monitor or in its launcher).
+pub fn launch(
+    path: &Path,
+    ipc: OwnedFd,
+    sandbox: &SandboxConfig,
+    params: Params,
+) -> Result<Child, WorkerError> {
     let devnull = std::fs::File::open("/dev/null").map_err(WorkerError::Fd)?;
     let mem = params.mem_bytes.to_string();
     let vcpus = params.vcpus.to_string();
@@ -278,17 +360,9 @@ pub fn spawn(
             );
         }
         match cmd.spawn() {
-            Ok(child) => {
-                // SAFETY: the pidfd belongs to `child`, which the AsyncFd owns for its whole
-                // life; the Child never closes or replaces it before it is dropped.
-                let inner = unsafe {
-                    AsyncFd::register_with_interest(PidFd(child), tokio::io::Interest::READABLE)
-                }
-                .map_err(|e| WorkerError::Fd(e.into()))?;
-                // Our copy of the worker's end closes here, so its death closes the channel.
-                drop(ipc);
-                return Ok(WorkerProcess { inner });
-            }
+            // Our copy of the worker's end closes when `ipc` drops, so its death closes the
+            // channel.
+            Ok(child) => return Ok(child),
             Err(e) if with_namespaces && sandbox.mode == Mode::AllowWeak => {
                 log::warn!(
                     "--sandbox allow-weak: {e}; starting {} without namespaces",

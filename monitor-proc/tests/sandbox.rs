@@ -91,8 +91,57 @@ fn sandbox_off_warns_loudly_and_confines_nothing() {
     let me = unsafe { libc::getpid() };
     assert_eq!(ns(pid, "user"), ns(me, "user"));
     assert_eq!(status_field(pid, "Seccomp"), "0");
+    // Nor the monitor itself, and there is no launcher: the worker is the monitor's child.
+    assert_eq!(status_field(m.child.id() as i32, "Seccomp"), "0");
+    assert_eq!(status_field(m.child.id() as i32, "NoNewPrivs"), "0");
+    assert_eq!(status_field(pid, "PPid"), m.child.id().to_string());
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success());
+}
+
+#[test]
+fn the_monitor_confines_itself_and_starts_workers_through_its_launcher() {
+    let s = Scratch::new("sbx-mon");
+    let (mut m, sock) = start(&s, "", &[]);
+    let mut q = Qmp::unix(&sock);
+    q.negotiate();
+    let me = m.child.id() as i32;
+    assert_eq!(status_field(me, "Seccomp"), "2");
+    assert_eq!(status_field(me, "NoNewPrivs"), "1");
+    // The worker is the launcher's child; the launcher is the monitor's.
+    let pid = worker_pid(&s);
+    let launcher: i32 = status_field(pid, "PPid").parse().expect("ppid");
+    assert_ne!(launcher, me);
+    assert_eq!(status_field(launcher, "PPid"), me.to_string());
+    assert_eq!(status_field(launcher, "Seccomp"), "0");
+    // Supervision through the launcher: a killed worker is reported with its signal, and
+    // system_reset starts a new one through the launcher again, twice.
+    // SAFETY: kill with integer arguments, on the worker this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let ev = q.event("X_WORKER_EXITED");
+    assert_eq!(ev["data"]["signal"], "SIGKILL", "{ev}");
+    for round in 0..2 {
+        assert_eq!(
+            q.cmd("system_reset"),
+            json!({"return": {}}),
+            "round {round}"
+        );
+        assert_eq!(q.cmd("cont"), json!({"return": {}}), "round {round}");
+        assert_eq!(q.status(), "running", "round {round}");
+    }
+    let pids = worker_pids(&s);
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    assert_eq!(status_field(pids[1], "PPid"), launcher.to_string());
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success());
+    // The monitor reaped its launcher before exiting: no zombie left behind.
+    assert!(
+        !std::path::Path::new(&format!("/proc/{launcher}")).exists()
+            || status_field(launcher, "PPid") != me.to_string(),
+        "launcher {launcher} still there"
+    );
+    let stderr = std::fs::read_to_string(&m.stderr_path).expect("stderr");
+    assert!(!stderr.contains("BULKHEAD-SECCOMP-VIOLATION"), "{stderr}");
 }
 
 #[test]
@@ -177,9 +226,9 @@ fn a_violation_while_running_stops_the_vm_and_system_reset_starts_a_new_worker()
     );
     assert_eq!(q.status(), "internal-error");
     assert!(error_desc(&q.cmd("cont")).contains("Resetting the Virtual Machine is required"));
-    // Only the monitor is left.
+    // Only the monitor and its launcher are left.
     let v = query_sandbox(&mut q);
-    assert_eq!(v["processes"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["processes"].as_array().map(Vec::len), Some(2), "{v}");
     // system_reset brings up a fresh worker, paused (prelaunch), that then runs.
     assert_eq!(q.cmd("system_reset"), json!({"return": {}}));
     q.event("RESET");
@@ -188,7 +237,7 @@ fn a_violation_while_running_stops_the_vm_and_system_reset_starts_a_new_worker()
     assert_eq!(pids.len(), 2, "{pids:?}");
     assert_ne!(pids[1], pid);
     let v = query_sandbox(&mut q);
-    assert_eq!(v["processes"][1]["pid"], pids[1], "{v}");
+    assert_eq!(v["processes"][2]["pid"], pids[1], "{v}");
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success());
 }
@@ -222,10 +271,49 @@ fn x_query_sandbox_lists_the_monitor_and_the_worker_from_proc() {
     let v = query_sandbox(&mut q);
     assert_eq!(v["mode"], "on", "{v}");
     let procs = v["processes"].as_array().expect("processes");
-    assert_eq!(procs.len(), 2, "{v}");
-    let (mon, w) = (&procs[0], &procs[1]);
+    assert_eq!(procs.len(), 3, "{v}");
+    let (mon, launcher, w) = (&procs[0], &procs[1], &procs[2]);
     assert_eq!(mon["role"], "monitor");
     assert_eq!(mon["pid"], m.child.id());
+    // The monitor confined itself once start-up was done: its seccomp filter (two: the errno
+    // filter and the allowlist) and its own record of its landlock ruleset.
+    assert_eq!(mon["seccomp"]["mode"], "filter", "{mon}");
+    assert_eq!(mon["seccomp"]["filters"], 2, "{mon}");
+    assert!(
+        mon["seccomp"]["instructions"]
+            .as_u64()
+            .is_some_and(|n| n > 100),
+        "{mon}"
+    );
+    assert_eq!(mon["no-new-privs"], true, "{mon}");
+    assert_eq!(mon["landlock"]["source"], "monitor-recorded", "{mon}");
+    assert!(
+        mon["landlock"]["abi"].as_i64().is_some_and(|a| a >= 1),
+        "{mon}"
+    );
+    assert_ne!(mon["landlock"]["status"], "not-enforced", "{mon}");
+    assert_eq!(
+        status_field(m.child.id() as i32, "Seccomp"),
+        "2",
+        "/proc agrees"
+    );
+    // The launcher: the monitor's child, in its namespaces, without seccomp or landlock (its
+    // workers would inherit them), with at most the four capabilities a launch needs.
+    assert_eq!(launcher["role"], "launcher", "{launcher}");
+    assert_eq!(launcher["seccomp"]["mode"], "disabled", "{launcher}");
+    assert_eq!(launcher["landlock"]["status"], "not-enforced", "{launcher}");
+    assert_eq!(launcher["no-new-privs"], true, "{launcher}");
+    let lpid = launcher["pid"].as_u64().expect("launcher pid") as i32;
+    assert_eq!(status_field(lpid, "PPid"), m.child.id().to_string());
+    // CAP_DAC_READ_SEARCH 2, CAP_KILL 5, CAP_SETGID 6, CAP_SETUID 7.
+    let keep: u64 = (1 << 2) | (1 << 5) | (1 << 6) | (1 << 7);
+    for set in ["effective", "permitted", "bounding"] {
+        let c = launcher["capabilities"][set].as_u64().expect("caps");
+        assert_eq!(c & !keep, 0, "launcher {set} {c:#x}");
+    }
+    for n in launcher["namespaces"].as_array().expect("namespaces") {
+        assert_eq!(n["differs-from-monitor"], false, "{n}");
+    }
     assert_eq!(w["role"], "vcpu");
     assert_eq!(w["pid"], pid);
     assert_eq!(w["ns-pid"], 1);

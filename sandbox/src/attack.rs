@@ -267,8 +267,7 @@ fn emit(fd: RawFd, s: &str) {
 
 /// Enters `role`'s sandbox like [`crate::enter`], without seccomp and/or landlock: how the
 /// tests find out which layer *below* seccomp would stop an attempt. (Landlock is left out by
-/// giving the policy `Filesystem::ConfiguredPaths`, which [`crate::enter`] does not apply to a
-/// process; the tests check the report says landlock ABI 0.)
+/// giving the policy `Filesystem::Unconfined`; the tests check the report says landlock ABI 0.)
 pub fn enter_without(
     role: Role,
     params: &Params,
@@ -283,7 +282,7 @@ pub fn enter_without(
         namespaces: p.namespaces,
         empty_root: p.empty_root,
         filesystem: if without_landlock {
-            Filesystem::ConfiguredPaths
+            Filesystem::Unconfined
         } else {
             p.filesystem
         },
@@ -747,6 +746,8 @@ pub enum Layer {
     HeldFds,
     /// The kernel has no such feature (`init_module` on a kernel built without modules).
     KernelLacks,
+    /// `user.max_user_namespaces` set to 0 inside the worker's own user namespace.
+    UsernsLimit,
     /// Nothing: the attempt succeeded.
     NotStopped,
 }
@@ -767,6 +768,7 @@ impl Layer {
             Layer::MemfdSize => "memfd size",
             Layer::HeldFds => "no such device fd",
             Layer::KernelLacks => "kernel without modules",
+            Layer::UsernsLimit => "user namespace limit 0",
             Layer::NotStopped => "NOT STOPPED",
         }
     }
@@ -881,6 +883,8 @@ pub fn judge(
                 // CONFIG_MODULES=n: the call exists only as a stub (a modular kernel checks
                 // CAP_SYS_MODULE in the initial namespace first: EPERM, capabilities).
                 (A::LoadModule, libc::ENOSYS) => Some(Layer::KernelLacks),
+                // The worker set user.max_user_namespaces to 0 in its own user namespace.
+                (A::Unshare, libc::ENOSPC) => Some(Layer::UsernsLimit),
                 _ => None,
             };
             let Some(layer) = layer else {

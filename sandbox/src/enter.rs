@@ -5,7 +5,8 @@
 //!
 //! Order, each step needing the ones before:
 //! 1. check the launch: own user namespace (uid_map is not the identity map), own pid namespace;
-//! 2. mounts: everything `MS_PRIVATE` (nothing propagates back to the host), a tiny tmpfs
+//! 2. `user.max_user_namespaces` set to 0 in the worker's own user namespace (no nested user
+//!    namespace, even without seccomp); then mounts: everything `MS_PRIVATE` (nothing propagates back to the host), a tiny tmpfs
 //!    mounted over `/proc` (any existing directory would do; `/proc` exists wherever Bulkhead
 //!    runs), `pivot_root(".", ".")` into it, the old root detached, `chdir("/")`, the new root
 //!    remounted read-only, nosuid, nodev, noexec. From here no host path exists;
@@ -182,6 +183,21 @@ fn enter_inner(
         }
         report.weak = missing;
     }
+    // 2a. No nested user namespaces (while /proc is still there): the limit is per user
+    // namespace, and this one is the worker's own. Seccomp refuses unshare/clone with
+    // CLONE_NEWUSER too; this is the layer below it.
+    if own_userns {
+        if let Err(source) = std::fs::write("/proc/sys/user/max_user_namespaces", "0") {
+            let e = Error::Sys {
+                what: "setting user.max_user_namespaces to 0",
+                source,
+            };
+            if mode == Mode::On {
+                return Err(e);
+            }
+            report.weak.push(e.to_string());
+        }
+    }
     // 2. An empty, read-only root.
     if policy.empty_root {
         if own_userns {
@@ -216,9 +232,20 @@ fn enter_inner(
         check(rc, "setrlimit")?;
     }
     // 6.
-    if policy.filesystem == Filesystem::Nothing && features.landlock_abi > 0 {
-        report.landlock_full = landlock_nothing()?;
-        report.landlock_abi = features.landlock_abi;
+    if features.landlock_abi > 0 {
+        match policy.filesystem {
+            Filesystem::Nothing => {
+                report.landlock_full = landlock_nothing()?;
+                report.landlock_abi = features.landlock_abi;
+            }
+            // The monitor's ruleset with no configured path (the probe under the monitor
+            // policy): every filesystem right handled, nothing allowed.
+            Filesystem::ConfiguredPaths => {
+                report.landlock_full = landlock_paths(&[])?;
+                report.landlock_abi = features.landlock_abi;
+            }
+            Filesystem::Unconfined => {}
+        }
     }
     // 7.
     if policy.seccomp.is_some() && features.seccomp {
@@ -230,6 +257,121 @@ fn enter_inner(
     }
     report.elapsed = start.elapsed();
     Ok(report)
+}
+
+/// What the monitor's landlock ruleset allows beneath one path (see [`confine_monitor`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathAccess {
+    /// Read this file (or, for a directory, every file beneath it) — kernel, initrd.
+    ReadFile,
+    /// Read files and list directories beneath (`/proc`).
+    ReadTree,
+    /// Remove files from this directory (the sockets and pidfile the monitor removes at exit).
+    RemoveEntries,
+}
+
+/// Confines the monitor itself once its start-up is done (issue 4): `no_new_privs`, the
+/// policy's rlimits, a landlock ruleset that handles every filesystem right the kernel knows
+/// and allows only `rules` (each an fd on the path it applies beneath: an `O_PATH` directory,
+/// or the open kernel file itself), then the monitor's seccomp allowlist (`TRAP`; a violation is
+/// reported on stderr, the monitor's log, before the monitor dies by `SIGSYS`). Capabilities
+/// are kept: a root monitor signals and inspects workers that run as nobody. Landlock applies
+/// to the calling thread only, so this refuses to run with more than one thread.
+pub fn confine_monitor(
+    rules: &[(std::os::fd::BorrowedFd<'_>, PathAccess)],
+    mode: Mode,
+) -> Result<EnterReport> {
+    let start = Instant::now();
+    let policy = &crate::policy::MONITOR;
+    let mut report = EnterReport::default();
+    if mode == Mode::Off {
+        return Ok(report);
+    }
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map_err(|source| Error::Sys {
+            what: "read /proc/self/task",
+            source,
+        })?
+        .count();
+    if threads != 1 {
+        return Err(Error::Invalid(format!(
+            "the monitor has {threads} threads when it confines itself (landlock applies to \
+             the calling thread only)"
+        )));
+    }
+    let features = Features::probe();
+    let missing = features.missing_for(policy);
+    if !missing.is_empty() {
+        if mode == Mode::On {
+            return Err(Error::Weak {
+                role: policy.role.name(),
+                missing,
+            });
+        }
+        report.weak = missing;
+    }
+    set_no_new_privs()?;
+    for l in policy.rlimits(&Params::default()) {
+        let Some(v) = l.value else { continue };
+        let rl = libc::rlimit {
+            rlim_cur: v,
+            rlim_max: v,
+        };
+        // SAFETY: setrlimit reads the struct we pass.
+        let rc = unsafe { libc::setrlimit(l.resource.raw(), &rl) };
+        check(rc, "setrlimit")?;
+    }
+    if features.landlock_abi > 0 {
+        report.landlock_full = landlock_paths(rules)?;
+        report.landlock_abi = features.landlock_abi;
+    }
+    if features.seccomp {
+        // SAFETY: getpid cannot fail.
+        let pid = unsafe { libc::getpid() };
+        let filters = seccomp::compile(policy, pid)?;
+        report.seccomp_instructions = filters.iter().map(Vec::len).sum();
+        seccomp::install(&filters, None)?;
+    }
+    report.elapsed = start.elapsed();
+    let _ = ENTERED.set(Entered {
+        mode,
+        role: policy.role,
+        report: report.clone(),
+    });
+    Ok(report)
+}
+
+/// The monitor's ruleset: every filesystem right handled, only `rules` allowed. Returns
+/// whether the whole ruleset is enforced.
+fn landlock_paths(rules: &[(std::os::fd::BorrowedFd<'_>, PathAccess)]) -> Result<bool> {
+    use landlock::{
+        Access, AccessFs, CompatLevel, Compatible, PathBeneath, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetStatus, ABI,
+    };
+    let err = |e: landlock::RulesetError| Error::Landlock(e.to_string());
+    let abi = ABI::V9;
+    let mut ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(err)?
+        .create()
+        .map_err(err)?;
+    for (fd, access) in rules {
+        let rights = match access {
+            PathAccess::ReadFile => AccessFs::ReadFile.into(),
+            PathAccess::ReadTree => AccessFs::ReadFile | AccessFs::ReadDir,
+            PathAccess::RemoveEntries => AccessFs::RemoveFile.into(),
+        };
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(*fd, rights))
+            .map_err(err)?;
+    }
+    let status = ruleset.restrict_self().map_err(err)?;
+    match status.ruleset {
+        RulesetStatus::FullyEnforced => Ok(true),
+        RulesetStatus::PartiallyEnforced => Ok(false),
+        RulesetStatus::NotEnforced => Err(Error::Landlock("the ruleset is not enforced".into())),
+    }
 }
 
 fn mount(

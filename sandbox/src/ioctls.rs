@@ -95,6 +95,14 @@ ioctls! {
     TUNGETVNETHDRSZ = ior(b'T' as u32, 215, size_of::<libc::c_int>());
     TUNSETVNETHDRSZ = iow(b'T' as u32, 216, size_of::<libc::c_int>());
 
+    // Terminals and sockets, for the monitor: `-serial stdio` puts the terminal in raw mode and
+    // restores it at exit; `set_nonblocking` on std sockets.
+    TCGETS = 0x5401;
+    TCSETS = 0x5402;
+    TCSETSW = 0x5403;
+    TCSETSF = 0x5404;
+    FIONBIO = 0x5421;
+
     // Block devices (0x12), for blockd when an image is a block device rather than a file.
     BLKSSZGET = io(0x12, 104);
     BLKGETSIZE64 = ior(0x12, 114, size_of::<usize>());
@@ -151,6 +159,10 @@ pub const VCPU_KVM: &[Ioctl] = list![
 
 /// The tap ioctls netd may issue on the tap fd it is handed.
 pub const NETD_TAP: &[Ioctl] = list![TUNSETOFFLOAD, TUNGETIFF, TUNGETVNETHDRSZ, TUNSETVNETHDRSZ];
+
+/// The monitor's ioctls after start-up: the terminal of `-serial stdio` (restored at exit) and
+/// non-blocking mode on sockets.
+pub const MONITOR_TTY: &[Ioctl] = list![TCGETS, TCSETS, TCSETSW, TCSETSF, FIONBIO];
 
 /// The block-device queries blockd may issue on an image that is a block device.
 pub const BLOCKD_BLK: &[Ioctl] = list![BLKSSZGET, BLKGETSIZE64];

@@ -303,6 +303,7 @@ impl Command {
             pidfd,
             report: report_r,
             status: None,
+            foreign: false,
         };
         drop(err_w);
         drop(sync_r);
@@ -521,9 +522,57 @@ pub struct Child {
     pidfd: OwnedFd,
     report: Option<OwnedFd>,
     status: Option<ExitStatus>,
+    /// Another process's child, supervised here through a pidfd it handed over (the monitor's
+    /// workers, started by its launcher): never reaped here; its status comes from the parent
+    /// ([`Child::set_status`]).
+    foreign: bool,
 }
 
 impl Child {
+    /// A child of another process (the launcher), handed over as its pid, pidfd and
+    /// violation-report pipe. The pidfd still says when it exits; the status must come from
+    /// its parent through [`Child::set_status`]; dropping it only kills it.
+    pub fn foreign(pid: libc::pid_t, pidfd: OwnedFd, report: Option<OwnedFd>) -> Child {
+        Child {
+            pid,
+            pidfd,
+            report,
+            status: None,
+            foreign: true,
+        }
+    }
+
+    /// Records the exit status of a foreign child, as its parent reported it.
+    pub fn set_status(&mut self, status: ExitStatus) {
+        self.status = Some(status);
+    }
+
+    /// The status, once known (reaped here, or set by the parent of a foreign child).
+    pub fn status(&self) -> Option<ExitStatus> {
+        self.status
+    }
+
+    /// Takes the read end of the violation-report pipe (to hand it to another process).
+    pub fn take_report(&mut self) -> Option<OwnedFd> {
+        self.report.take()
+    }
+
+    /// Whether the process has exited (its pidfd is readable), without reaping it; works for
+    /// a foreign child too.
+    pub fn has_exited(&self) -> bool {
+        if self.status.is_some() {
+            return true;
+        }
+        let mut p = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd we own, without waiting.
+        let rc = unsafe { libc::poll(&mut p, 1, 0) };
+        rc == 1 && p.revents & libc::POLLIN != 0
+    }
+
     /// Its pid (in the launcher's pid namespace).
     pub fn pid(&self) -> libc::pid_t {
         self.pid
@@ -537,6 +586,15 @@ impl Child {
     fn waitid(&mut self, flags: libc::c_int) -> std::io::Result<Option<ExitStatus>> {
         if let Some(s) = self.status {
             return Ok(Some(s));
+        }
+        if self.foreign {
+            return if flags & libc::WNOHANG != 0 {
+                Ok(None)
+            } else {
+                Err(std::io::Error::other(
+                    "not our child: its parent reports its status",
+                ))
+            };
         }
         // SAFETY: a zeroed siginfo is valid; waitid fills it.
         let mut info: ChildInfo = unsafe { std::mem::zeroed() };
@@ -648,7 +706,9 @@ impl Drop for Child {
     fn drop(&mut self) {
         if self.status.is_none() {
             let _ = self.kill();
-            let _ = self.wait();
+            if !self.foreign {
+                let _ = self.wait();
+            }
         }
     }
 }

@@ -2,12 +2,13 @@
 //!
 //! - [`policy`]: one policy per role (namespaces, rlimits, landlock, the seccomp allowlist with
 //!   its ioctl filters), declared in one place.
-//! - [`launch`]: how the monitor (and the tests) start a worker: `clone3` into fresh user, mount,
+//! - [`launch`]: how the monitor's launcher process (and the tests) start a worker: `clone3` into fresh user, mount,
 //!   pid, ipc, uts and network namespaces with a pidfd, uid/gid maps written by the parent, only
 //!   the fds handed on purpose, `execveat` of the binary opened by the parent.
 //! - [`enter`](mod@enter): what the worker does to itself before it reads anything untrusted:
 //!   private mounts, pivot into an empty read-only tmpfs, capabilities and the bounding set gone,
-//!   `no_new_privs`, rlimits, landlock with no filesystem access, seccomp last.
+//!   `no_new_privs`, rlimits, landlock with no filesystem access, seccomp last; and
+//!   [`enter::confine_monitor`], the monitor's own ruleset (its configured paths) and filter.
 //! - [`seccomp`]: filters compiled with seccompiler, and the `SIGSYS` report of a violation.
 //! - [`features`]: what this kernel offers, so Bulkhead can refuse to run with less.
 //! - `attack` (feature `attack-hook`, tests only, never in a release build): the attempts a

@@ -28,7 +28,7 @@ pub enum Role {
     Blockd,
     /// `bulkhead-netd`: one virtio-net back end (issue 6).
     Netd,
-    /// `bulkhead`, the monitor: confined after start-up (phase 2 of the sandbox issue).
+    /// `bulkhead`, the monitor: confines itself once start-up is done (`enter::confine_monitor`).
     Monitor,
 }
 
@@ -151,8 +151,11 @@ const MIB: u64 = 1 << 20;
 pub enum Filesystem {
     /// None at all: every access right of the best ABI handled, no rule added.
     Nothing,
-    /// Only the paths the monitor's configuration names (phase 2: the monitor's own ruleset).
+    /// Only the paths the monitor's configuration names (`enter::confine_monitor` with them;
+    /// `enter` itself, which has no configuration, allows no path at all).
     ConfiguredPaths,
+    /// No landlock ruleset (only for the attack tests' "without landlock" runs).
+    Unconfined,
 }
 
 /// A condition on one system call's arguments; the call is allowed if it holds.
@@ -237,7 +240,7 @@ pub struct Policy {
     pub min_landlock_abi: i32,
     /// The limits for given parameters.
     pub rlimits: fn(&Params) -> Vec<Rlimit>,
-    /// The seccomp allowlist (`None`: no filter yet — phase 2 for the monitor).
+    /// The seccomp allowlist (`None`: no filter).
     pub seccomp: Option<&'static [&'static [Allowed]]>,
 }
 
@@ -462,6 +465,48 @@ macro_rules! paste_nr {
     (restart_syscall) => {
         libc::SYS_restart_syscall
     };
+    (dup2) => {
+        libc::SYS_dup2
+    };
+    (accept4) => {
+        libc::SYS_accept4
+    };
+    (recvfrom) => {
+        libc::SYS_recvfrom
+    };
+    (sendto) => {
+        libc::SYS_sendto
+    };
+    (socketpair) => {
+        libc::SYS_socketpair
+    };
+    (shutdown) => {
+        libc::SYS_shutdown
+    };
+    (getsockname) => {
+        libc::SYS_getsockname
+    };
+    (openat) => {
+        libc::SYS_openat
+    };
+    (getdents64) => {
+        libc::SYS_getdents64
+    };
+    (readlink) => {
+        libc::SYS_readlink
+    };
+    (pidfd_send_signal) => {
+        libc::SYS_pidfd_send_signal
+    };
+    (waitid) => {
+        libc::SYS_waitid
+    };
+    (unlink) => {
+        libc::SYS_unlink
+    };
+    (sched_yield) => {
+        libc::SYS_sched_yield
+    };
 }
 
 /// What every worker's Rust runtime needs: memory, threads (glibc's `pthread_create`: `clone`,
@@ -586,6 +631,56 @@ const NETD_EXTRA: &[Allowed] = &[
     sys!(ioctl, Rule::Ioctl(ioctls::NETD_TAP)),
 ];
 
+/// The monitor after start-up (its own thread pool, QMP sessions with fd passing, worker
+/// supervision by pidfd, `/proc` reads for `x-query-sandbox`, the exit's unlinks): no process
+/// creation (`clone` only for threads, `clone3` answered `ENOSYS`, no `fork`/`vfork`/`execve*`),
+/// no `mount`/`pivot_root`/`unshare`/`setns`, no `ptrace`, no `socket` (every listener exists
+/// before; new connections come from `accept4`), `socketpair` for `AF_UNIX` only (one ipc
+/// channel per worker start), no `truncate` by path. Paths reachable through `openat` and
+/// `unlink` are limited by the monitor's landlock ruleset. Found by tracing the monitor
+/// (`strace -f`) under the monitor test suites and the nested boots.
+const MONITOR_EXTRA: &[Allowed] = &[
+    sys!(ioctl, Rule::Ioctl(ioctls::MONITOR_TTY)),
+    sys!(recvmsg),
+    sys!(sendmsg),
+    sys!(recvfrom),
+    sys!(sendto),
+    sys!(accept4),
+    sys!(
+        socketpair,
+        Rule::ArgIn {
+            arg: 0,
+            values: &[libc::AF_UNIX as u64]
+        }
+    ),
+    sys!(shutdown),
+    sys!(getsockname),
+    sys!(eventfd2),
+    sys!(epoll_ctl),
+    sys!(epoll_wait),
+    sys!(epoll_pwait),
+    sys!(poll),
+    sys!(ppoll),
+    sys!(openat),
+    sys!(getdents64),
+    sys!(newfstatat),
+    sys!(fstat),
+    sys!(lseek),
+    sys!(readv),
+    sys!(writev),
+    sys!(readlink),
+    sys!(pidfd_send_signal),
+    sys!(waitid),
+    sys!(unlink),
+    // -daemonize: stdio onto /dev/null once ready
+    sys!(dup2),
+    sys!(sched_yield),
+    sys!(
+        tgkill,
+        Rule::OwnThreadSignal(&[Signal::Fixed(libc::SIGABRT)])
+    ),
+];
+
 fn nofile(extra: u64) -> Rlimit {
     Rlimit {
         resource: Resource::Nofile,
@@ -697,16 +792,18 @@ pub static NETD: Policy = Policy {
     seccomp: Some(&[RUNTIME, VHOST_USER, NETD_EXTRA]),
 };
 
-/// `bulkhead` (declared; applied in phase 2: landlock on the configured paths and a seccomp
-/// allowlist once start-up is done).
+/// `bulkhead`, the monitor: landlock on the configured paths and the seccomp allowlist, applied
+/// by the monitor itself once start-up is done (`enter::confine_monitor`); namespaces, root and
+/// capabilities are the host's (it starts workers through its launcher, which has none of
+/// this: see `docs/ARCHITECTURE.md`).
 pub static MONITOR: Policy = Policy {
     role: Role::Monitor,
     namespaces: 0,
     empty_root: false,
     filesystem: Filesystem::ConfiguredPaths,
-    min_landlock_abi: 3,
+    min_landlock_abi: 1,
     rlimits: monitor_rlimits,
-    seccomp: None,
+    seccomp: Some(&[RUNTIME, MONITOR_EXTRA]),
 };
 
 #[cfg(test)]
@@ -786,6 +883,10 @@ mod tests {
                     libc::SYS_keyctl,
                     libc::SYS_truncate,
                 ] {
+                    // The monitor opens files (landlock limits which); nothing else here.
+                    if r == Role::Monitor && nr == libc::SYS_openat {
+                        continue;
+                    }
                     assert!(
                         !seen.contains_key(&nr),
                         "{r:?} allows forbidden syscall {nr}"
@@ -797,7 +898,7 @@ mod tests {
 
     #[test]
     fn clone_requires_a_thread_and_sigsys_stays_ours() {
-        for r in [Role::Vcpu, Role::Blockd, Role::Netd] {
+        for r in Role::ALL {
             let p = r.policy();
             let find = |nr| p.allowed().find(|a| a.nr == nr).map(|a| a.rule);
             assert_eq!(
@@ -866,5 +967,27 @@ mod tests {
         assert_eq!(VCPU.ioctl_count(), ioctls::VCPU_KVM.len());
         assert!(VCPU.syscall_count() > 30);
         assert_eq!(NETD.ioctl_count(), 4);
+        assert_eq!(MONITOR.ioctl_count(), 5);
+        assert!(MONITOR.syscall_count() > 40);
+    }
+
+    #[test]
+    fn the_monitor_may_not_create_processes_or_sockets() {
+        let find = |nr| MONITOR.allowed().find(|a| a.nr == nr).map(|a| a.rule);
+        assert_eq!(
+            find(libc::SYS_socketpair),
+            Some(Rule::ArgIn {
+                arg: 0,
+                values: &[libc::AF_UNIX as u64]
+            })
+        );
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_bind,
+            libc::SYS_listen,
+        ] {
+            assert_eq!(find(nr), None, "{nr}");
+        }
     }
 }

@@ -251,11 +251,36 @@ fn check_sandbox(vm: &NestedVm, qmp: &mut Qmp, worker: u32) -> Result<()> {
     println!("x-query-sandbox: {v}");
     ensure!(v["mode"] == "on", "mode: {v}");
     let procs = v["processes"].as_array().context("processes")?;
-    ensure!(procs.len() == 2, "want the monitor and one worker: {v}");
-    let (mon, w) = (&procs[0], &procs[1]);
     ensure!(
-        mon["role"] == "monitor" && w["role"] == "vcpu",
+        procs.len() == 3,
+        "want the monitor, its launcher and one worker: {v}"
+    );
+    let (mon, launcher, w) = (&procs[0], &procs[1], &procs[2]);
+    ensure!(
+        mon["role"] == "monitor" && launcher["role"] == "launcher" && w["role"] == "vcpu",
         "roles: {v}"
+    );
+    // The monitor confined itself after start-up: its seccomp allowlist, and the landlock
+    // ruleset it records (L1's ABI 2); the launcher has neither (its workers would inherit them).
+    let mon_policy: usize =
+        bulkhead_sandbox::seccomp::compile(bulkhead_sandbox::Role::Monitor.policy(), 1)?
+            .iter()
+            .map(Vec::len)
+            .sum();
+    ensure!(
+        mon["seccomp"]["mode"] == "filter"
+            && mon["seccomp"]["instructions"] == mon_policy
+            && mon["no-new-privs"] == true,
+        "monitor seccomp: {mon}"
+    );
+    ensure!(
+        mon["landlock"]["source"] == "monitor-recorded" && mon["landlock"]["abi"] == 2,
+        "monitor landlock: {mon}"
+    );
+    ensure!(
+        launcher["seccomp"]["mode"] == "disabled"
+            && launcher["landlock"]["status"] == "not-enforced",
+        "launcher: {launcher}"
     );
     ensure!(
         w["pid"] == worker && w["ns-pid"] == 1,

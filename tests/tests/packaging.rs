@@ -93,14 +93,28 @@ fn deb_package_installs_a_working_layout() -> Result<()> {
         };
         let (status, running) = qmp.query_status()?;
         ensure!(status == "prelaunch" && !running, "status {status}");
-        // The worker the monitor spawned is the packaged one.
-        let workers = run(Command::new("pgrep").args(["-P", &child.id().to_string()]))?;
-        let worker: u32 = workers
-            .trim()
-            .lines()
-            .next()
-            .context("no worker")?
-            .parse()?;
+        // The worker the monitor had started is the packaged one. It is the child of the
+        // monitor's launcher (itself the monitor's child, running the monitor's binary).
+        let children = |pid: u32| -> Result<Vec<u32>> {
+            // pgrep exits 1 when there is no match: that is an empty list here.
+            let out = Command::new("pgrep")
+                .args(["-P", &pid.to_string()])
+                .output()?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect())
+        };
+        let launcher = children(child.id())?;
+        let launcher = launcher.first().context("no launcher")?;
+        let exe = std::fs::read_link(format!("/proc/{launcher}/exe"))?;
+        ensure!(
+            exe == root.join("usr/libexec/bulkhead/bulkhead"),
+            "launcher runs {}",
+            exe.display()
+        );
+        let workers = children(*launcher)?;
+        let worker = workers.first().context("no worker")?;
         let exe = std::fs::read_link(format!("/proc/{worker}/exe"))?;
         ensure!(
             exe == root.join("usr/libexec/bulkhead/bulkhead-vcpu"),

@@ -284,7 +284,7 @@ pub const TYPES: &[(&str, TypeDef)] = &[
     ),
     (
         "XSandboxRole",
-        TypeDef::Enum(&["vcpu", "blockd", "netd", "monitor"]),
+        TypeDef::Enum(&["vcpu", "blockd", "netd", "monitor", "launcher"]),
     ),
     (
         "XSandboxNamespace",
@@ -1047,6 +1047,7 @@ mod tests {
         let roles: BTreeSet<&str> = bulkhead_sandbox::Role::ALL
             .into_iter()
             .map(bulkhead_sandbox::Role::name)
+            .chain([crate::qmp::commands::sandbox::LAUNCHER_ROLE])
             .collect();
         assert_eq!(roles, enum_values("XSandboxRole"));
         use bulkhead_sandbox::Mode;

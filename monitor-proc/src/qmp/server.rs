@@ -226,6 +226,11 @@ impl QmpServer {
         }
     }
 
+    /// The unix sockets it listens on (removed at exit).
+    pub fn socket_paths(&self) -> &[PathBuf] {
+        &self.socket_paths
+    }
+
     /// Stops accepting.
     pub fn stop(&mut self) {
         for t in self.tasks.drain(..) {

@@ -27,6 +27,7 @@ use crate::inspect::{self, Ids, ProcView};
 use crate::qmp::protocol::QmpError;
 use crate::qmp::qdict;
 use crate::vm::WorkerSandbox;
+use crate::worker;
 
 pub(super) static COMMANDS: &[Command] = &[Command {
     name: "x-query-sandbox",
@@ -162,8 +163,31 @@ fn own_landlock() -> Landlock {
     }
 }
 
-/// One process's entry.
-fn process(role: Role, v: &ProcView, monitor: &ProcView, landlock: &Landlock) -> Value {
+/// The role name `x-query-sandbox` gives the launcher process.
+pub const LAUNCHER_ROLE: &str = "launcher";
+
+fn launcher_landlock() -> Landlock {
+    Landlock {
+        source: "monitor-recorded",
+        abi: 0,
+        status: "not-enforced",
+        weaknesses: vec![
+            "the launcher starts the workers, which would inherit its landlock domain and \
+             seccomp filter: it has neither (see docs/SECURITY.md)"
+                .to_string(),
+        ],
+        enter_us: None,
+    }
+}
+
+/// One process's entry (`policy`: whose seccomp allowlist it runs under, if any).
+fn process(
+    role: &str,
+    policy: Option<Role>,
+    v: &ProcView,
+    monitor: &ProcView,
+    landlock: &Landlock,
+) -> Value {
     let namespaces: Vec<Value> = v
         .namespaces
         .iter()
@@ -193,7 +217,7 @@ fn process(role: Role, v: &ProcView, monitor: &ProcView, landlock: &Landlock) ->
         ("filters", Value::from(v.seccomp_filters)),
     ];
     if v.seccomp_mode == 2 {
-        if let Some(n) = policy_instructions(role) {
+        if let Some(n) = policy.and_then(policy_instructions) {
             seccomp.push(("instructions", Value::from(n)));
         }
     }
@@ -215,7 +239,7 @@ fn process(role: Role, v: &ProcView, monitor: &ProcView, landlock: &Landlock) ->
         })
         .collect();
     qdict::object([
-        ("role", Value::from(role.name())),
+        ("role", Value::from(role)),
         ("pid", Value::from(v.pid)),
         ("ns-pid", Value::from(v.ns_pid)),
         ("namespaces", Value::from(namespaces)),
@@ -236,10 +260,38 @@ fn x_query_sandbox(ctx: Context, _args: Map<String, Value>) -> HandlerFuture {
         let me = std::process::id();
         let monitor = inspect::read_process(me)
             .map_err(|e| QmpError::generic(format!("cannot inspect the monitor: {e}")))?;
-        let mut list = vec![process(Role::Monitor, &monitor, &monitor, &own_landlock())];
+        let mut list = vec![process(
+            Role::Monitor.name(),
+            Some(Role::Monitor),
+            &monitor,
+            &monitor,
+            &own_landlock(),
+        )];
+        // The launcher (when the sandbox is on): it never confines itself (its workers would
+        // inherit its filter and landlock domain), and reads /proc/PID/ns for the monitor,
+        // which its landlock domain keeps from those links of other processes.
+        if let Some(pid) = worker::launcher_pid() {
+            match inspect::read_process_with(pid, worker::launcher_namespaces(pid)) {
+                Ok(v) => list.push(process(
+                    LAUNCHER_ROLE,
+                    None,
+                    &v,
+                    &monitor,
+                    &launcher_landlock(),
+                )),
+                Err(e) => log::debug!("x-query-sandbox: launcher (pid {pid}): {e}"),
+            }
+        }
         for w in &workers {
-            match inspect::read_process(w.pid) {
-                Ok(v) => list.push(process(w.role, &v, &monitor, &worker_landlock(w))),
+            let ns = worker::launcher_pid().and_then(|_| worker::launcher_namespaces(w.pid));
+            match inspect::read_process_with(w.pid, ns) {
+                Ok(v) => list.push(process(
+                    w.role.name(),
+                    Some(w.role),
+                    &v,
+                    &monitor,
+                    &worker_landlock(w),
+                )),
                 // It exited between the VM actor's answer and now: it is not a process any
                 // more, and the VM actor is about to report its death.
                 Err(e) => log::debug!("x-query-sandbox: {} (pid {}): {e}", w.role.name(), w.pid),
