@@ -3,9 +3,8 @@
 //! Launched by the monitor (later), blockd gets the blockd role's policy as is: the launcher puts
 //! it in fresh namespaces and `enter` pivots it into an empty root. Standalone, nobody did that,
 //! so the policy is the role's minus the launcher's part (no namespaces, no empty root), plus the
-//! two system calls a server that accepts its own front end needs: `accept4` for the one
-//! connection (the monitor would hand over a connected socket instead) and `shutdown`, with which
-//! `vhost-user-backend` closes that connection when the front end goes. What `enter` then still
+//! one system call a server that accepts its own front end needs: `accept4` for the one
+//! connection (the monitor would hand over a connected socket instead). What `enter` then still
 //! applies: `no_new_privs`, every capability dropped (the bounding set too when run as root),
 //! the rlimits (`RLIMIT_NPROC` only in a user namespace of its own), landlock with no filesystem
 //! access at all, and the seccomp allowlist (no `open`/`openat`, no `socket`, no `execve`).
@@ -13,18 +12,11 @@
 use bulkhead_sandbox::policy::{Allowed, Params, Policy, Role, Rule};
 
 /// Calls a standalone server needs on top of the role's allowlist (see the module docs).
-pub static STANDALONE_EXTRA: &[Allowed] = &[
-    Allowed {
-        name: "accept4",
-        nr: libc::SYS_accept4,
-        rule: Rule::Any,
-    },
-    Allowed {
-        name: "shutdown",
-        nr: libc::SYS_shutdown,
-        rule: Rule::Any,
-    },
-];
+pub static STANDALONE_EXTRA: &[Allowed] = &[Allowed {
+    name: "accept4",
+    nr: libc::SYS_accept4,
+    rule: Rule::Any,
+}];
 
 /// The policy standalone blockd enters (see the module docs).
 pub fn standalone_policy() -> Policy {
@@ -59,13 +51,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn standalone_policy_is_the_role_plus_accept4_and_shutdown() {
+    fn standalone_policy_is_the_role_plus_accept4() {
         let p = standalone_policy();
         let role = Role::Blockd.policy();
         assert_eq!(p.namespaces, 0);
         assert!(!p.empty_root);
         assert_eq!(p.filesystem, role.filesystem);
-        assert_eq!(p.syscall_count(), role.syscall_count() + 2);
+        assert_eq!(p.syscall_count(), role.syscall_count() + 1);
         let has = |nr| p.allowed().any(|a| a.nr == nr);
         assert!(has(libc::SYS_accept4) && has(libc::SYS_shutdown) && has(libc::SYS_pread64));
         for nr in [
