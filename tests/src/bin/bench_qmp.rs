@@ -42,7 +42,7 @@ const USAGE: &str = "\
 bench_qmp: QMP query-status latency and throughput, Bulkhead vs QEMU (-M none)
 
 usage: bench_qmp [--sessions LIST] [--requests N] [--warmup N] [--rounds N]
-                 [--only bulkhead|qemu] [--out FILE]
+                 [--only bulkhead|qemu] [--bulkhead-arg ARG]... [--out FILE]
 
   --sessions LIST  comma-separated session counts (default 1,32)
   --requests N     measured requests per scenario, split evenly over its sessions
@@ -50,6 +50,9 @@ usage: bench_qmp [--sessions LIST] [--requests N] [--warmup N] [--rounds N]
   --warmup N       unmeasured requests per session before each scenario (default 200)
   --rounds N       rounds per server, alternating (default 3)
   --only SERVER    run only `bulkhead` or only `qemu`
+  --bulkhead-arg ARG
+                   one more argument for bulkhead (repeatable), e.g. --bulkhead-arg
+                   --sandbox --bulkhead-arg off
   --out FILE       JSON output (default target/bench/qmp-<unix-time>.json)
 ";
 
@@ -62,6 +65,7 @@ struct Opts {
     warmup: usize,
     rounds: usize,
     only: Option<Server>,
+    bulkhead_args: Vec<String>,
     out: Option<PathBuf>,
 }
 
@@ -87,6 +91,7 @@ fn parse_args(args: &[String]) -> Result<Option<Opts>> {
         warmup: 200,
         rounds: 3,
         only: None,
+        bulkhead_args: Vec::new(),
         out: None,
     };
     let mut it = args.iter();
@@ -120,6 +125,7 @@ fn parse_args(args: &[String]) -> Result<Option<Opts>> {
                     other => bail!("--only: expected bulkhead or qemu, got '{other}'"),
                 })
             }
+            "--bulkhead-arg" => o.bulkhead_args.push(val()?),
             "--out" => o.out = Some(PathBuf::from(val()?)),
             other => bail!("unknown option '{other}'\n\n{USAGE}"),
         }
@@ -142,7 +148,7 @@ impl Drop for Running {
     }
 }
 
-fn start(server: Server, sessions: usize) -> Result<Running> {
+fn start(server: Server, sessions: usize, extra: &[String]) -> Result<Running> {
     let dir = std::env::temp_dir().join(format!(
         "bench-qmp-{}-{}-{sessions}",
         std::process::id(),
@@ -150,7 +156,7 @@ fn start(server: Server, sessions: usize) -> Result<Running> {
     ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let (program, args, sockets): (PathBuf, Vec<String>, Vec<PathBuf>) = match server {
+    let (program, mut args, sockets): (PathBuf, Vec<String>, Vec<PathBuf>) = match server {
         Server::Bulkhead => {
             let sock = dir.join("bh.sock");
             (
@@ -189,6 +195,9 @@ fn start(server: Server, sessions: usize) -> Result<Running> {
             (qemu, args, socks)
         }
     };
+    if server == Server::Bulkhead {
+        args.extend(extra.iter().cloned());
+    }
     if !program.exists() {
         bail!(
             "{} not found: build the release binaries first (cargo build --release --bins)",
@@ -301,7 +310,7 @@ struct Sample {
 }
 
 fn run_scenario(server: Server, sessions: usize, opts: &Opts) -> Result<Sample> {
-    let running = start(server, sessions)?;
+    let running = start(server, sessions, &opts.bulkhead_args)?;
     let pid = running.child.id();
     let mut conns = Vec::new();
     for i in 0..sessions {
@@ -487,6 +496,7 @@ fn real_main(args: &[String]) -> Result<()> {
         "options": {
             "sessions": opts.sessions, "requests": opts.requests,
             "warmup": opts.warmup, "rounds": opts.rounds,
+            "bulkhead_args": opts.bulkhead_args,
         },
         "results": rows,
         "raw": raw,
