@@ -20,6 +20,11 @@ cargo nextest run --workspace --release --no-fail-fast "$@"
 
 # Proof by attack (docs/SECURITY.md): needs the test-only feature attack-hook, so it is built in
 # a target directory of its own and can never replace the release binaries in target/release.
+# The blockd and netd tests run the real standalone workers (netd opens a tap: root, as CI is).
+# Each test checks its own columns of the tables; blessing (BULKHEAD_BLESS_SECURITY_MD) is for a
+# single test at a time, never here.
 CARGO_TARGET_DIR=target/attack-hook cargo nextest run -p bulkhead-sandbox -p bulkhead-vcpu-proc \
-  --features bulkhead-sandbox/attack-hook,bulkhead-vcpu-proc/attack-hook --no-fail-fast \
+  -p bulkhead-blockd-proc -p bulkhead-netd-proc \
+  --features bulkhead-sandbox/attack-hook,bulkhead-vcpu-proc/attack-hook \
+  --features bulkhead-blockd-proc/attack-hook,bulkhead-netd-proc/attack-hook --no-fail-fast \
   -E 'binary(attacks)'

@@ -27,7 +27,12 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    let o = match Options::parse(std::env::args().skip(1)) {
+    #[cfg(feature = "attack-hook")]
+    let (hook, args) =
+        bulkhead_sandbox::attack::Hook::take(std::env::args().skip(1)).map_err(|e| anyhow!(e))?;
+    #[cfg(not(feature = "attack-hook"))]
+    let args = std::env::args().skip(1);
+    let o = match Options::parse(args) {
         Ok(o) => o,
         Err(e) => return Err(anyhow!("{e}")),
     };
@@ -58,8 +63,21 @@ fn run() -> Result<()> {
         }
     }
     let policy = confine::standalone_policy();
+    // Tests only: `--attack-without` leaves seccomp (and landlock) out, to show what is below.
+    #[cfg(feature = "attack-hook")]
+    let policy = match &hook {
+        Some(h) => h.weaken(policy),
+        None => policy,
+    };
     let params = confine::params(o.max_guest_mem);
-    let report = bulkhead_sandbox::enter::enter(&policy, &params, mode, None)
+    #[allow(unused_mut)]
+    let mut report_fd = None;
+    // The attack tests hand a violation-report pipe (fd 4), so a killed attempt names its call.
+    #[cfg(feature = "attack-hook")]
+    if hook.is_some() {
+        report_fd = Some(bulkhead_sandbox::REPORT_FD);
+    }
+    let report = bulkhead_sandbox::enter::enter(&policy, &params, mode, report_fd)
         .context("entering the netd sandbox")?;
     eprintln!("bulkhead-netd: {report}");
 
@@ -67,6 +85,19 @@ fn run() -> Result<()> {
     let stats = backend.stats.clone();
     let tap_fd = backend.tap_fd();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    // Tests only: the attempt runs here, confined, holding everything it holds in service
+    // (the listening socket and the tap fd, in its empty network namespace), instead of starting
+    // the daemon's threads and accepting a front end.
+    #[cfg(feature = "attack-hook")]
+    if let Some(h) = hook {
+        bulkhead_sandbox::attack::run_and_report(
+            h.which,
+            bulkhead_sandbox::Role::Netd,
+            &h.target,
+            libc::STDOUT_FILENO,
+        );
+        std::process::exit(0);
+    }
     let mut daemon = VhostUserDaemon::new("bulkhead-netd".into(), backend, mem)
         .map_err(|e| anyhow!("creating the vhost-user daemon: {e}"))?;
     let handler = daemon

@@ -838,6 +838,14 @@ pub fn judge(
             Layer::MemfdSize,
             "killed (SIGBUS): memfd size, sealed".into(),
         ),
+        // RLIMIT_FSIZE is checked before the seal; a process that is not a pid namespace's init
+        // (standalone netd) dies of the signal instead of seeing EFBIG.
+        Observed::Killed {
+            signal: libc::SIGXFSZ,
+            ..
+        } if attack == A::GrowGuestMemory => {
+            v(Layer::Fsize, "killed (SIGXFSZ): RLIMIT_FSIZE".into())
+        }
         Observed::Killed { signal, violation } => Err(format!(
             "{}: killed by signal {signal} ({violation:?}), which no layer explains",
             attack.name()
@@ -959,6 +967,270 @@ pub fn parse_table(table: &str) -> BTreeMap<Attack, Vec<String>> {
     out
 }
 
+/// `--attack NAME --attack-target SPEC [--attack-without seccomp|seccomp,landlock]` in a
+/// standalone worker's command line (blockd, netd): what to attempt, at what, and which layers
+/// to leave out of the worker's sandbox (to find what stops the attempt below them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    /// The attempt.
+    pub which: Attack,
+    /// What it aims at.
+    pub target: Target,
+    /// Enter the sandbox without seccomp.
+    pub without_seccomp: bool,
+    /// Enter the sandbox without landlock (only together with `without_seccomp`).
+    pub without_landlock: bool,
+}
+
+impl Hook {
+    /// Takes `--attack NAME`, `--attack-target SPEC` and `--attack-without LAYERS` (also as
+    /// `--flag=value`) out of `args` and returns them with the remaining arguments, for the
+    /// worker's own parser. `--attack` and `--attack-target` go together; `--attack-without`
+    /// only with them.
+    pub fn take(
+        args: impl IntoIterator<Item = String>,
+    ) -> std::result::Result<(Option<Hook>, Vec<String>), String> {
+        let mut rest = Vec::new();
+        let (mut which, mut target, mut without) = (None, None, None);
+        let mut it = args.into_iter();
+        while let Some(a) = it.next() {
+            let (k, inline) = match a.split_once('=') {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (a.clone(), None),
+            };
+            if !matches!(
+                k.as_str(),
+                "--attack" | "--attack-target" | "--attack-without"
+            ) {
+                rest.push(a);
+                continue;
+            }
+            let v = match inline {
+                Some(v) => v,
+                None => it.next().ok_or_else(|| format!("{k} needs a value"))?,
+            };
+            match k.as_str() {
+                "--attack" => {
+                    which = Some(
+                        Attack::from_name(&v)
+                            .ok_or_else(|| format!("--attack {v:?}: no such attempt"))?,
+                    )
+                }
+                "--attack-target" => {
+                    target =
+                        Some(Target::parse(&v).ok_or_else(|| format!("--attack-target {v:?}"))?)
+                }
+                _ => {
+                    without = Some(match v.as_str() {
+                        "seccomp" => (true, false),
+                        "seccomp,landlock" => (true, true),
+                        _ => {
+                            return Err(format!(
+                                "--attack-without {v:?}: seccomp or seccomp,landlock"
+                            ))
+                        }
+                    })
+                }
+            }
+        }
+        match (which, target) {
+            (None, None) if without.is_none() => Ok((None, rest)),
+            (Some(which), Some(target)) => {
+                let (without_seccomp, without_landlock) = without.unwrap_or((false, false));
+                let hook = Hook {
+                    which,
+                    target,
+                    without_seccomp,
+                    without_landlock,
+                };
+                Ok((Some(hook), rest))
+            }
+            _ => Err("--attack and --attack-target go together".into()),
+        }
+    }
+
+    /// `policy` without the layers the hook leaves out (as [`enter_without`] does for a role).
+    pub fn weaken(&self, policy: Policy) -> Policy {
+        Policy {
+            seccomp: if self.without_seccomp {
+                None
+            } else {
+                policy.seccomp
+            },
+            filesystem: if self.without_landlock {
+                Filesystem::Unconfined
+            } else {
+                policy.filesystem
+            },
+            ..policy
+        }
+    }
+}
+
+/// Test side, for a worker started by [`crate::launch::Command`] with the write end of the pipe
+/// `out` as its stdout (the caller's copy of the write end already closed) and a report pipe:
+/// waits up to `timeout` for it to end (killing it then), and returns what its stdout and its
+/// death show of `attack`. `Err` when the attempt never began.
+pub fn observe(
+    mut child: crate::launch::Child,
+    out: std::os::fd::OwnedFd,
+    attack: Attack,
+    timeout: std::time::Duration,
+) -> std::result::Result<Observed, String> {
+    use std::io::Read as _;
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::fs::File::from(out).read_to_string(&mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{}: the worker did not end in time", attack.name()));
+            }
+            Err(e) => return Err(format!("{}: waiting for the worker: {e}", attack.name())),
+        }
+    };
+    let text = reader.join().unwrap_or_default();
+    if !began(&text, attack) {
+        return Err(format!(
+            "{}: the attempt did not start: {text:?} {status:?}",
+            attack.name()
+        ));
+    }
+    use std::os::unix::process::ExitStatusExt as _;
+    Ok(match status.signal() {
+        Some(signal) => Observed::Killed {
+            signal,
+            violation: (signal == libc::SIGSYS)
+                .then(|| child.violation())
+                .flatten(),
+        },
+        None => match parse_result(&text, attack) {
+            Some(o) => Observed::Returned(o),
+            None => Observed::Vanished(status.code()),
+        },
+    })
+}
+
+/// Compares the columns of `columns`' roles in the table `name` of the document at `path`
+/// (columns in [`Role::ALL`]'s order) with the cells observed (attempt → cell; a missing cell
+/// is "—"). With `BULKHEAD_BLESS_SECURITY_MD` set, rewrites those columns, and only those, in
+/// the document instead. Each attack test checks the roles it ran, so every column has one
+/// source: the real worker where one exists.
+pub fn check_columns(
+    path: &std::path::Path,
+    name: &str,
+    columns: &[(Role, &BTreeMap<Attack, String>)],
+) -> std::result::Result<(), String> {
+    let doc = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let current =
+        table_section(&doc, name).ok_or_else(|| format!("{}: no table {name}", path.display()))?;
+    let mut cells = BTreeMap::new();
+    for (a, row) in parse_table(current) {
+        for (i, c) in row.into_iter().enumerate() {
+            cells.insert((a, i), c);
+        }
+    }
+    for (role, observed) in columns {
+        let Some(i) = Role::ALL.iter().position(|r| r == role) else {
+            continue;
+        };
+        for a in Attack::ALL {
+            match observed.get(&a) {
+                Some(c) => cells.insert((a, i), c.clone()),
+                None => cells.remove(&(a, i)),
+            };
+        }
+    }
+    let names: Vec<&str> = Role::ALL.iter().map(|r| r.name()).collect();
+    let rendered = render_table(&names, &cells);
+    if rendered == current {
+        return Ok(());
+    }
+    if std::env::var_os("BULKHEAD_BLESS_SECURITY_MD").is_some() {
+        let start = current.as_ptr() as usize - doc.as_ptr() as usize;
+        let mut new = doc.clone();
+        new.replace_range(start..start + current.len(), &rendered);
+        std::fs::write(path, new).map_err(|e| format!("{}: {e}", path.display()))?;
+        eprintln!("rewrote table {name} in {}", path.display());
+        return Ok(());
+    }
+    let roles: Vec<&str> = columns.iter().map(|(r, _)| r.name()).collect();
+    Err(format!(
+        "{}, table {name} (between <!-- {name}:begin --> and <!-- {name}:end -->), columns \
+         {roles:?} do not match what the attacks showed; observed:\n{rendered}\n(re-run with \
+         BULKHEAD_BLESS_SECURITY_MD=1 to rewrite them, after checking the change is right)",
+        path.display()
+    ))
+}
+
+/// Test side, for a standalone worker with the hook (blockd, netd): runs every attempt under the
+/// whole sandbox and with `--attack-without seccomp`; where landlock stopped it there, a third
+/// time with `--attack-without seccomp,landlock`, which must get further (so the `EACCES` was
+/// landlock's). `attempt(a, extra)` starts a fresh worker making attempt `a` with the hook
+/// arguments `extra` added and returns what it saw. No attempt may succeed under the whole
+/// sandbox, and both tables' `role` column in the document at `path` must be what was observed
+/// ([`check_columns`]; blessing rewrites that column).
+pub fn prove_standalone(
+    role: Role,
+    path: &std::path::Path,
+    mut attempt: impl FnMut(Attack, &[&str]) -> Observed,
+) -> std::result::Result<(), String> {
+    let mut full = BTreeMap::new();
+    let mut below = BTreeMap::new();
+    let mut errs = Vec::new();
+    let mut judged = |a: Attack, extra: &[&str], landlock_on: bool| {
+        let observed = attempt(a, extra);
+        judge(a, &observed, landlock_on)
+            .map_err(|e| format!("{} {extra:?}: {e} (observed {observed:?})", role.name()))
+    };
+    for a in Attack::ALL {
+        let v = judged(a, &[], true)?;
+        eprintln!("{:8} {:22} full:   {}", role.name(), a.name(), v.cell);
+        if v.layer == Layer::NotStopped {
+            errs.push(format!(
+                "{} {}: succeeded: {}",
+                role.name(),
+                a.name(),
+                v.cell
+            ));
+        }
+        full.insert(a, v.cell);
+        let v = judged(a, &["--attack-without", "seccomp"], true)?;
+        eprintln!("{:8} {:22} below:  {}", role.name(), a.name(), v.cell);
+        if v.layer == Layer::Landlock {
+            let v2 = judged(a, &["--attack-without", "seccomp,landlock"], false)?;
+            eprintln!("{:8} {:22} no LL:  {}", role.name(), a.name(), v2.cell);
+            if v2.layer == Layer::Landlock {
+                errs.push(format!(
+                    "{} {}: landlock without landlock",
+                    role.name(),
+                    a.name()
+                ));
+            }
+        }
+        below.insert(a, v.cell);
+    }
+    for (name, cells) in [("attacks-full", &full), ("attacks-below-seccomp", &below)] {
+        if let Err(e) = check_columns(path, name, &[(role, cells)]) {
+            errs.push(e);
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("\n\n"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -983,6 +1255,41 @@ mod tests {
                 assert!(!allowed, "{role:?} may use {req:#x}");
             }
         }
+    }
+
+    #[test]
+    fn the_hook_is_taken_out_of_a_command_line() {
+        let args = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let (h, rest) = Hook::take(args(
+            "--socket /s --attack fork --file /i --attack-target=pid=1,addr=0x10,port=2,mnt=/",
+        ))
+        .expect("take");
+        let h = h.expect("a hook");
+        assert_eq!(h.which, Attack::Fork);
+        assert_eq!(h.target.monitor_pid, 1);
+        assert_eq!(rest, args("--socket /s --file /i"));
+        assert_eq!(
+            Hook::take(args("--socket /s")).expect("take"),
+            (None, args("--socket /s"))
+        );
+        assert!(Hook::take(args("--attack fork")).is_err());
+        assert!(Hook::take(args("--attack nope --attack-target pid=1")).is_err());
+        assert!(Hook::take(args("--attack")).is_err());
+        assert!(Hook::take(args("--attack-without seccomp")).is_err());
+        assert!(Hook::take(args(
+            "--attack fork --attack-target pid=1 --attack-without x"
+        ))
+        .is_err());
+        let (h, _) = Hook::take(args(
+            "--attack fork --attack-target pid=1 --attack-without seccomp",
+        ))
+        .expect("take");
+        let h = h.expect("a hook");
+        assert!(h.without_seccomp && !h.without_landlock);
+        let p = h.weaken(Policy {
+            ..*Role::Blockd.policy()
+        });
+        assert!(p.seccomp.is_none() && p.filesystem == Role::Blockd.policy().filesystem);
     }
 
     #[test]
