@@ -13,7 +13,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,12 +34,8 @@ fn pipe() -> (OwnedFd, OwnedFd) {
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
-fn guest_file() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bulkhead-attack-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let p = dir.join("guest");
-    std::fs::write(&p, guest::elf(&guest::CODE)).expect("write guest");
-    p
+fn guest_file() -> guest::GuestFile {
+    guest::GuestFile::new("attack", "guest")
 }
 
 /// Runs `a` in a fresh, set-up worker and reports what happened.
@@ -191,6 +187,6 @@ fn every_attempt_fails_in_the_real_vcpu_worker_as_docs_say() {
     let canary = unsafe { std::ptr::read_volatile(&*canary) };
     assert_eq!(canary, [0x11u8; 64], "the monitor's memory was written");
     drop(listener);
-    let _ = std::fs::remove_file(&kernel);
+    drop(kernel);
     assert!(wrong.is_empty(), "{wrong:#?}");
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use std::os::fd::AsFd;
@@ -26,12 +26,8 @@ fn require_kvm() {
     }
 }
 
-fn guest_file(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bulkhead-vcpu-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let p = dir.join(name);
-    std::fs::write(&p, guest::elf(&guest::CODE)).expect("write guest");
-    p
+fn guest_file(name: &str) -> guest::GuestFile {
+    guest::GuestFile::new("vcpu-test", name)
 }
 
 fn boot(kernel: &Path, cmdline: &str, vcpus: u32, no_reboot: bool, serial_in: bool) -> Worker {

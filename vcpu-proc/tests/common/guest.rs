@@ -76,3 +76,45 @@ pub fn elf(code: &[u8]) -> Vec<u8> {
     f.extend_from_slice(code);
     f
 }
+
+/// The test guest written as an ELF file in a directory of its own, removed on drop (the
+/// worker has read the file by then, or holds it open).
+pub struct GuestFile {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+impl GuestFile {
+    /// Writes the guest as `name` in a fresh directory `bulkhead-<tag>-<pid>-<n>` under the
+    /// temporary directory.
+    pub fn new(tag: &str, name: &str) -> GuestFile {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("bulkhead-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(name);
+        std::fs::write(&path, elf(&CODE)).expect("write guest");
+        GuestFile { dir, path }
+    }
+}
+
+impl std::ops::Deref for GuestFile {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::path::Path> for GuestFile {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for GuestFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
