@@ -11,32 +11,25 @@
 //!   netd makes itself: the others need a launcher (a new pid namespace applies to children only,
 //!   and pivoting into an empty root needs a mount namespace prepared for it).
 //! * then it enters the netd role's policy minus the launcher's part (no namespaces checked, no
-//!   empty root), plus the two system calls a server that accepts its own front end needs:
-//!   `accept4` for the one connection (the monitor would hand over a connected socket instead)
-//!   and `shutdown`, with which `vhost-user-backend` closes it when the front end goes. `enter`
+//!   empty root), plus the one system call a server that accepts its own front end needs:
+//!   `accept4` for the one connection (the monitor would hand over a connected socket instead;
+//!   `shutdown`, with which `vhost-user-backend` closes it, is in the role's list). `enter`
 //!   then applies `no_new_privs`, drops every capability (the bounding set too), the rlimits
 //!   (`RLIMIT_FSIZE` 0: netd writes no file), landlock with no filesystem access, and the seccomp
 //!   allowlist: no `open`/`openat` (so never `/dev/net/tun` again), no `socket`, no `execve`, and
-//!   `ioctl` only for `TUNSETOFFLOAD`, `TUNSETVNETHDRSZ`, `TUNGETIFF`, `TUNGETVNETHDRSZ`.
+//!   `ioctl` only for `TUNSETOFFLOAD` and `TUNSETVNETHDRSZ`.
 //!
 //! blockd's standalone mode (blockd/src/confine.rs) builds its policy the same way; the
-//! "role policy + accept4/shutdown, no namespaces" helper is a candidate for the sandbox crate.
+//! "role policy + accept4, no namespaces" helper is a candidate for the sandbox crate.
 
 use bulkhead_sandbox::policy::{Allowed, Params, Policy, Role, Rule};
 
 /// Calls a standalone server needs on top of the role's allowlist (see the module docs).
-pub static STANDALONE_EXTRA: &[Allowed] = &[
-    Allowed {
-        name: "accept4",
-        nr: libc::SYS_accept4,
-        rule: Rule::Any,
-    },
-    Allowed {
-        name: "shutdown",
-        nr: libc::SYS_shutdown,
-        rule: Rule::Any,
-    },
-];
+pub static STANDALONE_EXTRA: &[Allowed] = &[Allowed {
+    name: "accept4",
+    nr: libc::SYS_accept4,
+    rule: Rule::Any,
+}];
 
 /// The policy standalone netd enters (see the module docs).
 pub fn standalone_policy() -> Policy {
@@ -85,15 +78,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn standalone_policy_is_the_role_plus_accept4_and_shutdown() {
+    fn standalone_policy_is_the_role_plus_accept4() {
         let p = standalone_policy();
         let role = Role::Netd.policy();
         assert_eq!(p.namespaces, 0);
         assert!(!p.empty_root);
         assert_eq!(p.filesystem, role.filesystem);
-        assert_eq!(p.syscall_count(), role.syscall_count() + 2);
+        assert_eq!(p.syscall_count(), role.syscall_count() + 1);
         let has = |nr| p.allowed().any(|a| a.nr == nr);
-        assert!(has(libc::SYS_accept4) && has(libc::SYS_writev) && has(libc::SYS_ioctl));
+        assert!(has(libc::SYS_accept4) && has(libc::SYS_shutdown) && has(libc::SYS_writev));
+        assert!(has(libc::SYS_ioctl));
         for nr in [
             libc::SYS_open,
             libc::SYS_openat,
@@ -101,6 +95,7 @@ mod tests {
             libc::SYS_connect,
             libc::SYS_execve,
             libc::SYS_pwrite64,
+            libc::SYS_readv,
         ] {
             assert!(!has(nr), "{nr} allowed");
         }

@@ -1,7 +1,7 @@
 //! The tap device netd serves: opened by name (`/dev/net/tun` + `TUNSETIFF` with
 //! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) before the sandbox, or inherited as an fd. After the
 //! sandbox only `read`/`writev` and the ioctls of the netd policy (`TUNSETOFFLOAD`,
-//! `TUNSETVNETHDRSZ`, `TUNGETIFF`, `TUNGETVNETHDRSZ`) touch it.
+//! `TUNSETVNETHDRSZ`) touch it; `TUNGETIFF` is used only before.
 
 use std::fs::File;
 use std::io;

@@ -667,8 +667,9 @@ fn rx_without_buffers_backs_off_without_spinning_and_recovers() {
     assert!(err.contains("rx_stalls="), "{err}");
 }
 
-/// Opens the namespace's tap from the test (TUNSETIFF with `flags`) and returns the fd with
-/// close-on-exec cleared, for `--tap-fd`.
+/// Opens the namespace's tap from the test (TUNSETIFF with `flags`); close-on-exec stays set
+/// (tests run as threads of one process, and a tap fd leaked into another test's child would
+/// keep the tap attached): [`with_tap_fd`] gives it to one child only.
 fn inheritable_tap(ns: &Netns, flags: u16) -> OwnedFd {
     let tap = ns.tap.clone();
     ns.within(move || {
@@ -683,11 +684,29 @@ fn inheritable_tap(ns: &Netns, flags: u16) -> OwnedFd {
         // SAFETY: TUNSETIFF with a 40-byte ifreq we own.
         let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) };
         assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
-        // SAFETY: clears FD_CLOEXEC on an fd we own.
-        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
-        assert_eq!(r, 0);
         OwnedFd::from(f)
     })
+}
+
+/// The fd number the child gets the tap as.
+const CHILD_TAP_FD: i32 = 100;
+
+/// `exe --tap-fd 100 ARGS` with `fd` duplicated to 100 in the child only.
+fn with_tap_fd(exe: &str, fd: &OwnedFd, args: &[&str]) -> Command {
+    use std::os::unix::process::CommandExt;
+    let raw = fd.as_raw_fd();
+    let mut c = Command::new(exe);
+    c.args(args).args(["--tap-fd", &CHILD_TAP_FD.to_string()]);
+    // SAFETY: dup2 is async-signal-safe; the closure touches no memory of the parent's.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::dup2(raw, CHILD_TAP_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
 }
 
 #[test]
@@ -699,13 +718,7 @@ fn an_inherited_tap_fd_is_served_and_one_without_vnet_header_refused() {
     // Without IFF_VNET_HDR: refused before anything is served.
     let plain = inheritable_tap(&ns, 0x0002 | 0x1000);
     let path = socket_path("i0");
-    let out = Command::new(exe)
-        .args([
-            "--socket",
-            &path,
-            "--tap-fd",
-            &plain.as_raw_fd().to_string(),
-        ])
+    let out = with_tap_fd(exe, &plain, &["--socket", &path])
         .output()
         .expect("netd");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -718,8 +731,7 @@ fn an_inherited_tap_fd_is_served_and_one_without_vnet_header_refused() {
     // With it: netd, started in the test's (host) namespace, serves the namespace's tap.
     let fd = inheritable_tap(&ns, 0x0002 | 0x1000 | 0x4000);
     let path = socket_path("i");
-    let child = Command::new(exe)
-        .args(["--socket", &path, "--tap-fd", &fd.as_raw_fd().to_string()])
+    let child = with_tap_fd(exe, &fd, &["--socket", &path])
         .stderr(Stdio::piped())
         .spawn()
         .expect("netd");

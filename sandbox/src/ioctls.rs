@@ -157,8 +157,9 @@ pub const VCPU_KVM: &[Ioctl] = list![
     KVM_SET_XCRS,
 ];
 
-/// The tap ioctls netd may issue on the tap fd it is handed.
-pub const NETD_TAP: &[Ioctl] = list![TUNSETOFFLOAD, TUNGETIFF, TUNGETVNETHDRSZ, TUNSETVNETHDRSZ];
+/// The tap ioctls netd may issue on the tap fd it is handed, once sandboxed: the offloads and the
+/// vnet header size the guest negotiated (`TUNGETIFF` it uses only before the sandbox).
+pub const NETD_TAP: &[Ioctl] = list![TUNSETOFFLOAD, TUNSETVNETHDRSZ];
 
 /// The monitor's ioctls after start-up: the terminal of `-serial stdio` (restored at exit) and
 /// non-blocking mode on sockets.
