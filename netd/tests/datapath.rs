@@ -469,10 +469,26 @@ impl Guest {
 const TX_BUF: u64 = 0x10_0000;
 const RX_BUF: u64 = 0x20_0000;
 
-fn socket_path(tag: &str) -> String {
+/// A socket path, removed on drop (netd, sandboxed, cannot unlink it itself).
+struct SockPath(String);
+
+impl std::ops::Deref for SockPath {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for SockPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn socket_path(tag: &str) -> SockPath {
     let p = format!("/tmp/bulkhead-netd-{tag}-{}.sock", std::process::id());
     let _ = std::fs::remove_file(&p);
-    p
+    SockPath(p)
 }
 
 #[test]
@@ -737,8 +753,8 @@ fn an_inherited_tap_fd_is_served_and_one_without_vnet_header_refused() {
         .expect("netd");
     drop(fd);
     let end = Instant::now() + Duration::from_secs(10);
-    while !std::path::Path::new(&path).exists() {
-        assert!(Instant::now() < end, "netd never bound {path}");
+    while !std::path::Path::new(&*path).exists() {
+        assert!(Instant::now() < end, "netd never bound {}", &*path);
         std::thread::sleep(Duration::from_millis(10));
     }
     let netd = Netd { child };
