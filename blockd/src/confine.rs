@@ -8,66 +8,17 @@
 //! applies: `no_new_privs`, every capability dropped (the bounding set too when run as root),
 //! the rlimits (`RLIMIT_NPROC` only in a user namespace of its own), landlock with no filesystem
 //! access at all, and the seccomp allowlist (no `open`/`openat`, no `socket`, no `execve`).
+//!
+//! The policy itself is [`bulkhead_sandbox::standalone`], shared with standalone netd.
 
-use bulkhead_sandbox::policy::{Allowed, Params, Policy, Role, Rule};
-
-/// Calls a standalone server needs on top of the role's allowlist (see the module docs).
-pub static STANDALONE_EXTRA: &[Allowed] = &[Allowed {
-    name: "accept4",
-    nr: libc::SYS_accept4,
-    rule: Rule::Any,
-}];
+use bulkhead_sandbox::policy::{Params, Policy, Role};
 
 /// The policy standalone blockd enters (see the module docs).
 pub fn standalone_policy() -> Policy {
-    let role = Role::Blockd.policy();
-    let lists: Vec<&'static [Allowed]> = role
-        .seccomp
-        .into_iter()
-        .flatten()
-        .copied()
-        .chain([STANDALONE_EXTRA])
-        .collect();
-    Policy {
-        namespaces: 0,
-        empty_root: false,
-        // Built once per process; the filter compiler wants 'static lists.
-        seccomp: Some(Box::leak(lists.into_boxed_slice())),
-        ..*role
-    }
+    bulkhead_sandbox::standalone::policy(Role::Blockd)
 }
 
-/// The limits' parameters: guest memory up to `max_guest_mem` bytes is mapped (twice while the
-/// front end replaces its memory table, so doubled).
+/// The limits' parameters for up to `max_guest_mem` bytes of guest memory.
 pub fn params(max_guest_mem: u64) -> Params {
-    Params {
-        mem_bytes: max_guest_mem.saturating_mul(2),
-        vcpus: 1,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn standalone_policy_is_the_role_plus_accept4() {
-        let p = standalone_policy();
-        let role = Role::Blockd.policy();
-        assert_eq!(p.namespaces, 0);
-        assert!(!p.empty_root);
-        assert_eq!(p.filesystem, role.filesystem);
-        assert_eq!(p.syscall_count(), role.syscall_count() + 1);
-        let has = |nr| p.allowed().any(|a| a.nr == nr);
-        assert!(has(libc::SYS_accept4) && has(libc::SYS_shutdown) && has(libc::SYS_pread64));
-        for nr in [
-            libc::SYS_open,
-            libc::SYS_openat,
-            libc::SYS_socket,
-            libc::SYS_connect,
-            libc::SYS_execve,
-        ] {
-            assert!(!has(nr), "{nr} allowed");
-        }
-    }
+    bulkhead_sandbox::standalone::params(max_guest_mem)
 }

@@ -11,6 +11,7 @@
 //!   [`enter::confine_monitor`], the monitor's own ruleset (its configured paths) and filter.
 //! - [`seccomp`]: filters compiled with seccompiler, and the `SIGSYS` report of a violation.
 //! - [`features`]: what this kernel offers, so Bulkhead can refuse to run with less.
+//! - [`standalone`]: the policy of a back end that runs on its own (no launcher).
 //! - `attack` (feature `attack-hook`, tests only, never in a release build): the attempts a
 //!   compromised worker would make, run inside the worker to prove the layers hold
 //!   (`docs/SECURITY.md`).
@@ -26,6 +27,7 @@ pub mod ioctls;
 pub mod launch;
 pub mod policy;
 pub mod seccomp;
+pub mod standalone;
 pub mod syscall_names;
 
 use std::os::fd::RawFd;

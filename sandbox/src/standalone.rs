@@ -1,0 +1,92 @@
+//! The policy of a worker that runs on its own, without the monitor's launcher
+//! (`bulkhead-blockd --socket ...`, `bulkhead-netd --socket ...`, as `qemu-storage-daemon` runs).
+//!
+//! Launched by the monitor, a worker gets its role's policy as is: the launcher puts it in fresh
+//! namespaces and `enter` pivots it into an empty root. Standalone, nobody did that, so the
+//! policy is the role's minus the launcher's part (no namespaces checked, no empty root), plus
+//! the one system call a server that accepts its own front end needs: `accept4` for the one
+//! connection (the monitor would hand over a connected socket instead; `shutdown`, with which
+//! `vhost-user-backend` closes it, is in the roles' lists). `enter` then still applies
+//! `no_new_privs`, every capability dropped (the bounding set too when run as root), the
+//! rlimits, landlock with no filesystem access, and the seccomp allowlist.
+
+use crate::policy::{Allowed, Params, Policy, Role, Rule};
+
+/// Calls a standalone server needs on top of its role's allowlist.
+pub static STANDALONE_EXTRA: &[Allowed] = &[Allowed {
+    name: "accept4",
+    nr: libc::SYS_accept4,
+    rule: Rule::Any,
+}];
+
+/// The policy a standalone worker of `role` enters (see the module docs). Built once per
+/// process: the filter compiler wants `'static` lists, so the combined list is leaked.
+pub fn policy(role: Role) -> Policy {
+    let base = role.policy();
+    let lists: Vec<&'static [Allowed]> = base
+        .seccomp
+        .into_iter()
+        .flatten()
+        .copied()
+        .chain([STANDALONE_EXTRA])
+        .collect();
+    Policy {
+        namespaces: 0,
+        empty_root: false,
+        seccomp: Some(Box::leak(lists.into_boxed_slice())),
+        ..*base
+    }
+}
+
+/// The limits' parameters of a standalone back end: guest memory up to `max_guest_mem` bytes is
+/// mapped (twice while the front end replaces its memory table, so doubled).
+pub fn params(max_guest_mem: u64) -> Params {
+    Params {
+        mem_bytes: max_guest_mem.saturating_mul(2),
+        vcpus: 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(role: Role, must: &[i64], must_not: &[i64]) {
+        let p = policy(role);
+        let base = role.policy();
+        assert_eq!(p.namespaces, 0);
+        assert!(!p.empty_root);
+        assert_eq!(p.filesystem, base.filesystem);
+        assert_eq!(p.syscall_count(), base.syscall_count() + 1);
+        let has = |nr| p.allowed().any(|a| a.nr == nr);
+        assert!(
+            has(libc::SYS_accept4) && has(libc::SYS_shutdown),
+            "{role:?}"
+        );
+        for &nr in must {
+            assert!(has(nr), "{role:?}: {nr} not allowed");
+        }
+        for &nr in [
+            libc::SYS_open,
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_execve,
+        ]
+        .iter()
+        .chain(must_not)
+        {
+            assert!(!has(nr), "{role:?}: {nr} allowed");
+        }
+    }
+
+    #[test]
+    fn standalone_policies_are_the_role_plus_accept4() {
+        check(Role::Blockd, &[libc::SYS_pread64], &[]);
+        check(
+            Role::Netd,
+            &[libc::SYS_writev, libc::SYS_ioctl],
+            &[libc::SYS_pwrite64, libc::SYS_readv],
+        );
+    }
+}
