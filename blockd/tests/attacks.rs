@@ -13,50 +13,15 @@
 //! Run: `cargo test -p bulkhead-blockd-proc --features attack-hook --test attacks -- --nocapture`.
 #![cfg(feature = "attack-hook")]
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
-use bulkhead_sandbox::attack::{self, Attack, Observed, Target};
+use bulkhead_sandbox::attack::{self, pipe, sealed_memfd, Attack, Observed, Target};
 use bulkhead_sandbox::launch::Command;
 use bulkhead_sandbox::Role;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_bulkhead-blockd");
-
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a writable array of two ints.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: pipe2 returned two new fds nobody else owns.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-/// A 1 MiB memfd sealed the way the monitor seals guest memory.
-fn sealed_memfd() -> OwnedFd {
-    // SAFETY: a NUL-terminated name and flags.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"attack-guest-ram".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: memfd_create returned a new fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate and fcntl with integers on our own fd.
-    unsafe {
-        assert_eq!(libc::ftruncate(fd.as_raw_fd(), 1 << 20), 0);
-        assert_eq!(
-            libc::fcntl(
-                fd.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL
-            ),
-            0
-        );
-    }
-    fd
-}
 
 fn attempt(a: Attack, extra: &[&str], target: &Target, dir: &Path, mem: &OwnedFd) -> Observed {
     let image = dir.join("disk.img");

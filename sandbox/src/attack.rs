@@ -1231,6 +1231,49 @@ pub fn prove_standalone(
     }
 }
 
+/// A close-on-exec pipe, for the tests that run attempts (the worker's output, triggers).
+pub fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: fds is a writable array of two ints.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 returned two new fds nobody else owns.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+/// A 1 MiB memfd sealed the way the monitor seals guest memory.
+pub fn sealed_memfd() -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: a NUL-terminated name and flags.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"attack-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: memfd_create returned a new fd.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate and fcntl with integers on our own fd.
+    unsafe {
+        assert_eq!(libc::ftruncate(fd.as_raw_fd(), 1 << 20), 0);
+        assert_eq!(
+            libc::fcntl(
+                fd.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL
+            ),
+            0
+        );
+    }
+    fd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,13 +12,13 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bulkhead_sandbox::attack::{
-    self, began, judge, parse_result, Attack, Layer, Observed, Target, Verdict,
+    self, began, judge, parse_result, pipe, sealed_memfd, Attack, Layer, Observed, Target, Verdict,
 };
 use bulkhead_sandbox::launch::{Child, Command, IdMap};
 use bulkhead_sandbox::Role;
@@ -31,41 +31,6 @@ const PROBE: &str = env!("CARGO_BIN_EXE_bulkhead-sandbox-probe");
 const PROBED: [Role; 2] = [Role::Vcpu, Role::Monitor];
 /// The fd at which a probe finds the (sealed) guest-memory memfd.
 const MEM_FD: i32 = 5;
-
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a writable array of two ints.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: pipe2 returned two new fds nobody else owns.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-/// A 1 MiB memfd sealed the way the monitor seals guest memory.
-fn sealed_memfd() -> OwnedFd {
-    // SAFETY: a NUL-terminated name and flags.
-    let fd = unsafe {
-        libc::memfd_create(
-            c"attack-guest-ram".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: memfd_create returned a new fd.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ftruncate and fcntl with integers on our own fd.
-    unsafe {
-        assert_eq!(libc::ftruncate(fd.as_raw_fd(), 1 << 20), 0);
-        assert_eq!(
-            libc::fcntl(
-                fd.as_raw_fd(),
-                libc::F_ADD_SEALS,
-                libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL
-            ),
-            0
-        );
-    }
-    fd
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {

@@ -11,28 +11,20 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bulkhead_ipc::messages::{VcpuReply, VcpuRequest};
-use bulkhead_sandbox::attack::{self, judge, parse_result, Attack, Layer, Observed, Target};
+use bulkhead_sandbox::attack::{self, judge, parse_result, pipe, Attack, Layer, Observed, Target};
 use common::guest;
 use common::harness::{Boot, Worker};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_bulkhead-vcpu");
 const TRIGGER_FD: i32 = 5;
 const T: Duration = Duration::from_secs(20);
-
-fn pipe() -> (OwnedFd, OwnedFd) {
-    let mut fds = [0; 2];
-    // SAFETY: fds is a writable array of two ints.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: pipe2 returned two new fds nobody else owns.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
 
 fn guest_file() -> guest::GuestFile {
     guest::GuestFile::new("attack", "guest")
