@@ -602,9 +602,9 @@ impl FdSets {
         }
         for spec in specs {
             if let Ok(fd) = RawFd::try_from(spec.fd) {
-                // SAFETY: an inherited fd the checks above proved open and not created by this
-                // process (every fd Bulkhead opens is close-on-exec); its duplicate now lives in
-                // the set and nothing else refers to the number. A repeated number just fails.
+                // An inherited fd the checks above proved open and not created by this process
+                // (every fd Bulkhead opens is close-on-exec); a repeated number just fails.
+                // SAFETY: its duplicate now lives in the set and nothing else uses the number.
                 unsafe { libc::close(fd) };
             }
         }

@@ -286,11 +286,11 @@ pub fn spawn(
         Some(l) => (l.spawn_vcpu(ipc, params)?, Some(l)),
         None => (launch(path, ipc, sandbox, params)?, None),
     };
-    // SAFETY: the pidfd belongs to `child`, which the AsyncFd owns for its whole life; the
-    // Child never closes or replaces it before it is dropped.
-    let inner =
-        unsafe { AsyncFd::register_with_interest(PidFd(child), tokio::io::Interest::READABLE) }
-            .map_err(|e| WorkerError::Fd(e.into()))?;
+    // The pidfd belongs to `child`, which the AsyncFd owns for its whole life.
+    // SAFETY: the Child never closes or replaces its pidfd before it is dropped.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(PidFd(child), tokio::io::Interest::READABLE) };
+    let inner = registered.map_err(|e| WorkerError::Fd(e.into()))?;
     Ok(WorkerProcess { inner, launcher })
 }
 

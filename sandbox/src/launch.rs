@@ -267,9 +267,10 @@ impl Command {
         args.flags = libc::CLONE_PIDFD as u64 | self.namespaces;
         args.pidfd = &mut pidfd as *mut libc::c_int as u64;
         args.exit_signal = libc::SIGCHLD as u64;
-        // SAFETY: clone3 with a valid clone_args of the size we pass. Without CLONE_VM the child
-        // gets a copy of this address space and runs on its copy of this stack; it runs only
-        // `run_child`, which never returns and makes only async-signal-safe calls.
+        // Without CLONE_VM the child gets a copy of this address space and runs on its copy of
+        // this stack; it runs only `run_child`, which never returns and makes only
+        // async-signal-safe calls.
+        // SAFETY: clone3 with a valid clone_args of the size we pass; the child as above.
         let pid = unsafe {
             libc::syscall(
                 libc::SYS_clone3,

@@ -268,9 +268,10 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     };
     // SAFETY: write(2) of a buffer we own, bounded by its length; the result does not matter.
     unsafe { libc::write(fd, line.buf.as_ptr().cast(), line.len) };
-    // SAFETY: a zeroed sigaction is SIG_DFL; the call is trapped by the filter (rt_sigaction on
-    // SIGSYS is refused), and the nested, blocked SIGSYS kills the process with the default
-    // action. Were it to return (no filter), exit_group ends the process all the same.
+    // The filter traps this rt_sigaction (on SIGSYS it is refused) and the nested, blocked SIGSYS
+    // kills the process with the default action; were it to return (no filter), exit_group ends
+    // the process all the same.
+    // SAFETY: a zeroed sigaction is SIG_DFL; both calls take plain values and local pointers.
     unsafe {
         let dfl: libc::sigaction = std::mem::zeroed();
         libc::syscall(
