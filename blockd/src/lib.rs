@@ -6,10 +6,8 @@
 //! * [`backend`]: the vhost-user back end (rust-vmm's `vhost-user-backend` framework): features,
 //!   config space, one worker thread per queue;
 //! * [`options`]: the standalone command line;
-//! * [`confine`]: the sandbox policy standalone blockd enters.
 
 pub mod backend;
-pub mod confine;
 pub mod format;
 pub mod options;
 pub mod request;

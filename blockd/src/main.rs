@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use bulkhead_blockd::backend::BlockBackend;
-use bulkhead_blockd::confine;
 use bulkhead_blockd::format::{Cache, DiskImage, Raw, DIRECT_ALIGN};
 use bulkhead_blockd::options::Options;
 use bulkhead_sandbox::enter::Mode;
+use bulkhead_sandbox::standalone;
+use bulkhead_sandbox::Role;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -31,7 +32,7 @@ fn run() -> Result<()> {
     let (hook, args) =
         bulkhead_sandbox::attack::Hook::take(std::env::args().skip(1)).map_err(|e| anyhow!(e))?;
     #[cfg(not(feature = "attack-hook"))]
-    let args = std::env::args().skip(1);
+    let (hook, args): (Option<standalone::AttackHook>, _) = (None, std::env::args().skip(1));
     let o = match Options::parse(args) {
         Ok(o) => o,
         Err(e) => return Err(anyhow!("{e}")),
@@ -70,24 +71,9 @@ fn run() -> Result<()> {
         return Err(anyhow!("mallopt(M_ARENA_MAX, 1) failed"));
     }
 
-    // Standalone: the blockd role's policy minus the launcher's part (see confine.rs and
-    // docs/ARCHITECTURE.md, "blockd").
-    let policy = confine::standalone_policy();
-    // Tests only: `--attack-without` leaves seccomp (and landlock) out, to show what is below.
-    #[cfg(feature = "attack-hook")]
-    let policy = match &hook {
-        Some(h) => h.weaken(policy),
-        None => policy,
-    };
-    let params = confine::params(o.max_guest_mem);
-    #[allow(unused_mut)]
-    let mut report_fd = None;
-    // The attack tests hand a violation-report pipe (fd 4), so a killed attempt names its call.
-    #[cfg(feature = "attack-hook")]
-    if hook.is_some() {
-        report_fd = Some(bulkhead_sandbox::REPORT_FD);
-    }
-    let report = bulkhead_sandbox::enter::enter(&policy, &params, mode, report_fd)
+    // Standalone: the blockd role's policy minus the launcher's part (see
+    // `bulkhead_sandbox::standalone` and docs/ARCHITECTURE.md, "blockd").
+    let report = standalone::enter(Role::Blockd, o.max_guest_mem, mode, hook.as_ref())
         .context("entering the blockd sandbox")?;
     eprintln!("bulkhead-blockd: {report}");
 
@@ -106,7 +92,7 @@ fn run() -> Result<()> {
     if let Some(h) = hook {
         bulkhead_sandbox::attack::run_and_report(
             h.which,
-            bulkhead_sandbox::Role::Blockd,
+            Role::Blockd,
             &h.target,
             libc::STDOUT_FILENO,
         );

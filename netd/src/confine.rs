@@ -19,19 +19,8 @@
 //!   allowlist: no `open`/`openat` (so never `/dev/net/tun` again), no `socket`, no `execve`, and
 //!   `ioctl` only for `TUNSETOFFLOAD` and `TUNSETVNETHDRSZ`.
 //!
-//! The policy itself is [`bulkhead_sandbox::standalone`], shared with standalone blockd.
-
-use bulkhead_sandbox::policy::{Params, Policy, Role};
-
-/// The policy standalone netd enters (see the module docs).
-pub fn standalone_policy() -> Policy {
-    bulkhead_sandbox::standalone::policy(Role::Netd)
-}
-
-/// The limits' parameters for up to `max_guest_mem` bytes of guest memory.
-pub fn params(max_guest_mem: u64) -> Params {
-    bulkhead_sandbox::standalone::params(max_guest_mem)
-}
+//! The policy and its entry are [`bulkhead_sandbox::standalone`], shared with standalone blockd;
+//! this module holds the one step only netd takes, [`leave_host_network`].
 
 /// Moves the process into a new, empty network namespace (see the module docs); returns how.
 pub fn leave_host_network() -> std::io::Result<&'static str> {

@@ -11,6 +11,8 @@ use bulkhead_netd::confine;
 use bulkhead_netd::options::{Options, TapSource};
 use bulkhead_netd::tap::Tap;
 use bulkhead_sandbox::enter::Mode;
+use bulkhead_sandbox::standalone;
+use bulkhead_sandbox::Role;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -31,7 +33,7 @@ fn run() -> Result<()> {
     let (hook, args) =
         bulkhead_sandbox::attack::Hook::take(std::env::args().skip(1)).map_err(|e| anyhow!(e))?;
     #[cfg(not(feature = "attack-hook"))]
-    let args = std::env::args().skip(1);
+    let (hook, args): (Option<standalone::AttackHook>, _) = (None, std::env::args().skip(1));
     let o = match Options::parse(args) {
         Ok(o) => o,
         Err(e) => return Err(anyhow!("{e}")),
@@ -62,22 +64,7 @@ fn run() -> Result<()> {
             (Err(e), _) => return Err(anyhow!("leaving the host network namespace: {e}")),
         }
     }
-    let policy = confine::standalone_policy();
-    // Tests only: `--attack-without` leaves seccomp (and landlock) out, to show what is below.
-    #[cfg(feature = "attack-hook")]
-    let policy = match &hook {
-        Some(h) => h.weaken(policy),
-        None => policy,
-    };
-    let params = confine::params(o.max_guest_mem);
-    #[allow(unused_mut)]
-    let mut report_fd = None;
-    // The attack tests hand a violation-report pipe (fd 4), so a killed attempt names its call.
-    #[cfg(feature = "attack-hook")]
-    if hook.is_some() {
-        report_fd = Some(bulkhead_sandbox::REPORT_FD);
-    }
-    let report = bulkhead_sandbox::enter::enter(&policy, &params, mode, report_fd)
+    let report = standalone::enter(Role::Netd, o.max_guest_mem, mode, hook.as_ref())
         .context("entering the netd sandbox")?;
     eprintln!("bulkhead-netd: {report}");
 
@@ -92,7 +79,7 @@ fn run() -> Result<()> {
     if let Some(h) = hook {
         bulkhead_sandbox::attack::run_and_report(
             h.which,
-            bulkhead_sandbox::Role::Netd,
+            Role::Netd,
             &h.target,
             libc::STDOUT_FILENO,
         );

@@ -10,7 +10,18 @@
 //! `no_new_privs`, every capability dropped (the bounding set too when run as root), the
 //! rlimits, landlock with no filesystem access, and the seccomp allowlist.
 
+use crate::enter::{EnterReport, Mode};
 use crate::policy::{Allowed, Params, Policy, Role, Rule};
+
+/// The test-only attack hook (`--attack ...`) a standalone worker may have been started with.
+#[cfg(feature = "attack-hook")]
+pub use crate::attack::Hook as AttackHook;
+
+/// Without the test-only feature `attack-hook` there is no hook: an empty type keeps
+/// [`enter`]'s signature the same in both builds.
+#[cfg(not(feature = "attack-hook"))]
+#[derive(Debug)]
+pub enum AttackHook {}
 
 /// Calls a standalone server needs on top of its role's allowlist.
 pub static STANDALONE_EXTRA: &[Allowed] = &[Allowed {
@@ -45,6 +56,31 @@ pub fn params(max_guest_mem: u64) -> Params {
         mem_bytes: max_guest_mem.saturating_mul(2),
         vcpus: 1,
     }
+}
+
+/// Enters the standalone policy of `role` with the limits for `max_guest_mem` bytes of guest
+/// memory. With the test-only attack `hook`, the policy is weakened as the hook asks (to show
+/// what stops an attempt below seccomp) and violations are reported on [`crate::REPORT_FD`].
+pub fn enter(
+    role: Role,
+    max_guest_mem: u64,
+    mode: Mode,
+    hook: Option<&AttackHook>,
+) -> crate::Result<EnterReport> {
+    #[allow(unused_mut)]
+    let mut policy = policy(role);
+    #[allow(unused_mut)]
+    let mut report_fd = None;
+    if let Some(h) = hook {
+        #[cfg(feature = "attack-hook")]
+        {
+            policy = h.weaken(policy);
+            report_fd = Some(crate::REPORT_FD);
+        }
+        #[cfg(not(feature = "attack-hook"))]
+        match *h {}
+    }
+    crate::enter::enter(&policy, &params(max_guest_mem), mode, report_fd)
 }
 
 #[cfg(test)]
