@@ -18,7 +18,7 @@ impl Protocol for VcpuProtocol {
 /// Everything vcpu-proc needs to build the machine. The fds travel with the
 /// [`VcpuRequest::Setup`] frame in this order:
 /// `[kvm, guest_memory, kernel, initrd (if has_initrd), serial_in (if serial_in),
-/// serial_out (if serial_out)]`.
+/// serial_out (if serial_out), one vhost-user socket per entry of devices]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSetup {
     /// Guest RAM size in bytes; equals the size of the guest memory memfd.
@@ -37,6 +37,9 @@ pub struct VmSetup {
     pub serial_out: bool,
     /// A guest reset request ends the VM (`-no-reboot`) instead of resetting it.
     pub no_reboot: bool,
+    /// virtio-pci devices present at power-on, each served by a vhost-user back end whose
+    /// connected socket follows the fixed fds, in this order.
+    pub devices: Vec<VirtioDevice>,
 }
 
 impl VmSetup {
@@ -45,8 +48,42 @@ impl VmSetup {
         3 + usize::from(self.has_initrd)
             + usize::from(self.serial_in)
             + usize::from(self.serial_out)
+            + self.devices.len()
     }
 }
+
+/// What kind of virtio device a vhost-user back end serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioKind {
+    /// virtio-blk (device id 2); the configuration space comes from the back end
+    /// (`VHOST_USER_GET_CONFIG`).
+    Block,
+    /// virtio-net (device id 1); the front end owns the configuration space.
+    Net {
+        /// The MAC address the guest reads from the configuration space.
+        mac: [u8; 6],
+        /// The link is up at power-on.
+        link_up: bool,
+    },
+}
+
+/// One virtio-pci device of the machine, as the monitor describes it to vcpu-proc. Its
+/// vhost-user back end (blockd, netd, or any standard back end) is at the other end of a
+/// connected unix socket that travels with the message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioDevice {
+    /// The device's id (`-device ...,id=`), unique in the machine.
+    pub id: String,
+    /// Block or net.
+    pub kind: VirtioKind,
+    /// PCI slot on bus 0 (1..=31; slot 0 is the host bridge).
+    pub slot: u8,
+    /// Number of virtqueues the front end offers (capped by what the back end supports).
+    pub num_queues: u16,
+    /// Largest queue size the guest may choose (a power of two, at most 32768).
+    pub queue_size: u16,
+}
+
 
 /// CPU topology as `-smp` describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,12 +136,35 @@ pub enum VcpuRequest {
     QuerySandbox,
     /// Stop the vCPUs and exit cleanly.
     Quit,
+    /// Plug a virtio-pci device (its vhost-user socket travels with the request). Before the
+    /// guest first runs this is plain cold-plug; afterwards it is refused until PCI hot-plug
+    /// exists.
+    AddDevice(VirtioDevice),
+    /// Unplug the device with this id (same rule as [`VcpuRequest::AddDevice`]).
+    RemoveDevice {
+        /// The device id.
+        id: String,
+    },
+    /// The back end's configuration changed (e.g. `block_resize`): raise the device's
+    /// configuration-change interrupt so the guest re-reads it.
+    ConfigChanged {
+        /// The device id.
+        id: String,
+    },
+    /// Set a virtio-net device's link status bit and tell the guest (`set_link`).
+    SetLink {
+        /// The device id.
+        id: String,
+        /// Link up.
+        up: bool,
+    },
 }
 
 impl Wire for VcpuRequest {
     fn fd_count(&self) -> usize {
         match self {
             VcpuRequest::Setup(s) => s.fd_count(),
+            VcpuRequest::AddDevice(_) => 1,
             _ => 0,
         }
     }

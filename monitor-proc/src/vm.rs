@@ -942,6 +942,7 @@ async fn start_worker(guest: &GuestSpec) -> Result<Worker, VmError> {
         serial_in: serial_in.is_some(),
         serial_out: serial_out.is_some(),
         no_reboot: guest.no_reboot,
+        devices: Vec::new(),
     };
     let mut fds: Vec<BorrowedFd<'_>> =
         vec![guest.kvm.as_fd(), guest.memory.as_fd(), kernel.as_fd()];

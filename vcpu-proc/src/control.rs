@@ -191,6 +191,12 @@ fn handle_request(
             }
             VcpuReply::Ok
         }
+        VcpuRequest::AddDevice(_)
+        | VcpuRequest::RemoveDevice { .. }
+        | VcpuRequest::ConfigChanged { .. }
+        | VcpuRequest::SetLink { .. } => {
+            VcpuReply::Error("virtio devices are not implemented in vcpu-proc yet".into())
+        }
     }
 }
 

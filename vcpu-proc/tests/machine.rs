@@ -321,6 +321,7 @@ fn requests_before_setup_and_bad_setups_are_errors() {
             serial_in: false,
             serial_out: false,
             no_reboot: false,
+            devices: Vec::new(),
         };
         let reply = w
             .request(

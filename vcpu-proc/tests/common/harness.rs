@@ -291,6 +291,7 @@ impl Worker {
             serial_in: in_r.is_some(),
             serial_out: true,
             no_reboot: b.no_reboot,
+            devices: Vec::new(),
         };
         let mut fds = vec![kvm.as_fd(), mem.as_fd(), kernel.as_fd()];
         if let Some(i) = &initrd {
