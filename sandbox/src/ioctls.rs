@@ -6,9 +6,9 @@
 use std::mem::size_of;
 
 use kvm_bindings::{
-    kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_list, kvm_msrs, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs,
-    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, KVMIO,
+    kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irq_routing, kvm_irqchip, kvm_irqfd,
+    kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_config, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, KVMIO,
 };
 
 const NRSHIFT: u64 = 0;
@@ -64,7 +64,9 @@ ioctls! {
     KVM_CREATE_IRQCHIP = io(KVMIO, 0x60);
     KVM_GET_IRQCHIP = iowr(KVMIO, 0x62, size_of::<kvm_irqchip>());
     KVM_SET_IRQCHIP = ior(KVMIO, 0x63, size_of::<kvm_irqchip>());
+    KVM_SET_GSI_ROUTING = iow(KVMIO, 0x6a, size_of::<kvm_irq_routing>());
     KVM_IRQFD = iow(KVMIO, 0x76, size_of::<kvm_irqfd>());
+    KVM_IOEVENTFD = iow(KVMIO, 0x79, size_of::<kvm_ioeventfd>());
     KVM_CREATE_PIT2 = iow(KVMIO, 0x77, size_of::<kvm_pit_config>());
     KVM_RUN = io(KVMIO, 0x80);
     KVM_GET_REGS = ior(KVMIO, 0x81, size_of::<kvm_regs>());
@@ -131,7 +133,9 @@ pub const VCPU_KVM: &[Ioctl] = list![
     KVM_CREATE_IRQCHIP,
     KVM_GET_IRQCHIP,
     KVM_SET_IRQCHIP,
+    KVM_SET_GSI_ROUTING,
     KVM_IRQFD,
+    KVM_IOEVENTFD,
     KVM_CREATE_PIT2,
     KVM_RUN,
     KVM_GET_REGS,
@@ -184,6 +188,8 @@ mod tests {
         assert_eq!(KVM_GET_SUPPORTED_CPUID, 0xc008_ae05);
         assert_eq!(KVM_SET_USER_MEMORY_REGION, 0x4020_ae46);
         assert_eq!(KVM_IRQFD, 0x4020_ae76);
+        assert_eq!(KVM_IOEVENTFD, 0x4040_ae79);
+        assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
         assert_eq!(KVM_CREATE_PIT2, 0x4040_ae77);
         assert_eq!(KVM_GET_LAPIC, 0x8400_ae8e);
         assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);

@@ -351,6 +351,9 @@ macro_rules! paste_nr {
     (ioctl) => {
         libc::SYS_ioctl
     };
+    (setsockopt) => {
+        libc::SYS_setsockopt
+    };
     (recvmsg) => {
         libc::SYS_recvmsg
     };
@@ -588,8 +591,17 @@ const VCPU_EXTRA: &[Allowed] = &[
     // kernel and initrd are read from the fds the monitor hands over
     sys!(pread64),
     sys!(lseek),
-    // the serial interrupt's irqfd
+    // the serial interrupt's irqfd; the virtio devices' kick and call eventfds
     sys!(eventfd2),
+    // reply timeouts on the vhost-user sockets of virtio devices (a back end that stops
+    // answering must not hang a vCPU)
+    sys!(
+        setsockopt,
+        Rule::ArgIn {
+            arg: 2,
+            values: &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64]
+        }
+    ),
     // vCPU kicks (SIGRTMIN) and abort()
     sys!(
         tgkill,

@@ -1,6 +1,7 @@
 //! ACPI tables (built with the `acpi_tables` crate): RSDP, XSDT, a hardware-reduced FADT with
 //! sleep control/status and reset registers (as cloud-hypervisor does), a MADT with one local
-//! APIC per vCPU and the IOAPIC, and a DSDT with `_S5_`. The RSDP sits at [`memory::ACPI_START`]
+//! APIC per vCPU and the IOAPIC, an MCFG for the PCI ECAM window, and a DSDT with `_S5_`,
+//! the legacy devices and the PCI host bridge (`PNP0A08` with its bus, I/O and MMIO windows). The RSDP sits at [`memory::ACPI_START`]
 //! (0xE0000) so a legacy BIOS-area scan finds it; the zero page also points at it.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -8,6 +9,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -16,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::{acpi_pm, rtc, serial};
 use crate::memory::{self, GuestMem};
+use crate::pci;
 
 const OEM_ID: [u8; 6] = *b"BLKHD ";
 const OEM_REVISION: u32 = 1;
@@ -95,6 +98,55 @@ pub fn dsdt() -> Vec<u8> {
     );
     let rtc_dev = aml::Device::new("_SB_.RTC0".into(), vec![&hid, &crs]);
     t.append_slice(&bytes_of(&rtc_dev));
+
+    // The PCI host bridge: bus 0, the legacy configuration ports, every other I/O port, and
+    // the 32-bit BAR window. No _PRT: the devices use MSI-X only.
+    let pci_hid = aml::EISAName::new("PNP0A08");
+    let pci_cid = aml::EISAName::new("PNP0A03");
+    let buses = aml::AddressSpace::<u16>::new_bus_number(0, 0);
+    let cfg_io = aml::IO::new(
+        pci::CONFIG_ADDRESS_PORT,
+        pci::CONFIG_ADDRESS_PORT,
+        1,
+        pci::CONFIG_IO_LEN as u8,
+    );
+    let io_low = aml::AddressSpace::<u16>::new_io(0, pci::CONFIG_ADDRESS_PORT - 1, None);
+    let io_high = aml::AddressSpace::<u16>::new_io(0x0d00, 0xffff, None);
+    let window = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        pci::MMIO_WINDOW_START as u32,
+        (pci::MMIO_WINDOW_END - 1) as u32,
+        None,
+    );
+    let pci_crs = aml::ResourceTemplate::new(vec![&buses, &cfg_io, &io_low, &io_high, &window]);
+    let (hid, cid, adr, seg, uid, bbn, crs) = (
+        aml::Name::new("_HID".into(), &pci_hid),
+        aml::Name::new("_CID".into(), &pci_cid),
+        aml::Name::new("_ADR".into(), &zero),
+        aml::Name::new("_SEG".into(), &zero),
+        aml::Name::new("_UID".into(), &zero),
+        aml::Name::new("_BBN".into(), &zero),
+        aml::Name::new("_CRS".into(), &pci_crs),
+    );
+    let pci0 = aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    );
+    t.append_slice(&bytes_of(&pci0));
+
+    // The ECAM window as a motherboard resource, so Linux accepts MCFG's range.
+    let mres_hid = aml::EISAName::new("PNP0C02");
+    let ecam = aml::Memory32Fixed::new(false, pci::ECAM_BASE as u32, pci::ECAM_SIZE as u32);
+    let mres_crs = aml::ResourceTemplate::new(vec![&ecam]);
+    let one = 1u8;
+    let (hid, uid, crs) = (
+        aml::Name::new("_HID".into(), &mres_hid),
+        aml::Name::new("_UID".into(), &one),
+        aml::Name::new("_CRS".into(), &mres_crs),
+    );
+    let mres = aml::Device::new("_SB_.MRES".into(), vec![&hid, &uid, &crs]);
+    t.append_slice(&bytes_of(&mres));
     t.as_slice().to_vec()
 }
 
@@ -143,6 +195,13 @@ pub fn madt(apic_ids: &[u32]) -> Result<Vec<u8>, Error> {
     Ok(bytes_of(&m))
 }
 
+/// The MCFG: segment 0, bus 0 at [`pci::ECAM_BASE`].
+pub fn mcfg() -> Vec<u8> {
+    let mut m = MCFG::new(OEM_ID, *b"BLKHMCFG", OEM_REVISION);
+    m.add_ecam(pci::ECAM_BASE, 0, 0, 0);
+    bytes_of(&m)
+}
+
 /// Builds all tables for a machine whose vCPUs have `apic_ids`.
 pub fn build(apic_ids: &[u32]) -> Result<Tables, Error> {
     if apic_ids.len() > 254 {
@@ -150,8 +209,8 @@ pub fn build(apic_ids: &[u32]) -> Result<Tables, Error> {
     }
     let rsdp_addr = memory::ACPI_START;
     let xsdt_addr = align16(rsdp_addr + Rsdp::len() as u64);
-    // XSDT with two entries: header + 2 * 8.
-    let fadt_addr = align16(xsdt_addr + 36 + 2 * 8);
+    // XSDT with three entries: header + 3 * 8.
+    let fadt_addr = align16(xsdt_addr + 36 + 3 * 8);
     let dsdt_bytes = dsdt();
     let fadt_len = FADTBuilder::new(OEM_ID, *b"BLKHFACP", OEM_REVISION).finalize();
     let fadt_len = bytes_of(&fadt_len).len() as u64;
@@ -159,13 +218,16 @@ pub fn build(apic_ids: &[u32]) -> Result<Tables, Error> {
     let madt_addr = align16(dsdt_addr + dsdt_bytes.len() as u64);
     let fadt_bytes = fadt(dsdt_addr);
     let madt_bytes = madt(apic_ids)?;
-    let end = madt_addr + madt_bytes.len() as u64;
+    let mcfg_addr = align16(madt_addr + madt_bytes.len() as u64);
+    let mcfg_bytes = mcfg();
+    let end = mcfg_addr + mcfg_bytes.len() as u64;
     if end > crate::boot::RESET_VECTOR {
         return Err(Error::TooBig(end - memory::ACPI_START));
     }
     let mut xsdt = XSDT::new(OEM_ID, *b"BLKHXSDT", OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     Ok(Tables {
         blobs: vec![
             (rsdp_addr, bytes_of(&Rsdp::new(OEM_ID, xsdt_addr))),
@@ -173,6 +235,7 @@ pub fn build(apic_ids: &[u32]) -> Result<Tables, Error> {
             (fadt_addr, fadt_bytes),
             (dsdt_addr, dsdt_bytes),
             (madt_addr, madt_bytes),
+            (mcfg_addr, mcfg_bytes),
         ],
     })
 }
@@ -249,7 +312,12 @@ mod tests {
             .collect();
         let (fa, fadt) = find(b"FACP");
         let (ma, _) = find(b"APIC");
-        assert_eq!(entries, vec![fa, ma]);
+        let (mc, mcfg) = find(b"MCFG");
+        assert_eq!(entries, vec![fa, ma, mc]);
+        // One allocation: ECAM base, segment 0, buses 0..=0.
+        assert_eq!(mcfg.len(), 44 + 16);
+        assert_eq!(u64_at(&mcfg, 44), pci::ECAM_BASE);
+        assert_eq!((mcfg[54], mcfg[55]), (0, 0));
         let (da, _) = find(b"DSDT");
         assert_eq!(u64_at(&fadt, 140), da); // X_DSDT
                                             // Flags: HW_REDUCED_ACPI and RESET_REG_SUP.
@@ -314,5 +382,11 @@ mod tests {
                                                        // COM1's extended interrupt descriptor names GSI 4, and its I/O range is 0x3f8+8.
         assert!(has(&[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
         assert!(has(&[0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 1, 8]));
+        // The PCI host bridge (PNP0A08) with the CF8 ports, and the ECAM motherboard resource.
+        assert!(has(b"PCI0"));
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+        assert!(has(&[0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]));
+        assert!(has(b"MRES"));
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
     }
 }

@@ -122,6 +122,12 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
             size: low_end - memory::HIMEM_START,
             kind: E820_RAM,
         },
+        // PCI ECAM: Linux trusts MCFG only for a range the firmware reserved.
+        E820Entry {
+            addr: crate::pci::ECAM_BASE,
+            size: crate::pci::ECAM_SIZE,
+            kind: E820_RESERVED,
+        },
     ];
     for r in memory::ram_ranges(mem_size).iter().skip(1) {
         map.push(E820Entry {
@@ -429,7 +435,15 @@ mod tests {
                 kind: E820_RAM
             }
         );
-        assert_eq!(m.len(), 4);
+        assert_eq!(
+            m[4],
+            E820Entry {
+                addr: 0xe000_0000,
+                size: 1 << 20,
+                kind: E820_RESERVED
+            }
+        );
+        assert_eq!(m.len(), 5);
         // Entries are sorted and disjoint.
         for w in m.windows(2) {
             assert!(w[0].addr + w[0].size <= w[1].addr);
@@ -461,7 +475,7 @@ mod tests {
         assert_eq!({ hdr.ramdisk_size }, 0x1234);
         assert_eq!({ hdr.type_of_loader }, 0xff);
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
-        assert_eq!(p.e820_entries, 4);
+        assert_eq!(p.e820_entries, 5);
     }
 
     #[test]

@@ -191,12 +191,30 @@ fn handle_request(
             }
             VcpuReply::Ok
         }
-        VcpuRequest::AddDevice(_)
-        | VcpuRequest::RemoveDevice { .. }
-        | VcpuRequest::ConfigChanged { .. }
-        | VcpuRequest::SetLink { .. } => {
-            VcpuReply::Error("virtio devices are not implemented in vcpu-proc yet".into())
-        }
+        VcpuRequest::AddDevice(desc) => match (machine, fds.into_iter().next()) {
+            (Some(m), Some(sock)) => result(m.add_device(&desc, sock)),
+            (Some(_), None) => VcpuReply::Error("AddDevice without its socket".into()),
+            (None, _) => not_set_up(),
+        },
+        VcpuRequest::RemoveDevice { id } => match machine {
+            Some(m) => result(m.remove_device(&id)),
+            None => not_set_up(),
+        },
+        VcpuRequest::ConfigChanged { id } => match machine {
+            Some(m) => result(m.config_changed(&id)),
+            None => not_set_up(),
+        },
+        VcpuRequest::SetLink { id, up } => match machine {
+            Some(m) => result(m.set_link(&id, up)),
+            None => not_set_up(),
+        },
+    }
+}
+
+fn result(r: Result<(), crate::machine::Error>) -> VcpuReply {
+    match r {
+        Ok(()) => VcpuReply::Ok,
+        Err(e) => VcpuReply::Error(e.to_string()),
     }
 }
 

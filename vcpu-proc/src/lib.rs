@@ -4,8 +4,9 @@
 //! devices a PC guest needs, and answers the monitor's run/pause/reset/query requests.
 //!
 //! Modules: [`memory`] (guest RAM and layout), [`boot`] (kernel loading and entry state),
-//! [`cpuid`], [`msr`], [`acpi`], [`devices`], [`bus`], [`vcpu`], [`machine`], [`control`]
-//! (the ipc loop), [`logger`].
+//! [`cpuid`], [`msr`], [`acpi`], [`devices`], [`bus`], [`pci`] (root bus, config space,
+//! MSI-X), [`virtio`] (virtio-pci devices served by vhost-user back ends), [`vcpu`],
+//! [`machine`], [`control`] (the ipc loop), [`logger`].
 
 pub mod acpi;
 pub mod boot;
@@ -17,4 +18,6 @@ pub mod logger;
 pub mod machine;
 pub mod memory;
 pub mod msr;
+pub mod pci;
 pub mod vcpu;
+pub mod virtio;

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bulkhead_ipc::messages::{CpuInfo, ShutdownCause, VmSetup};
+use std::collections::BTreeMap;
+
+use bulkhead_ipc::messages::{CpuInfo, ShutdownCause, VirtioDevice, VmSetup};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -21,7 +23,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bus::Bus;
 use crate::devices::{acpi_pm, i8042, rtc, serial, GuestRequest, RequestSink};
 use crate::memory::{self, GuestMem};
+use crate::pci::msix::IrqRouter;
+use crate::pci::{self, ConfigIo, Ecam, MmioWindow, PciRoot, SharedPciRoot};
 use crate::vcpu::{self, ExitContext, InitialState, Shared, VcpuSlot};
+use crate::virtio::pci::VirtioPciDevice;
 use crate::{acpi, boot, cpuid};
 
 /// How long a pause may take before it is reported as failed.
@@ -58,6 +63,20 @@ pub enum Error {
     /// Device wiring.
     #[error(transparent)]
     Bus(#[from] crate::bus::Error),
+    /// A virtio device could not be plugged.
+    #[error("device {id}: {source}")]
+    Virtio {
+        /// Device id.
+        id: String,
+        /// Why.
+        source: crate::virtio::pci::Error,
+    },
+    /// The PCI bus refused a device.
+    #[error(transparent)]
+    Pci(#[from] pci::Error),
+    /// A device request that cannot be honoured now.
+    #[error("{0}")]
+    Device(String),
     /// Eventfd creation.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
@@ -94,6 +113,8 @@ pub struct SetupFds {
     pub serial_in: Option<OwnedFd>,
     /// Serial output.
     pub serial_out: Option<OwnedFd>,
+    /// One connected vhost-user socket per device of the setup.
+    pub devices: Vec<OwnedFd>,
 }
 
 impl SetupFds {
@@ -123,6 +144,7 @@ impl SetupFds {
             } else {
                 None
             },
+            devices: it.collect(),
         })
     }
 }
@@ -133,8 +155,12 @@ pub struct Machine {
     // Field order matters for drop: vCPU fds and slots before the VM, the VM before memory.
     slots: Vec<Arc<VcpuSlot>>,
     initial: Vec<InitialState>,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     _kvm: Kvm,
+    pci: SharedPciRoot,
+    router: Arc<IrqRouter>,
+    virtio: BTreeMap<String, (u8, Arc<Mutex<VirtioPciDevice>>)>,
+    started: bool,
     mem: GuestMem,
     kernel: File,
     initrd: Option<File>,
@@ -183,7 +209,7 @@ impl Machine {
                 kvm.get_max_vcpus()
             )));
         }
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm.set_tss_address(memory::KVM_TSS_ADDR)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         if kvm.check_extension(Cap::SetIdentityMapAddr) {
@@ -242,6 +268,37 @@ impl Machine {
             acpi_pm::LEN,
             Arc::new(Mutex::new(acpi_pm::AcpiPm::new(sink.clone()))),
         )?;
+        // PCI: legacy configuration ports, ECAM, the BAR window, and the devices of the setup.
+        let pci: SharedPciRoot = Arc::new(Mutex::new(PciRoot::new()));
+        pio.insert(
+            u64::from(pci::CONFIG_ADDRESS_PORT),
+            pci::CONFIG_IO_LEN,
+            Arc::new(Mutex::new(ConfigIo(pci.clone()))),
+        )?;
+        let mut mmio = Bus::new();
+        mmio.insert(
+            pci::ECAM_BASE,
+            pci::ECAM_SIZE,
+            Arc::new(Mutex::new(Ecam(pci.clone()))),
+        )?;
+        mmio.insert(
+            pci::MMIO_WINDOW_START,
+            pci::MMIO_WINDOW_END - pci::MMIO_WINDOW_START,
+            Arc::new(Mutex::new(MmioWindow(pci.clone()))),
+        )?;
+        let router = Arc::new(IrqRouter::new(vm.clone()));
+        if setup.devices.len() != fds.devices.len() {
+            return Err(Error::Setup(format!(
+                "{} devices but {} sockets",
+                setup.devices.len(),
+                fds.devices.len()
+            )));
+        }
+        let mut virtio = BTreeMap::new();
+        for (desc, sock) in setup.devices.iter().zip(fds.devices) {
+            let (slot, dev) = plug(&pci, &router, &mem, &virtio, desc, sock)?;
+            virtio.insert(desc.id.clone(), (slot, dev));
+        }
         if let Some(input) = fds.serial_in {
             let dev = serial_dev.clone();
             let input = File::from(input);
@@ -312,7 +369,7 @@ impl Machine {
         vcpu::install_kick_handler()?;
         let ctx = ExitContext {
             pio: pio.clone(),
-            mmio: Bus::new(),
+            mmio,
             sink,
         };
         let mut threads = Vec::with_capacity(n);
@@ -334,6 +391,10 @@ impl Machine {
             initial,
             vm,
             _kvm: kvm,
+            pci,
+            router,
+            virtio,
+            started: false,
             mem,
             kernel,
             initrd,
@@ -352,6 +413,7 @@ impl Machine {
     /// Starts or resumes the vCPUs.
     pub fn run(&mut self) {
         self.monitor_running = true;
+        self.started = true;
         self.shared.resume();
     }
 
@@ -384,6 +446,7 @@ impl Machine {
             vcpu::restore(&slot.lock_fd(), slot.index, init)?;
         }
         self.pio.reset_all();
+        self.pci.lock().unwrap_or_else(|p| p.into_inner()).reset();
         // A guest request raised while we were resetting belongs to the old boot.
         let _ = self.shared.take_guest_request();
         if self.monitor_running {
@@ -440,6 +503,63 @@ impl Machine {
         Ok(out)
     }
 
+    /// Plugs a virtio device before the guest first runs (PCI hot-plug is not there yet).
+    pub fn add_device(&mut self, desc: &VirtioDevice, sock: OwnedFd) -> Result<(), Error> {
+        if self.started {
+            return Err(Error::Device(
+                "the guest has run: PCI hot-plug is not supported yet".into(),
+            ));
+        }
+        let (slot, dev) = plug(&self.pci, &self.router, &self.mem, &self.virtio, desc, sock)?;
+        self.virtio.insert(desc.id.clone(), (slot, dev));
+        Ok(())
+    }
+
+    /// Unplugs a virtio device before the guest first runs.
+    pub fn remove_device(&mut self, id: &str) -> Result<(), Error> {
+        if self.started {
+            return Err(Error::Device(
+                "the guest has run: PCI hot-unplug is not supported yet".into(),
+            ));
+        }
+        let (slot, _) = self
+            .virtio
+            .remove(id)
+            .ok_or_else(|| Error::Device(format!("no device {id}")))?;
+        self.pci
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unplug(slot)?;
+        Ok(())
+    }
+
+    fn device(&self, id: &str) -> Result<&Arc<Mutex<VirtioPciDevice>>, Error> {
+        self.virtio
+            .get(id)
+            .map(|(_, d)| d)
+            .ok_or_else(|| Error::Device(format!("no device {id}")))
+    }
+
+    /// The back end's configuration changed: re-read it and interrupt the guest.
+    pub fn config_changed(&mut self, id: &str) -> Result<(), Error> {
+        let dev = self.device(id)?;
+        let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
+        d.config_changed().map_err(|source| Error::Virtio {
+            id: id.to_owned(),
+            source,
+        })
+    }
+
+    /// Sets a net device's link.
+    pub fn set_link(&mut self, id: &str, up: bool) -> Result<(), Error> {
+        let dev = self.device(id)?;
+        let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
+        d.set_link(up).map_err(|source| Error::Virtio {
+            id: id.to_owned(),
+            source,
+        })
+    }
+
     /// Stops the vCPU threads for good.
     pub fn quit(&mut self) {
         self.shared.quit();
@@ -449,6 +569,36 @@ impl Machine {
     pub fn is_running(&self) -> bool {
         self.monitor_running
     }
+}
+
+/// Builds the device for `desc` on its socket and plugs it into its slot.
+fn plug(
+    pci: &SharedPciRoot,
+    router: &Arc<IrqRouter>,
+    mem: &GuestMem,
+    existing: &BTreeMap<String, (u8, Arc<Mutex<VirtioPciDevice>>)>,
+    desc: &VirtioDevice,
+    sock: OwnedFd,
+) -> Result<(u8, Arc<Mutex<VirtioPciDevice>>), Error> {
+    if existing.contains_key(&desc.id) {
+        return Err(Error::Device(format!("duplicate device id {}", desc.id)));
+    }
+    if desc.slot == 0 || desc.slot >= pci::SLOTS {
+        return Err(Error::Pci(pci::Error::BadSlot(desc.slot)));
+    }
+    let dev = VirtioPciDevice::new(desc, sock, mem.clone(), router.clone()).map_err(|source| {
+        Error::Virtio {
+            id: desc.id.clone(),
+            source,
+        }
+    })?;
+    let dev = Arc::new(Mutex::new(dev));
+    let shared: pci::SharedPciDevice = dev.clone();
+    pci.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .plug(desc.slot, shared)?;
+    log::info!("virtio device {} in PCI slot {}", desc.id, desc.slot);
+    Ok((desc.slot, dev))
 }
 
 /// Loads kernel, initrd, command line, boot structures and ACPI tables.
