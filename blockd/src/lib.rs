@@ -6,11 +6,13 @@
 //! * [`backend`]: the vhost-user back end (rust-vmm's `vhost-user-backend` framework): features,
 //!   config space, one worker thread per queue;
 //! * [`options`]: the standalone command line;
+//! * [`worker`]: worker mode, as the monitor launches it (ipc, handed fds, I/O counters);
 
 pub mod backend;
 pub mod format;
 pub mod options;
 pub mod request;
+pub mod worker;
 
 /// Errors of the back end.
 #[derive(Debug, thiserror::Error)]

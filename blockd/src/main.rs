@@ -1,7 +1,9 @@
 //! `bulkhead-blockd`: a vhost-user-blk server for one disk image (issue 5), standalone the way
 //! `qemu-storage-daemon --export vhost-user-blk` runs: it opens the image and binds the socket,
 //! confines itself with the blockd role's sandbox policy, and only then accepts one front end and
-//! serves it until it disconnects. See docs/ARCHITECTURE.md, "blockd".
+//! serves it until it disconnects. Started with `--ipc-fd N` it is the monitor's worker instead
+//! (`bulkhead_blockd::worker`: every fd handed over, the whole role policy, ipc control). See
+//! docs/ARCHITECTURE.md, "blockd".
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use anyhow::{anyhow, Context, Result};
 use bulkhead_blockd::backend::BlockBackend;
 use bulkhead_blockd::format::{Cache, DiskImage, Raw, DIRECT_ALIGN};
 use bulkhead_blockd::options::Options;
+use bulkhead_blockd::worker::{self, WorkerArgs};
 use bulkhead_sandbox::enter::Mode;
 use bulkhead_sandbox::standalone;
 use bulkhead_sandbox::Role;
@@ -28,6 +31,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
+    // Launched by the monitor (`--ipc-fd` first): see `bulkhead_blockd::worker`.
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(a) = WorkerArgs::parse(&argv) {
+        worker::init_logger();
+        return worker::run(a?).map_err(|e| anyhow!("{e}"));
+    }
     #[cfg(feature = "attack-hook")]
     let (hook, args) =
         bulkhead_sandbox::attack::Hook::take(std::env::args().skip(1)).map_err(|e| anyhow!(e))?;

@@ -1,5 +1,6 @@
-//! The monitor↔vcpu-proc protocol: what the monitor may ask of the machine worker and what the
-//! worker reports back. (Block and net protocols join here with their workers.)
+//! The monitor↔worker protocols: what the monitor may ask of the machine worker (vcpu-proc) and
+//! of each block back end (blockd), and what they report back. (The net protocol joins here with
+//! netd.)
 
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +84,6 @@ pub struct VirtioDevice {
     /// Largest queue size the guest may choose (a power of two, at most 32768).
     pub queue_size: u16,
 }
-
 
 /// CPU topology as `-smp` describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,3 +251,166 @@ pub enum VcpuEvent {
 }
 
 impl Wire for VcpuEvent {}
+
+// ---------------------------------------------------------------------------------------------
+// monitor ↔ bulkhead-blockd
+// ---------------------------------------------------------------------------------------------
+
+/// Marker type for the monitor↔`bulkhead-blockd` protocol (one blockd per disk).
+#[derive(Debug)]
+pub struct BlockProtocol;
+
+impl Protocol for BlockProtocol {
+    type Request = BlockRequest;
+    type Reply = BlockReply;
+    type Event = BlockEvent;
+}
+
+/// The image format of a disk (`-drive format=`, `-blockdev driver=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageFormat {
+    /// The file's bytes are the disk's bytes.
+    Raw,
+    /// QEMU's copy-on-write format.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// QEMU's driver name (`raw`, `qcow2`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// What blockd serves, sent once after the handshake. The fds travel with
+/// [`BlockRequest::Setup`] in this order: `[image, vhost_user, buffered_tail (if
+/// buffered_tail), one per backing file (backing_files)]`. `image` is opened read-only for
+/// `readonly`, read-write otherwise, `O_DIRECT` for `direct`; `vhost_user` is a connected unix
+/// stream socket whose other end is the vhost-user front end (vcpu-proc, or any front end).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockSetup {
+    /// The device id (`-device ...,id=`), for logs.
+    pub id: String,
+    /// The image format.
+    pub format: ImageFormat,
+    /// Refuse writes (`VIRTIO_BLK_F_RO`).
+    pub readonly: bool,
+    /// `cache=none`: the image fd is `O_DIRECT`.
+    pub direct: bool,
+    /// A second, buffered fd of the image follows (`cache=none` and writable: writes that reach
+    /// an unaligned end of file).
+    pub buffered_tail: bool,
+    /// `GET_ID` answer (at most 20 bytes reach the guest).
+    pub serial: String,
+    /// Queues offered to the front end (one worker thread each).
+    pub num_queues: u16,
+    /// Backing files of a qcow2 image, each an fd after the others, outermost first.
+    pub backing_files: u32,
+}
+
+impl BlockSetup {
+    /// Number of fds that accompany this setup.
+    pub fn fd_count(&self) -> usize {
+        2 + usize::from(self.buffered_tail) + self.backing_files as usize
+    }
+}
+
+/// Requests from the monitor to blockd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockRequest {
+    /// Open the image and start serving the front end on the socket; answered with
+    /// [`BlockReply::Ready`].
+    Setup(BlockSetup),
+    /// The I/O counters ([`BlockReply::Stats`]).
+    QueryStats,
+    /// Change the virtual disk size to `size` bytes (`block_resize`); the front end is told
+    /// separately (vcpu-proc's `ConfigChanged`).
+    Resize {
+        /// New size in bytes.
+        size: u64,
+    },
+    /// What the sandbox `enter` did ([`BlockReply::Sandbox`]).
+    QuerySandbox,
+    /// Stop serving and exit.
+    Quit,
+}
+
+impl Wire for BlockRequest {
+    fn fd_count(&self) -> usize {
+        match self {
+            BlockRequest::Setup(s) => s.fd_count(),
+            _ => 0,
+        }
+    }
+}
+
+/// I/O counters of one disk since blockd started, counted where the requests reach the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockStats {
+    /// Bytes read.
+    pub rd_bytes: u64,
+    /// Bytes written.
+    pub wr_bytes: u64,
+    /// Bytes discarded or zeroed (discard, write-zeroes).
+    pub unmap_bytes: u64,
+    /// Reads completed.
+    pub rd_operations: u64,
+    /// Writes completed.
+    pub wr_operations: u64,
+    /// Flushes completed.
+    pub flush_operations: u64,
+    /// Discards and write-zeroes completed.
+    pub unmap_operations: u64,
+    /// Time spent in reads, nanoseconds.
+    pub rd_total_time_ns: u64,
+    /// Time spent in writes, nanoseconds.
+    pub wr_total_time_ns: u64,
+    /// Time spent in flushes, nanoseconds.
+    pub flush_total_time_ns: u64,
+    /// Time spent in discards and write-zeroes, nanoseconds.
+    pub unmap_total_time_ns: u64,
+    /// Failed reads.
+    pub failed_rd_operations: u64,
+    /// Failed writes.
+    pub failed_wr_operations: u64,
+    /// Failed flushes.
+    pub failed_flush_operations: u64,
+    /// Failed discards and write-zeroes.
+    pub failed_unmap_operations: u64,
+    /// The end of the furthest write, in bytes.
+    pub wr_highest_offset: u64,
+    /// Nanoseconds since the last operation ended (`None`: none yet).
+    pub idle_time_ns: Option<u64>,
+}
+
+/// Replies from blockd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockReply {
+    /// Done.
+    Ok,
+    /// The request failed; the text says why.
+    Error(String),
+    /// Answer to [`BlockRequest::Setup`]: serving, with the virtual disk size.
+    Ready {
+        /// Virtual disk size in bytes.
+        size: u64,
+    },
+    /// Answer to [`BlockRequest::QueryStats`].
+    Stats(BlockStats),
+    /// Answer to [`BlockRequest::QuerySandbox`].
+    Sandbox(SandboxReport),
+}
+
+impl Wire for BlockReply {}
+
+/// Unsolicited events from blockd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockEvent {
+    /// The front end hung up; blockd exits after sending this.
+    FrontEndGone,
+}
+
+impl Wire for BlockEvent {}

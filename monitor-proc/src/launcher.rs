@@ -551,6 +551,7 @@ fn parse_request(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Request, String> {
                 params: Params {
                     mem_bytes: a,
                     vcpus: b,
+                    ..Params::default()
                 },
                 ipc,
             })

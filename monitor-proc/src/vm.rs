@@ -891,6 +891,7 @@ async fn start_worker(guest: &GuestSpec) -> Result<Worker, VmError> {
     let params = bulkhead_sandbox::Params {
         mem_bytes: guest.memory.size(),
         vcpus: guest.vcpus,
+        ..Default::default()
     };
     let mut child = worker::spawn(&guest.worker_path, theirs, &guest.sandbox, params)?;
     let pid = child.id();

@@ -69,6 +69,8 @@ pub struct Params {
     pub mem_bytes: u64,
     /// vCPU threads.
     pub vcpus: u32,
+    /// Virtqueues a back end serves, one worker thread each (blockd).
+    pub queues: u32,
 }
 
 impl Default for Params {
@@ -76,6 +78,7 @@ impl Default for Params {
         Params {
             mem_bytes: 0,
             vcpus: 1,
+            queues: 1,
         }
     }
 }
@@ -344,6 +347,9 @@ macro_rules! paste_nr {
     };
     (fdatasync) => {
         libc::SYS_fdatasync
+    };
+    (ftruncate) => {
+        libc::SYS_ftruncate
     };
     (fallocate) => {
         libc::SYS_fallocate
@@ -631,6 +637,8 @@ const VHOST_USER: &[Allowed] = &[
 /// framework closing its connection (`shutdown`). The block ioctls are for an image that is a
 /// block device handed over after `enter` (its size). No `lseek`, `fsync`, `preadv`/`pwritev`.
 const BLOCKD_EXTRA: &[Allowed] = &[
+    // `block_resize` of a raw image (a launched blockd, asked over ipc)
+    sys!(ftruncate),
     sys!(pread64),
     sys!(pwrite64),
     sys!(fdatasync),
@@ -746,10 +754,13 @@ fn vcpu_rlimits(p: &Params) -> Vec<Rlimit> {
     ]
 }
 
-/// blockd: writes its image (FSIZE unlimited), maps guest RAM.
+/// blockd: writes its image (FSIZE unlimited), maps guest RAM. Threads: main (the ipc loop when
+/// launched, the accepting thread standalone), the vhost-user request thread, the thread that
+/// waits for the front end to hang up, one per queue, and one spare.
 fn blockd_rlimits(p: &Params) -> Vec<Rlimit> {
+    let queues = u64::from(p.queues.max(1));
     vec![
-        fixed(Resource::Nproc, 4),
+        fixed(Resource::Nproc, queues + 4),
         nofile(64),
         fixed(Resource::As, p.mem_bytes.saturating_add(512 * MIB)),
         fixed(Resource::Core, 0),
@@ -947,10 +958,12 @@ mod tests {
         let small = VCPU.rlimits(&Params {
             mem_bytes: 64 * MIB,
             vcpus: 1,
+            queues: 1,
         });
         let big = VCPU.rlimits(&Params {
             mem_bytes: 4096 * MIB,
             vcpus: 8,
+            queues: 1,
         });
         let get = |l: &[Rlimit], r| l.iter().find(|x| x.resource == r).and_then(|x| x.value);
         assert!(get(&big, Resource::As) > get(&small, Resource::As));
@@ -962,6 +975,18 @@ mod tests {
             get(&NETD.rlimits(&Params::default()), Resource::Fsize),
             Some(0)
         );
+        // blockd: a thread per queue.
+        let blockd = |queues| {
+            get(
+                &BLOCKD.rlimits(&Params {
+                    queues,
+                    ..Params::default()
+                }),
+                Resource::Nproc,
+            )
+        };
+        assert_eq!(blockd(1), Some(5));
+        assert_eq!(blockd(16), Some(20));
         for r in Role::ALL {
             let l = r.policy().rlimits(&Params::default());
             assert_eq!(get(&l, Resource::Core), Some(0), "{r:?}");

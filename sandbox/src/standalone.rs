@@ -54,7 +54,7 @@ pub fn policy(role: Role) -> Policy {
 pub fn params(max_guest_mem: u64) -> Params {
     Params {
         mem_bytes: max_guest_mem.saturating_mul(2),
-        vcpus: 1,
+        ..Params::default()
     }
 }
 

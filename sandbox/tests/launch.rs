@@ -144,7 +144,7 @@ fn vcpu_role_is_fully_confined_as_seen_from_outside() {
     let limits = proc_file(pid, "limits");
     let params = Params {
         mem_bytes: 64 << 20,
-        vcpus: 1,
+        ..Params::default()
     };
     for l in Role::Vcpu.policy().rlimits(&params) {
         let line = limits

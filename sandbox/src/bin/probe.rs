@@ -35,7 +35,7 @@ fn main() {
     let arg = args.get(4).and_then(|a| number(a));
     let params = Params {
         mem_bytes: 64 << 20,
-        vcpus: 1,
+        ..Params::default()
     };
     #[cfg(feature = "attack-hook")]
     if action == "attack" {

@@ -1,0 +1,615 @@
+//! Worker mode: `bulkhead-blockd --ipc-fd N [--sandbox on|off|allow-weak] [--mem-bytes N]
+//! [--queues N]`, the back end of one disk as the monitor launches it.
+//!
+//! The monitor's launcher starts it in its own namespaces with its end of an ipc
+//! `SOCK_SEQPACKET` pair at fd 3 and the violation-report pipe at fd 4, nothing else. Before it
+//! reads a single frame it confines itself with the blockd role's whole policy
+//! ([`bulkhead_sandbox::enter`]: empty root, no capabilities, rlimits sized by `--mem-bytes` and
+//! `--queues`, landlock with no filesystem access, seccomp). It never opens a path: the
+//! monitor's [`BlockRequest::Setup`] brings the image fd (opened by the monitor, `O_DIRECT` for
+//! `cache=none`), the buffered-tail fd under `cache=none`, and the connected vhost-user socket
+//! whose other end is the front end. blockd serves that socket with `vhost-user-backend`
+//! (`VhostUserDaemon::start_with_stream`, see third_party/vhost-user-backend) and keeps
+//! answering the monitor on the ipc channel: I/O counters ([`Counted`], taken where requests
+//! reach the image), `block_resize`, its sandbox report, quit. It exits 0 when the front end
+//! hangs up (after a [`BlockEvent::FrontEndGone`]), when the monitor goes, or on `Quit`.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use bulkhead_ipc::messages::{
+    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, BlockStats, ImageFormat,
+    SandboxReport,
+};
+use bulkhead_ipc::{Channel, Frame, Role as IpcRole};
+use bulkhead_sandbox::{Mode, Params, Role, REPORT_FD};
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::backend::{BlockBackend, MAX_QUEUES};
+use crate::format::{DiskImage, Raw, DIRECT_ALIGN};
+
+/// Errors that end the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Bad command line.
+    #[error("{0}\n{USAGE}")]
+    Usage(String),
+    /// A step before serving failed.
+    #[error("{what}: {source}")]
+    Setup {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The ipc channel failed.
+    #[error("ipc: {0}")]
+    Ipc(#[from] bulkhead_ipc::Error),
+}
+
+fn setup_err<E: std::error::Error + Send + Sync + 'static>(
+    what: &'static str,
+) -> impl FnOnce(E) -> WorkerError {
+    move |e| WorkerError::Setup {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// Usage of worker mode.
+pub const USAGE: &str = "usage: bulkhead-blockd --ipc-fd N [--sandbox on|off|allow-weak] \
+[--mem-bytes N] [--queues N] (launched by the bulkhead monitor)";
+
+/// The worker-mode command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerArgs {
+    /// The ipc socket's fd.
+    pub ipc_fd: RawFd,
+    /// How to confine.
+    pub mode: Mode,
+    /// What the limits depend on: guest memory the front end may share (the monitor passes
+    /// twice the guest RAM: old and new memory tables can be mapped at once) and queues.
+    pub params: Params,
+}
+
+impl WorkerArgs {
+    /// Worker mode is selected by `--ipc-fd` as the first argument; `None` otherwise (the
+    /// standalone command line).
+    pub fn parse(args: &[String]) -> Option<Result<WorkerArgs, WorkerError>> {
+        if args.first().map(String::as_str) != Some("--ipc-fd") {
+            return None;
+        }
+        Some(Self::parse_worker(args))
+    }
+
+    fn parse_worker(args: &[String]) -> Result<WorkerArgs, WorkerError> {
+        let usage = |m: String| WorkerError::Usage(m);
+        let mut ipc_fd = None;
+        let mut mode = Mode::On;
+        let mut params = Params::default();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || it.next().ok_or_else(|| usage(format!("{a} needs a value")));
+            match a.as_str() {
+                "--ipc-fd" => {
+                    let v = value()?;
+                    ipc_fd = Some(
+                        v.parse::<RawFd>()
+                            .ok()
+                            .filter(|&fd| fd >= 3 && fd != REPORT_FD)
+                            .ok_or_else(|| usage(format!("--ipc-fd {v}: 3 or more, not 4")))?,
+                    );
+                }
+                "--sandbox" => {
+                    let v = value()?;
+                    mode = Mode::from_name(v)
+                        .ok_or_else(|| usage(format!("--sandbox {v}: on, off or allow-weak")))?;
+                }
+                "--mem-bytes" => {
+                    let v = value()?;
+                    params.mem_bytes = v
+                        .parse()
+                        .map_err(|_| usage(format!("--mem-bytes {v}: a number")))?;
+                }
+                "--queues" => {
+                    let v = value()?;
+                    params.queues = v
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=MAX_QUEUES as u32).contains(q))
+                        .ok_or_else(|| usage(format!("--queues {v}: 1 to {MAX_QUEUES}")))?;
+                }
+                other => return Err(usage(format!("unknown argument {other:?}"))),
+            }
+        }
+        let ipc_fd = ipc_fd.ok_or_else(|| usage("--ipc-fd is required".into()))?;
+        Ok(WorkerArgs {
+            ipc_fd,
+            mode,
+            params,
+        })
+    }
+}
+
+/// A disk as the request path sees it, counting every operation that reaches the image
+/// ([`BlockStats`]) and holding the size `block_resize` may change.
+pub struct Counted {
+    inner: Arc<dyn DiskImage>,
+    size: AtomicU64,
+    stats: Mutex<Counters>,
+    /// An fd of the image for `ftruncate` (raw images only).
+    resize: Option<File>,
+}
+
+#[derive(Default)]
+struct Counters {
+    s: BlockStats,
+    last: Option<Instant>,
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Read,
+    Write,
+    Flush,
+    Unmap,
+}
+
+impl Counted {
+    /// Wraps `inner`; `resize` is an fd of a raw image that `block_resize` may truncate.
+    pub fn new(inner: Arc<dyn DiskImage>, resize: Option<File>) -> Counted {
+        Counted {
+            size: AtomicU64::new(inner.size()),
+            inner,
+            stats: Mutex::new(Counters::default()),
+            resize,
+        }
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> BlockStats {
+        let c = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut s = c.s.clone();
+        s.idle_time_ns = c
+            .last
+            .map(|t| u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        s
+    }
+
+    /// Changes the virtual size (`block_resize`): the image file is truncated or extended.
+    pub fn resize(&self, size: u64) -> Result<(), String> {
+        if self.inner.read_only() {
+            return Err("the disk is read-only".into());
+        }
+        let Some(f) = &self.resize else {
+            return Err("resizing this image format is not supported yet (raw only)".into());
+        };
+        f.set_len(size)
+            .map_err(|e| format!("cannot resize the image: {e}"))?;
+        self.size.store(size, Ordering::Release);
+        Ok(())
+    }
+
+    fn count<T>(&self, op: Op, bytes: u64, start: Instant, r: &crate::Result<T>) {
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let mut c = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = &mut c.s;
+        let ok = r.is_ok();
+        let (ops, failed, time, total) = match op {
+            Op::Read => (
+                &mut s.rd_operations,
+                &mut s.failed_rd_operations,
+                &mut s.rd_total_time_ns,
+                &mut s.rd_bytes,
+            ),
+            Op::Write => (
+                &mut s.wr_operations,
+                &mut s.failed_wr_operations,
+                &mut s.wr_total_time_ns,
+                &mut s.wr_bytes,
+            ),
+            Op::Flush => {
+                if ok {
+                    s.flush_operations += 1;
+                    s.flush_total_time_ns = s.flush_total_time_ns.saturating_add(ns);
+                } else {
+                    s.failed_flush_operations += 1;
+                }
+                c.last = Some(Instant::now());
+                return;
+            }
+            Op::Unmap => (
+                &mut s.unmap_operations,
+                &mut s.failed_unmap_operations,
+                &mut s.unmap_total_time_ns,
+                &mut s.unmap_bytes,
+            ),
+        };
+        if ok {
+            *ops += 1;
+            *time = time.saturating_add(ns);
+            *total = total.saturating_add(bytes);
+        } else {
+            *failed += 1;
+        }
+        c.last = Some(Instant::now());
+    }
+}
+
+impl DiskImage for Counted {
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+        let t = Instant::now();
+        let r = self.inner.read_at(buf, offset);
+        self.count(Op::Read, buf.len() as u64, t, &r);
+        r
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> crate::Result<()> {
+        let t = Instant::now();
+        let r = self.inner.write_at(buf, offset);
+        self.count(Op::Write, buf.len() as u64, t, &r);
+        if r.is_ok() {
+            let end = offset.saturating_add(buf.len() as u64);
+            let mut c = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+            c.s.wr_highest_offset = c.s.wr_highest_offset.max(end);
+        }
+        r
+    }
+
+    fn flush(&self) -> crate::Result<()> {
+        let t = Instant::now();
+        let r = self.inner.flush();
+        self.count(Op::Flush, 0, t, &r);
+        r
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> crate::Result<()> {
+        let t = Instant::now();
+        let r = self.inner.discard(offset, len);
+        self.count(Op::Unmap, len, t, &r);
+        r
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> crate::Result<()> {
+        let t = Instant::now();
+        let r = self.inner.write_zeroes(offset, len, unmap);
+        self.count(Op::Unmap, len, t, &r);
+        r
+    }
+}
+
+/// What the worker reports about its sandbox (`x-query-sandbox`).
+fn sandbox_report() -> SandboxReport {
+    match bulkhead_sandbox::enter::entered() {
+        Some(e) => SandboxReport {
+            entered: true,
+            mode: e.mode.name().to_string(),
+            landlock_abi: e.report.landlock_abi,
+            landlock_full: e.report.landlock_full,
+            seccomp_instructions: e.report.seccomp_instructions as u64,
+            weak: e.report.weak.clone(),
+            enter_micros: u64::try_from(e.report.elapsed.as_micros()).unwrap_or(u64::MAX),
+        },
+        None => SandboxReport {
+            entered: false,
+            mode: "off".into(),
+            landlock_abi: 0,
+            landlock_full: false,
+            seccomp_instructions: 0,
+            weak: Vec::new(),
+            enter_micros: 0,
+        },
+    }
+}
+
+/// Builds the disk from a setup and its fds (`[image, vhost_user, buffered_tail?, backing...]`).
+fn open_disk(s: &BlockSetup, fds: &mut Vec<OwnedFd>) -> Result<Arc<Counted>, String> {
+    if s.num_queues == 0 || usize::from(s.num_queues) > MAX_QUEUES {
+        return Err(format!("{} queues (1 to {MAX_QUEUES})", s.num_queues));
+    }
+    if fds.len() < 2 {
+        return Err("the setup lacks its fds".into());
+    }
+    let image = File::from(fds.remove(0));
+    match s.format {
+        ImageFormat::Raw => {}
+        ImageFormat::Qcow2 => {
+            return Err("qcow2 images are not served by this bulkhead-blockd yet".into())
+        }
+    }
+    if s.backing_files != 0 {
+        return Err("backing files are only for qcow2 images".into());
+    }
+    let resize = if s.readonly {
+        None
+    } else {
+        Some(
+            image
+                .try_clone()
+                .map_err(|e| format!("dup of the image fd: {e}"))?,
+        )
+    };
+    let mut raw = Raw::new(image, s.readonly, s.direct).map_err(|e| e.to_string())?;
+    if s.buffered_tail {
+        // fds: [vhost_user, buffered_tail]
+        let tail = fds.remove(1);
+        raw = raw.with_buffered_tail(File::from(tail));
+    }
+    Ok(Arc::new(Counted::new(Arc::new(raw), resize)))
+}
+
+/// The running back end: the daemon's thread serves the front end.
+struct Serving {
+    disk: Arc<Counted>,
+}
+
+fn start_serving(
+    s: &BlockSetup,
+    mut fds: Vec<OwnedFd>,
+    chan: &Arc<Channel<BlockProtocol>>,
+) -> Result<Serving, String> {
+    let disk = open_disk(s, &mut fds)?;
+    let vhost = UnixStream::from(fds.remove(0));
+    let block_size = if s.direct { DIRECT_ALIGN as u32 } else { 512 };
+    let backend = Arc::new(BlockBackend::new(
+        disk.clone(),
+        s.serial.clone().into_bytes(),
+        usize::from(s.num_queues),
+        block_size,
+    ));
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new("bulkhead-blockd".into(), backend, mem)
+        .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
+    daemon
+        .start_with_stream(vhost)
+        .map_err(|e| format!("serving the front end: {e}"))?;
+    let chan = chan.clone();
+    let id = s.id.clone();
+    std::thread::Builder::new()
+        .name("frontend-wait".into())
+        .spawn(move || {
+            let r = daemon.wait();
+            for h in daemon.get_epoll_handlers() {
+                h.send_exit_event();
+            }
+            match r {
+                Ok(()) => log::info!("{id}: the front end hung up"),
+                Err(e) => log::info!("{id}: the front end session ended: {e}"),
+            }
+            let _ = chan.send_event(BlockEvent::FrontEndGone);
+            std::process::exit(0);
+        })
+        .map_err(|e| format!("starting a thread: {e}"))?;
+    Ok(Serving { disk })
+}
+
+/// Worker mode's `main`: confine, then serve the monitor's requests until it goes or says quit.
+pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
+    // SAFETY: getppid has no arguments and cannot fail.
+    let parent = unsafe { libc::getppid() };
+    bulkhead_sandbox::die_with_parent(parent).map_err(setup_err("die_with_parent"))?;
+    bulkhead_sandbox::set_no_new_privs().map_err(setup_err("no_new_privs"))?;
+    bulkhead_sandbox::close_fds_except(3, &[a.ipc_fd, REPORT_FD])
+        .map_err(setup_err("closing inherited fds"))?;
+    // SAFETY: F_GETFD on an integer; no memory involved.
+    let report_fd = (unsafe { libc::fcntl(REPORT_FD, libc::F_GETFD) } >= 0).then_some(REPORT_FD);
+    // One malloc arena (see main.rs): glibc would open /proc/sys/vm/overcommit_memory the first
+    // time it shrinks a per-thread arena.
+    // SAFETY: mallopt with integer arguments, before any other thread exists.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        return Err(WorkerError::Setup {
+            what: "mallopt(M_ARENA_MAX, 1)",
+            source: "failed".into(),
+        });
+    }
+    let report = bulkhead_sandbox::enter(Role::Blockd.policy(), &a.params, a.mode, report_fd)
+        .map_err(setup_err("sandbox"))?;
+    match a.mode {
+        Mode::Off => log::warn!("running WITHOUT a sandbox (--sandbox off)"),
+        _ if !report.weak.is_empty() => log::warn!("{report}"),
+        _ => log::info!("{report}"),
+    }
+    // SAFETY: the monitor handed us this fd as our end of the ipc socketpair; every other
+    // inherited fd but the report pipe was just closed, so nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(a.ipc_fd) };
+    let chan = Arc::new(Channel::<BlockProtocol>::from_fd(sock));
+    chan.handshake(IpcRole::Block, IpcRole::Monitor)?;
+    let mut serving: Option<Serving> = None;
+    loop {
+        let (frame, fds) = match chan.recv() {
+            Ok(v) => v,
+            Err(bulkhead_ipc::Error::PeerClosed) => {
+                log::info!("the monitor closed the channel; exiting");
+                std::process::exit(0);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (id, req) = match frame {
+            Frame::Request { id, body } => (id, body),
+            other => {
+                return Err(bulkhead_ipc::Error::Protocol(format!(
+                    "unexpected frame from the monitor: {other:?}"
+                ))
+                .into())
+            }
+        };
+        let reply = match req {
+            BlockRequest::Setup(s) if serving.is_none() => match start_serving(&s, fds, &chan) {
+                Ok(sv) => {
+                    let size = sv.disk.size();
+                    log::info!(
+                        "{}: serving a {} image of {size} bytes{}{}, {} queue(s)",
+                        s.id,
+                        s.format.name(),
+                        if s.readonly { ", read-only" } else { "" },
+                        if s.direct { ", cache=none" } else { "" },
+                        s.num_queues
+                    );
+                    serving = Some(sv);
+                    BlockReply::Ready { size }
+                }
+                Err(e) => BlockReply::Error(e),
+            },
+            BlockRequest::Setup(_) => BlockReply::Error("already set up".into()),
+            BlockRequest::QueryStats => match &serving {
+                Some(sv) => BlockReply::Stats(sv.disk.stats()),
+                None => BlockReply::Error("not set up".into()),
+            },
+            BlockRequest::Resize { size } => match &serving {
+                Some(sv) => match sv.disk.resize(size) {
+                    Ok(()) => BlockReply::Ok,
+                    Err(e) => BlockReply::Error(e),
+                },
+                None => BlockReply::Error("not set up".into()),
+            },
+            BlockRequest::QuerySandbox => BlockReply::Sandbox(sandbox_report()),
+            BlockRequest::Quit => {
+                let _ = chan.reply(id, BlockReply::Ok, &[]);
+                log::info!("quit");
+                std::process::exit(0);
+            }
+        };
+        chan.reply(id, reply, &[])?;
+    }
+}
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!(
+                "bulkhead-blockd[{}] {} {}: {}",
+                std::process::id(),
+                record.level(),
+                record.target(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
+/// Logs to stderr (the monitor's log) at the level `BULKHEAD_LOG` names (default info).
+pub fn init_logger() {
+    let level = match std::env::var("BULKHEAD_LOG")
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "off" => log::LevelFilter::Off,
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Info,
+    };
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Option<Result<WorkerArgs, WorkerError>> {
+        let v: Vec<String> = s.split_whitespace().map(String::from).collect();
+        WorkerArgs::parse(&v)
+    }
+
+    #[test]
+    fn worker_mode_is_chosen_by_ipc_fd_first() {
+        assert!(args("--socket /s --file /f").is_none());
+        let a = args("--ipc-fd 3 --sandbox allow-weak --mem-bytes 1024 --queues 4")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.ipc_fd, 3);
+        assert_eq!(a.mode, Mode::AllowWeak);
+        assert_eq!(a.params.mem_bytes, 1024);
+        assert_eq!(a.params.queues, 4);
+        for bad in [
+            "--ipc-fd 4",
+            "--ipc-fd 2",
+            "--ipc-fd 3 --queues 0",
+            "--ipc-fd 3 --queues 17",
+            "--ipc-fd 3 --sandbox maybe",
+            "--ipc-fd 3 --file /f",
+            "--ipc-fd",
+        ] {
+            assert!(args(bad).unwrap().is_err(), "{bad}");
+        }
+    }
+
+    fn temp_image(len: u64) -> (std::path::PathBuf, File) {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "bh-blockd-worker-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        f.set_len(len).unwrap();
+        (p, f)
+    }
+
+    #[test]
+    fn counters_and_resize() {
+        let (p, f) = temp_image(1 << 20);
+        let resize = f.try_clone().unwrap();
+        let raw = Raw::new(f, false, false).unwrap();
+        let d = Counted::new(Arc::new(raw), Some(resize));
+        assert_eq!(d.stats(), BlockStats::default());
+        d.write_at(&[7u8; 4096], 8192).unwrap();
+        let mut buf = [0u8; 512];
+        d.read_at(&mut buf, 8192).unwrap();
+        assert_eq!(buf, [7u8; 512]);
+        d.flush().unwrap();
+        d.discard(0, 4096).unwrap();
+        let s = d.stats();
+        assert_eq!((s.wr_operations, s.wr_bytes), (1, 4096));
+        assert_eq!((s.rd_operations, s.rd_bytes), (1, 512));
+        assert_eq!(s.flush_operations, 1);
+        assert_eq!((s.unmap_operations, s.unmap_bytes), (1, 4096));
+        assert_eq!(s.wr_highest_offset, 8192 + 4096);
+        assert!(s.idle_time_ns.is_some());
+        d.resize(2 << 20).unwrap();
+        assert_eq!(d.size(), 2 << 20);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 << 20);
+        d.resize(1 << 19).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 19);
+        let ro = Counted::new(
+            Arc::new(Raw::new(File::open(&p).unwrap(), true, false).unwrap()),
+            None,
+        );
+        assert!(ro.resize(1 << 20).unwrap_err().contains("read-only"));
+        let _ = std::fs::remove_file(&p);
+    }
+}

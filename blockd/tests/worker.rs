@@ -1,0 +1,474 @@
+//! `bulkhead-blockd` in worker mode, as the monitor launches it: started by
+//! `bulkhead_sandbox::launch` in its own namespaces with only the ipc socket (fd 3) and the
+//! violation-report pipe (fd 4), confined by the whole blockd role policy before it reads a frame,
+//! given the image fd and a connected vhost-user socket over ipc, and driven here both as the
+//! monitor (ipc: setup, stats, resize, sandbox report, quit) and as the vhost-user front end
+//! (`vhost::vhost_user::Frontend` on the other end of the socketpair, a memfd as guest memory,
+//! one ring written by hand).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use bulkhead_ipc::messages::{
+    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, ImageFormat,
+};
+use bulkhead_ipc::{Channel, Frame, Role as IpcRole};
+use bulkhead_sandbox::launch::{Child, Command, IdMap};
+use bulkhead_sandbox::Role;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM_SIZE: usize = 1 << 20;
+const QSIZE: u16 = 16;
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const HDR: u64 = 0x10000;
+const DATA: u64 = 0x20000;
+const STATUS: u64 = 0x30000;
+const IMAGE_SIZE: u64 = 1 << 20;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+/// Guest memory: a memfd mapped here and handed to blockd in the memory table.
+struct Guest {
+    base: *mut u8,
+    memfd: File,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl Guest {
+    fn new() -> Guest {
+        // SAFETY: memfd_create with a NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"worker-guest".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: fd is a fresh descriptor we own from here on.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(MEM_SIZE as u64).expect("ftruncate");
+        // SAFETY: a fresh shared mapping of the memfd's MEM_SIZE bytes.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED, "mmap");
+        Guest {
+            base: base.cast(),
+            memfd,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    fn ua(&self, gpa: u64) -> u64 {
+        self.base as u64 + gpa
+    }
+
+    fn write(&self, gpa: u64, bytes: &[u8]) {
+        assert!(gpa as usize + bytes.len() <= MEM_SIZE);
+        // SAFETY: inside the mapping (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(gpa as usize), bytes.len())
+        };
+    }
+
+    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa as usize + len <= MEM_SIZE);
+        let mut v = vec![0u8; len];
+        // SAFETY: inside the mapping (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(self.base.add(gpa as usize), v.as_mut_ptr(), len) };
+        v
+    }
+
+    fn used_idx(&self) -> u16 {
+        // SAFETY: an aligned u16 inside the mapping, written concurrently by the back end.
+        unsafe { std::ptr::read_volatile(self.base.add(USED as usize + 2).cast::<u16>()) }
+    }
+
+    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..].copy_from_slice(&next.to_le_bytes());
+        self.write(DESC + u64::from(i) * 16, &d);
+    }
+
+    /// One request: header, one data descriptor (if `len` > 0), status; returns the status.
+    fn request(
+        &mut self,
+        kick: &EventFd,
+        child: &mut Child,
+        kind: u32,
+        sector: u64,
+        len: u32,
+    ) -> u8 {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        self.write(HDR, &h);
+        self.desc(0, HDR, 16, F_NEXT, 1);
+        let last = if len > 0 {
+            let flags = if kind == 0 { F_WRITE } else { 0 };
+            self.desc(1, DATA, len, flags | F_NEXT, 2);
+            2
+        } else {
+            1
+        };
+        self.desc(last, STATUS, 1, F_WRITE, 0);
+        self.write(STATUS, &[0xff]);
+        let slot = AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2;
+        self.write(slot, &0u16.to_le_bytes());
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        fence(Ordering::SeqCst);
+        kick.write(1).expect("kick");
+        let start = Instant::now();
+        while self.used_idx() == self.used_seen {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("bulkhead-blockd died: {st:?}");
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "no completion");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        fence(Ordering::SeqCst);
+        self.used_seen = self.used_seen.wrapping_add(1);
+        self.read(STATUS, 1)[0]
+    }
+}
+
+fn scratch() -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "worker-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// A launched blockd and the monitor's end of its channel.
+struct Worker {
+    child: Child,
+    chan: Channel<BlockProtocol>,
+    next_id: u64,
+}
+
+impl Worker {
+    fn launch(queues: u32) -> Worker {
+        let (mine, theirs) = Channel::<BlockProtocol>::pair().expect("pair");
+        let theirs = theirs.into_fd();
+        let mut cmd =
+            Command::new(Path::new(env!("CARGO_BIN_EXE_bulkhead-blockd"))).expect("command");
+        for a in [
+            "--ipc-fd".to_string(),
+            "3".into(),
+            "--sandbox".into(),
+            "on".into(),
+            "--mem-bytes".into(),
+            (2 * MEM_SIZE).to_string(),
+            "--queues".into(),
+            queues.to_string(),
+        ] {
+            cmd.arg(a).expect("arg");
+        }
+        let devnull = File::open("/dev/null").expect("null");
+        cmd.fd(devnull.as_fd(), 0).expect("fd");
+        cmd.fd(std::io::stderr().as_fd(), 1).expect("fd");
+        cmd.fd(std::io::stderr().as_fd(), 2).expect("fd");
+        cmd.fd(theirs.as_fd(), 3).expect("fd");
+        cmd.report_pipe(true);
+        cmd.namespaces(
+            Role::Blockd.policy().namespaces,
+            Some(IdMap::for_current_user(None).expect("ids")),
+        );
+        let child = cmd.spawn().expect("spawn bulkhead-blockd");
+        drop(theirs);
+        mine.handshake(IpcRole::Monitor, IpcRole::Block)
+            .expect("handshake");
+        Worker {
+            child,
+            chan: mine,
+            next_id: 1,
+        }
+    }
+
+    fn call(&mut self, req: BlockRequest, fds: &[std::os::fd::BorrowedFd<'_>]) -> BlockReply {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.chan
+            .send(&Frame::Request { id, body: req }, fds)
+            .expect("send");
+        match self.chan.recv().expect("recv") {
+            (Frame::Reply { id: got, body }, _) => {
+                assert_eq!(got, id);
+                body
+            }
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "blockd did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn proc_status(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status")
+}
+
+fn field<'a>(status: &'a str, key: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("{key} missing"))
+        .trim()
+}
+
+fn setup(serial: &str, readonly: bool) -> BlockSetup {
+    BlockSetup {
+        id: "disk0".into(),
+        format: ImageFormat::Raw,
+        readonly,
+        direct: false,
+        buffered_tail: false,
+        serial: serial.into(),
+        num_queues: 1,
+        backing_files: 0,
+    }
+}
+
+/// The front end's negotiation and one queue, as a vhost-user-blk front end does it.
+fn front_end(sock: UnixStream, g: &Guest) -> (Frontend, EventFd, EventFd) {
+    let mut fe = Frontend::from_stream(sock, 1);
+    fe.set_owner().expect("set_owner");
+    let features = fe.get_features().expect("get_features");
+    fe.get_protocol_features().expect("get_protocol_features");
+    fe.set_protocol_features(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ)
+        .expect("set_protocol_features");
+    fe.set_features(features & ((1u64 << 32) | (1 << 30)))
+        .expect("set_features");
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM_SIZE as u64,
+        userspace_addr: g.ua(0),
+        mmap_offset: 0,
+        mmap_handle: g.memfd.as_raw_fd(),
+    }])
+    .expect("set_mem_table");
+    let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+    fe.set_vring_num(0, QSIZE).expect("set_vring_num");
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: QSIZE,
+            queue_size: QSIZE,
+            flags: 0,
+            desc_table_addr: g.ua(DESC),
+            used_ring_addr: g.ua(USED),
+            avail_ring_addr: g.ua(AVAIL),
+            log_addr: None,
+        },
+    )
+    .expect("set_vring_addr");
+    fe.set_vring_base(0, 0).expect("set_vring_base");
+    fe.set_vring_call(0, &call).expect("set_vring_call");
+    fe.set_vring_kick(0, &kick).expect("set_vring_kick");
+    fe.set_vring_enable(0, true).expect("set_vring_enable");
+    (fe, kick, call)
+}
+
+fn capacity(fe: &mut Frontend) -> u64 {
+    let (_, c) = fe
+        .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8])
+        .expect("get_config");
+    u64::from_le_bytes(c[..8].try_into().expect("8 bytes"))
+}
+
+#[test]
+fn a_launched_blockd_is_confined_serves_the_handed_socket_and_answers_the_monitor() {
+    let dir = scratch();
+    let path = dir.join("disk.raw");
+    File::create(&path)
+        .and_then(|mut f| f.write_all(&vec![0x5a; IMAGE_SIZE as usize]))
+        .expect("image");
+    let image = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open image");
+
+    let mut w = Worker::launch(1);
+    let pid = w.child.pid();
+    // Confined before the first frame: own namespaces (pid 1 inside), seccomp, no_new_privs, no
+    // capabilities, and only stdio, the ipc socket and the report pipe open.
+    let status = proc_status(pid);
+    assert_eq!(field(&status, "Seccomp"), "2", "{status}");
+    assert_eq!(field(&status, "NoNewPrivs"), "1");
+    assert_eq!(field(&status, "CapEff"), "0000000000000000");
+    let nspid: Vec<&str> = field(&status, "NSpid").split_whitespace().collect();
+    assert_eq!(nspid.last(), Some(&"1"), "{status}");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let nproc = limits
+        .lines()
+        .find(|l| l.starts_with("Max processes"))
+        .expect("nproc");
+    assert!(nproc.split_whitespace().nth(2) == Some("5"), "{nproc}");
+    for ns in ["mnt", "pid", "net", "user"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("ns");
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("ns");
+        assert_ne!(theirs, ours, "{ns}");
+    }
+
+    // Stats before setup are refused; the setup brings the image and the vhost-user socket.
+    assert!(matches!(
+        w.call(BlockRequest::QueryStats, &[]),
+        BlockReply::Error(_)
+    ));
+    let (fe_sock, be_sock) = UnixStream::pair().expect("socketpair");
+    let reply = w.call(
+        BlockRequest::Setup(setup("worker-serial", false)),
+        &[image.as_fd(), be_sock.as_fd()],
+    );
+    assert_eq!(reply, BlockReply::Ready { size: IMAGE_SIZE });
+    drop(be_sock);
+    match w.call(BlockRequest::QuerySandbox, &[]) {
+        BlockReply::Sandbox(r) => {
+            assert!(r.entered, "{r:?}");
+            assert_eq!(r.mode, "on");
+            assert!(r.seccomp_instructions > 100, "{r:?}");
+            assert!(r.landlock_abi >= 1, "{r:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The front end on the other end of the socketpair: write, read back, flush.
+    let mut g = Guest::new();
+    let (mut fe, kick, _call) = front_end(fe_sock, &g);
+    assert_eq!(capacity(&mut fe), IMAGE_SIZE / 512);
+    g.write(DATA, &[0xa5; 4096]);
+    assert_eq!(g.request(&kick, &mut w.child, 1, 8, 4096), 0, "write");
+    g.write(DATA, &[0; 4096]);
+    assert_eq!(g.request(&kick, &mut w.child, 0, 8, 1024), 0, "read");
+    assert_eq!(g.read(DATA, 1024), vec![0xa5; 1024]);
+    assert_eq!(g.request(&kick, &mut w.child, 4, 0, 0), 0, "flush");
+    // A read past the end fails (S_IOERR) before it reaches the image: not an image operation.
+    assert_eq!(g.request(&kick, &mut w.child, 0, IMAGE_SIZE / 512, 512), 1);
+    match w.call(BlockRequest::QueryStats, &[]) {
+        BlockReply::Stats(s) => {
+            assert_eq!((s.wr_operations, s.wr_bytes), (1, 4096), "{s:?}");
+            assert_eq!((s.rd_operations, s.rd_bytes), (1, 1024), "{s:?}");
+            assert_eq!(s.flush_operations, 1, "{s:?}");
+            assert_eq!(s.wr_highest_offset, 8 * 512 + 4096);
+            assert_eq!(s.failed_rd_operations, 0);
+            assert!(s.wr_total_time_ns > 0 && s.idle_time_ns.is_some(), "{s:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let on_disk = std::fs::read(&path).expect("read image");
+    assert_eq!(&on_disk[4096..8192], &[0xa5; 4096][..]);
+
+    // block_resize: the file grows, the config space says so, the new end is readable.
+    assert_eq!(
+        w.call(
+            BlockRequest::Resize {
+                size: 2 * IMAGE_SIZE
+            },
+            &[]
+        ),
+        BlockReply::Ok
+    );
+    assert_eq!(std::fs::metadata(&path).expect("md").len(), 2 * IMAGE_SIZE);
+    assert_eq!(capacity(&mut fe), 2 * IMAGE_SIZE / 512);
+    assert_eq!(
+        g.request(&kick, &mut w.child, 0, 2 * IMAGE_SIZE / 512 - 1, 512),
+        0
+    );
+
+    // The front end hangs up: blockd says so and exits 0, never having hit its filter.
+    drop(fe);
+    match w.chan.recv().expect("event") {
+        (Frame::Event(BlockEvent::FrontEndGone), _) => {}
+        other => panic!("{other:?}"),
+    }
+    let st = w.wait();
+    assert_eq!(st.code(), Some(0), "{st:?}");
+    assert!(w.child.violation().is_none());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_read_only_disk_refuses_resize_and_quit_ends_the_worker() {
+    let dir = scratch();
+    let path = dir.join("disk.raw");
+    File::create(&path)
+        .and_then(|f| f.set_len(IMAGE_SIZE))
+        .expect("image");
+    let image = File::open(&path).expect("open image");
+    let mut w = Worker::launch(2);
+    let (_fe_sock, be_sock) = UnixStream::pair().expect("socketpair");
+    let mut s = setup("ro", true);
+    s.num_queues = 2;
+    // A setup with the wrong number of fds is refused by the ipc layer before blockd sees it;
+    // a qcow2 image is not served yet.
+    let mut q = s.clone();
+    q.format = ImageFormat::Qcow2;
+    let image2: OwnedFd = image.try_clone().expect("dup").into();
+    match w.call(BlockRequest::Setup(q), &[image2.as_fd(), be_sock.as_fd()]) {
+        BlockReply::Error(e) => assert!(e.contains("qcow2"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        w.call(BlockRequest::Setup(s), &[image.as_fd(), be_sock.as_fd()]),
+        BlockReply::Ready { size: IMAGE_SIZE }
+    );
+    match w.call(
+        BlockRequest::Resize {
+            size: 2 * IMAGE_SIZE,
+        },
+        &[],
+    ) {
+        BlockReply::Error(e) => assert!(e.contains("read-only"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(std::fs::metadata(&path).expect("md").len(), IMAGE_SIZE);
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", w.child.pid())).expect("limits");
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max processes") && l.split_whitespace().nth(2) == Some("6")),
+        "{limits}"
+    );
+    assert_eq!(w.call(BlockRequest::Quit, &[]), BlockReply::Ok);
+    let st = w.wait();
+    assert_eq!(st.code(), Some(0), "{st:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
