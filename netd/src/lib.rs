@@ -5,12 +5,15 @@
 //! * [`backend`]: the vhost-user back end (rust-vmm's `vhost-user-backend` framework): features,
 //!   config space (MAC, link status), the tx path (descriptor chain → `writev` on the tap) and the
 //!   rx path (tap → guest buffers, mergeable or not, with backpressure);
+//! * [`relay`]: the vhost-user connection relayed between the front end and the crate, holding
+//!   a `SET_VRING_ENABLE` sent before `SET_FEATURES` (QEMU 7.2) until after it;
 //! * [`options`]: the standalone command line;
 //! * [`confine`]: the sandbox policy standalone netd enters.
 
 pub mod backend;
 pub mod confine;
 pub mod options;
+pub mod relay;
 pub mod tap;
 
 /// Errors of the back end.
@@ -25,6 +28,9 @@ pub enum Error {
     /// The tap is not a tap (`IFF_TAP`) or carries packet information (`IFF_NO_PI` unset).
     #[error("the fd is not a tap without packet information (IFF_TAP|IFF_NO_PI)")]
     NotATap,
+    /// A vhost-user message the relay cannot pass on (oversize, too many fds, cut short).
+    #[error("vhost-user relay: {0}")]
+    Relay(String),
     /// Bad command line.
     #[error("{0}")]
     Usage(String),

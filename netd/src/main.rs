@@ -1,14 +1,18 @@
 //! `bulkhead-netd`: a vhost-user-net server on one tap (issue 6), standalone: it opens the tap
 //! (or takes an inherited tap fd) and binds the socket, leaves the host's network namespace,
 //! confines itself with the netd role's sandbox policy, and only then accepts one front end and
-//! serves it until it disconnects. See docs/ARCHITECTURE.md, "netd".
+//! serves it until it disconnects. The connection is relayed to the vhost crate's handler
+//! ([`bulkhead_netd::relay`]) so that QEMU 7.2's early `SET_VRING_ENABLE` is accepted. See
+//! docs/ARCHITECTURE.md, "netd".
 
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use bulkhead_netd::backend::{NetBackend, TAP_EVENT};
 use bulkhead_netd::confine;
 use bulkhead_netd::options::{Options, TapSource};
+use bulkhead_netd::relay::Relay;
 use bulkhead_netd::tap::Tap;
 use bulkhead_sandbox::enter::Mode;
 use bulkhead_sandbox::standalone;
@@ -52,7 +56,7 @@ fn run() -> Result<()> {
         }
     };
     let ifname = tap.name().unwrap_or_default();
-    let mut listener =
+    let listener =
         Listener::new(&o.socket, true).with_context(|| format!("binding {}", o.socket))?;
 
     if mode != Mode::Off {
@@ -64,6 +68,9 @@ fn run() -> Result<()> {
             (Err(e), _) => return Err(anyhow!("leaving the host network namespace: {e}")),
         }
     }
+    // The daemon's end and the relay's end of the connection the crate serves (see `relay`):
+    // made here because the sandbox allows no `socketpair`.
+    let (relay_end, daemon_end) = UnixStream::pair().context("making the relay socket pair")?;
     let report = standalone::enter(Role::Netd, o.max_guest_mem, mode, hook.as_ref())
         .context("entering the netd sandbox")?;
     eprintln!("bulkhead-netd: {report}");
@@ -100,19 +107,31 @@ fn run() -> Result<()> {
         )
         .context("watching the tap")?;
     eprintln!("bulkhead-netd: tap {ifname}, listening on {}", o.socket);
+    let front = loop {
+        match listener.accept() {
+            Ok(Some(s)) => break s,
+            Ok(None) => continue,
+            Err(e) => return Err(anyhow!("accepting the front end: {e}")),
+        }
+    };
     daemon
-        .start(&mut listener)
-        .map_err(|e| anyhow!("accepting the front end: {e}"))?;
+        .start_with_stream(daemon_end)
+        .map_err(|e| anyhow!("starting the vhost-user daemon: {e}"))?;
+    let relay = Relay::start(front, relay_end).context("starting the relay")?;
     let r = daemon.wait();
     for h in daemon.get_epoll_handlers() {
         h.send_exit_event();
     }
-    eprintln!("bulkhead-netd: {stats}");
+    let relayed = relay.join();
+    // Dropping the daemon joins its worker thread, so the counters below are final (a frame the
+    // worker has just written to the tap is counted).
     drop(daemon);
+    eprintln!("bulkhead-netd: {stats}");
     // The listener is not dropped: its drop unlinks the socket path, which the sandbox refuses
     // (no unlink in the allowlist, no filesystem in landlock). The path stays; the next start
     // replaces it.
     std::mem::forget(listener);
+    relayed.context("relaying the front end's messages")?;
     match r {
         Ok(()) => Ok(()),
         Err(e) => {
