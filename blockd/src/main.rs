@@ -5,12 +5,11 @@
 //! (`bulkhead_blockd::worker`: every fd handed over, the whole role policy, ipc control). See
 //! docs/ARCHITECTURE.md, "blockd".
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use bulkhead_blockd::backend::BlockBackend;
-use bulkhead_blockd::format::{Cache, DiskImage, Raw, DIRECT_ALIGN};
+use bulkhead_blockd::format::{open_image, Cache, DiskImage, DIRECT_ALIGN};
 use bulkhead_blockd::options::Options;
 use bulkhead_blockd::worker::{self, WorkerArgs};
 use bulkhead_sandbox::enter::Mode;
@@ -49,26 +48,13 @@ fn run() -> Result<()> {
     let mode = Mode::from_name(&o.sandbox)
         .ok_or_else(|| anyhow!("--sandbox {}: on, off or allow-weak", o.sandbox))?;
 
-    // Everything that needs a path happens here, before the sandbox.
-    let mut oo = std::fs::OpenOptions::new();
-    oo.read(true).write(!o.readonly);
+    // Everything that needs a path happens here, before the sandbox: the image and, for qcow2,
+    // its backing chain.
     let direct = o.cache == Cache::None;
-    if direct {
-        oo.custom_flags(libc::O_DIRECT);
-    }
-    let file = oo
-        .open(&o.file)
-        .with_context(|| format!("opening {}", o.file))?;
-    let mut raw = Raw::new(file, o.readonly, direct)?;
-    if direct && !o.readonly {
-        let buffered = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&o.file)
-            .with_context(|| format!("opening {} (buffered tail)", o.file))?;
-        raw = raw.with_buffered_tail(buffered);
-    }
-    let disk: Arc<dyn DiskImage> = Arc::new(raw);
+    let disk: Arc<dyn DiskImage> =
+        open_image(std::path::Path::new(&o.file), o.format, o.readonly, o.cache)
+            .with_context(|| format!("image {} ({})", o.file, o.format.name()))?
+            .into();
     let mut listener =
         Listener::new(&o.socket, true).with_context(|| format!("binding {}", o.socket))?;
 

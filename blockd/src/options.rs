@@ -1,10 +1,10 @@
 //! The standalone command line, spelled like `qemu-storage-daemon --export vhost-user-blk`'s
 //! essentials:
-//! `bulkhead-blockd --socket PATH --file IMAGE [--format raw] [--readonly] [--serial ID]
+//! `bulkhead-blockd --socket PATH --file IMAGE [--format raw|qcow2] [--readonly] [--serial ID]
 //! [--num-queues N] [--cache none|writeback] [--sandbox on|off|allow-weak]
 //! [--max-guest-mem-mib N]`.
 
-use crate::format::Cache;
+use crate::format::{Cache, Format};
 use crate::{Error, Result};
 
 /// Parsed options.
@@ -14,6 +14,8 @@ pub struct Options {
     pub socket: String,
     /// The image file.
     pub file: String,
+    /// Its format (a qcow2 image's backing files are named by its header).
+    pub format: Format,
     /// Refuse writes (`VIRTIO_BLK_F_RO`).
     pub readonly: bool,
     /// `GET_ID` answer.
@@ -30,9 +32,11 @@ pub struct Options {
 
 /// Usage text.
 pub const USAGE: &str =
-    "usage: bulkhead-blockd --socket PATH --file IMAGE [--format raw] [--readonly] \
-[--serial ID] [--num-queues N] [--cache none|writeback] [--sandbox on|off|allow-weak] \
-[--max-guest-mem-mib N (default 4096)]";
+    "usage: bulkhead-blockd --socket PATH --file IMAGE [--format raw|qcow2 (default raw)] \
+[--readonly] [--serial ID] [--num-queues N] [--cache none|writeback] \
+[--sandbox on|off|allow-weak] [--max-guest-mem-mib N (default 4096)]\n\
+A qcow2 image's backing chain (the files its header names, relative names next to the image) \
+is opened read-only before the sandbox; the virtual size comes from the header.";
 
 impl Options {
     /// Parses the arguments after the program name.
@@ -40,6 +44,7 @@ impl Options {
         let mut o = Options {
             socket: String::new(),
             file: String::new(),
+            format: Format::Raw,
             readonly: false,
             serial: String::new(),
             num_queues: 1,
@@ -65,9 +70,9 @@ impl Options {
                 "--file" => o.file = value("--file")?,
                 "--format" => {
                     let f = value("--format")?;
-                    if f != "raw" {
-                        return Err(usage(format!("format {f:?} not supported (raw only)")));
-                    }
+                    o.format = Format::from_name(&f).ok_or_else(|| {
+                        usage(format!("format {f:?} not supported (raw or qcow2)"))
+                    })?;
                 }
                 "--readonly" => o.readonly = true,
                 "--serial" => o.serial = value("--serial")?,
@@ -124,10 +129,13 @@ mod tests {
         assert_eq!(o.num_queues, 4);
         assert_eq!(o.cache, Cache::None);
         assert_eq!(o.sandbox, "on");
+        assert_eq!(o.format, Format::Raw);
+        let o = p("--socket /s --file /f --format qcow2").expect("qcow2");
+        assert_eq!(o.format, Format::Qcow2);
         for bad in [
             "--file /f",
             "--socket /s",
-            "--socket /s --file /f --format qcow2",
+            "--socket /s --file /f --format vmdk",
             "--socket /s --file /f --num-queues 0",
             "--socket /s --file /f --num-queues 17",
             "--socket /s --file /f --cache weird",
