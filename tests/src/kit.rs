@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 6;
+const KIT_FORMAT: u32 = 7;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -166,7 +166,8 @@ case "$mode" in
         else
             echo "BULKHEAD-NET-FAIL ping"
         fi
-        wget -q -T 30 -O /tmp/blob http://10.77.0.1:8080/blob || echo "BULKHEAD-NET-FAIL wget"
+        # No `wget -T`: bookworm's busybox 1.35 wget dies of SIGSEGV parsing it.
+        timeout 60 wget -q -O /tmp/blob http://10.77.0.1:8080/blob || echo "BULKHEAD-NET-FAIL wget"
         echo "BULKHEAD-NET-MD5=$(md5sum < /tmp/blob | cut -d' ' -f1)"
         echo BULKHEAD-NET-DONE
         poweroff -f
