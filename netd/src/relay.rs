@@ -590,6 +590,16 @@ mod tests {
     }
 
     #[test]
+    fn the_crate_leaving_closes_the_front_end() {
+        let (front_peer, front) = UnixStream::pair().expect("pair");
+        let (back, back_peer) = UnixStream::pair().expect("pair");
+        let relay = Relay::start(front, back).expect("relay");
+        drop(back_peer);
+        assert!(recv_message(&front_peer).expect("recv").is_none());
+        relay.join().expect("clean end");
+    }
+
+    #[test]
     fn an_oversize_message_ends_the_relay_with_an_error() {
         let (front_peer, front) = UnixStream::pair().expect("pair");
         let (back, back_peer) = UnixStream::pair().expect("pair");
