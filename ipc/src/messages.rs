@@ -1,6 +1,5 @@
-//! The monitor↔worker protocols: what the monitor may ask of the machine worker (vcpu-proc) and
-//! of each block back end (blockd), and what they report back. (The net protocol joins here with
-//! netd.)
+//! The monitor↔worker protocols: what the monitor may ask of the machine worker (vcpu-proc), of
+//! each block back end (blockd) and of each net back end (netd), and what they report back.
 
 use serde::{Deserialize, Serialize};
 
@@ -414,3 +413,120 @@ pub enum BlockEvent {
 }
 
 impl Wire for BlockEvent {}
+
+// ---------------------------------------------------------------------------------------------
+// monitor ↔ bulkhead-netd
+// ---------------------------------------------------------------------------------------------
+
+/// Marker type for the monitor↔`bulkhead-netd` protocol (one netd per NIC).
+#[derive(Debug)]
+pub struct NetProtocol;
+
+impl Protocol for NetProtocol {
+    type Request = NetRequest;
+    type Reply = NetReply;
+    type Event = NetEvent;
+}
+
+/// What netd serves, sent once after the handshake. The fds travel with [`NetRequest::Setup`]
+/// in this order: `[tap, vhost_user]`. `tap` is a tap fd the monitor opened (`/dev/net/tun` +
+/// `TUNSETIFF` with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, or handed to it by a client); netd only
+/// sets its vnet header size and offloads. `vhost_user` is a connected unix stream socket whose
+/// other end is the vhost-user front end (vcpu-proc's virtio-pci transport, or any front end).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSetup {
+    /// The device id (`-device ...,id=`) or netdev id, for logs.
+    pub id: String,
+    /// The MAC address of the back end's configuration space (unicast).
+    pub mac: [u8; 6],
+    /// Virtqueues offered to the front end: two per queue pair (receive, transmit).
+    pub num_queues: u16,
+    /// The link is up at start (frames flow); see [`NetRequest::SetLink`].
+    pub link_up: bool,
+}
+
+impl NetSetup {
+    /// Number of fds that accompany this setup.
+    pub fn fd_count(&self) -> usize {
+        2
+    }
+}
+
+/// Requests from the monitor to netd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetRequest {
+    /// Take the tap and start serving the front end on the socket; answered with
+    /// [`NetReply::Ok`].
+    Setup(NetSetup),
+    /// The data-path counters ([`NetReply::Stats`]).
+    QueryStats,
+    /// `set_link`: with the link down netd drops every frame both ways (the guest's transmit
+    /// buffers are returned unsent, frames from the tap are read and discarded, nothing is
+    /// delivered to the guest). The guest-visible link bit is the front end's (vcpu-proc's
+    /// `SetLink`).
+    SetLink {
+        /// Link up.
+        up: bool,
+    },
+    /// What the sandbox `enter` did ([`NetReply::Sandbox`]).
+    QuerySandbox,
+    /// Stop serving and exit.
+    Quit,
+}
+
+impl Wire for NetRequest {
+    fn fd_count(&self) -> usize {
+        match self {
+            NetRequest::Setup(s) => s.fd_count(),
+            _ => 0,
+        }
+    }
+}
+
+/// Data-path counters of one NIC since netd started, counted where frames meet the tap and the
+/// guest's rings. Bytes are Ethernet frame bytes (without the vnet header).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStats {
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames read from the tap and not delivered (no fitting buffer, bad descriptors, link
+    /// down).
+    pub rx_dropped: u64,
+    /// Times netd stopped reading the tap because the guest had posted too few buffers.
+    pub rx_stalls: u64,
+    /// Frames the guest sent that were written to the tap.
+    pub tx_frames: u64,
+    /// Bytes written to the tap.
+    pub tx_bytes: u64,
+    /// Frames the guest sent that were not written (bad descriptors, oversize, refused by the
+    /// tap, link down).
+    pub tx_dropped: u64,
+    /// The link state netd applies (see [`NetRequest::SetLink`]).
+    pub link_up: bool,
+}
+
+/// Replies from netd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetReply {
+    /// Done.
+    Ok,
+    /// The request failed; the text says why.
+    Error(String),
+    /// Answer to [`NetRequest::QueryStats`].
+    Stats(NetStats),
+    /// Answer to [`NetRequest::QuerySandbox`].
+    Sandbox(SandboxReport),
+}
+
+impl Wire for NetReply {}
+
+/// Unsolicited events from netd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetEvent {
+    /// The front end hung up; netd exits after sending this.
+    FrontEndGone,
+}
+
+impl Wire for NetEvent {}
