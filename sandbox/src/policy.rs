@@ -69,7 +69,7 @@ pub struct Params {
     pub mem_bytes: u64,
     /// vCPU threads.
     pub vcpus: u32,
-    /// Virtqueues a back end serves, one worker thread each (blockd).
+    /// Virtqueues a back end serves (blockd: one worker thread each; netd: one per rx/tx pair).
     pub queues: u32,
 }
 
@@ -771,9 +771,13 @@ fn blockd_rlimits(p: &Params) -> Vec<Rlimit> {
 }
 
 /// netd: writes no file (its stderr must then be a pipe, socket or terminal), maps guest RAM.
+/// Threads: main (the ipc loop when launched, the accepting thread standalone), the vhost-user
+/// request thread, one epoll worker per queue pair (two virtqueues), the thread that waits for
+/// the front end to hang up (launched) or the relay's two threads (standalone), and one spare.
 fn netd_rlimits(p: &Params) -> Vec<Rlimit> {
+    let pairs = u64::from(p.queues.max(1)).div_ceil(2);
     vec![
-        fixed(Resource::Nproc, 4),
+        fixed(Resource::Nproc, pairs + 5),
         nofile(64),
         fixed(Resource::As, p.mem_bytes.saturating_add(512 * MIB)),
         fixed(Resource::Core, 0),
@@ -811,8 +815,9 @@ pub static BLOCKD: Policy = Policy {
     seccomp: Some(&[RUNTIME, VHOST_USER, BLOCKD_EXTRA]),
 };
 
-/// `bulkhead-netd` (declared; the worker comes with issue 6). Its network namespace is empty:
-/// it reaches the network only through the tap fd it is handed.
+/// `bulkhead-netd` (standalone with this policy minus the launcher's part plus `accept4`, or
+/// launched by the monitor: netd's worker mode). Its network namespace is empty: it reaches the
+/// network only through the tap fd it is handed.
 pub static NETD: Policy = Policy {
     role: Role::Netd,
     namespaces: WORKER_NAMESPACES,
@@ -987,6 +992,19 @@ mod tests {
         };
         assert_eq!(blockd(1), Some(5));
         assert_eq!(blockd(16), Some(20));
+        // netd: a thread per queue pair.
+        let netd = |queues| {
+            get(
+                &NETD.rlimits(&Params {
+                    queues,
+                    ..Params::default()
+                }),
+                Resource::Nproc,
+            )
+        };
+        assert_eq!(netd(1), Some(6));
+        assert_eq!(netd(2), Some(6));
+        assert_eq!(netd(4), Some(7));
         for r in Role::ALL {
             let l = r.policy().rlimits(&Params::default());
             assert_eq!(get(&l, Resource::Core), Some(0), "{r:?}");
