@@ -15,6 +15,10 @@
 //!   not read again until the guest kicks the rx queue; the tap queues (and beyond its
 //!   `txqueuelen`, the kernel drops and counts) meanwhile. Because the tap is watched
 //!   edge-triggered, unread frames wake the worker only when a new frame arrives: no busy loop.
+//! * **link**: with the link down ([`NetBackend::set_link`], the monitor's `set_link`) every
+//!   frame is dropped both ways: transmit chains are returned unsent, frames from the tap are
+//!   read and discarded, nothing reaches the guest's buffers; the config space's status bit
+//!   follows.
 //! * **features**: `VERSION_1`, MAC and link status in the config space, mergeable rx buffers,
 //!   checksum and TSO/UFO offloads both ways; the guest's receive offloads are mapped to
 //!   `TUNSETOFFLOAD` and the header size (12 bytes with `VERSION_1` or mergeable buffers, else 10)
@@ -66,19 +70,24 @@ pub const MAX_CHAIN_DESCS: usize = QUEUE_SIZE;
 /// Guest memory as the framework hands it over.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
-/// What happened on the data path, for the log and the tests.
+/// What happened on the data path, for the log, the monitor (`QueryStats`) and the tests.
+/// Bytes are Ethernet frame bytes, without the vnet header.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Frames written to the tap.
     pub tx_frames: AtomicU64,
-    /// Guest chains not written to the tap (bad descriptors, oversize, tap errors).
+    /// Guest chains not written to the tap (bad descriptors, oversize, tap errors, link down).
     pub tx_dropped: AtomicU64,
     /// Frames delivered to the guest.
     pub rx_frames: AtomicU64,
-    /// Frames read from the tap and dropped (no fitting buffer, bad descriptors).
+    /// Frames read from the tap and dropped (no fitting buffer, bad descriptors, link down).
     pub rx_dropped: AtomicU64,
     /// Times rx stopped reading the tap because the guest had posted too few buffers.
     pub rx_stalls: AtomicU64,
+    /// Bytes of the frames written to the tap.
+    pub tx_bytes: AtomicU64,
+    /// Bytes of the frames delivered to the guest.
+    pub rx_bytes: AtomicU64,
 }
 
 impl std::fmt::Display for Stats {
@@ -86,12 +95,15 @@ impl std::fmt::Display for Stats {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         write!(
             f,
-            "tx_frames={} tx_dropped={} rx_frames={} rx_dropped={} rx_stalls={}",
+            "tx_frames={} tx_dropped={} rx_frames={} rx_dropped={} rx_stalls={} tx_bytes={} \
+             rx_bytes={}",
             g(&self.tx_frames),
             g(&self.tx_dropped),
             g(&self.rx_frames),
             g(&self.rx_dropped),
-            g(&self.rx_stalls)
+            g(&self.rx_stalls),
+            g(&self.tx_bytes),
+            g(&self.rx_bytes)
         )
     }
 }
@@ -237,6 +249,17 @@ impl NetBackend {
         self.tap.raw_fd()
     }
 
+    /// Sets the link state (`set_link`): down drops every frame both ways from the next one the
+    /// worker looks at (see the module docs); the config space's status bit follows.
+    pub fn set_link(&self, up: bool) {
+        self.link_up.store(up, Ordering::Release);
+    }
+
+    /// The link state [`NetBackend::set_link`] set (up at start).
+    pub fn link_up(&self) -> bool {
+        self.link_up.load(Ordering::Acquire)
+    }
+
     /// The virtio-net config space (virtio 1.2, 5.1.4): MAC, status, max_virtqueue_pairs.
     pub fn config_space(&self) -> [u8; 10] {
         let mut c = [0u8; 10];
@@ -269,6 +292,16 @@ impl NetBackend {
         let mut used_any = false;
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
             let head = chain.head_index();
+            if !self.link_up() {
+                // Link down: the frame is not sent; its buffers go back to the guest.
+                self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = state.add_used(head, 0) {
+                    log::warn!("tx: add_used: {e}");
+                    break;
+                }
+                used_any = true;
+                continue;
+            }
             let mut iov: Vec<libc::iovec> = Vec::new();
             let mut total = 0usize;
             let mut good = true;
@@ -301,7 +334,11 @@ impl NetBackend {
                 // SAFETY: every iovec is a range get_slice checked inside guest memory, which
                 // stays mapped while `mem` (the guard) lives, i.e. through this call.
                 match unsafe { self.tap.writev(&iov) } {
-                    Ok(_) => self.stats.tx_frames.fetch_add(1, Ordering::Relaxed),
+                    Ok(_) => {
+                        let bytes = (total - hdr_len) as u64;
+                        self.stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        self.stats.tx_frames.fetch_add(1, Ordering::Relaxed)
+                    }
                     Err(e) => {
                         log::debug!("tx: tap write: {e}");
                         self.stats.tx_dropped.fetch_add(1, Ordering::Relaxed)
@@ -324,6 +361,10 @@ impl NetBackend {
     /// Moves frames from the tap into the guest's rx buffers until the tap is empty or the guest
     /// has too few buffers (backpressure: the tap is then left unread).
     fn process_rx(&self, vring: &VringRwLock) {
+        if !self.link_up() {
+            self.drain_rx();
+            return;
+        }
         let Some(mem) = self.memory() else {
             return;
         };
@@ -357,6 +398,8 @@ impl NetBackend {
             let outcome = deliver(&mut state, &mem, &mut rx.buf[..len], hdr_len, mrg);
             match outcome {
                 Delivery::Delivered => {
+                    let bytes = len.saturating_sub(hdr_len) as u64;
+                    self.stats.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
                     self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
                 }
                 Delivery::Dropped => {
@@ -372,6 +415,31 @@ impl NetBackend {
         }
         if used_any {
             signal(&mut state);
+        }
+    }
+
+    /// Link down: discards the frame held for the guest and every frame queued on the tap
+    /// (each counted in `rx_dropped`), so none is delivered late when the link comes back and
+    /// the edge-triggered tap wakes the worker again for the next one.
+    fn drain_rx(&self) {
+        let Ok(mut rx) = self.rx.lock() else {
+            return;
+        };
+        if rx.len != 0 {
+            rx.len = 0;
+            self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        loop {
+            match self.tap.read_frame(&mut rx.buf) {
+                Ok(Some(_)) => {
+                    self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("rx: tap read: {e}");
+                    break;
+                }
+            }
         }
     }
 }
@@ -421,7 +489,11 @@ fn deliver(
     if hdr_len == HDR_LEN {
         // num_buffers (1 without mergeable buffers, as VERSION_1 requires).
         let n = u16::try_from(chains.len()).unwrap_or(u16::MAX);
-        frame[10..12].copy_from_slice(&n.to_le_bytes());
+        // (A frame read under a 10-byte header and delivered after the guest renegotiated a
+        // 12-byte one may be shorter: nothing to fill then.)
+        if let Some(num_buffers) = frame.get_mut(10..12) {
+            num_buffers.copy_from_slice(&n.to_le_bytes());
+        }
     }
     match copy_into(mem, frame, &chains) {
         Some(used) => {

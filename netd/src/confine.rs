@@ -1,8 +1,8 @@
 //! The sandbox of a standalone `bulkhead-netd`.
 //!
-//! Launched by the monitor (later), netd gets the netd role's policy as is: the launcher puts it
-//! in fresh namespaces (an empty network namespace among them) and `enter` pivots it into an
-//! empty root. Standalone, nobody did that, so:
+//! Launched by the monitor (worker mode, [`crate::worker`]), netd gets the netd role's policy as
+//! is: the launcher puts it in fresh namespaces (an empty network namespace among them) and
+//! `enter` pivots it into an empty root. Standalone, nobody did that, so:
 //!
 //! * netd first moves itself into a **new, empty network namespace** ([`leave_host_network`]):
 //!   `unshare(CLONE_NEWNET)` when it may (root), else `unshare(CLONE_NEWUSER | CLONE_NEWNET)`.

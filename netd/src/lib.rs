@@ -8,13 +8,16 @@
 //! * [`relay`]: the vhost-user connection relayed between the front end and the crate, holding
 //!   a `SET_VRING_ENABLE` sent before `SET_FEATURES` (QEMU 7.2) until after it;
 //! * [`options`]: the standalone command line;
-//! * [`confine`]: the sandbox policy standalone netd enters.
+//! * [`confine`]: the sandbox policy standalone netd enters;
+//! * [`worker`]: worker mode, as the monitor launches it (ipc, handed tap and socket, counters,
+//!   `set_link`).
 
 pub mod backend;
 pub mod confine;
 pub mod options;
 pub mod relay;
 pub mod tap;
+pub mod worker;
 
 /// Errors of the back end.
 #[derive(Debug, thiserror::Error)]

@@ -2,8 +2,10 @@
 //! (or takes an inherited tap fd) and binds the socket, leaves the host's network namespace,
 //! confines itself with the netd role's sandbox policy, and only then accepts one front end and
 //! serves it until it disconnects. The connection is relayed to the vhost crate's handler
-//! ([`bulkhead_netd::relay`]) so that QEMU 7.2's early `SET_VRING_ENABLE` is accepted. See
-//! docs/ARCHITECTURE.md, "netd".
+//! ([`bulkhead_netd::relay`]) so that QEMU 7.2's early `SET_VRING_ENABLE` is accepted. Started
+//! with `--ipc-fd N` it is the monitor's worker instead (`bulkhead_netd::worker`: the tap and the
+//! connected socket handed over, the whole role policy, ipc control). See docs/ARCHITECTURE.md,
+//! "netd".
 
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use bulkhead_netd::confine;
 use bulkhead_netd::options::{Options, TapSource};
 use bulkhead_netd::relay::Relay;
 use bulkhead_netd::tap::Tap;
+use bulkhead_netd::worker::{self, WorkerArgs};
 use bulkhead_sandbox::enter::Mode;
 use bulkhead_sandbox::standalone;
 use bulkhead_sandbox::Role;
@@ -33,6 +36,12 @@ fn main() {
 }
 
 fn run() -> Result<()> {
+    // Launched by the monitor (`--ipc-fd` first): see `bulkhead_netd::worker`.
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(a) = WorkerArgs::parse(&argv) {
+        worker::init_logger();
+        return worker::run(a?).map_err(|e| anyhow!("{e}"));
+    }
     #[cfg(feature = "attack-hook")]
     let (hook, args) =
         bulkhead_sandbox::attack::Hook::take(std::env::args().skip(1)).map_err(|e| anyhow!(e))?;

@@ -31,7 +31,10 @@ pub struct Options {
 /// Usage text.
 pub const USAGE: &str = "usage: bulkhead-netd --socket PATH (--tap IFNAME | --tap-fd N) \
 [--mac MAC (default 52:54:00:12:34:56)] [--sandbox on|off|allow-weak] \
-[--max-guest-mem-mib N (default 4096)]";
+[--max-guest-mem-mib N (default 4096)]\n\
+   or: bulkhead-netd --ipc-fd N [--sandbox on|off|allow-weak] [--mem-bytes N] [--queues N] \
+(worker mode: launched by the bulkhead monitor, which hands over the tap and the front end's \
+socket)";
 
 /// The default MAC (QEMU's first NIC's).
 pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];

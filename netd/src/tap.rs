@@ -1,5 +1,6 @@
 //! The tap device netd serves: opened by name (`/dev/net/tun` + `TUNSETIFF` with
-//! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) before the sandbox, or inherited as an fd. After the
+//! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) before the sandbox, inherited as an fd, or (worker
+//! mode) handed over by the monitor after the sandbox ([`Tap::from_monitor`]). After the
 //! sandbox only `read`/`writev` and the ioctls of the netd policy (`TUNSETOFFLOAD`,
 //! `TUNSETVNETHDRSZ`) touch it; `TUNGETIFF` is used only before.
 
@@ -100,6 +101,34 @@ impl Tap {
         if req.flags & IFF_VNET_HDR == 0 {
             return Err(Error::NoVnetHdr);
         }
+        Tap::configure(fd)
+    }
+
+    /// Takes a tap fd the monitor opened and handed over in worker mode, after the sandbox:
+    /// `TUNGETIFF` is not in the netd policy, so the flags (`IFF_TAP | IFF_NO_PI |
+    /// IFF_VNET_HDR`, which the monitor sets) cannot be read back. What can be checked with the
+    /// calls netd keeps is checked: `TUNSETVNETHDRSZ` (12 bytes, the size until the front end
+    /// sets the features) fails on anything but a tun/tap fd attached to an interface
+    /// ([`Error::NotATap`]). Then non-blocking and close-on-exec, as [`Tap::from_raw_fd`].
+    pub fn from_monitor(fd: OwnedFd) -> Result<Tap> {
+        let mut size = crate::backend::HDR_LEN as libc::c_int;
+        if let Err(Error::Io(_, e)) = ioctl_ptr(
+            fd.as_raw_fd(),
+            TUNSETVNETHDRSZ,
+            &mut size,
+            "TUNSETVNETHDRSZ",
+        ) {
+            return Err(match e.raw_os_error() {
+                Some(libc::ENOTTY | libc::EINVAL | libc::EBADFD) => Error::NotATap,
+                _ => Error::Io("TUNSETVNETHDRSZ", e),
+            });
+        }
+        Tap::configure(fd)
+    }
+
+    /// Non-blocking and close-on-exec.
+    fn configure(fd: OwnedFd) -> Result<Tap> {
+        let raw = fd.as_raw_fd();
         // SAFETY: fcntl on an fd we own, with integer arguments only.
         let fl = unsafe { libc::fcntl(raw, libc::F_GETFL) };
         // SAFETY: as above.
@@ -214,5 +243,15 @@ mod tests {
     fn a_non_tap_fd_is_refused() {
         let f = std::fs::File::open("/dev/null").expect("/dev/null");
         assert!(Tap::from_fd(OwnedFd::from(f)).is_err());
+        let f = std::fs::File::open("/dev/null").expect("/dev/null");
+        assert!(matches!(
+            Tap::from_monitor(OwnedFd::from(f)),
+            Err(Error::NotATap)
+        ));
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        assert!(matches!(
+            Tap::from_monitor(OwnedFd::from(a)),
+            Err(Error::NotATap)
+        ));
     }
 }

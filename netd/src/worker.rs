@@ -1,0 +1,511 @@
+//! Worker mode: `bulkhead-netd --ipc-fd N [--sandbox on|off|allow-weak] [--mem-bytes N]
+//! [--queues N]`, the back end of one NIC as the monitor launches it.
+//!
+//! The monitor's launcher starts it in its own namespaces — an empty network namespace among
+//! them: netd never has the host's network, only its tap fd — with its end of an ipc
+//! `SOCK_SEQPACKET` pair at fd 3 and the violation-report pipe at fd 4, nothing else. Before it
+//! reads a single frame it confines itself with the netd role's whole policy
+//! ([`bulkhead_sandbox::enter`]: empty root, no capabilities, rlimits sized by `--mem-bytes` and
+//! `--queues`, `RLIMIT_FSIZE` 0, landlock with no filesystem access, seccomp). It never opens a
+//! path: the monitor's [`NetRequest::Setup`] brings the tap fd (opened by the monitor with
+//! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`; netd only sets the vnet header size and offloads) and
+//! the connected vhost-user socket whose other end is the front end (vcpu-proc's virtio-pci
+//! transport). netd serves that socket with `vhost-user-backend`
+//! (`VhostUserDaemon::start_with_stream`, see third_party/vhost-user-backend) and keeps
+//! answering the monitor on the ipc channel: data-path counters, `set_link`, its sandbox report,
+//! quit. It exits 0 when the front end hangs up (after a [`NetEvent::FrontEndGone`]), when the
+//! monitor goes, or on `Quit`.
+//!
+//! No relay (`crate::relay`) here: it exists for QEMU 7.2, which sends `SET_VRING_ENABLE`
+//! before `SET_FEATURES`; vcpu-proc's front end (`vhost::vhost_user::Frontend`) sends
+//! `SET_FEATURES` first, as the spec asks, so the crate is given the socket directly (two
+//! threads fewer, no socket pair to make before the sandbox).
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bulkhead_ipc::messages::{
+    NetEvent, NetProtocol, NetReply, NetRequest, NetSetup, NetStats, SandboxReport,
+};
+use bulkhead_ipc::{Channel, Frame, Role as IpcRole};
+use bulkhead_sandbox::{Mode, Params, Role, REPORT_FD};
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::backend::{NetBackend, NUM_QUEUES, TAP_EVENT};
+use crate::tap::Tap;
+
+/// Errors that end the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Bad command line.
+    #[error("{0}\n{USAGE}")]
+    Usage(String),
+    /// A step before serving failed.
+    #[error("{what}: {source}")]
+    Setup {
+        /// The step.
+        what: &'static str,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The ipc channel failed.
+    #[error("ipc: {0}")]
+    Ipc(#[from] bulkhead_ipc::Error),
+}
+
+fn setup_err<E: std::error::Error + Send + Sync + 'static>(
+    what: &'static str,
+) -> impl FnOnce(E) -> WorkerError {
+    move |e| WorkerError::Setup {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// Usage of worker mode.
+pub const USAGE: &str = "usage: bulkhead-netd --ipc-fd N [--sandbox on|off|allow-weak] \
+[--mem-bytes N] [--queues N (virtqueues, 2 per queue pair; at most 2)] \
+(launched by the bulkhead monitor)";
+
+/// The worker-mode command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerArgs {
+    /// The ipc socket's fd.
+    pub ipc_fd: RawFd,
+    /// How to confine.
+    pub mode: Mode,
+    /// What the limits depend on: guest memory the front end may share (the monitor passes
+    /// twice the guest RAM: old and new memory tables can be mapped at once) and virtqueues.
+    pub params: Params,
+}
+
+impl WorkerArgs {
+    /// Worker mode is selected by `--ipc-fd` as the first argument; `None` otherwise (the
+    /// standalone command line).
+    pub fn parse(args: &[String]) -> Option<Result<WorkerArgs, WorkerError>> {
+        if args.first().map(String::as_str) != Some("--ipc-fd") {
+            return None;
+        }
+        Some(Self::parse_worker(args))
+    }
+
+    fn parse_worker(args: &[String]) -> Result<WorkerArgs, WorkerError> {
+        let usage = |m: String| WorkerError::Usage(m);
+        let mut ipc_fd = None;
+        let mut mode = Mode::On;
+        let mut params = Params::default();
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || it.next().ok_or_else(|| usage(format!("{a} needs a value")));
+            match a.as_str() {
+                "--ipc-fd" => {
+                    let v = value()?;
+                    ipc_fd = Some(
+                        v.parse::<RawFd>()
+                            .ok()
+                            .filter(|&fd| fd >= 3 && fd != REPORT_FD)
+                            .ok_or_else(|| usage(format!("--ipc-fd {v}: 3 or more, not 4")))?,
+                    );
+                }
+                "--sandbox" => {
+                    let v = value()?;
+                    mode = Mode::from_name(v)
+                        .ok_or_else(|| usage(format!("--sandbox {v}: on, off or allow-weak")))?;
+                }
+                "--mem-bytes" => {
+                    let v = value()?;
+                    params.mem_bytes = v
+                        .parse()
+                        .map_err(|_| usage(format!("--mem-bytes {v}: a number")))?;
+                }
+                "--queues" => {
+                    let v = value()?;
+                    params.queues = v
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=NUM_QUEUES as u32).contains(q))
+                        .ok_or_else(|| usage(format!("--queues {v}: 1 to {NUM_QUEUES}")))?;
+                }
+                other => return Err(usage(format!("unknown argument {other:?}"))),
+            }
+        }
+        let ipc_fd = ipc_fd.ok_or_else(|| usage("--ipc-fd is required".into()))?;
+        Ok(WorkerArgs {
+            ipc_fd,
+            mode,
+            params,
+        })
+    }
+}
+
+/// What the worker reports about its sandbox (`x-query-sandbox`).
+fn sandbox_report() -> SandboxReport {
+    match bulkhead_sandbox::enter::entered() {
+        Some(e) => SandboxReport {
+            entered: true,
+            mode: e.mode.name().to_string(),
+            landlock_abi: e.report.landlock_abi,
+            landlock_full: e.report.landlock_full,
+            seccomp_instructions: e.report.seccomp_instructions as u64,
+            weak: e.report.weak.clone(),
+            enter_micros: u64::try_from(e.report.elapsed.as_micros()).unwrap_or(u64::MAX),
+        },
+        None => SandboxReport {
+            entered: false,
+            mode: "off".into(),
+            landlock_abi: 0,
+            landlock_full: false,
+            seccomp_instructions: 0,
+            weak: Vec::new(),
+            enter_micros: 0,
+        },
+    }
+}
+
+/// The interfaces other than `lo` in this process's network namespace, from the
+/// `/proc/self/net/dev` text `dev` (two header lines, then `name: counters...` per interface).
+pub fn foreign_interfaces(dev: &str) -> Vec<String> {
+    dev.lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim().to_string()))
+        .filter(|n| !n.is_empty() && n != "lo")
+        .collect()
+}
+
+/// netd must not reach any network but through its tap. The launcher gives it an empty network
+/// namespace; when it did not (`--sandbox allow-weak` on a host without user namespaces, so no
+/// namespaces at all), netd leaves the one it was started in if it may (`unshare(CLONE_NEWNET)`
+/// needs root there). Returns a line for the log, or `None` when the namespace is already empty.
+fn ensure_empty_network(mode: Mode) -> Result<Option<String>, WorkerError> {
+    if mode == Mode::Off {
+        return Ok(None);
+    }
+    let dev = std::fs::read_to_string("/proc/self/net/dev")
+        .map_err(setup_err("reading /proc/self/net/dev"))?;
+    let found = foreign_interfaces(&dev);
+    if found.is_empty() {
+        return Ok(None);
+    }
+    // SAFETY: unshare with a namespace flag only affects this process; no other thread exists.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+        return Ok(Some(format!(
+            "started in a network namespace with {found:?}: moved to a new, empty one"
+        )));
+    }
+    let e = std::io::Error::last_os_error();
+    if mode == Mode::On {
+        return Err(WorkerError::Setup {
+            what: "leaving the host's network namespace",
+            source: Box::new(e),
+        });
+    }
+    Ok(Some(format!(
+        "WEAKER: still in a network namespace with {found:?}: {e}"
+    )))
+}
+
+/// The counters as the monitor sees them.
+fn net_stats(b: &NetBackend) -> NetStats {
+    let s = &b.stats;
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    NetStats {
+        rx_frames: g(&s.rx_frames),
+        rx_bytes: g(&s.rx_bytes),
+        rx_dropped: g(&s.rx_dropped),
+        rx_stalls: g(&s.rx_stalls),
+        tx_frames: g(&s.tx_frames),
+        tx_bytes: g(&s.tx_bytes),
+        tx_dropped: g(&s.tx_dropped),
+        link_up: b.link_up(),
+    }
+}
+
+/// Checks a setup before anything is started.
+fn check_setup(s: &NetSetup) -> Result<(), String> {
+    if usize::from(s.num_queues) != NUM_QUEUES {
+        return Err(format!(
+            "{} virtqueues: netd serves one queue pair ({NUM_QUEUES} virtqueues)",
+            s.num_queues
+        ));
+    }
+    if s.mac[0] & 1 != 0 {
+        return Err("the MAC address is a multicast address".into());
+    }
+    Ok(())
+}
+
+/// The running back end: the daemon's threads serve the front end.
+struct Serving {
+    id: String,
+    backend: Arc<NetBackend>,
+}
+
+fn start_serving(
+    s: &NetSetup,
+    fds: Vec<OwnedFd>,
+    chan: &Arc<Channel<NetProtocol>>,
+) -> Result<Serving, String> {
+    check_setup(s)?;
+    let [tap, vhost]: [OwnedFd; 2] = fds
+        .try_into()
+        .map_err(|_| "the setup lacks its fds".to_string())?;
+    let tap = Tap::from_monitor(tap).map_err(|e| format!("tap: {e}"))?;
+    let vhost = UnixStream::from(vhost);
+    let backend = Arc::new(NetBackend::new(tap, s.mac));
+    backend.set_link(s.link_up);
+    let tap_fd = backend.tap_fd();
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new("bulkhead-netd".into(), backend.clone(), mem)
+        .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
+    let handler = daemon
+        .get_epoll_handlers()
+        .into_iter()
+        .next()
+        .ok_or("the daemon has no worker thread")?;
+    handler
+        .register_listener(
+            tap_fd,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+            u64::from(TAP_EVENT),
+        )
+        .map_err(|e| format!("watching the tap: {e}"))?;
+    daemon
+        .start_with_stream(vhost)
+        .map_err(|e| format!("serving the front end: {e}"))?;
+    let chan = chan.clone();
+    let id = s.id.clone();
+    let stats = backend.stats.clone();
+    std::thread::Builder::new()
+        .name("frontend-wait".into())
+        .spawn(move || {
+            let r = daemon.wait();
+            for h in daemon.get_epoll_handlers() {
+                h.send_exit_event();
+            }
+            // Dropping the daemon joins its worker thread: the counters below are final.
+            drop(daemon);
+            match r.map_err(|e| e.to_string()) {
+                Err(e) if !e.contains("disconnect") && !e.contains("partial") => {
+                    log::warn!("{id}: the front end session ended: {e}; {stats}")
+                }
+                // A front end that goes away is the normal end of a session.
+                _ => log::info!("{id}: the front end hung up; {stats}"),
+            }
+            let _ = chan.send_event(NetEvent::FrontEndGone);
+            std::process::exit(0);
+        })
+        .map_err(|e| format!("starting a thread: {e}"))?;
+    Ok(Serving {
+        id: s.id.clone(),
+        backend,
+    })
+}
+
+/// Worker mode's `main`: confine, then serve the monitor's requests until it goes or says quit.
+pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
+    // SAFETY: getppid has no arguments and cannot fail.
+    let parent = unsafe { libc::getppid() };
+    bulkhead_sandbox::die_with_parent(parent).map_err(setup_err("die_with_parent"))?;
+    bulkhead_sandbox::set_no_new_privs().map_err(setup_err("no_new_privs"))?;
+    bulkhead_sandbox::close_fds_except(3, &[a.ipc_fd, REPORT_FD])
+        .map_err(setup_err("closing inherited fds"))?;
+    // SAFETY: F_GETFD on an integer; no memory involved.
+    let report_fd = (unsafe { libc::fcntl(REPORT_FD, libc::F_GETFD) } >= 0).then_some(REPORT_FD);
+    // One malloc arena, as blockd: glibc would open /proc/sys/vm/overcommit_memory the first
+    // time it shrinks a per-thread arena.
+    // SAFETY: mallopt with integer arguments, before any other thread exists.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        return Err(WorkerError::Setup {
+            what: "mallopt(M_ARENA_MAX, 1)",
+            source: "failed".into(),
+        });
+    }
+    let moved = ensure_empty_network(a.mode)?;
+    let report = bulkhead_sandbox::enter(Role::Netd.policy(), &a.params, a.mode, report_fd)
+        .map_err(setup_err("sandbox"))?;
+    if let Some(m) = moved {
+        log::warn!("{m}");
+    }
+    match a.mode {
+        Mode::Off => log::warn!("running WITHOUT a sandbox (--sandbox off)"),
+        _ if !report.weak.is_empty() => log::warn!("{report}"),
+        _ => log::info!("{report}"),
+    }
+    // SAFETY: the monitor handed us this fd as our end of the ipc socketpair; every other
+    // inherited fd but the report pipe was just closed, so nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(a.ipc_fd) };
+    let chan = Arc::new(Channel::<NetProtocol>::from_fd(sock));
+    chan.handshake(IpcRole::Net, IpcRole::Monitor)?;
+    let mut serving: Option<Serving> = None;
+    loop {
+        let (frame, fds) = match chan.recv() {
+            Ok(v) => v,
+            Err(bulkhead_ipc::Error::PeerClosed) => {
+                log::info!("the monitor closed the channel; exiting");
+                std::process::exit(0);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (id, req) = match frame {
+            Frame::Request { id, body } => (id, body),
+            other => {
+                return Err(bulkhead_ipc::Error::Protocol(format!(
+                    "unexpected frame from the monitor: {other:?}"
+                ))
+                .into())
+            }
+        };
+        let reply = match req {
+            NetRequest::Setup(s) if serving.is_none() => match start_serving(&s, fds, &chan) {
+                Ok(sv) => {
+                    let m = s.mac;
+                    log::info!(
+                        "{}: serving MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, link {}",
+                        s.id,
+                        m[0],
+                        m[1],
+                        m[2],
+                        m[3],
+                        m[4],
+                        m[5],
+                        if s.link_up { "up" } else { "down" }
+                    );
+                    serving = Some(sv);
+                    NetReply::Ok
+                }
+                Err(e) => NetReply::Error(e),
+            },
+            NetRequest::Setup(_) => NetReply::Error("already set up".into()),
+            NetRequest::QueryStats => match &serving {
+                Some(sv) => NetReply::Stats(net_stats(&sv.backend)),
+                None => NetReply::Error("not set up".into()),
+            },
+            NetRequest::SetLink { up } => match &serving {
+                Some(sv) => {
+                    sv.backend.set_link(up);
+                    log::info!("{}: link {}", sv.id, if up { "up" } else { "down" });
+                    NetReply::Ok
+                }
+                None => NetReply::Error("not set up".into()),
+            },
+            NetRequest::QuerySandbox => NetReply::Sandbox(sandbox_report()),
+            NetRequest::Quit => {
+                let _ = chan.reply(id, NetReply::Ok, &[]);
+                log::info!("quit");
+                std::process::exit(0);
+            }
+        };
+        chan.reply(id, reply, &[])?;
+    }
+}
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!(
+                "bulkhead-netd[{}] {} {}: {}",
+                std::process::id(),
+                record.level(),
+                record.target(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
+/// Logs to stderr (the monitor's log; a pipe, socket or terminal: `RLIMIT_FSIZE` is 0) at the
+/// level `BULKHEAD_LOG` names (default info).
+pub fn init_logger() {
+    let level = match std::env::var("BULKHEAD_LOG")
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "off" => log::LevelFilter::Off,
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Info,
+    };
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Option<Result<WorkerArgs, WorkerError>> {
+        let v: Vec<String> = s.split_whitespace().map(String::from).collect();
+        WorkerArgs::parse(&v)
+    }
+
+    #[test]
+    fn worker_mode_is_chosen_by_ipc_fd_first() {
+        assert!(args("--socket /s --tap t").is_none());
+        let a = args("--ipc-fd 3 --sandbox allow-weak --mem-bytes 1024 --queues 2")
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.ipc_fd, 3);
+        assert_eq!(a.mode, Mode::AllowWeak);
+        assert_eq!(a.params.mem_bytes, 1024);
+        assert_eq!(a.params.queues, 2);
+        let a = args("--ipc-fd 5").unwrap().unwrap();
+        assert_eq!((a.mode, a.params), (Mode::On, Params::default()));
+        for bad in [
+            "--ipc-fd 4",
+            "--ipc-fd 2",
+            "--ipc-fd 3 --queues 0",
+            "--ipc-fd 3 --queues 3",
+            "--ipc-fd 3 --sandbox maybe",
+            "--ipc-fd 3 --tap t",
+            "--ipc-fd 3 --mem-bytes lots",
+            "--ipc-fd",
+        ] {
+            assert!(args(bad).unwrap().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn setups_are_checked() {
+        let ok = NetSetup {
+            id: "net0".into(),
+            mac: [2, 0, 0, 0, 0, 1],
+            num_queues: 2,
+            link_up: true,
+        };
+        assert!(check_setup(&ok).is_ok());
+        let mut s = ok.clone();
+        s.num_queues = 4;
+        assert!(check_setup(&s).unwrap_err().contains("one queue pair"));
+        let mut s = ok;
+        s.mac[0] = 1;
+        assert!(check_setup(&s).unwrap_err().contains("multicast"));
+    }
+
+    #[test]
+    fn interfaces_other_than_loopback_are_found() {
+        let empty =
+            "Inter-|   Receive |  Transmit\n face |bytes    packets\n    lo:       0       0\n";
+        assert!(foreign_interfaces(empty).is_empty());
+        let host = format!("{empty}  eth0: 123 4 0 0\nbr-x1:0 0\n");
+        assert_eq!(foreign_interfaces(&host), ["eth0", "br-x1"]);
+    }
+}

@@ -1,0 +1,782 @@
+//! `bulkhead-netd` in worker mode, as the monitor launches it: started by
+//! `bulkhead_sandbox::launch` in the netd role's namespaces (an empty network namespace among
+//! them) with only the ipc socket (fd 3), the violation-report pipe (fd 4) and a pipe as stderr
+//! (netd's `RLIMIT_FSIZE` is 0: a regular file there would kill it by `SIGXFSZ`), confined by the
+//! whole netd role policy before it reads a frame, given a tap fd and a connected vhost-user
+//! socket over ipc, and driven here both as the monitor (ipc: setup, stats, `set_link`, sandbox
+//! report, quit) and as the vhost-user front end (`vhost::vhost_user::Frontend` on the other end
+//! of the socketpair, a memfd as guest memory, split rings written by hand). The tap lives in a
+//! network namespace the test makes (`ip netns add`), opened there by the test as the monitor
+//! would open it; the far side is an `AF_PACKET` socket on it. Needs root (CI is root): fails
+//! loudly without it, never skips.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command as StdCommand, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bulkhead_ipc::messages::{NetEvent, NetProtocol, NetReply, NetRequest, NetSetup, NetStats};
+use bulkhead_ipc::{Channel, Frame, Role as IpcRole};
+use bulkhead_sandbox::launch::{Child, Command, IdMap};
+use bulkhead_sandbox::Role;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const QSIZE: u16 = 64;
+const MEM_SIZE: usize = 4 << 20;
+/// The fake VMM address of guest address 0 (ring addresses are given in it).
+const VA_BASE: u64 = 0x7000_0000_0000;
+const MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x21];
+const PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x09];
+const ETHERTYPE: u16 = 0x88b5;
+const HDR: usize = 12;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const RX: usize = 0;
+const TX: usize = 1;
+const TX_BUF: u64 = 0x10_0000;
+const RX_BUF: u64 = 0x20_0000;
+/// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, as the monitor opens a tap.
+const TAP_FLAGS: u16 = 0x0002 | 0x1000 | 0x4000;
+
+fn run(args: &[&str]) {
+    let out = StdCommand::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e} (iproute2's ip is needed)"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace holding a persistent tap with an address; deleted on drop.
+struct Netns {
+    name: String,
+    tap: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "the netd worker tests need root (ip netns, taps); CI runs as root"
+        );
+        let id = std::process::id() % 100_000;
+        let n = Netns {
+            name: format!("bhnetw-{tag}-{id}"),
+            tap: format!("bhw{tag}{id}"),
+        };
+        let _ = StdCommand::new("ip")
+            .args(["netns", "del", &n.name])
+            .stderr(Stdio::null())
+            .status();
+        run(&["ip", "netns", "add", &n.name]);
+        // No IPv6 in the namespace: its router solicitations and MLD reports would be frames on
+        // the tap the counters would see.
+        n.within(|| {
+            for c in ["all", "default"] {
+                std::fs::write(format!("/proc/sys/net/ipv6/conf/{c}/disable_ipv6"), "1")
+                    .expect("disabling IPv6 in the test namespace");
+            }
+        });
+        n.exec(&[
+            "ip", "tuntap", "add", "dev", &n.tap, "mode", "tap", "vnet_hdr",
+        ]);
+        n.exec(&["ip", "link", "set", &n.tap, "up"]);
+        n.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", &n.tap]);
+        n
+    }
+
+    fn exec(&self, args: &[&str]) {
+        let mut v = vec!["ip", "netns", "exec", &self.name];
+        v.extend_from_slice(args);
+        run(&v);
+    }
+
+    /// Runs `f` on a thread that has joined the namespace (network namespaces are per thread).
+    fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("netns file");
+            // SAFETY: setns on an fd we own; affects only this thread.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// The tap opened as the monitor opens it (`/dev/net/tun` + `TUNSETIFF`), close-on-exec.
+    fn open_tap(&self) -> OwnedFd {
+        let tap = self.tap.clone();
+        self.within(move || {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .expect("/dev/net/tun");
+            let mut req = [0u8; 40];
+            req[..tap.len()].copy_from_slice(tap.as_bytes());
+            req[16..18].copy_from_slice(&TAP_FLAGS.to_ne_bytes());
+            // SAFETY: TUNSETIFF with a 40-byte ifreq we own.
+            let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) };
+            assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+            OwnedFd::from(f)
+        })
+    }
+
+    /// A raw packet socket on the tap, inside the namespace.
+    fn packet_socket(&self) -> OwnedFd {
+        let tap = self.tap.clone();
+        self.within(move || {
+            let cname = std::ffi::CString::new(tap).expect("name");
+            // SAFETY: plain socket creation; the result is checked.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    i32::from((libc::ETH_P_ALL as u16).to_be()),
+                )
+            };
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: fd was just created and is owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: cname is a valid C string.
+            let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+            assert!(ifindex > 0);
+            // SAFETY: zeroed sockaddr_ll is a valid value.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            sll.sll_ifindex = ifindex as i32;
+            // SAFETY: binds with a properly sized sockaddr_ll.
+            let r = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 100_000,
+            };
+            // SAFETY: sets a timeval option with its size.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            fd
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = StdCommand::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn send_frame(sock: &OwnedFd, frame: &[u8]) {
+    // SAFETY: sends from a live buffer on a bound packet socket.
+    let n = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+    assert_eq!(
+        n,
+        frame.len() as isize,
+        "send: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The first incoming (not outgoing) frame of our ethertype within `timeout`.
+fn recv_ours(sock: &OwnedFd, timeout: Duration) -> Option<Vec<u8>> {
+    let end = Instant::now() + timeout;
+    let mut buf = vec![0u8; 70_000];
+    while Instant::now() < end {
+        // SAFETY: zeroed sockaddr_ll is a valid value.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut fl = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        // SAFETY: receives into our buffer and address struct with their sizes.
+        let n = unsafe {
+            libc::recvfrom(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_ll).cast(),
+                &mut fl,
+            )
+        };
+        if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
+            continue;
+        }
+        let f = &buf[..n as usize];
+        if f.len() >= 14 && u16::from_be_bytes([f[12], f[13]]) == ETHERTYPE {
+            return Some(f.to_vec());
+        }
+    }
+    None
+}
+
+fn eth_frame(dst: [u8; 6], src: [u8; 6], payload_len: usize, seed: u8) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload_len);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    f.extend((0..payload_len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    f
+}
+
+/// A launched netd, the monitor's end of its channel and its stderr (a pipe, read to the end
+/// by a thread).
+struct Worker {
+    child: Child,
+    chan: Channel<NetProtocol>,
+    next_id: u64,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl Worker {
+    fn launch(queues: u32) -> Worker {
+        let (mine, theirs) = Channel::<NetProtocol>::pair().expect("pair");
+        let theirs = theirs.into_fd();
+        let mut cmd =
+            Command::new(Path::new(env!("CARGO_BIN_EXE_bulkhead-netd"))).expect("command");
+        for a in [
+            "--ipc-fd".to_string(),
+            "3".into(),
+            "--sandbox".into(),
+            "on".into(),
+            "--mem-bytes".into(),
+            (2 * MEM_SIZE).to_string(),
+            "--queues".into(),
+            queues.to_string(),
+        ] {
+            cmd.arg(a).expect("arg");
+        }
+        let mut p = [0i32; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds were just created and are owned by nobody else.
+        let (err_r, err_w) = unsafe { (File::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        let devnull = File::open("/dev/null").expect("null");
+        cmd.fd(devnull.as_fd(), 0).expect("fd");
+        cmd.fd(err_w.as_fd(), 1).expect("fd");
+        cmd.fd(err_w.as_fd(), 2).expect("fd");
+        cmd.fd(theirs.as_fd(), 3).expect("fd");
+        cmd.report_pipe(true);
+        cmd.namespaces(
+            Role::Netd.policy().namespaces,
+            Some(IdMap::for_current_user(None).expect("ids")),
+        );
+        let child = cmd.spawn().expect("spawn bulkhead-netd");
+        drop((theirs, err_w));
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let mut r = err_r;
+            let _ = r.read_to_string(&mut s);
+            s
+        });
+        mine.handshake(IpcRole::Monitor, IpcRole::Net)
+            .expect("handshake");
+        Worker {
+            child,
+            chan: mine,
+            next_id: 1,
+            stderr: Some(stderr),
+        }
+    }
+
+    fn call(&mut self, req: NetRequest, fds: &[BorrowedFd<'_>]) -> NetReply {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.chan
+            .send(&Frame::Request { id, body: req }, fds)
+            .expect("send");
+        match self.chan.recv().expect("recv") {
+            (Frame::Reply { id: got, body }, _) => {
+                assert_eq!(got, id);
+                body
+            }
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+
+    fn stats(&mut self) -> NetStats {
+        match self.call(NetRequest::QueryStats, &[]) {
+            NetReply::Stats(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Polls the counters until `done` holds (the worker thread counts a frame just after it
+    /// moved it).
+    fn stats_until(&mut self, done: impl Fn(&NetStats) -> bool) -> NetStats {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = self.stats();
+            if done(&s) {
+                return s;
+            }
+            assert!(Instant::now() < end, "counters never got there: {s:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the exit and returns the status and everything netd wrote to stderr.
+    fn finish(&mut self) -> (std::process::ExitStatus, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "netd did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let err = self
+            .stderr
+            .take()
+            .map(|h| h.join().expect("stderr reader"))
+            .unwrap_or_default();
+        (status, err)
+    }
+}
+
+fn proc_status(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status")
+}
+
+fn field<'a>(status: &'a str, key: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("{key} missing"))
+        .trim()
+}
+
+/// The soft limit `/proc/PID/limits` shows for `name`.
+fn limit(pid: i32, name: &str) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with(name))
+        .unwrap_or_else(|| panic!("{name} missing"));
+    line[name.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn setup(link_up: bool) -> NetSetup {
+    NetSetup {
+        id: "net0".into(),
+        mac: MAC,
+        num_queues: 2,
+        link_up,
+    }
+}
+
+/// The guest side: memory, two rings, and the vhost-user connection on the handed socket.
+struct Guest {
+    fe: Frontend,
+    mem: GuestMemoryMmap,
+    _memfd: File,
+    kick: [EventFd; 2],
+    _call: [EventFd; 2],
+    avail: [u16; 2],
+    next_desc: [u16; 2],
+}
+
+fn ring_base(q: usize) -> u64 {
+    0x1000 + q as u64 * 0x3000
+}
+
+impl Guest {
+    /// Negotiates as a vhost-user-net front end (every offered feature acked) and sets up both
+    /// rings.
+    fn connect(sock: UnixStream) -> Guest {
+        // SAFETY: memfd_create with a literal name; result checked.
+        let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd owned by nobody else.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(MEM_SIZE as u64).expect("memfd size");
+        let mem = GuestMemoryMmap::from_ranges_with_files(&[(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(memfd.try_clone().expect("dup"), 0)),
+        )])
+        .expect("guest memory");
+        let mut fe = Frontend::from_stream(sock, 2);
+        fe.set_owner().expect("set_owner");
+        let features = fe.get_features().expect("get_features");
+        fe.set_features(features).expect("set_features");
+        let pf = fe.get_protocol_features().expect("protocol features");
+        fe.set_protocol_features(
+            pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK),
+        )
+        .expect("set protocol features");
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: VA_BASE,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        };
+        fe.set_mem_table(&[region]).expect("set_mem_table");
+        let kick = [EventFd::new(0).expect("efd"), EventFd::new(0).expect("efd")];
+        let call = [EventFd::new(0).expect("efd"), EventFd::new(0).expect("efd")];
+        for q in [RX, TX] {
+            let b = ring_base(q);
+            fe.set_vring_num(q, QSIZE).expect("num");
+            let cfg = VringConfigData {
+                queue_max_size: QSIZE,
+                queue_size: QSIZE,
+                flags: 0,
+                desc_table_addr: VA_BASE + b,
+                avail_ring_addr: VA_BASE + b + 0x1000,
+                used_ring_addr: VA_BASE + b + 0x2000,
+                log_addr: None,
+            };
+            fe.set_vring_addr(q, &cfg).expect("addr");
+            fe.set_vring_base(q, 0).expect("base");
+            fe.set_vring_call(q, &call[q]).expect("call");
+            fe.set_vring_kick(q, &kick[q]).expect("kick");
+            fe.set_vring_enable(q, true).expect("enable");
+        }
+        Guest {
+            fe,
+            mem,
+            _memfd: memfd,
+            kick,
+            _call: call,
+            avail: [0; 2],
+            next_desc: [0; 2],
+        }
+    }
+
+    /// The config space's MAC and status.
+    fn config(&mut self) -> ([u8; 6], u16) {
+        let (_, cfg) = self
+            .fe
+            .get_config(0, 10, VhostUserConfigFlags::WRITABLE, &[0u8; 10])
+            .expect("get_config");
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&cfg[..6]);
+        (mac, u16::from_le_bytes([cfg[6], cfg[7]]))
+    }
+
+    /// Writes a chain of descriptors (addr, len, flags without NEXT) and makes it available.
+    fn post(&mut self, q: usize, descs: &[(u64, u32, u16)]) -> u16 {
+        let b = ring_base(q);
+        let first = self.next_desc[q];
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let idx = (first + i as u16) % QSIZE;
+            let last = i + 1 == descs.len();
+            let next = (idx + 1) % QSIZE;
+            let d = b + u64::from(idx) * 16;
+            let fl = flags | if last { 0 } else { F_NEXT };
+            self.write(d, &addr.to_le_bytes());
+            self.write(d + 8, &len.to_le_bytes());
+            self.write(d + 12, &fl.to_le_bytes());
+            self.write(d + 14, &next.to_le_bytes());
+        }
+        self.next_desc[q] = (first + descs.len() as u16) % QSIZE;
+        let a = b + 0x1000;
+        let slot = u64::from(self.avail[q] % QSIZE);
+        self.write(a + 4 + 2 * slot, &first.to_le_bytes());
+        self.avail[q] = self.avail[q].wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.write(a + 2, &self.avail[q].to_le_bytes());
+        first
+    }
+
+    fn kick(&self, q: usize) {
+        self.kick[q].write(1).expect("kick");
+    }
+
+    fn write(&self, addr: u64, b: &[u8]) {
+        self.mem
+            .write_slice(b, GuestAddress(addr))
+            .expect("guest write");
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem
+            .read_slice(&mut v, GuestAddress(addr))
+            .expect("guest read");
+        v
+    }
+
+    fn used_idx(&self, q: usize) -> u16 {
+        let b = self.read(ring_base(q) + 0x2002, 2);
+        u16::from_le_bytes([b[0], b[1]])
+    }
+
+    /// The used element `n` (id, len).
+    fn used(&self, q: usize, n: u16) -> (u32, u32) {
+        let e = self.read(ring_base(q) + 0x2004 + 8 * u64::from(n % QSIZE), 8);
+        (
+            u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
+            u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+        )
+    }
+
+    fn wait_used(&self, q: usize, at_least: u16) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while self.used_idx(q).wrapping_sub(at_least) > 0x8000 {
+            assert!(
+                Instant::now() < end,
+                "queue {q}: used idx {} never reached {at_least}",
+                self.used_idx(q)
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Sends `frame` with a zero vnet header: header and frame in two descriptors.
+    fn transmit(&mut self, at: u64, frame: &[u8]) {
+        let mut full = vec![0u8; HDR];
+        full.extend_from_slice(frame);
+        self.write(at, &full);
+        self.post(
+            TX,
+            &[
+                (at, HDR as u32, 0),
+                (at + HDR as u64, frame.len() as u32, 0),
+            ],
+        );
+        self.kick(TX);
+    }
+
+    /// The frame (without its vnet header) in used rx element `n`, with `num_buffers`.
+    fn received(&self, n: u16) -> (u16, Vec<u8>) {
+        let (id, len) = self.used(RX, n);
+        let got = self.read(RX_BUF + u64::from(id) * 0x1000, len as usize);
+        assert!(got.len() > HDR, "rx element {n}: {len} bytes");
+        (u16::from_le_bytes([got[10], got[11]]), got[HDR..].to_vec())
+    }
+}
+
+#[test]
+fn a_launched_netd_is_confined_moves_frames_both_ways_and_obeys_set_link() {
+    let ns = Netns::new("w");
+    let far = ns.packet_socket();
+    let tap = ns.open_tap();
+
+    let mut w = Worker::launch(2);
+    let pid = w.child.pid();
+    // Confined before the first frame: own namespaces (pid 1 inside, a network namespace that is
+    // neither the test's nor the tap's), seccomp, no_new_privs, no capabilities; its limits
+    // are the netd role's for one queue pair.
+    let status = proc_status(pid);
+    assert_eq!(field(&status, "Seccomp"), "2", "{status}");
+    assert_eq!(field(&status, "NoNewPrivs"), "1");
+    assert_eq!(field(&status, "CapEff"), "0000000000000000");
+    let nspid: Vec<&str> = field(&status, "NSpid").split_whitespace().collect();
+    assert_eq!(nspid.last(), Some(&"1"), "{status}");
+    for kind in ["mnt", "pid", "net", "user", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).expect("ns");
+        let ours = std::fs::read_link(format!("/proc/self/ns/{kind}")).expect("ns");
+        assert_ne!(theirs, ours, "{kind}");
+    }
+    let netd_net = std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("ns");
+    let tap_net = ns.within(|| std::fs::read_link("/proc/thread-self/ns/net").expect("ns"));
+    assert_ne!(netd_net, tap_net, "netd must not be in the tap's namespace");
+    assert_eq!(limit(pid, "Max processes"), "6");
+    assert_eq!(limit(pid, "Max file size"), "0");
+
+    // Nothing to ask before the setup; the setup brings the tap and the vhost-user socket.
+    assert!(matches!(
+        w.call(NetRequest::QueryStats, &[]),
+        NetReply::Error(_)
+    ));
+    assert!(matches!(
+        w.call(NetRequest::SetLink { up: false }, &[]),
+        NetReply::Error(_)
+    ));
+    let (fe_sock, be_sock) = UnixStream::pair().expect("socketpair");
+    assert_eq!(
+        w.call(
+            NetRequest::Setup(setup(true)),
+            &[tap.as_fd(), be_sock.as_fd()]
+        ),
+        NetReply::Ok
+    );
+    drop((tap, be_sock));
+    let (x, y) = UnixStream::pair().expect("socketpair");
+    assert!(matches!(
+        w.call(NetRequest::Setup(setup(true)), &[x.as_fd(), y.as_fd()]),
+        NetReply::Error(e) if e.contains("already")
+    ));
+    match w.call(NetRequest::QuerySandbox, &[]) {
+        NetReply::Sandbox(r) => {
+            assert!(r.entered, "{r:?}");
+            assert_eq!(r.mode, "on");
+            assert!(r.weak.is_empty(), "{r:?}");
+            assert!(r.seccomp_instructions > 100, "{r:?}");
+            assert!(r.landlock_abi >= 1, "{r:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The front end on the other end of the socketpair.
+    let mut g = Guest::connect(fe_sock);
+    assert_eq!(g.config(), (MAC, 1), "MAC, link up");
+
+    // guest → tap: the frame appears on the far side byte for byte.
+    let out = eth_frame([0xff; 6], MAC, 200, 1);
+    g.transmit(TX_BUF, &out);
+    assert_eq!(recv_ours(&far, Duration::from_secs(5)), Some(out.clone()));
+    g.wait_used(TX, 1);
+
+    // tap → guest: into one of the posted 2 KiB buffers, num_buffers 1.
+    for i in 0..4u64 {
+        g.post(RX, &[(RX_BUF + i * 0x1000, 2048, F_WRITE)]);
+    }
+    g.kick(RX);
+    let inbound = eth_frame(MAC, PEER, 300, 2);
+    send_frame(&far, &inbound);
+    g.wait_used(RX, 1);
+    assert_eq!(g.received(0), (1, inbound.clone()));
+
+    let s = w.stats_until(|s| s.tx_frames == 1 && s.rx_frames == 1);
+    assert_eq!(
+        s,
+        NetStats {
+            rx_frames: 1,
+            rx_bytes: inbound.len() as u64,
+            rx_dropped: 0,
+            rx_stalls: 0,
+            tx_frames: 1,
+            tx_bytes: out.len() as u64,
+            tx_dropped: 0,
+            link_up: true,
+        }
+    );
+
+    // set_link down: the guest's frame is returned unsent, the far side's is read and dropped,
+    // nothing reaches the guest's buffers.
+    assert_eq!(w.call(NetRequest::SetLink { up: false }, &[]), NetReply::Ok);
+    assert_eq!(
+        g.config(),
+        (MAC, 0),
+        "link bit down in the back end's config"
+    );
+    let lost_out = eth_frame([0xff; 6], MAC, 100, 3);
+    g.transmit(TX_BUF + 0x1000, &lost_out);
+    g.wait_used(TX, 2);
+    assert_eq!(g.used(TX, 1).1, 0);
+    let lost_in = eth_frame(MAC, PEER, 100, 4);
+    send_frame(&far, &lost_in);
+    let s = w.stats_until(|s| s.rx_dropped >= 1 && s.tx_dropped >= 1);
+    assert_eq!((s.tx_frames, s.tx_dropped), (1, 1), "{s:?}");
+    assert_eq!((s.rx_frames, s.rx_dropped), (1, 1), "{s:?}");
+    assert!(!s.link_up);
+    assert_eq!(recv_ours(&far, Duration::from_millis(300)), None);
+    assert_eq!(g.used_idx(RX), 1, "nothing delivered with the link down");
+
+    // set_link up: both ways again; the frame dropped while down does not come late.
+    assert_eq!(w.call(NetRequest::SetLink { up: true }, &[]), NetReply::Ok);
+    assert_eq!(g.config(), (MAC, 1));
+    let out2 = eth_frame([0xff; 6], MAC, 400, 5);
+    g.transmit(TX_BUF + 0x2000, &out2);
+    assert_eq!(recv_ours(&far, Duration::from_secs(5)), Some(out2.clone()));
+    let inbound2 = eth_frame(MAC, PEER, 500, 6);
+    send_frame(&far, &inbound2);
+    g.wait_used(RX, 2);
+    assert_eq!(g.received(1), (1, inbound2.clone()));
+    let s = w.stats_until(|s| s.tx_frames == 2 && s.rx_frames == 2);
+    assert_eq!(
+        s,
+        NetStats {
+            rx_frames: 2,
+            rx_bytes: (inbound.len() + inbound2.len()) as u64,
+            rx_dropped: 1,
+            rx_stalls: 0,
+            tx_frames: 2,
+            tx_bytes: (out.len() + out2.len()) as u64,
+            tx_dropped: 1,
+            link_up: true,
+        }
+    );
+
+    // The front end hangs up: netd says so and exits 0, never having hit its filter, with the
+    // final counters in its log.
+    drop(g);
+    match w.chan.recv().expect("event") {
+        (Frame::Event(NetEvent::FrontEndGone), _) => {}
+        other => panic!("{other:?}"),
+    }
+    let (st, err) = w.finish();
+    assert_eq!(st.code(), Some(0), "{st:?}: {err}");
+    assert!(w.child.violation().is_none(), "{err}");
+    assert!(err.contains("sandbox entered"), "{err}");
+    assert!(
+        err.contains("tx_frames=2 tx_dropped=1 rx_frames=2 rx_dropped=1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_setups_are_refused_and_quit_ends_the_worker() {
+    let mut w = Worker::launch(1);
+    assert_eq!(limit(w.child.pid(), "Max processes"), "6");
+    let (_fe, be) = UnixStream::pair().expect("socketpair");
+    // Not a tap: refused with the calls netd keeps (TUNSETVNETHDRSZ), not by its filter.
+    let null = File::open("/dev/null").expect("null");
+    match w.call(NetRequest::Setup(setup(true)), &[null.as_fd(), be.as_fd()]) {
+        NetReply::Error(e) => assert!(e.contains("not a tap"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // More queues than netd serves, a multicast MAC.
+    let mut s = setup(true);
+    s.num_queues = 4;
+    match w.call(NetRequest::Setup(s), &[null.as_fd(), be.as_fd()]) {
+        NetReply::Error(e) => assert!(e.contains("queue pair"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    let mut s = setup(true);
+    s.mac = [0x01, 0, 0x5e, 0, 0, 1];
+    match w.call(NetRequest::Setup(s), &[null.as_fd(), be.as_fd()]) {
+        NetReply::Error(e) => assert!(e.contains("multicast"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        w.call(NetRequest::QuerySandbox, &[]),
+        NetReply::Sandbox(r) if r.entered
+    ));
+    assert_eq!(w.call(NetRequest::Quit, &[]), NetReply::Ok);
+    let (st, err) = w.finish();
+    assert_eq!(st.code(), Some(0), "{st:?}: {err}");
+    assert!(w.child.violation().is_none(), "{err}");
+}
