@@ -261,7 +261,15 @@ struct Worker {
 }
 
 impl Worker {
+    /// Launched as the monitor launches it: the netd role's namespaces, `--sandbox on`.
     fn launch(queues: u32) -> Worker {
+        Worker::start(queues, None)
+    }
+
+    /// With `weak_in`: as the monitor's `--sandbox allow-weak` launches it on a host without
+    /// user namespaces, with no namespaces at all, from a thread in `weak_in`'s network
+    /// namespace (so the worker starts in a namespace holding an interface).
+    fn start(queues: u32, weak_in: Option<&Netns>) -> Worker {
         let (mine, theirs) = Channel::<NetProtocol>::pair().expect("pair");
         let theirs = theirs.into_fd();
         let mut cmd =
@@ -270,7 +278,12 @@ impl Worker {
             "--ipc-fd".to_string(),
             "3".into(),
             "--sandbox".into(),
-            "on".into(),
+            if weak_in.is_some() {
+                "allow-weak"
+            } else {
+                "on"
+            }
+            .into(),
             "--mem-bytes".into(),
             (2 * MEM_SIZE).to_string(),
             "--queues".into(),
@@ -289,11 +302,29 @@ impl Worker {
         cmd.fd(err_w.as_fd(), 2).expect("fd");
         cmd.fd(theirs.as_fd(), 3).expect("fd");
         cmd.report_pipe(true);
-        cmd.namespaces(
-            Role::Netd.policy().namespaces,
-            Some(IdMap::for_current_user(None).expect("ids")),
-        );
-        let child = cmd.spawn().expect("spawn bulkhead-netd");
+        let child = match weak_in {
+            None => {
+                cmd.namespaces(
+                    Role::Netd.policy().namespaces,
+                    Some(IdMap::for_current_user(None).expect("ids")),
+                );
+                cmd.spawn().expect("spawn bulkhead-netd")
+            }
+            // From this (the test's) thread, not a short-lived one: the worker's parent-death
+            // signal fires when the thread that started it ends.
+            Some(ns) => {
+                let setns = |f: &File| {
+                    // SAFETY: setns on an fd we own; affects only this thread.
+                    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+                };
+                let home = File::open("/proc/thread-self/ns/net").expect("own netns");
+                setns(&File::open(format!("/var/run/netns/{}", ns.name)).expect("netns file"));
+                let child = cmd.spawn();
+                setns(&home);
+                child.expect("spawn bulkhead-netd")
+            }
+        };
         drop((theirs, err_w));
         let stderr = std::thread::spawn(move || {
             let mut s = String::new();
@@ -778,5 +809,51 @@ fn bad_setups_are_refused_and_quit_ends_the_worker() {
     assert_eq!(w.call(NetRequest::Quit, &[]), NetReply::Ok);
     let (st, err) = w.finish();
     assert_eq!(st.code(), Some(0), "{st:?}: {err}");
+    assert!(w.child.violation().is_none(), "{err}");
+}
+
+#[test]
+fn launched_without_namespaces_netd_still_leaves_the_network_it_was_started_in() {
+    let ns = Netns::new("n");
+    let far = ns.packet_socket();
+    let tap = ns.open_tap();
+    let mut w = Worker::start(2, Some(&ns));
+    let pid = w.child.pid();
+    let netd_net = std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("ns");
+    let tap_net = ns.within(|| std::fs::read_link("/proc/thread-self/ns/net").expect("ns"));
+    let ours = std::fs::read_link("/proc/self/ns/net").expect("ns");
+    assert_ne!(
+        netd_net, tap_net,
+        "netd stayed in the namespace it was started in"
+    );
+    assert_ne!(netd_net, ours);
+    let status = proc_status(pid);
+    assert_eq!(field(&status, "Seccomp"), "2", "{status}");
+    assert_eq!(field(&status, "NoNewPrivs"), "1");
+    match w.call(NetRequest::QuerySandbox, &[]) {
+        NetReply::Sandbox(r) => {
+            assert_eq!(r.mode, "allow-weak");
+            assert!(r.weak.iter().any(|m| m.contains("user namespace")), "{r:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Still serves the tap it is handed.
+    let (fe_sock, be_sock) = UnixStream::pair().expect("socketpair");
+    assert_eq!(
+        w.call(
+            NetRequest::Setup(setup(true)),
+            &[tap.as_fd(), be_sock.as_fd()]
+        ),
+        NetReply::Ok
+    );
+    drop((tap, be_sock));
+    let mut g = Guest::connect(fe_sock);
+    let out = eth_frame([0xff; 6], MAC, 64, 7);
+    g.transmit(TX_BUF, &out);
+    assert_eq!(recv_ours(&far, Duration::from_secs(5)), Some(out));
+    assert_eq!(w.call(NetRequest::Quit, &[]), NetReply::Ok);
+    let (st, err) = w.finish();
+    assert_eq!(st.code(), Some(0), "{st:?}: {err}");
+    assert!(err.contains("moved to a new, empty one"), "{err}");
     assert!(w.child.violation().is_none(), "{err}");
 }
