@@ -32,6 +32,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{BlockBackend, MAX_QUEUES};
 use crate::format::{DiskImage, Raw, DIRECT_ALIGN};
+use crate::qcow2::{self, Qcow2};
 
 /// Errors that end the worker.
 #[derive(Debug, thiserror::Error)]
@@ -315,40 +316,107 @@ fn sandbox_report() -> SandboxReport {
     }
 }
 
-/// Builds the disk from a setup and its fds (`[image, vhost_user, buffered_tail?, backing...]`).
+/// Builds the disk from a setup and its fds (`[image, vhost_user, buffered_tail?, backing...]`):
+/// a raw image, or a qcow2 image on its backing chain (each backing file's format is the one
+/// its parent's header records; the monitor opened the files, read-only, outermost first).
 fn open_disk(s: &BlockSetup, fds: &mut Vec<OwnedFd>) -> Result<Arc<Counted>, String> {
     if s.num_queues == 0 || usize::from(s.num_queues) > MAX_QUEUES {
         return Err(format!("{} queues (1 to {MAX_QUEUES})", s.num_queues));
     }
-    if fds.len() < 2 {
-        return Err("the setup lacks its fds".into());
+    let want = 2 + usize::from(s.buffered_tail) + s.backing_files as usize;
+    if fds.len() != want {
+        return Err(format!("the setup has {} fds, expected {want}", fds.len()));
     }
+    // fds: [image, vhost_user, buffered_tail?, backing...]; the vhost-user socket stays at 0.
     let image = File::from(fds.remove(0));
-    match s.format {
-        ImageFormat::Raw => {}
-        ImageFormat::Qcow2 => {
-            return Err("qcow2 images are not served by this bulkhead-blockd yet".into())
+    let tail = s.buffered_tail.then(|| File::from(fds.remove(1)));
+    let backing: Vec<File> = fds.drain(1..).map(File::from).collect();
+    if s.format == ImageFormat::Raw && !backing.is_empty() {
+        return Err("a raw image has no backing file".into());
+    }
+    let (disk, resize): (Arc<dyn DiskImage>, Option<File>) = match s.format {
+        ImageFormat::Raw => {
+            let resize = if s.readonly {
+                None
+            } else {
+                Some(
+                    image
+                        .try_clone()
+                        .map_err(|e| format!("dup of the image fd: {e}"))?,
+                )
+            };
+            let mut raw = Raw::new(image, s.readonly, s.direct).map_err(|e| e.to_string())?;
+            if let Some(t) = tail {
+                raw = raw.with_buffered_tail(t);
+            }
+            (Arc::new(raw), resize)
         }
-    }
-    if s.backing_files != 0 {
-        return Err("backing files are only for qcow2 images".into());
-    }
-    let resize = if s.readonly {
-        None
-    } else {
-        Some(
-            image
-                .try_clone()
-                .map_err(|e| format!("dup of the image fd: {e}"))?,
-        )
+        ImageFormat::Qcow2 => {
+            let h = qcow2::read_header(&image).map_err(|e| e.to_string())?;
+            let chain = open_chain(recorded_format(&h), backing)?;
+            let mut q = Qcow2::open(image, chain, s.readonly).map_err(|e| e.to_string())?;
+            if let Some(t) = tail {
+                q = q.with_buffered_tail(t);
+            }
+            (Arc::new(q), None)
+        }
     };
-    let mut raw = Raw::new(image, s.readonly, s.direct).map_err(|e| e.to_string())?;
-    if s.buffered_tail {
-        // fds: [vhost_user, buffered_tail]
-        let tail = fds.remove(1);
-        raw = raw.with_buffered_tail(File::from(tail));
+    Ok(Arc::new(Counted::new(disk, resize)))
+}
+
+/// The format a qcow2 header records for its backing file (`None`: no backing file, or no
+/// recorded format, which `Qcow2::open`'s chain check then refuses).
+fn recorded_format(h: &qcow2::Header) -> Option<ImageFormat> {
+    match h.backing.as_ref()?.format.as_deref()? {
+        "raw" => Some(ImageFormat::Raw),
+        _ => Some(ImageFormat::Qcow2),
     }
-    Ok(Arc::new(Counted::new(Arc::new(raw), resize)))
+}
+
+/// The backing chain from its files (outermost first), each opened read-only in the format its
+/// parent's header records (`first`: the image's own record). Whether the chain has exactly
+/// the files the headers name is checked by `Qcow2::open` at each level.
+fn open_chain(
+    first: Option<ImageFormat>,
+    files: Vec<File>,
+) -> Result<Option<Box<dyn DiskImage>>, String> {
+    if files.len() > qcow2::MAX_CHAIN {
+        return Err(format!("a backing chain of {} files", files.len()));
+    }
+    let mut formats = Vec::with_capacity(files.len());
+    let mut next = first;
+    for (i, f) in files.iter().enumerate() {
+        let fmt = next.ok_or_else(|| {
+            format!("backing file {i}: its parent names no backing file (or no format)")
+        })?;
+        formats.push(fmt);
+        next = match fmt {
+            ImageFormat::Raw => None,
+            ImageFormat::Qcow2 => {
+                recorded_format(&qcow2::read_header(f).map_err(|e| e.to_string())?)
+            }
+        };
+    }
+    let mut below: Option<Box<dyn DiskImage>> = None;
+    for (f, fmt) in files.into_iter().zip(formats).rev() {
+        below = Some(match fmt {
+            ImageFormat::Raw => {
+                let direct = is_direct(&f);
+                Box::new(Raw::new(f, true, direct).map_err(|e| e.to_string())?)
+            }
+            ImageFormat::Qcow2 => {
+                Box::new(Qcow2::open(f, below.take(), true).map_err(|e| e.to_string())?)
+            }
+        });
+    }
+    Ok(below)
+}
+
+fn is_direct(f: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL on an fd we own; no memory involved.
+    let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+    fl >= 0 && fl & libc::O_DIRECT != 0
 }
 
 /// The running back end: the daemon's thread serves the front end.

@@ -20,7 +20,10 @@
 //!   SIGSYS reporter on fd 4) and call `socket(2)`, which the filter refuses: the worker dies by
 //!   SIGSYS and the monitor must name the call;
 //! - `fake.sigsys-after=MS`: the same, MS ms after the first `Run` (from another thread, while
-//!   the machine runs).
+//!   the machine runs);
+//! - the setup's virtio devices are logged (`device ID KIND slot N queues N size N`) and their
+//!   vhost-user sockets kept open (never spoken to); `ConfigChanged` is logged
+//!   (`config changed ID`) and answered Ok; the other device requests are refused.
 //!
 //! It is launched like the real worker (in its namespaces unless `--sandbox off`) but does not
 //! confine itself; the pid it logs is its pid as the monitor sees it (not 1, its pid inside its
@@ -197,6 +200,8 @@ fn main() {
     let mut serial_out: Option<Arc<File>> = None;
     let mut started = false;
     let mut cpus: Vec<CpuInfo> = Vec::new();
+    // The devices' vhost-user sockets: kept open (a back end whose front end hangs up exits).
+    let mut devices: Vec<OwnedFd> = Vec::new();
     loop {
         let (frame, fds) = match chan.recv() {
             Ok(v) => v,
@@ -230,6 +235,16 @@ fn main() {
                 }
                 if setup.serial_out {
                     serial_out = it.next().map(|f| Arc::new(File::from(f)));
+                }
+                devices = it.collect();
+                for d in &setup.devices {
+                    log_line(
+                        &log,
+                        &format!(
+                            "device {} {:?} slot {} queues {} size {}",
+                            d.id, d.kind, d.slot, d.num_queues, d.queue_size
+                        ),
+                    );
                 }
                 match res {
                     Err(e) => VcpuReply::Error(e),
@@ -284,7 +299,17 @@ fn main() {
                 let _ = chan.reply(id, VcpuReply::Ok, &[]);
                 std::process::exit(0);
             }
+            VcpuRequest::ConfigChanged { id: dev } => {
+                log_line(&log, &format!("config changed {dev}"));
+                VcpuReply::Ok
+            }
+            VcpuRequest::AddDevice(_)
+            | VcpuRequest::RemoveDevice { .. }
+            | VcpuRequest::SetLink { .. } => {
+                VcpuReply::Error("not implemented by the fake worker".into())
+            }
         };
+        let _ = &devices;
         if chan.reply(id, reply, &[]).is_err() {
             std::process::exit(0);
         }

@@ -46,6 +46,16 @@ It accepts this subset of qemu-system-x86_64's command line:
                       put inherited fd N (not 0-2) in fd set M; any PATH above
                       (and -serial file:PATH) may then be /dev/fdset/M
   -append CMDLINE     kernel command line
+  -drive file=PATH[,format=raw|qcow2][,if=virtio|none][,id=ID][,readonly=on|off]
+        [,cache=none|writeback][,serial=S][,node-name=N]
+                      a disk; if=virtio (the default) adds a virtio-blk-pci device for it
+  -blockdev driver=file,node-name=N,filename=PATH[,read-only=on][,cache.direct=on]
+  -blockdev driver=raw|qcow2,node-name=N,file=NODE
+  -blockdev driver=raw|qcow2,node-name=N,file.driver=file,file.filename=PATH
+                      block nodes, as QEMU spells them (JSON form too)
+  -device virtio-blk-pci,drive=ID|NODE[,id=ID][,serial=S][,num-queues=N][,queue-size=N]
+        [,addr=SLOT]  a virtio-blk disk, served by its own sandboxed bulkhead-blockd
+                      (the only device there is; PCI slots from 1 unless addr= is given)
   -serial DEV         stdio | file:PATH | unix:PATH,server=on[,wait=off] | null | none
                       (default: stdio with -nographic, otherwise none)
   -qmp DEV            QMP server: unix:PATH,server=on[,wait=off] or
@@ -425,6 +435,8 @@ pub struct Config {
     pub sandbox_user: Option<(u32, u32)>,
     /// `-add-fd`, in order.
     pub add_fds: Vec<AddFd>,
+    /// `-drive`, `-blockdev` and `-device`, resolved into the block graph ([`crate::block`]).
+    pub block: crate::block::Resolved,
 }
 
 impl Default for Config {
@@ -451,6 +463,7 @@ impl Default for Config {
             sandbox: Mode::On,
             sandbox_user: None,
             add_fds: Vec::new(),
+            block: crate::block::Resolved::default(),
         }
     }
 }
@@ -461,7 +474,6 @@ const UNSUPPORTED: &[&str] = &[
     "action",
     "audiodev",
     "bios",
-    "blockdev",
     "boot",
     "cdrom",
     "chardev",
@@ -470,8 +482,6 @@ const UNSUPPORTED: &[&str] = &[
     "cpu",
     "D",
     "d",
-    "device",
-    "drive",
     "dtb",
     "enable-sync-profile",
     "fda",
@@ -549,6 +559,7 @@ where
     let mut cfg = Config::default();
     let mut serial: Option<SerialBackend> = None;
     let mut nodefaults = false;
+    let mut block = crate::block::BlockArgs::default();
     let mut i = 0;
     while i < args.len() {
         let arg = &args[i];
@@ -645,6 +656,15 @@ where
                 let v = value(&mut i)?;
                 cfg.add_fds.push(parse_add_fd(&opt, &v)?);
             }
+            "drive" => block
+                .items
+                .push((crate::block::BlockOpt::Drive, value(&mut i)?)),
+            "blockdev" => block
+                .items
+                .push((crate::block::BlockOpt::Blockdev, value(&mut i)?)),
+            "device" => block
+                .items
+                .push((crate::block::BlockOpt::Device, value(&mut i)?)),
             "enable-kvm" | "no-user-config" => {}
             "nodefaults" => nodefaults = true,
             "accel" => {
@@ -682,6 +702,7 @@ where
         None if cfg.nographic && !nodefaults => SerialBackend::Stdio,
         None => SerialBackend::None,
     };
+    cfg.block = crate::block::resolve(&block)?;
     validate(&mut cfg)?;
     Ok(Action::Run(Box::new(cfg)))
 }
@@ -711,6 +732,13 @@ fn validate(cfg: &mut Config) -> Result<(), CliError> {
     }
     match cfg.machine {
         Machine::None => {
+            if !cfg.block.config.devices.is_empty() {
+                return Err(CliError::Conflict(
+                    "No 'PCI' bus found for device 'virtio-blk-pci' (machine 'none' has no \
+                     devices; -drive if=none and -blockdev are fine)"
+                        .into(),
+                ));
+            }
             for (given, opt) in [
                 (cfg.kernel.is_some(), "-kernel"),
                 (cfg.initrd.is_some(), "-initrd"),
@@ -1595,7 +1623,12 @@ mod tests {
         );
         assert_eq!(
             err(&["-device", "x"]).to_string(),
-            "-device: option not supported by bulkhead"
+            "-device x: device 'x' is not supported by bulkhead (it has virtio-blk-pci)"
+        );
+        assert_eq!(
+            err(&["-M", "none", "-drive", "file=/d"]).to_string(),
+            "No 'PCI' bus found for device 'virtio-blk-pci' (machine 'none' has no devices; \
+             -drive if=none and -blockdev are fine)"
         );
         assert!(err(&["disk.img"]).to_string().contains("disk.img"));
         assert_eq!(err(&["-m"]).to_string(), "-m: requires an argument");

@@ -8,8 +8,9 @@
 //! starts workers, on request over a `SOCK_SEQPACKET` socketpair:
 //!
 //! - requests: fixed-size datagrams ([`REQUEST_LEN`] bytes: magic, kind, two numbers, zero
-//!   padding). `spawn` (the vCPU worker, guest RAM bytes, vCPUs) carries exactly one fd, the
-//!   worker's end of its ipc socketpair; `wait` (a pid the launcher started) carries none.
+//!   padding). `spawn` (the vCPU worker, guest RAM bytes, vCPUs) and `spawn-blockd` (a block
+//!   back end, guest memory bytes, queues) carry exactly one fd, the worker's end of its ipc
+//!   socketpair; `wait` (a pid the launcher started) carries none.
 //!   Anything else (other size, magic or kind, out-of-range numbers, a wrong number of fds, an
 //!   fd that is not a socket, an unknown pid) is refused and its fds closed;
 //! - `spawn` starts the binary fixed when the launcher was forked (no path ever travels in a
@@ -43,7 +44,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
 use bulkhead_sandbox::launch::Child;
-use bulkhead_sandbox::Params;
+use bulkhead_sandbox::{Params, Role};
 
 use crate::worker::{self, SandboxConfig, WorkerError};
 
@@ -66,6 +67,9 @@ pub const WAIT: u32 = 2;
 /// Request kind: the namespace ids of the launcher itself or of a worker it started (a
 /// landlocked monitor may not read `/proc/PID/ns` of a process outside its landlock domain).
 pub const NAMESPACES: u32 = 3;
+/// Request kind: start a block back end (`bulkhead-blockd`); a = the guest memory it may map
+/// in bytes, b = its queues.
+pub const SPAWN_BLOCKD: u32 = 4;
 /// The namespaces a [`NAMESPACES`] reply lists, in this order (inode 0: unreadable).
 pub const NS_KINDS: [&str; 10] = [
     "cgroup",
@@ -79,8 +83,9 @@ pub const NS_KINDS: [&str; 10] = [
     "user",
     "uts",
 ];
-/// Most workers the launcher keeps unreaped (one runs at a time; a dying one may overlap).
-const MAX_CHILDREN: usize = 8;
+/// Most workers the launcher keeps unreaped: one machine worker and a blockd per disk (at most
+/// 31) run at a time; a dying set may overlap with the next.
+const MAX_CHILDREN: usize = 72;
 /// Guest RAM bounds a request must respect (the command line enforces tighter ones).
 const MAX_MEM_BYTES: u64 = 1 << 46;
 
@@ -124,6 +129,8 @@ pub struct Launcher {
 pub struct LauncherConfig {
     /// The vCPU worker binary.
     pub vcpu_path: PathBuf,
+    /// The block back end binary (`None`: the machine has no disks; requests are refused).
+    pub blockd_path: Option<PathBuf>,
     /// How workers are confined.
     pub sandbox: SandboxConfig,
 }
@@ -264,12 +271,27 @@ impl Launcher {
     /// Asks for a vCPU worker with `ipc` as its channel. The worker is the launcher's child:
     /// supervise it through the pidfd and get its status with [`Launcher::wait`].
     pub fn spawn_vcpu(&self, ipc: OwnedFd, params: Params) -> Result<Child, LauncherError> {
-        let (pid, _, fds, _) = self.call(
-            SPAWN_VCPU,
-            params.mem_bytes,
-            params.vcpus,
-            Some(ipc.as_raw_fd()),
-        )?;
+        self.spawn_worker(Role::Vcpu, ipc, params)
+    }
+
+    /// Asks for a worker of `role` (`Vcpu` or `Blockd`) with `ipc` as its channel.
+    pub fn spawn_worker(
+        &self,
+        role: Role,
+        ipc: OwnedFd,
+        params: Params,
+    ) -> Result<Child, LauncherError> {
+        let (kind, b) = match role {
+            Role::Vcpu => (SPAWN_VCPU, params.vcpus),
+            Role::Blockd => (SPAWN_BLOCKD, params.queues),
+            other => {
+                return Err(LauncherError::Refused(format!(
+                    "the launcher does not start {} workers",
+                    other.name()
+                )))
+            }
+        };
+        let (pid, _, fds, _) = self.call(kind, params.mem_bytes, b, Some(ipc.as_raw_fd()))?;
         drop(ipc);
         let mut fds = fds.into_iter();
         let pidfd = fds
@@ -507,9 +529,17 @@ fn drop_capabilities() -> Result<(), LauncherError> {
 
 /// A request, validated.
 enum Request {
-    Spawn { params: Params, ipc: OwnedFd },
-    Wait { pid: i32 },
-    Namespaces { pid: i32 },
+    Spawn {
+        role: Role,
+        params: Params,
+        ipc: OwnedFd,
+    },
+    Wait {
+        pid: i32,
+    },
+    Namespaces {
+        pid: i32,
+    },
 }
 
 fn parse_request(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Request, String> {
@@ -528,12 +558,20 @@ fn parse_request(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Request, String> {
         return Err("non-zero padding".into());
     }
     match u32_at(4) {
-        SPAWN_VCPU => {
-            if a == 0 || a > MAX_MEM_BYTES {
+        kind @ (SPAWN_VCPU | SPAWN_BLOCKD) => {
+            let role = if kind == SPAWN_VCPU {
+                Role::Vcpu
+            } else {
+                Role::Blockd
+            };
+            if a == 0 || a > 2 * MAX_MEM_BYTES {
                 return Err(format!("guest RAM of {a} bytes"));
             }
-            if b == 0 || b > crate::cli::MAX_VCPUS {
+            if role == Role::Vcpu && (b == 0 || b > crate::cli::MAX_VCPUS) {
                 return Err(format!("{b} vCPUs"));
+            }
+            if role == Role::Blockd && (b == 0 || b > u32::from(crate::block::MAX_QUEUES)) {
+                return Err(format!("{b} queues"));
             }
             if fds.len() != 1 {
                 return Err(format!("{} fds with the request (want 1)", fds.len()));
@@ -547,14 +585,19 @@ fn parse_request(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Request, String> {
             {
                 return Err("the request's fd is not a socket".into());
             }
-            Ok(Request::Spawn {
-                params: Params {
+            let params = match role {
+                Role::Vcpu => Params {
                     mem_bytes: a,
                     vcpus: b,
                     ..Params::default()
                 },
-                ipc,
-            })
+                _ => Params {
+                    mem_bytes: a,
+                    queues: b,
+                    ..Params::default()
+                },
+            };
+            Ok(Request::Spawn { role, params, ipc })
         }
         WAIT => {
             if !fds.is_empty() || b != 0 || a == 0 || a > i32::MAX as u64 {
@@ -612,7 +655,9 @@ fn serve(sock: RawFd, cfg: &LauncherConfig) -> i32 {
         let answer = match recv(sock, &mut buf, 1) {
             Ok((0, _)) => return 0,
             Ok((n, fds)) => match parse_request(&buf[..n], fds) {
-                Ok(Request::Spawn { params, ipc }) => spawn(&mut children, cfg, params, ipc),
+                Ok(Request::Spawn { role, params, ipc }) => {
+                    spawn(&mut children, cfg, role, params, ipc)
+                }
                 Ok(Request::Wait { pid }) => match children.remove(&pid) {
                     Some(mut child) => child
                         .wait()
@@ -645,6 +690,7 @@ fn serve(sock: RawFd, cfg: &LauncherConfig) -> i32 {
 fn spawn(
     children: &mut HashMap<i32, Child>,
     cfg: &LauncherConfig,
+    role: Role,
     params: Params,
     ipc: OwnedFd,
 ) -> Answer {
@@ -654,8 +700,15 @@ fn spawn(
             children.len()
         ));
     }
+    let path = match role {
+        Role::Blockd => cfg
+            .blockd_path
+            .as_deref()
+            .ok_or("launcher: this machine has no disks; no bulkhead-blockd to start")?,
+        _ => cfg.vcpu_path.as_path(),
+    };
     let mut child =
-        worker::launch(&cfg.vcpu_path, ipc, &cfg.sandbox, params).map_err(|e| e.to_string())?;
+        worker::launch(path, role, ipc, &cfg.sandbox, params).map_err(|e| e.to_string())?;
     let pidfd = child
         .pidfd()
         .try_clone_to_owned()

@@ -1,6 +1,8 @@
 //! The Bulkhead monitor (`bulkhead`), as a library the binary wires together.
 //!
 //! - [`cli`]: the QEMU-style command line;
+//! - [`block`]: `-drive`, `-blockdev` and `-device virtio-blk-pci` resolved into the block graph;
+//! - [`disks`]: the images the monitor opens and the `bulkhead-blockd` serving each disk;
 //! - [`daemon`]: `-daemonize` and `-pidfile`;
 //! - [`memory`]: guest RAM as a sealed memfd;
 //! - [`fds`]: fds passed in by clients (per-session `getfd` names, shared `add-fd` sets);
@@ -14,10 +16,12 @@
 //! - [`qmp`]: the QMP server (protocol, sessions, command registry, events);
 //! - [`logging`]: `bulkhead: ...` diagnostics on stderr.
 
+pub mod block;
 pub mod chardev;
 pub mod cli;
 pub mod confine;
 pub mod daemon;
+pub mod disks;
 pub mod fds;
 pub mod info;
 pub mod inspect;

@@ -23,7 +23,7 @@ use bulkhead_monitor::qmp::events::EventBus;
 use bulkhead_monitor::qmp::server::QmpServer;
 use bulkhead_monitor::qmp::session::Shared;
 use bulkhead_monitor::vm::{ExitRequest, GuestSpec, Vm};
-use bulkhead_monitor::{chardev, confine, daemon, logging, memory, qmp, worker};
+use bulkhead_monitor::{chardev, confine, daemon, disks, logging, memory, qmp, worker};
 
 fn main() {
     logging::init();
@@ -102,6 +102,7 @@ fn run(cfg: Config) -> anyhow::Result<i32> {
     if cfg.machine == Machine::Bulkhead && cfg.sandbox != bulkhead_sandbox::Mode::Off {
         let launcher = Launcher::start(LauncherConfig {
             vcpu_path: worker::worker_path(cfg.worker_dir.as_deref(), worker::VCPU_WORKER)?,
+            blockd_path: blockd_path(&cfg)?,
             sandbox: sandbox_config(&cfg),
         })?;
         log::debug!("launcher started (pid {})", launcher.pid());
@@ -122,6 +123,17 @@ fn run(cfg: Config) -> anyhow::Result<i32> {
     worker::stop_launcher();
     drop(pidfile);
     code
+}
+
+/// `bulkhead-blockd`'s path, when the machine has disks to serve.
+fn blockd_path(cfg: &Config) -> anyhow::Result<Option<std::path::PathBuf>> {
+    if cfg.block.config.devices.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(worker::worker_path(
+        cfg.worker_dir.as_deref(),
+        disks::BLOCKD_WORKER,
+    )?))
 }
 
 fn sandbox_config(cfg: &Config) -> worker::SandboxConfig {
@@ -241,6 +253,13 @@ async fn serve(
             }
             Machine::None => (None, Vec::new()),
         };
+        // The disks' images, opened now (before the monitor confines itself).
+        let disks = disks::Disks::open(
+            &cfg.block,
+            &fdsets,
+            blockd_path(&cfg)?,
+            sandbox_config(&cfg),
+        )?;
         // query-chardev: the QMP listeners, then the serial port (if the guest has one).
         let mut chardevs = server.chardevs();
         chardevs.extend(guest.as_ref().and_then(|g| g.serial.chardev()));
@@ -270,6 +289,7 @@ async fn serve(
         }
         drop(paths);
         let (mut vm, handle) = Vm::new(bus.clone(), guest, cfg.no_shutdown, exit.clone());
+        vm.set_disks(disks);
         let info = MachineInfo {
             name: cfg.name.clone(),
             uuid: cfg.uuid.clone(),

@@ -43,6 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::chardev::{reopen_readonly, SerialHost};
+use crate::disks::{BlockView, BlockdExit, Disks, DisksError};
 use crate::memory::GuestMemory;
 use crate::qmp::events::{Event, EventBus, ShutdownCause, WorkerExit};
 use crate::qmp::protocol::QmpError;
@@ -232,6 +233,9 @@ pub enum VmError {
         /// The step.
         what: &'static str,
     },
+    /// A disk's back end could not be started.
+    #[error(transparent)]
+    Disks(#[from] DisksError),
     /// Reopening the kernel or initrd failed.
     #[error("cannot reopen {what}: {source}")]
     Reopen {
@@ -298,6 +302,13 @@ enum Request {
         reply: Reply<Vec<VcpuInfo>>,
     },
     Sandbox(oneshot::Sender<Vec<WorkerSandbox>>),
+    BlockView(oneshot::Sender<BlockView>),
+    BlockResize {
+        device: Option<String>,
+        node_name: Option<String>,
+        size: u64,
+        reply: Reply<()>,
+    },
     Signal(i32),
     Terminate(oneshot::Sender<()>),
 }
@@ -318,6 +329,8 @@ impl std::fmt::Debug for Request {
             Request::Quit(_) => "Quit",
             Request::QueryCpus { .. } => "QueryCpus",
             Request::Sandbox(_) => "Sandbox",
+            Request::BlockView(_) => "BlockView",
+            Request::BlockResize { .. } => "BlockResize",
             Request::Signal(_) => "Signal",
             Request::Terminate(_) => "Terminate",
         })
@@ -387,6 +400,34 @@ impl VmHandle {
         rx.await.map_err(|_| gone())
     }
 
+    /// The block graph with sizes and blockd's counters (`query-block`, `query-blockstats`,
+    /// `query-named-block-nodes`).
+    pub async fn block_view(&self) -> Result<BlockView, QmpError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::BlockView(tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// `block_resize`: blockd resizes the image, then the guest is told (the device's
+    /// configuration-change interrupt).
+    pub async fn block_resize(
+        &self,
+        device: Option<String>,
+        node_name: Option<String>,
+        size: u64,
+    ) -> Result<(), QmpError> {
+        self.ask(|reply| Request::BlockResize {
+            device,
+            node_name,
+            size,
+            reply,
+        })
+        .await
+    }
+
     /// A terminating signal arrived.
     pub async fn signal(&self, signo: i32) {
         let _ = self.tx.send(Request::Signal(signo)).await;
@@ -422,6 +463,7 @@ pub struct Vm {
     bus: Arc<EventBus>,
     guest: Option<GuestSpec>,
     worker: Option<Worker>,
+    disks: Disks,
     no_shutdown: bool,
     exit: ExitRequest,
     rx: mpsc::Receiver<Request>,
@@ -432,6 +474,7 @@ enum Input {
     Event(Result<VcpuEvent, bulkhead_ipc::Error>),
     Exit(std::io::Result<std::process::ExitStatus>),
     KillTimer,
+    Blockd(BlockdExit),
 }
 
 impl Vm {
@@ -450,6 +493,7 @@ impl Vm {
                 bus,
                 guest,
                 worker: None,
+                disks: Disks::empty(),
                 no_shutdown,
                 exit,
                 rx,
@@ -458,11 +502,16 @@ impl Vm {
         )
     }
 
+    /// Gives the actor the machine's disks (opened at start-up; before [`Vm::boot`]).
+    pub fn set_disks(&mut self, disks: Disks) {
+        self.disks = disks;
+    }
+
     /// Starts the worker and builds the VM (if there is a guest), then starts the vCPUs unless
     /// `paused`. Failure here is a startup failure: the monitor exits 1.
     pub async fn boot(&mut self, paused: bool) -> Result<(), VmError> {
         if let Some(guest) = &self.guest {
-            self.worker = Some(start_worker(guest).await?);
+            self.worker = Some(start_worker(guest, &mut self.disks).await?);
         }
         if !paused {
             if let Some(w) = self.worker.as_mut() {
@@ -515,9 +564,13 @@ impl Vm {
                         e = next_event(events) => Input::Event(e),
                         s = child.wait() => Input::Exit(s),
                         _ = sleep_until(kill_at) => Input::KillTimer,
+                        b = self.disks.next_exit() => Input::Blockd(b),
                     }
                 }
-                None => Input::Req(self.rx.recv().await),
+                None => tokio::select! {
+                    r = self.rx.recv() => Input::Req(r),
+                    b = self.disks.next_exit() => Input::Blockd(b),
+                },
             };
             match input {
                 Input::Req(None) => break,
@@ -530,6 +583,7 @@ impl Vm {
                 Input::Event(Ok(ev)) => self.on_event(ev),
                 Input::Event(Err(e)) => self.on_channel_closed(e),
                 Input::Exit(status) => self.on_exit(status),
+                Input::Blockd(e) => self.on_blockd_exit(e),
                 Input::KillTimer => {
                     if let Some(w) = self.worker.as_mut() {
                         log::warn!(
@@ -567,6 +621,21 @@ impl Vm {
             }
             Request::Sandbox(reply) => {
                 let r = self.sandbox().await;
+                let _ = reply.send(r);
+            }
+            Request::BlockView(reply) => {
+                let v = self.disks.view().await;
+                let _ = reply.send(v);
+            }
+            Request::BlockResize {
+                device,
+                node_name,
+                size,
+                reply,
+            } => {
+                let r = self
+                    .block_resize(device.as_deref(), node_name.as_deref(), size)
+                    .await;
                 let _ = reply.send(r);
             }
             Request::Quit(tx) => {
@@ -668,10 +737,70 @@ impl Vm {
         Ok(cpus)
     }
 
+    async fn block_resize(
+        &mut self,
+        device: Option<&str>,
+        node_name: Option<&str>,
+        size: u64,
+    ) -> Result<(), QmpError> {
+        let node = self
+            .disks
+            .find_node(device, node_name)
+            .map_err(QmpError::generic)?;
+        let id = self
+            .disks
+            .resize(node, size)
+            .await
+            .map_err(QmpError::generic)?;
+        // The guest re-reads the capacity on the configuration-change interrupt.
+        if self.worker.is_some() {
+            if let Err(e) = self
+                .call(VcpuRequest::ConfigChanged { id: id.clone() })
+                .await
+            {
+                log::warn!("{id}: resized, but the guest was not told: {}", e.desc);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_blockd_exit(&mut self, e: BlockdExit) {
+        let id = self.disks.device_id(e.device);
+        if !self.disks.on_exit(&e) {
+            log::info!("bulkhead-blockd for {id} (pid {}) {}", e.pid, e.description);
+            return;
+        }
+        log::error!("bulkhead-blockd for {id} (pid {}) {}", e.pid, e.description);
+        use std::os::unix::process::ExitStatusExt;
+        self.bus.emit(&Event::WorkerExited(WorkerExit {
+            role: bulkhead_sandbox::Role::Blockd.name(),
+            pid: e.pid,
+            exit_status: e.status.and_then(|s| s.code()),
+            signal: e.status.and_then(|s| s.signal()).map(worker::signal_name),
+            syscall: e.violation.map(|v| (v.nr, v.name())),
+            description: e.description,
+            device: Some(id),
+        }));
+    }
+
     async fn sandbox(&mut self) -> Vec<WorkerSandbox> {
         let Some(mode) = self.guest.as_ref().map(|g| g.sandbox.mode) else {
             return Vec::new();
         };
+        let mut out = self.vcpu_sandbox(mode).await;
+        for (device, pid) in self.disks.running() {
+            let report = self.disks.sandbox_report(device).await;
+            out.push(WorkerSandbox {
+                role: bulkhead_sandbox::Role::Blockd,
+                pid,
+                mode,
+                report,
+            });
+        }
+        out
+    }
+
+    async fn vcpu_sandbox(&mut self, mode: bulkhead_sandbox::Mode) -> Vec<WorkerSandbox> {
         let cached = match self.worker.as_ref() {
             None => return Vec::new(),
             Some(w) => w.sandbox.clone(),
@@ -737,7 +866,7 @@ impl Vm {
             } else {
                 // The worker is gone (died, or exited after a guest poweroff under
                 // -no-shutdown): a reset builds the machine afresh in a new worker.
-                match start_worker(guest).await {
+                match start_worker(guest, &mut self.disks).await {
                     Ok(w) => {
                         log::info!("restarted bulkhead-vcpu (pid {})", w.pid);
                         self.worker = Some(w);
@@ -836,12 +965,18 @@ impl Vm {
                 signal: status.and_then(|s| s.signal()).map(worker::signal_name),
                 syscall: violation.map(|v| (v.nr, v.name())),
                 description: desc,
+                device: None,
             }));
             self.enter_internal_error();
         }
     }
 
     async fn terminate(&mut self) {
+        self.terminate_vcpu().await;
+        self.disks.quit_all().await;
+    }
+
+    async fn terminate_vcpu(&mut self) {
         let Some(mut w) = self.worker.take() else {
             return;
         };
@@ -884,8 +1019,10 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Spawns the worker, does the handshake and sends `Setup` with the fds in the contract's order.
-async fn start_worker(guest: &GuestSpec) -> Result<Worker, VmError> {
+/// Starts the disks' back ends, spawns the worker, does the handshake and sends `Setup` with the
+/// fds in the contract's order (each disk's vhost-user socket last).
+async fn start_worker(guest: &GuestSpec, disks: &mut Disks) -> Result<Worker, VmError> {
+    let devices = disks.start(guest.memory.size(), guest.vcpus).await?;
     let (mine, theirs) = bulkhead_ipc::channel::seqpacket_pair()
         .map_err(|source| VmError::Ipc { pid: 0, source })?;
     let params = bulkhead_sandbox::Params {
@@ -943,13 +1080,14 @@ async fn start_worker(guest: &GuestSpec) -> Result<Worker, VmError> {
         serial_in: serial_in.is_some(),
         serial_out: serial_out.is_some(),
         no_reboot: guest.no_reboot,
-        devices: Vec::new(),
+        devices: devices.iter().map(|(d, _)| d.clone()).collect(),
     };
     let mut fds: Vec<BorrowedFd<'_>> =
         vec![guest.kvm.as_fd(), guest.memory.as_fd(), kernel.as_fd()];
     fds.extend(initrd.as_ref().map(AsFd::as_fd));
     fds.extend(serial_in);
     fds.extend(serial_out);
+    fds.extend(devices.iter().map(|(_, s)| s.as_fd()));
     let res = tokio::time::timeout(SETUP_TIMEOUT, rpc.call(VcpuRequest::Setup(setup), &fds)).await;
     drop(fds);
     match res {

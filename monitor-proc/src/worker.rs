@@ -282,9 +282,21 @@ pub fn spawn(
     sandbox: &SandboxConfig,
     params: Params,
 ) -> Result<WorkerProcess, WorkerError> {
+    spawn_role(Role::Vcpu, path, ipc, sandbox, params)
+}
+
+/// [`spawn`] for a worker of `role` (`Vcpu` or `Blockd`; the launcher starts the binary it was
+/// given for that role, `path` is used only without a launcher).
+pub fn spawn_role(
+    role: Role,
+    path: &Path,
+    ipc: OwnedFd,
+    sandbox: &SandboxConfig,
+    params: Params,
+) -> Result<WorkerProcess, WorkerError> {
     let (child, launcher) = match LAUNCHER.get() {
-        Some(l) => (l.spawn_vcpu(ipc, params)?, Some(l)),
-        None => (launch(path, ipc, sandbox, params)?, None),
+        Some(l) => (l.spawn_worker(role, ipc, params)?, Some(l)),
+        None => (launch(path, role, ipc, sandbox, params)?, None),
     };
     // The pidfd belongs to `child`, which the AsyncFd owns for its whole life.
     // SAFETY: the Child never closes or replaces its pidfd before it is dropped.
@@ -310,16 +322,22 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// Starts `path` (the launch proper, in the monitor or in its launcher).
+/// Starts `path` as a worker of `role` (the launch proper, in the monitor or in its launcher):
+/// `bulkhead-vcpu --ipc-fd 3 --sandbox MODE --mem-bytes N --vcpus N` or
+/// `bulkhead-blockd --ipc-fd 3 --sandbox MODE --mem-bytes N --queues N`.
 pub fn launch(
     path: &Path,
+    role: Role,
     ipc: OwnedFd,
     sandbox: &SandboxConfig,
     params: Params,
 ) -> Result<Child, WorkerError> {
     let devnull = std::fs::File::open("/dev/null").map_err(WorkerError::Fd)?;
     let mem = params.mem_bytes.to_string();
-    let vcpus = params.vcpus.to_string();
+    let (count_flag, count) = match role {
+        Role::Blockd => ("--queues", params.queues.to_string()),
+        _ => ("--vcpus", params.vcpus.to_string()),
+    };
     let mut with_namespaces = sandbox.mode != Mode::Off;
     if sandbox.mode == Mode::AllowWeak
         && bulkhead_sandbox::features::user_namespaces_blocked().is_some()
@@ -335,8 +353,8 @@ pub fn launch(
             sandbox.mode.name(),
             "--mem-bytes",
             mem.as_str(),
-            "--vcpus",
-            vcpus.as_str(),
+            count_flag,
+            count.as_str(),
         ] {
             cmd.arg(a)?;
         }
@@ -355,7 +373,7 @@ pub fn launch(
         cmd.report_pipe(sandbox.mode != Mode::Off);
         if with_namespaces {
             cmd.namespaces(
-                Role::Vcpu.policy().namespaces,
+                role.policy().namespaces,
                 Some(IdMap::for_current_user(sandbox.ids)?),
             );
         }

@@ -76,6 +76,8 @@ pub struct WorkerExit {
     pub syscall: Option<(i64, Option<&'static str>)>,
     /// How the monitor's log describes the death.
     pub description: String,
+    /// For a back end (blockd): the id of the device it served.
+    pub device: Option<String>,
 }
 
 /// An event Bulkhead emits.
@@ -127,6 +129,9 @@ impl Event {
                 }
                 if let Some(sig) = &w.signal {
                     m.push(("signal", Value::from(sig.as_str())));
+                }
+                if let Some(d) = &w.device {
+                    m.push(("device", Value::from(d.as_str())));
                 }
                 if let Some((nr, name)) = w.syscall {
                     m.push(("syscall", Value::from(nr)));
@@ -380,6 +385,7 @@ mod tests {
             signal: Some("SIGSYS".into()),
             syscall: Some((41, Some("socket"))),
             description: "was killed by signal SIGSYS".into(),
+            device: None,
         })
         .to_line_at(t);
         let v: Value = serde_json::from_str(&line).expect("json");

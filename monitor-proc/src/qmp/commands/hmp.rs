@@ -49,6 +49,7 @@ enum Print {
     Name,
     Chardev,
     Uuid,
+    Block,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -123,6 +124,12 @@ static COMMANDS_HMP: &[HmpCommand] = &[
 
 /// The `info` sub-commands, sorted by name.
 static INFO_HMP: &[HmpCommand] = &[
+    hmp(
+        "block",
+        "[-n] [-v] [device]",
+        "show info of one block device or all block devices (-n: show named nodes; -v: show details)",
+        Action::Qmp("query-block", Print::Block),
+    ),
     hmp(
         "chardev",
         "",
@@ -392,6 +399,70 @@ fn print(out: &mut String, how: Print, v: &Value, current: i64) {
             out.push_str(str_of(v, "UUID"));
             out.push('\n');
         }
+        Print::Block => {
+            for (i, b) in v
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                if i > 0 {
+                    out.push('\n');
+                }
+                let ins = b.get("inserted").unwrap_or(&Value::Null);
+                let device = str_of(b, "device");
+                let node = str_of(ins, "node-name");
+                if device.is_empty() {
+                    out.push_str(node);
+                } else {
+                    out.push_str(&format!("{device} ({node})"));
+                }
+                out.push_str(&format!(
+                    ": {} ({}{})\n",
+                    str_of(ins, "file"),
+                    str_of(ins, "drv"),
+                    if bool_of(ins, "ro") {
+                        ", read-only"
+                    } else {
+                        ""
+                    }
+                ));
+                if let Some(q) = b.get("qdev").and_then(Value::as_str) {
+                    out.push_str(&format!("    Attached to:      {q}\n"));
+                }
+                if bool_of(b, "removable") {
+                    out.push_str(&format!(
+                        "    Removable device: {}locked, tray {}\n",
+                        if bool_of(b, "locked") { "" } else { "not " },
+                        if bool_of(b, "tray_open") {
+                            "open"
+                        } else {
+                            "closed"
+                        }
+                    ));
+                }
+                let cache = ins.get("cache").unwrap_or(&Value::Null);
+                out.push_str(&format!(
+                    "    Cache mode:       {}{}{}\n",
+                    if bool_of(cache, "writeback") {
+                        "writeback"
+                    } else {
+                        "writethrough"
+                    },
+                    if bool_of(cache, "direct") {
+                        ", direct"
+                    } else {
+                        ""
+                    },
+                    if bool_of(cache, "no-flush") {
+                        ", ignore flushes"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+        }
     }
 }
 
@@ -563,7 +634,8 @@ mod tests {
         let info = hmp_none("info").await;
         assert_eq!(info, hmp_none("info   ").await);
         assert_eq!(info, hmp_none("help info").await);
-        assert!(info.starts_with("info chardev  -- show the character devices\r\n"));
+        assert!(info.starts_with("info block [-n] [-v] [device] -- show info of one block device"));
+        assert!(info.contains("info chardev  -- show the character devices\r\n"));
         assert_eq!(info.lines().count(), INFO_HMP.len());
         let all = hmp_none("help").await;
         assert!(all.contains("info [subcommand] -- show various information"));

@@ -17,6 +17,7 @@ use serde_json::{Map, Value};
 use super::protocol::QmpError;
 use super::session::{SessionCtx, Shared};
 
+mod block;
 mod core;
 mod fds;
 mod hmp;
@@ -29,6 +30,7 @@ pub use unsupported::UNSUPPORTED;
 /// Every table of implemented commands; a module per family adds its own.
 const TABLES: &[&[Command]] = &[
     core::COMMANDS,
+    block::COMMANDS,
     fds::COMMANDS,
     introspect::COMMANDS,
     hmp::COMMANDS,

@@ -88,7 +88,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "block_passwd",
         "password-encrypted images are not supported (QEMU dropped this command too)",
     ),
-    ("block_resize", BLOCK),
     ("block_set_io_throttle", BLOCK),
     ("blockdev-add", BLOCK),
     ("blockdev-backup", JOBS),
@@ -174,9 +173,7 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "query-balloon",
         "not implemented yet: Bulkhead has no balloon device (not planned yet)",
     ),
-    ("query-block", BLOCK),
     ("query-block-jobs", JOBS),
-    ("query-blockstats", BLOCK),
     (
         "query-chardev-backends",
         "not implemented yet: not planned yet (the back ends are those of -serial: stdio, file, unix, null, none)",
@@ -212,7 +209,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("query-migrate", MIG),
     ("query-migrate-cache-size", MIG),
     ("query-migrate-capabilities", MIG),
-    ("query-named-block-nodes", BLOCK),
     (
         "query-pci",
         "not implemented yet: Bulkhead has no PCI bus",

@@ -1,0 +1,929 @@
+//! Disks at run time: the image files the monitor opens, and the `bulkhead-blockd` that serves
+//! each `virtio-blk-pci` device.
+//!
+//! At start-up (before the monitor confines itself) every protocol node's file is opened by the
+//! monitor — by path, or from `/dev/fdset/N` ([`crate::fds`]) — read-only when the node is,
+//! with `O_DIRECT` for `cache.direct` (`cache=none`); under `O_DIRECT` a second, buffered
+//! descriptor of the same file (a reopen through `/proc/self/fd`, a new open file description)
+//! serves writes that reach an unaligned end of file. A `-drive` without `format=` is probed as
+//! QEMU does (the qcow2 magic, else raw, with QEMU's warning). A qcow2 image with a backing file
+//! is refused for now.
+//!
+//! Each time the machine worker starts, [`Disks::start`] starts one blockd per device through
+//! the launcher ([`crate::worker::spawn_role`]): its ipc channel, the handshake, then
+//! [`BlockRequest::Setup`] with the image fd(s) and one end of a fresh `socketpair`; the other
+//! end goes to vcpu-proc in `VmSetup.devices`. A supervisor task per blockd waits for its exit
+//! (pidfd) and reports it ([`BlockdExit`]); an exit that is not a clean end of the session
+//! (status 0 after the front end hung up, the monitor asked, or the monitor went) is an
+//! unexpected death: logged with its status or the refused system call, `X_WORKER_EXITED`. The
+//! VM keeps running (the guest sees a disk that stops answering).
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bulkhead_ipc::messages::{
+    BlockProtocol, BlockReply, BlockRequest, BlockSetup, BlockStats, ImageFormat, SandboxReport,
+    VirtioDevice, VirtioKind,
+};
+use bulkhead_ipc::{AsyncChannel, Role as IpcRole, RpcClient};
+use bulkhead_sandbox::seccomp::Violation;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::block::{BlockConfig, Driver, NodeSpec, Resolved};
+use crate::fds::{Access, DupLease, FdSets, OpenSpec};
+use crate::worker::{self, SandboxConfig, WorkerError};
+
+/// The blockd binary's file name.
+pub const BLOCKD_WORKER: &str = "bulkhead-blockd";
+/// How long blockd has for the handshake and the setup.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long blockd has to answer a request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// qcow2's magic (`QFI\xfb`).
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// Errors opening images or starting blockd.
+#[derive(Debug, thiserror::Error)]
+pub enum DisksError {
+    /// An image could not be opened.
+    #[error("could not open disk image '{path}': {source}")]
+    Open {
+        /// As given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An image is not usable as configured.
+    #[error("disk image '{path}': {reason}")]
+    Image {
+        /// As given.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Starting blockd failed.
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    /// blockd failed during start-up.
+    #[error("bulkhead-blockd for {device} (pid {pid}): {reason}")]
+    Start {
+        /// The device.
+        device: String,
+        /// Its pid.
+        pid: u32,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A socketpair could not be made.
+    #[error("socketpair for {0}: {1}")]
+    Socket(String, std::io::Error),
+}
+
+/// One opened protocol node.
+struct Image {
+    file: File,
+    /// Under `O_DIRECT` and writable: the buffered descriptor.
+    tail: Option<File>,
+    /// Keeps an fd-set duplicate registered with its set.
+    _lease: Option<DupLease>,
+    read_only: bool,
+    direct: bool,
+}
+
+/// A node with what the monitor learnt opening it.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    /// As configured.
+    pub spec: NodeSpec,
+    /// Its driver (a probed format for a `-drive` without `format=`).
+    pub driver: Driver,
+    /// The image path as given (of its protocol node).
+    pub filename: String,
+    /// Virtual size in bytes (raw: the file's size; qcow2: the header's).
+    pub virtual_size: u64,
+    /// Bytes allocated on the host.
+    pub actual_size: u64,
+    /// `O_DIRECT`.
+    pub direct: bool,
+    /// `cache.no-flush`.
+    pub no_flush: bool,
+    /// Read-only.
+    pub read_only: bool,
+}
+
+/// What `query-block`, `query-named-block-nodes` and `query-blockstats` report.
+#[derive(Debug, Clone)]
+pub struct BlockView {
+    /// The graph.
+    pub config: BlockConfig,
+    /// Every node, in [`BlockConfig::nodes`] order.
+    pub nodes: Vec<NodeView>,
+    /// Per device: blockd's counters (`None`: no blockd runs for it now).
+    pub stats: Vec<Option<BlockStats>>,
+}
+
+/// How a blockd ended, as its supervisor reports it.
+#[derive(Debug)]
+pub struct BlockdExit {
+    /// The device (index into [`BlockConfig::devices`]).
+    pub device: usize,
+    /// Which start of the machine it belonged to.
+    pub generation: u64,
+    /// Its pid.
+    pub pid: u32,
+    /// Its status, if it could be collected.
+    pub status: Option<std::process::ExitStatus>,
+    /// The log's description of the end.
+    pub description: String,
+    /// A seccomp violation it reported (believed after a SIGSYS death only).
+    pub violation: Option<Violation>,
+}
+
+/// A running blockd.
+struct Blockd {
+    rpc: RpcClient<BlockProtocol>,
+    pid: u32,
+    /// Dropping (or sending) kills it.
+    _kill: oneshot::Sender<()>,
+    sandbox: Option<SandboxReport>,
+}
+
+/// The machine's disks.
+pub struct Disks {
+    resolved: Resolved,
+    images: Vec<Option<Image>>,
+    formats: Vec<Driver>,
+    sizes: Vec<u64>,
+    workers: Vec<Option<Blockd>>,
+    generation: u64,
+    blockd_path: Option<PathBuf>,
+    sandbox: SandboxConfig,
+    exits_tx: mpsc::UnboundedSender<BlockdExit>,
+    exits_rx: mpsc::UnboundedReceiver<BlockdExit>,
+}
+
+impl std::fmt::Debug for Disks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Disks({} devices)", self.resolved.config.devices.len())
+    }
+}
+
+/// The newest fd-set or path open with `O_DIRECT` when asked (and, for a writable direct
+/// image, a buffered reopen first).
+fn open_image(
+    fdsets: &Arc<FdSets>,
+    path: &str,
+    read_only: bool,
+    direct: bool,
+) -> Result<Image, DisksError> {
+    let err = |source| DisksError::Open {
+        path: path.to_string(),
+        source,
+    };
+    let spec = OpenSpec {
+        access: if read_only {
+            Access::ReadOnly
+        } else {
+            Access::ReadWrite
+        },
+        create: false,
+        truncate: false,
+    };
+    let (file, lease) = fdsets
+        .open(Path::new(path), spec)
+        .map_err(|e| err(std::io::Error::other(e.to_string())))?
+        .into_parts();
+    let tail = if direct && !read_only {
+        // A new open file description: O_DIRECT below must not reach it.
+        Some(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags_cloexec()
+                .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+                .map_err(err)?,
+        )
+    } else {
+        None
+    };
+    if direct {
+        // SAFETY: F_GETFL/F_SETFL on an fd we own; integer arguments only.
+        let rc = unsafe {
+            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if fl < 0 {
+                fl
+            } else {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_DIRECT)
+            }
+        };
+        if rc < 0 {
+            return Err(DisksError::Image {
+                path: path.to_string(),
+                reason: format!(
+                    "cache=none needs O_DIRECT, which this file does not allow: {}",
+                    std::io::Error::last_os_error()
+                ),
+            });
+        }
+    }
+    Ok(Image {
+        file,
+        tail,
+        _lease: lease,
+        read_only,
+        direct,
+    })
+}
+
+trait CloexecOpen {
+    fn custom_flags_cloexec(&mut self) -> &mut Self;
+}
+
+impl CloexecOpen for std::fs::OpenOptions {
+    fn custom_flags_cloexec(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_CLOEXEC)
+    }
+}
+
+fn read_at(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    // O_DIRECT needs aligned buffers and lengths: read through the buffered tail or a reopen
+    // instead. Callers pass a file without O_DIRECT.
+    f.read_at(buf, at)
+}
+
+/// The file's size (regular file, or a block device by seeking to its end).
+fn file_size(f: &File) -> std::io::Result<u64> {
+    let md = f.metadata()?;
+    if md.file_type().is_file() {
+        return Ok(md.len());
+    }
+    use std::io::Seek;
+    let mut g = f.try_clone()?;
+    g.seek(std::io::SeekFrom::End(0))
+}
+
+impl Disks {
+    /// No disks (`-M none` without block options, unit tests).
+    pub fn empty() -> Disks {
+        let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        Disks {
+            resolved: Resolved::default(),
+            images: Vec::new(),
+            formats: Vec::new(),
+            sizes: Vec::new(),
+            workers: Vec::new(),
+            generation: 0,
+            blockd_path: None,
+            sandbox: SandboxConfig::default(),
+            exits_tx,
+            exits_rx,
+        }
+    }
+
+    /// Opens every image of `resolved` (at start-up, before the monitor confines itself).
+    /// `blockd_path` is the worker binary (needed only when there are devices).
+    pub fn open(
+        resolved: &Resolved,
+        fdsets: &Arc<FdSets>,
+        blockd_path: Option<PathBuf>,
+        sandbox: SandboxConfig,
+    ) -> Result<Disks, DisksError> {
+        let mut d = Disks::empty();
+        d.resolved = resolved.clone();
+        d.blockd_path = blockd_path;
+        d.sandbox = sandbox;
+        let cfg = &resolved.config;
+        for n in &cfg.nodes {
+            if n.driver != Driver::File {
+                d.images.push(None);
+                continue;
+            }
+            // A format node on top lends its read-only and cache.direct settings.
+            let parent = cfg
+                .nodes
+                .iter()
+                .find(|p| p.file.as_deref() == Some(n.name.as_str()));
+            let read_only =
+                n.read_only || parent.is_some_and(|p| p.read_only && !writable_elsewhere(cfg, n));
+            let direct = n.direct.or(parent.and_then(|p| p.direct)).unwrap_or(false);
+            let path = n.filename.clone().unwrap_or_default();
+            d.images
+                .push(Some(open_image(fdsets, &path, read_only, direct)?));
+        }
+        // Formats (probed where not given) and virtual sizes.
+        for (i, n) in cfg.nodes.iter().enumerate() {
+            let (driver, size) = match n.driver {
+                Driver::File => {
+                    let img = d.images[i].as_ref();
+                    let size = match img {
+                        Some(img) => file_size(&img.file).map_err(|source| DisksError::Open {
+                            path: n.filename.clone().unwrap_or_default(),
+                            source,
+                        })?,
+                        None => 0,
+                    };
+                    (Driver::File, size)
+                }
+                Driver::Format(f) => {
+                    let Some(fi) = cfg
+                        .nodes
+                        .iter()
+                        .position(|c| Some(&c.name) == n.file.as_ref())
+                    else {
+                        continue;
+                    };
+                    let path = cfg.nodes[fi].filename.clone().unwrap_or_default();
+                    let Some(img) = d.images[fi].as_ref() else {
+                        continue;
+                    };
+                    let probe_file = img.tail.as_ref().unwrap_or(&img.file);
+                    let mut head = [0u8; 32];
+                    // Under O_DIRECT without a tail (read-only): reopen buffered to read.
+                    let reopened;
+                    let src = if img.direct && img.tail.is_none() {
+                        reopened =
+                            crate::chardev::reopen_readonly(&img.file).map_err(|source| {
+                                DisksError::Open {
+                                    path: path.clone(),
+                                    source,
+                                }
+                            })?;
+                        &reopened
+                    } else {
+                        probe_file
+                    };
+                    let got = read_at(src, &mut head, 0).unwrap_or(0);
+                    let is_qcow2 = got >= 4 && head[..4] == QCOW2_MAGIC;
+                    let f = if resolved.probe.contains(&n.name) {
+                        let guessed = if is_qcow2 {
+                            ImageFormat::Qcow2
+                        } else {
+                            ImageFormat::Raw
+                        };
+                        log::warn!(
+                            "Image format was not specified for '{path}' and probing guessed {}. \
+                             Specify the format explicitly (format={}) to remove this warning.",
+                            guessed.name(),
+                            guessed.name()
+                        );
+                        guessed
+                    } else {
+                        f
+                    };
+                    let size = match f {
+                        ImageFormat::Raw => {
+                            file_size(&img.file).map_err(|source| DisksError::Open {
+                                path: path.clone(),
+                                source,
+                            })?
+                        }
+                        ImageFormat::Qcow2 => {
+                            if !is_qcow2 || got < 32 {
+                                return Err(DisksError::Image {
+                                    path,
+                                    reason: "Image is not in qcow2 format".into(),
+                                });
+                            }
+                            let be = |r: std::ops::Range<usize>| {
+                                head[r].iter().fold(0u64, |a, &b| a << 8 | u64::from(b))
+                            };
+                            if be(8..16) != 0 {
+                                return Err(DisksError::Image {
+                                    path,
+                                    reason: "backing files for qcow2 images are not supported \
+                                             by bulkhead yet (bulkhead-blockd cannot take them)"
+                                        .into(),
+                                });
+                            }
+                            be(24..32)
+                        }
+                    };
+                    (Driver::Format(f), size)
+                }
+            };
+            d.formats.push(driver);
+            d.sizes.push(size);
+        }
+        if !cfg.devices.is_empty() && d.blockd_path.is_none() {
+            return Err(DisksError::Image {
+                path: String::new(),
+                reason: "no bulkhead-blockd to serve the disks".into(),
+            });
+        }
+        d.workers = cfg.devices.iter().map(|_| None).collect();
+        Ok(d)
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &BlockConfig {
+        &self.resolved.config
+    }
+
+    /// Whether there are devices (blockd workers).
+    pub fn has_devices(&self) -> bool {
+        !self.resolved.config.devices.is_empty()
+    }
+
+    fn node_index(&self, name: &str) -> Option<usize> {
+        self.resolved
+            .config
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+    }
+
+    /// The index of the protocol node under node `i`.
+    fn file_index(&self, i: usize) -> Option<usize> {
+        let n = &self.resolved.config.nodes[i];
+        match n.driver {
+            Driver::File => Some(i),
+            Driver::Format(_) => self.node_index(n.file.as_deref()?),
+        }
+    }
+
+    /// Starts one blockd per device for a machine of `mem_bytes` of RAM and `vcpus` vCPUs, and
+    /// returns the devices for `VmSetup` with the front-end socket of each. A blockd left from a
+    /// previous machine is killed first.
+    pub async fn start(
+        &mut self,
+        mem_bytes: u64,
+        vcpus: u32,
+    ) -> Result<Vec<(VirtioDevice, OwnedFd)>, DisksError> {
+        self.stop_all();
+        self.generation += 1;
+        let mut out = Vec::new();
+        for dev in 0..self.resolved.config.devices.len() {
+            out.push(self.start_one(dev, mem_bytes, vcpus).await?);
+        }
+        Ok(out)
+    }
+
+    async fn start_one(
+        &mut self,
+        dev: usize,
+        mem_bytes: u64,
+        vcpus: u32,
+    ) -> Result<(VirtioDevice, OwnedFd), DisksError> {
+        let cfg = &self.resolved.config;
+        let d = &cfg.devices[dev];
+        let id = cfg.device_id(dev);
+        let top = self
+            .node_index(&cfg.backends[d.backend].node)
+            .ok_or_else(|| DisksError::Image {
+                path: String::new(),
+                reason: format!("device {id} has no node"),
+            })?;
+        let fi = self.file_index(top).ok_or_else(|| DisksError::Image {
+            path: String::new(),
+            reason: format!("device {id} has no image"),
+        })?;
+        let Some(img) = self.images[fi].as_ref() else {
+            return Err(DisksError::Image {
+                path: String::new(),
+                reason: format!("device {id} has no open image"),
+            });
+        };
+        let num_queues = d
+            .num_queues
+            .unwrap_or_else(|| u16::try_from(vcpus).unwrap_or(u16::MAX).clamp(1, 16));
+        let format = match self.formats[top] {
+            Driver::Format(f) => f,
+            Driver::File => ImageFormat::Raw,
+        };
+        let read_only = img.read_only || cfg.nodes[top].read_only;
+        let setup = BlockSetup {
+            id: id.clone(),
+            format,
+            readonly: read_only,
+            direct: img.direct,
+            buffered_tail: img.tail.is_some(),
+            serial: d.serial.clone().unwrap_or_default(),
+            num_queues,
+            backing_files: 0,
+        };
+        let device = VirtioDevice {
+            id: id.clone(),
+            kind: VirtioKind::Block,
+            slot: d.slot.unwrap_or(0),
+            num_queues,
+            queue_size: d.queue_size,
+        };
+        let (front, back) = UnixStream::pair().map_err(|e| DisksError::Socket(id.clone(), e))?;
+        let (mine, theirs) = bulkhead_ipc::channel::seqpacket_pair()
+            .map_err(|e| DisksError::Socket(id.clone(), std::io::Error::other(e.to_string())))?;
+        let path = self.blockd_path.clone().unwrap_or_default();
+        let params = bulkhead_sandbox::Params {
+            // Old and new memory tables may be mapped at once.
+            mem_bytes: mem_bytes.saturating_mul(2),
+            vcpus: 1,
+            queues: u32::from(num_queues),
+        };
+        let mut child = worker::spawn_role(
+            bulkhead_sandbox::Role::Blockd,
+            &path,
+            theirs,
+            &self.sandbox,
+            params,
+        )?;
+        let pid = child.id();
+        log::info!("started {} (pid {pid}) for {id}", path.display());
+        let fail = |reason: String| DisksError::Start {
+            device: id.clone(),
+            pid,
+            reason,
+        };
+        let chan = AsyncChannel::<BlockProtocol>::from_fd(mine).map_err(|e| fail(e.to_string()))?;
+        match tokio::time::timeout(
+            START_TIMEOUT,
+            chan.handshake(IpcRole::Monitor, IpcRole::Block),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                let _ = tokio::time::timeout(Duration::from_millis(500), child.wait()).await;
+                let how = match child.try_wait() {
+                    Ok(Some(s)) => child.describe(s),
+                    _ => e.to_string(),
+                };
+                return Err(fail(format!("handshake: {how}")));
+            }
+            Err(_) => return Err(fail("no handshake within 10 s".into())),
+        }
+        let (rpc, mut events) = RpcClient::new(chan);
+        let mut fds: Vec<BorrowedFd<'_>> = vec![img.file.as_fd(), back.as_fd()];
+        fds.extend(img.tail.as_ref().map(AsFd::as_fd));
+        let r =
+            tokio::time::timeout(START_TIMEOUT, rpc.call(BlockRequest::Setup(setup), &fds)).await;
+        drop(fds);
+        drop(back);
+        let size = match r {
+            Ok(Ok((BlockReply::Ready { size }, _))) => size,
+            Ok(Ok((BlockReply::Error(e), _))) => return Err(fail(e)),
+            Ok(Ok((other, _))) => return Err(fail(format!("unexpected reply {other:?}"))),
+            Ok(Err(e)) => return Err(fail(e.to_string())),
+            Err(_) => return Err(fail("no setup reply within 10 s".into())),
+        };
+        self.sizes[top] = size;
+        // blockd's events: only logged (its exit is what matters, seen by the supervisor).
+        {
+            let id = id.clone();
+            tokio::spawn(async move {
+                while let Some(Ok((ev, _))) = events.recv().await {
+                    log::debug!("bulkhead-blockd for {id}: {ev:?}");
+                }
+            });
+        }
+        let (kill_tx, kill_rx) = oneshot::channel();
+        let exits = self.exits_tx.clone();
+        let generation = self.generation;
+        tokio::spawn(supervise(child, kill_rx, exits, dev, generation, pid));
+        self.workers[dev] = Some(Blockd {
+            rpc,
+            pid,
+            _kill: kill_tx,
+            sandbox: None,
+        });
+        Ok((device, front.into()))
+    }
+
+    /// Kills every running blockd (their supervisors reap them).
+    pub fn stop_all(&mut self) {
+        for w in &mut self.workers {
+            *w = None;
+        }
+    }
+
+    /// Asks every blockd to quit (the monitor is exiting).
+    pub async fn quit_all(&mut self) {
+        for w in self.workers.iter_mut() {
+            if let Some(b) = w.take() {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    b.rpc.call(BlockRequest::Quit, &[]),
+                )
+                .await;
+            }
+        }
+    }
+
+    /// The next blockd exit (pending forever when none comes).
+    pub async fn next_exit(&mut self) -> BlockdExit {
+        match self.exits_rx.recv().await {
+            Some(e) => e,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Handles a blockd exit: forgets the worker if it is the current one; returns whether the
+    /// exit is an unexpected death to report.
+    pub fn on_exit(&mut self, e: &BlockdExit) -> bool {
+        if e.generation != self.generation {
+            return false;
+        }
+        let current = self
+            .workers
+            .get(e.device)
+            .and_then(Option::as_ref)
+            .is_some_and(|w| w.pid == e.pid);
+        if current {
+            self.workers[e.device] = None;
+        }
+        current && !e.status.is_some_and(|s| s.success())
+    }
+
+    /// The device (index) a blockd pid serves, and its id.
+    pub fn device_id(&self, device: usize) -> String {
+        self.resolved.config.device_id(device)
+    }
+
+    /// The running blockds: (device index, pid).
+    pub fn running(&self) -> Vec<(usize, u32)> {
+        self.workers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| w.as_ref().map(|w| (i, w.pid)))
+            .collect()
+    }
+
+    /// A blockd's sandbox report (asked once, then kept).
+    pub async fn sandbox_report(&mut self, device: usize) -> Result<SandboxReport, String> {
+        let Some(w) = self.workers.get_mut(device).and_then(Option::as_mut) else {
+            return Err("not running".into());
+        };
+        if let Some(r) = &w.sandbox {
+            return Ok(r.clone());
+        }
+        match call(&w.rpc, BlockRequest::QuerySandbox).await? {
+            BlockReply::Sandbox(r) => {
+                w.sandbox = Some(r.clone());
+                Ok(r)
+            }
+            other => Err(format!("unexpected reply {other:?}")),
+        }
+    }
+
+    /// A snapshot for the queries, with blockd's counters.
+    pub async fn view(&mut self) -> BlockView {
+        let mut stats = Vec::new();
+        for w in &self.workers {
+            let s = match w {
+                Some(w) => match call(&w.rpc, BlockRequest::QueryStats).await {
+                    Ok(BlockReply::Stats(s)) => Some(s),
+                    Ok(other) => {
+                        log::warn!("bulkhead-blockd (pid {}): stats: {other:?}", w.pid);
+                        None
+                    }
+                    Err(e) => {
+                        log::warn!("bulkhead-blockd (pid {}): stats: {e}", w.pid);
+                        None
+                    }
+                },
+                None => None,
+            };
+            stats.push(s);
+        }
+        let cfg = &self.resolved.config;
+        let nodes = cfg
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let fi = self.file_index(i);
+                let img = fi.and_then(|f| self.images[f].as_ref());
+                let filename = fi
+                    .and_then(|f| cfg.nodes[f].filename.clone())
+                    .unwrap_or_default();
+                let actual_size = img
+                    .and_then(|im| im.file.metadata().ok())
+                    .map_or(0, |m| m.blocks() * 512);
+                NodeView {
+                    spec: n.clone(),
+                    driver: self.formats.get(i).copied().unwrap_or(n.driver),
+                    filename,
+                    virtual_size: self.sizes.get(i).copied().unwrap_or(0),
+                    actual_size,
+                    direct: img.is_some_and(|im| im.direct),
+                    no_flush: n.no_flush,
+                    // As QEMU reports it: the node's own setting (a file node under a
+                    // read-only format node stays `ro: false`, though opened read-only).
+                    read_only: n.read_only,
+                }
+            })
+            .collect();
+        BlockView {
+            config: cfg.clone(),
+            nodes,
+            stats,
+        }
+    }
+
+    /// `block_resize` of the node `node` (a device's root node): blockd resizes the image.
+    /// Returns the device id to tell the front end about.
+    pub async fn resize(&mut self, node: usize, size: u64) -> Result<String, String> {
+        let cfg = &self.resolved.config;
+        let n = &cfg.nodes[node];
+        let fi = self.file_index(node);
+        let ro = n.read_only
+            || fi
+                .and_then(|f| self.images[f].as_ref())
+                .is_some_and(|i| i.read_only);
+        if ro {
+            return Err("Image is read-only".into());
+        }
+        // The device whose backend sits on this node (or on the format node above a file node).
+        let dev = cfg.devices.iter().position(|d| {
+            let top = &cfg.backends[d.backend].node;
+            *top == n.name
+                || cfg
+                    .node(top)
+                    .is_some_and(|t| t.file.as_deref() == Some(n.name.as_str()))
+        });
+        let Some(dev) = dev else {
+            return Err(format!(
+                "bulkhead resizes an image through the bulkhead-blockd of its device; \
+                 node '{}' is not attached to one",
+                n.name
+            ));
+        };
+        let Some(w) = self.workers[dev].as_ref() else {
+            return Err(format!(
+                "the bulkhead-blockd of {} is not running",
+                self.device_id(dev)
+            ));
+        };
+        match call(&w.rpc, BlockRequest::Resize { size }).await? {
+            BlockReply::Ok => {}
+            BlockReply::Error(e) => return Err(e),
+            other => return Err(format!("unexpected reply {other:?}")),
+        }
+        // Every node over the same image has the new size (raw passes it through).
+        let fi = fi.unwrap_or(node);
+        for i in 0..self.sizes.len() {
+            if self.file_index(i) == Some(fi) {
+                self.sizes[i] = size;
+            }
+        }
+        Ok(self.device_id(dev))
+    }
+
+    /// The node a `block_resize` names: `device` (a backend name) or `node-name`, with QEMU's
+    /// error text.
+    pub fn find_node(
+        &self,
+        device: Option<&str>,
+        node_name: Option<&str>,
+    ) -> Result<usize, String> {
+        let cfg = &self.resolved.config;
+        if let Some(dev) = device.filter(|d| !d.is_empty()) {
+            if let Some(b) = cfg.backends.iter().find(|b| b.name == dev) {
+                if let Some(i) = self.node_index(&b.node) {
+                    return Ok(i);
+                }
+            }
+        }
+        if let Some(n) = node_name.filter(|n| !n.is_empty()) {
+            if let Some(i) = self.node_index(n) {
+                return Ok(i);
+            }
+        }
+        Err(format!(
+            "Cannot find device='{}' nor node-name='{}'",
+            device.unwrap_or(""),
+            node_name.unwrap_or("")
+        ))
+    }
+}
+
+/// A file node is opened read-write unless it and every format node on it are read-only.
+fn writable_elsewhere(cfg: &BlockConfig, file: &NodeSpec) -> bool {
+    cfg.nodes
+        .iter()
+        .any(|p| p.file.as_deref() == Some(file.name.as_str()) && !p.read_only)
+}
+
+async fn call(rpc: &RpcClient<BlockProtocol>, req: BlockRequest) -> Result<BlockReply, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, rpc.call(req, &[])).await {
+        Ok(Ok((BlockReply::Error(e), _))) => Err(e),
+        Ok(Ok((r, _))) => Ok(r),
+        Ok(Err(e)) => Err(format!("bulkhead-blockd is gone: {e}")),
+        Err(_) => Err("bulkhead-blockd did not answer".into()),
+    }
+}
+
+/// Waits for one blockd's exit (or kills it when `kill` fires or is dropped) and reports it.
+async fn supervise(
+    mut child: worker::WorkerProcess,
+    kill: oneshot::Receiver<()>,
+    exits: mpsc::UnboundedSender<BlockdExit>,
+    device: usize,
+    generation: u64,
+    pid: u32,
+) {
+    let status = tokio::select! {
+        s = child.wait() => s,
+        _ = kill => {
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    };
+    let (description, violation, status) = match status {
+        Ok(s) => {
+            let (d, v) = child.describe_with_violation(s);
+            (d, v, Some(s))
+        }
+        Err(e) => (format!("could not be waited for ({e})"), None, None),
+    };
+    let _ = exits.send(BlockdExit {
+        device,
+        generation,
+        pid,
+        status,
+        description,
+        violation,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{resolve, BlockArgs, BlockOpt};
+
+    fn tmp(name: &str, bytes: &[u8]) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("bh-disks-{}-{name}", std::process::id()));
+        std::fs::write(&p, bytes).expect("write");
+        p
+    }
+
+    #[test]
+    fn images_are_opened_probed_and_sized() {
+        let raw = tmp("a.raw", &[1u8; 8192]);
+        let mut q = vec![0u8; 512];
+        q[..4].copy_from_slice(&QCOW2_MAGIC);
+        q[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+        let qcow = tmp("b.qcow2", &q);
+        let mut qb = q.clone();
+        qb[8..16].copy_from_slice(&512u64.to_be_bytes());
+        let backed = tmp("c.qcow2", &qb);
+        let args = |items: Vec<(BlockOpt, String)>| resolve(&BlockArgs { items }).expect("resolve");
+        let fdsets = Arc::new(FdSets::default());
+        let r = args(vec![
+            (
+                BlockOpt::Drive,
+                format!("file={},if=none,id=a", raw.display()),
+            ),
+            (
+                BlockOpt::Drive,
+                format!("file={},if=none,id=b,readonly=on", qcow.display()),
+            ),
+        ]);
+        let d = Disks::open(&r, &fdsets, None, SandboxConfig::default()).expect("open");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("rt");
+        let mut d = d;
+        let v = rt.block_on(d.view());
+        let top = |name: &str| {
+            let b = v
+                .config
+                .backends
+                .iter()
+                .find(|b| b.name == name)
+                .expect("b");
+            v.nodes
+                .iter()
+                .find(|n| n.spec.name == b.node)
+                .expect("node")
+                .clone()
+        };
+        assert_eq!(top("a").driver, Driver::Format(ImageFormat::Raw));
+        assert_eq!(top("a").virtual_size, 8192);
+        assert_eq!(top("b").driver, Driver::Format(ImageFormat::Qcow2));
+        assert_eq!(top("b").virtual_size, 1 << 30);
+        assert!(top("b").read_only);
+        assert!(top("a").filename.ends_with("a.raw"));
+        // A backing file is refused for now; a missing file names its path.
+        let r = args(vec![(
+            BlockOpt::Drive,
+            format!("file={},format=qcow2,if=none", backed.display()),
+        )]);
+        let e = Disks::open(&r, &fdsets, None, SandboxConfig::default()).expect_err("backing");
+        assert!(e.to_string().contains("backing files"), "{e}");
+        let r = args(vec![(
+            BlockOpt::Drive,
+            "file=/nonexistent/x,if=none".into(),
+        )]);
+        let e = Disks::open(&r, &fdsets, None, SandboxConfig::default()).expect_err("missing");
+        assert!(e.to_string().contains("/nonexistent/x"), "{e}");
+        for p in [raw, qcow, backed] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! Disks: `-drive`, `-blockdev` and `-device virtio-blk-pci` start one sandboxed
+//! `bulkhead-blockd` per device (the real binary, launched by the monitor's launcher next to the
+//! fake machine worker, which keeps each device's vhost-user socket and logs the devices it was
+//! given); the block queries answer in QEMU 7.2's shapes with blockd's counters; `block_resize`
+//! goes through blockd and tells the machine worker; a blockd that dies is reported and the VM
+//! keeps running.
+//!
+//! Needs `bulkhead-blockd` built next to `bulkhead` (`cargo build -p bulkhead-blockd-proc`);
+//! the tests fail, naming it, when it is missing.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::compare::{converse, differences, start_bulkhead, start_qemu, Compare, Step};
+use common::*;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(20);
+const MIB: u64 = 1 << 20;
+
+/// Links the real `bulkhead-blockd` into the fake worker directory `fake_guest` uses.
+fn link_blockd(s: &Scratch) {
+    let exe = Path::new(BULKHEAD)
+        .parent()
+        .expect("target dir")
+        .join("bulkhead-blockd");
+    assert!(
+        exe.exists(),
+        "{} is missing: build it first (cargo build -p bulkhead-blockd-proc)",
+        exe.display()
+    );
+    let dir = s.path("workers");
+    std::fs::create_dir_all(&dir).expect("worker dir");
+    std::os::unix::fs::symlink(&exe, dir.join("bulkhead-blockd")).expect("symlink");
+}
+
+fn image(s: &Scratch, name: &str, len: u64) -> String {
+    let p = s.path(name);
+    let f = std::fs::File::create(&p).expect("image");
+    f.set_len(len).expect("size");
+    s.s(name)
+}
+
+fn log_has(s: &Scratch, text: &str) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        let log = std::fs::read_to_string(s.path("worker.log")).unwrap_or_default();
+        if log.contains(text) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker.log never said {text:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status_field(pid: u64, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("{key} missing"))
+        .trim()
+        .to_string()
+}
+
+fn blockds(q: &mut Qmp) -> Vec<Value> {
+    let v = q.cmd("x-query-sandbox");
+    v["return"]["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| p["role"] == "blockd")
+        .cloned()
+        .collect()
+}
+
+fn start(s: &Scratch, extra: &[&str]) -> (Monitor, Qmp) {
+    link_blockd(s);
+    let (m, sock) = fake_guest(s, "", extra);
+    let mut q = Qmp::unix(&sock);
+    q.negotiate();
+    (m, q)
+}
+
+#[test]
+fn disks_get_a_sandboxed_blockd_each_and_the_queries_describe_them() {
+    let s = Scratch::new("blk-disks");
+    let a = image(&s, "a.raw", MIB);
+    let b = image(&s, "b.raw", 2 * MIB);
+    let c = image(&s, "c.raw", 3 * MIB);
+    let drive = format!("file={a},format=raw,id=disk0,cache=none,serial=S-A");
+    let blockdev =
+        format!("driver=raw,node-name=n1,file.driver=file,file.filename={b},read-only=on");
+    let spare = format!("file={c},format=raw,if=none,id=spare");
+    let (mut m, mut q) = start(
+        &s,
+        &[
+            "-smp",
+            "2",
+            "-drive",
+            &drive,
+            "-blockdev",
+            &blockdev,
+            "-device",
+            "virtio-blk-pci,drive=n1,id=vd1,num-queues=3,addr=5,queue-size=128",
+            "-drive",
+            &spare,
+        ],
+    );
+    // The machine worker got both devices, each with a vhost-user socket.
+    let log = log_has(&s, "device vd1");
+    assert!(
+        log.contains("device /machine/peripheral-anon/device[0]/virtio-backend Block slot 1 queues 2 size 256"),
+        "{log}"
+    );
+    assert!(
+        log.contains("device vd1 Block slot 5 queues 3 size 128"),
+        "{log}"
+    );
+
+    // Two blockds, confined: own namespaces, pid 1 inside, seccomp, no_new_privs, no
+    // capabilities, landlock reported by blockd itself.
+    let procs = blockds(&mut q);
+    assert_eq!(procs.len(), 2, "{procs:?}");
+    for p in &procs {
+        assert_eq!(p["ns-pid"], 1, "{p}");
+        assert_eq!(p["seccomp"]["mode"], "filter", "{p}");
+        assert_eq!(p["no-new-privs"], true, "{p}");
+        assert_eq!(p["landlock"]["source"], "worker-reported", "{p}");
+        assert!(p["landlock"]["abi"].as_i64().unwrap_or(0) >= 1, "{p}");
+        let pid = p["pid"].as_u64().expect("pid");
+        assert_eq!(status_field(pid, "Seccomp"), "2");
+        assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+        let nspid = status_field(pid, "NSpid");
+        assert!(nspid.ends_with("\t1"), "{nspid}");
+        // RLIMIT_NPROC grows with the queues (2 and 3 queues: 6 and 7).
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+        let nproc = limits
+            .lines()
+            .find(|l| l.starts_with("Max processes"))
+            .expect("nproc");
+        assert!(
+            ["6", "7"].contains(&nproc.split_whitespace().nth(2).unwrap_or("")),
+            "{nproc}"
+        );
+        // It holds no path: no fd of it is an image path outside what it was handed, and its
+        // root is its own empty one.
+        let root = std::fs::read_link(format!("/proc/{pid}/root")).expect("root");
+        assert_eq!(root, Path::new("/"), "its root as we see it");
+    }
+
+    // query-block: the -drive, the spare, then vd1's anonymous backend.
+    let v = q.cmd("query-block")["return"].clone();
+    let list = v.as_array().expect("list");
+    assert_eq!(list.len(), 3, "{v}");
+    let d0 = &list[0];
+    assert_eq!(d0["device"], "disk0");
+    assert_eq!(
+        d0["qdev"],
+        "/machine/peripheral-anon/device[0]/virtio-backend"
+    );
+    assert_eq!(d0["io-status"], "ok");
+    assert_eq!(d0["removable"], false);
+    assert_eq!(d0["type"], "unknown");
+    assert_eq!(d0["inserted"]["drv"], "raw");
+    assert_eq!(d0["inserted"]["file"], a.as_str());
+    assert_eq!(d0["inserted"]["ro"], false);
+    assert_eq!(d0["inserted"]["image"]["virtual-size"], MIB);
+    assert_eq!(
+        d0["inserted"]["cache"],
+        json!({"no-flush": false, "direct": true, "writeback": true})
+    );
+    assert_eq!(list[1]["device"], "spare");
+    assert_eq!(list[1]["removable"], true);
+    assert!(list[1].get("qdev").is_none() && list[1].get("io-status").is_none());
+    assert_eq!(list[2]["device"], "");
+    assert_eq!(list[2]["qdev"], "/machine/peripheral/vd1/virtio-backend");
+    assert_eq!(list[2]["inserted"]["node-name"], "n1");
+    assert_eq!(list[2]["inserted"]["ro"], true);
+    assert_eq!(list[2]["inserted"]["image"]["virtual-size"], 2 * MIB);
+
+    // Every node, newest first; blockstats per backend and per node, zeros so far.
+    let nodes = q.cmd("query-named-block-nodes")["return"].clone();
+    assert_eq!(nodes.as_array().map(Vec::len), Some(6), "{nodes}");
+    assert_eq!(
+        nodes[nodes.as_array().map_or(0, Vec::len) - 1]["drv"],
+        "file"
+    );
+    let st = q.raw(r#"{"execute":"query-blockstats"}"#)["return"].clone();
+    assert_eq!(st.as_array().map(Vec::len), Some(3), "{st}");
+    assert_eq!(st[0]["device"], "disk0");
+    assert_eq!(st[0]["stats"]["rd_operations"], 0);
+    assert_eq!(st[0]["stats"]["account_invalid"], true);
+    assert_eq!(st[0]["parent"]["driver-specific"]["driver"], "file");
+    let st = q.raw(r#"{"execute":"query-blockstats","arguments":{"query-nodes":true}}"#)["return"]
+        .clone();
+    assert_eq!(st.as_array().map(Vec::len), Some(6), "{st}");
+    assert!(st
+        .as_array()
+        .expect("list")
+        .iter()
+        .all(|e| e.get("device").is_none()));
+
+    // block_resize through blockd; the machine worker is told.
+    let r = q.raw(r#"{"execute":"block_resize","arguments":{"device":"disk0","size":2097152}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(std::fs::metadata(&a).expect("a").len(), 2 * MIB);
+    log_has(
+        &s,
+        "config changed /machine/peripheral-anon/device[0]/virtio-backend",
+    );
+    let v = q.cmd("query-block")["return"].clone();
+    assert_eq!(v[0]["inserted"]["image"]["virtual-size"], 2 * MIB);
+    for (args, err) in [
+        (r#"{"node-name":"n1","size":4096}"#, "Image is read-only"),
+        (
+            r#"{"device":"nope","size":4096}"#,
+            "Cannot find device='nope' nor node-name=''",
+        ),
+        (r#"{"size":4096}"#, "Cannot find device='' nor node-name=''"),
+        (
+            r#"{"device":"disk0","size":-1}"#,
+            "Parameter 'size' expects a >0 size",
+        ),
+    ] {
+        let r = q.raw(&format!(
+            r#"{{"execute":"block_resize","arguments":{args}}}"#
+        ));
+        assert_eq!(error_desc(&r), err, "{args}");
+    }
+    let r = q.raw(r#"{"execute":"block_resize","arguments":{"device":"spare","size":4096}}"#);
+    assert!(error_desc(&r).contains("not attached"), "{r}");
+
+    // HMP.
+    let r =
+        q.raw(r#"{"execute":"human-monitor-command","arguments":{"command-line":"info block"}}"#);
+    let text = r["return"].as_str().expect("text");
+    assert!(
+        text.starts_with(&format!(
+            "disk0 (#block005): {a} (raw)\r\n    Attached to:      \
+             /machine/peripheral-anon/device[0]/virtio-backend\r\n    Cache mode:       \
+             writeback, direct\r\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("n1: {b} (raw, read-only)\r\n")),
+        "{text}"
+    );
+
+    // quit: the blockds go with the monitor, cleanly (no X_WORKER_EXITED, no violation).
+    let pids: Vec<u64> = procs.iter().filter_map(|p| p["pid"].as_u64()).collect();
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success(), "{}", m.stderr());
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "blockd {pid} left"
+        );
+    }
+    let err = m.stderr();
+    assert!(
+        !err.contains("X_WORKER_EXITED") && !err.contains("SECCOMP"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_blockd_that_dies_is_reported_and_the_vm_keeps_running() {
+    let s = Scratch::new("blk-death");
+    let a = image(&s, "a.raw", MIB);
+    let drive = format!("file={a},format=raw,id=disk0");
+    let (mut m, mut q) = start(&s, &["-drive", &drive]);
+    log_has(&s, "device /machine/peripheral-anon/device[0]");
+    let procs = blockds(&mut q);
+    assert_eq!(procs.len(), 1);
+    let pid = procs[0]["pid"].as_u64().expect("pid") as i32;
+    // SAFETY: kill(2) of the blockd the monitor started (its pid, just read from the monitor).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let ev = q.event("X_WORKER_EXITED");
+    assert_eq!(ev["data"]["role"], "blockd", "{ev}");
+    assert_eq!(ev["data"]["pid"], pid, "{ev}");
+    assert_eq!(ev["data"]["signal"], "SIGKILL", "{ev}");
+    assert_eq!(
+        ev["data"]["device"], "/machine/peripheral-anon/device[0]/virtio-backend",
+        "{ev}"
+    );
+    assert_eq!(ev["data"]["sandbox-violation"], false);
+    // The VM runs on; the disk is still described; its counters are gone with blockd.
+    assert_eq!(q.status(), "running");
+    assert!(blockds(&mut q).is_empty());
+    let st = q.cmd("query-blockstats")["return"].clone();
+    assert_eq!(st[0]["stats"]["wr_operations"], 0, "{st}");
+    m.wait_stderr("bulkhead-blockd for", T);
+    assert!(
+        m.stderr().contains("was killed by signal SIGKILL"),
+        "{}",
+        m.stderr()
+    );
+    // The disk stays without a back end while this machine worker lives (a new blockd needs a
+    // new vhost-user connection, which the machine only makes when it is built); quit still
+    // ends everything cleanly.
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success());
+}
+
+#[test]
+fn bad_disk_options_are_refused_at_start() {
+    let s = Scratch::new("blk-bad");
+    let a = image(&s, "a.raw", MIB);
+    for (args, err) in [
+        (
+            vec!["-drive".to_string(), format!("file={a},if=scsi")],
+            "if=scsi is not supported by bulkhead",
+        ),
+        (
+            vec!["-device".into(), "virtio-blk-pci,drive=nope".into()],
+            "Property 'virtio-blk-pci.drive' can't find value 'nope'",
+        ),
+        (
+            vec!["-drive".into(), "file=/nonexistent/disk.raw".into()],
+            "could not open disk image '/nonexistent/disk.raw'",
+        ),
+        (
+            vec!["-device".into(), "e1000".into()],
+            "device 'e1000' is not supported by bulkhead",
+        ),
+    ] {
+        let k = s.path("vmlinux");
+        std::fs::write(&k, b"kernel").expect("kernel");
+        let mut all = vec!["-kernel".to_string(), s.s("vmlinux")];
+        all.extend(args);
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let (st, stderr) = run_to_end(&refs);
+        assert_eq!(st.code(), Some(1), "{all:?}: {stderr}");
+        assert!(stderr.contains(err), "{all:?}: {stderr}");
+    }
+}
+
+/// QEMU 7.2 and Bulkhead (`-M none`: no devices, `-drive if=none` and `-blockdev` only) give
+/// the block queries the same shape: the same members (in QEMU's order), the same kinds of
+/// values; names, paths and sizes may differ (QEMU draws node names at random).
+#[test]
+fn block_queries_have_qemu_7_2_s_shape() {
+    let s = Scratch::new("blk-qemu");
+    let a = image(&s, "a.raw", MIB);
+    let b = image(&s, "b.raw", 2 * MIB);
+    let drive = format!("file={a},format=raw,if=none,id=drv0,cache=none");
+    let bd1 = format!("driver=file,node-name=f0,filename={b}");
+    let bd2 = "driver=raw,node-name=disk1,file=f0,read-only=on".to_string();
+    let args = ["-drive", &drive, "-blockdev", &bd1, "-blockdev", &bd2];
+    let (_qemu, qemu_sock) = start_qemu(&s, &args);
+    let (_bh, bh_sock) = start_bulkhead(&s, &args);
+    let steps: &[Step] = &[
+        (
+            "negotiate",
+            r#"{"execute":"qmp_capabilities"}"#,
+            Compare::Exact,
+        ),
+        (
+            "query-block",
+            r#"{"execute":"query-block"}"#,
+            Compare::Shape,
+        ),
+        (
+            "named nodes",
+            r#"{"execute":"query-named-block-nodes"}"#,
+            Compare::Shape,
+        ),
+        (
+            "named nodes, flat",
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+            Compare::Shape,
+        ),
+        (
+            "blockstats",
+            r#"{"execute":"query-blockstats"}"#,
+            Compare::Shape,
+        ),
+        (
+            "blockstats of nodes",
+            r#"{"execute":"query-blockstats","arguments":{"query-nodes":true}}"#,
+            Compare::Shape,
+        ),
+        (
+            "resize of nothing",
+            r#"{"execute":"block_resize","arguments":{"device":"x","node-name":"y","size":1}}"#,
+            Compare::Exact,
+        ),
+        (
+            "resize, negative",
+            r#"{"execute":"block_resize","arguments":{"device":"drv0","size":-5}}"#,
+            Compare::Exact,
+        ),
+        (
+            "resize of a read-only node",
+            r#"{"execute":"block_resize","arguments":{"node-name":"disk1","size":4096}}"#,
+            Compare::Exact,
+        ),
+    ];
+    let theirs = converse(&mut Qmp::unix(&qemu_sock), steps);
+    let ours = converse(&mut Qmp::unix(&bh_sock), steps);
+    let diffs = differences(steps, &theirs, &ours);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    // Member order too (Bulkhead orders members as QEMU's QDict does).
+    let keys = |l: &str| -> Vec<String> {
+        let v: Value = serde_json::from_str(l).expect("json");
+        let first = &v["return"][0];
+        first
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    for i in 1..=5 {
+        assert_eq!(
+            keys(&theirs[i][0]),
+            keys(&ours[i][0]),
+            "step {}",
+            steps[i].0
+        );
+    }
+}
