@@ -46,6 +46,193 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// qcow2's magic (`QFI\xfb`).
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+/// Bytes of an image's start read for its header, extensions and backing file name.
+const HEADER_READ: usize = 64 * 1024;
+/// Most backing files under one image (blockd's limit).
+const MAX_CHAIN: usize = 32;
+/// qcow2's backing format header extension.
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+
+/// One backing file of a qcow2 image, opened by the monitor (read-only).
+struct Backing {
+    /// The name its parent's header gives it.
+    name: String,
+    file: File,
+}
+
+/// What the monitor needs of a qcow2 header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Qcow2Info {
+    size: u64,
+    /// Backing file name and recorded format.
+    backing: Option<(String, Option<String>)>,
+}
+
+fn be(b: &[u8], at: usize, n: usize) -> Option<u64> {
+    Some(
+        b.get(at..at.checked_add(n)?)?
+            .iter()
+            .fold(0u64, |a, &x| a << 8 | u64::from(x)),
+    )
+}
+
+/// Parses a qcow2 header (v2 or v3) from the image's first bytes: size, backing file name and
+/// the backing format extension. Everything is bounds-checked against `head`.
+fn qcow2_info(head: &[u8]) -> Result<Qcow2Info, String> {
+    let bad = || "Image is not in qcow2 format (or its header is damaged)".to_string();
+    if head.get(..4) != Some(&QCOW2_MAGIC[..]) {
+        return Err(bad());
+    }
+    let version = be(head, 4, 4).ok_or_else(bad)?;
+    let size = be(head, 24, 8).ok_or_else(bad)?;
+    let name_off = be(head, 8, 8).ok_or_else(bad)?;
+    let name_len = be(head, 16, 4).ok_or_else(bad)?;
+    let header_len = match version {
+        2 => 72,
+        3 => be(head, 100, 4).ok_or_else(bad)?,
+        v => return Err(format!("qcow2 version {v} is not supported")),
+    };
+    let mut format = None;
+    let mut at = usize::try_from(header_len).map_err(|_| bad())?;
+    // Extensions: type, length, data padded to 8 bytes, until type 0.
+    for _ in 0..64 {
+        let (Some(ty), Some(len)) = (be(head, at, 4), be(head, at.saturating_add(4), 4)) else {
+            break;
+        };
+        if ty == 0 {
+            break;
+        }
+        let len = usize::try_from(len).map_err(|_| bad())?;
+        let start = at.checked_add(8).ok_or_else(bad)?;
+        let data = head
+            .get(start..start.checked_add(len).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
+        if ty == u64::from(EXT_BACKING_FORMAT) {
+            format = Some(String::from_utf8_lossy(data).into_owned());
+        }
+        at = start.checked_add(len.div_ceil(8) * 8).ok_or_else(bad)?;
+    }
+    let backing = if name_off == 0 {
+        None
+    } else {
+        if name_len == 0 || name_len > 1023 {
+            return Err(bad());
+        }
+        let o = usize::try_from(name_off).map_err(|_| bad())?;
+        let n = usize::try_from(name_len).map_err(|_| bad())?;
+        let name = head
+            .get(o..o.checked_add(n).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
+        Some((String::from_utf8_lossy(name).into_owned(), format))
+    };
+    Ok(Qcow2Info { size, backing })
+}
+
+/// Opens the backing chain of the qcow2 image at `path` whose header names `first`: each file
+/// read-only (and `O_DIRECT` under `direct`), a relative name taken next to the image naming
+/// it (QEMU's rule), the format its parent records (an unrecorded one is refused rather than
+/// probed: probing is how a guest-written header in a raw image could name host files), at
+/// most [`MAX_CHAIN`] files, none twice.
+fn open_chain(
+    path: &str,
+    first: &(String, Option<String>),
+    direct: bool,
+    image_id: (u64, u64),
+) -> Result<Vec<Backing>, DisksError> {
+    let mut chain: Vec<Backing> = Vec::new();
+    let mut seen = vec![image_id];
+    let mut parent = path.to_string();
+    let mut next = Some(first.clone());
+    while let Some((name, format)) = next.take() {
+        let err = |reason: String| DisksError::Image {
+            path: parent.clone(),
+            reason,
+        };
+        if chain.len() >= MAX_CHAIN {
+            return Err(err(format!(
+                "a backing chain deeper than {MAX_CHAIN} images"
+            )));
+        }
+        let Some(format) = format else {
+            return Err(err(format!(
+                "backing file {name:?}: the image records no backing format (set it with \
+                 `qemu-img rebase -u -F raw|qcow2 -b NAME`)"
+            )));
+        };
+        let bpath = if Path::new(&name).is_absolute() {
+            PathBuf::from(&name)
+        } else if parent.starts_with("/dev/fdset/") {
+            return Err(err(format!(
+                "backing file {name:?} is relative to an image passed as an fd; give the \
+                 image by path or rebase it on an absolute name"
+            )));
+        } else {
+            Path::new(&parent)
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(&name)
+        };
+        let bstr = bpath.display().to_string();
+        let file = File::open(&bpath).map_err(|source| DisksError::Open {
+            path: bstr.clone(),
+            source,
+        })?;
+        let md = file.metadata().map_err(|source| DisksError::Open {
+            path: bstr.clone(),
+            source,
+        })?;
+        if seen.contains(&(md.dev(), md.ino())) {
+            return Err(err(format!("backing chain loop: {bstr} appears twice")));
+        }
+        seen.push((md.dev(), md.ino()));
+        match format.as_str() {
+            "raw" => {}
+            "qcow2" => {
+                let mut head = vec![0u8; HEADER_READ];
+                let got = read_at(&file, &mut head, 0).map_err(|source| DisksError::Open {
+                    path: bstr.clone(),
+                    source,
+                })?;
+                let info = qcow2_info(&head[..got]).map_err(|reason| DisksError::Image {
+                    path: bstr.clone(),
+                    reason,
+                })?;
+                next = info.backing;
+            }
+            other => {
+                return Err(err(format!(
+                    "backing file {name:?} has format {other:?} (raw or qcow2 only)"
+                )))
+            }
+        }
+        if direct {
+            set_direct(&file).map_err(|e| DisksError::Image {
+                path: bstr.clone(),
+                reason: format!("cache=none needs O_DIRECT: {e}"),
+            })?;
+        }
+        parent = bstr;
+        chain.push(Backing { name, file });
+    }
+    Ok(chain)
+}
+
+fn set_direct(f: &File) -> std::io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an fd we own; integer arguments only.
+    let rc = unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 {
+            fl
+        } else {
+            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl | libc::O_DIRECT)
+        }
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
 
 /// Errors opening images or starting blockd.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +301,10 @@ pub struct NodeView {
     pub no_flush: bool,
     /// Read-only.
     pub read_only: bool,
+    /// A qcow2 image's backing file, as its header names it.
+    pub backing_file: Option<String>,
+    /// Images below it (its backing chain's length).
+    pub backing_depth: usize,
 }
 
 /// What `query-block`, `query-named-block-nodes` and `query-blockstats` report.
@@ -159,6 +350,8 @@ pub struct Disks {
     images: Vec<Option<Image>>,
     formats: Vec<Driver>,
     sizes: Vec<u64>,
+    /// Per node: a qcow2 format node's backing chain, outermost first.
+    chains: Vec<Vec<Backing>>,
     workers: Vec<Option<Blockd>>,
     generation: u64,
     blockd_path: Option<PathBuf>,
@@ -212,24 +405,10 @@ fn open_image(
         None
     };
     if direct {
-        // SAFETY: F_GETFL/F_SETFL on an fd we own; integer arguments only.
-        let rc = unsafe {
-            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-            if fl < 0 {
-                fl
-            } else {
-                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_DIRECT)
-            }
-        };
-        if rc < 0 {
-            return Err(DisksError::Image {
-                path: path.to_string(),
-                reason: format!(
-                    "cache=none needs O_DIRECT, which this file does not allow: {}",
-                    std::io::Error::last_os_error()
-                ),
-            });
-        }
+        set_direct(&file).map_err(|e| DisksError::Image {
+            path: path.to_string(),
+            reason: format!("cache=none needs O_DIRECT, which this file does not allow: {e}"),
+        })?;
     }
     Ok(Image {
         file,
@@ -278,6 +457,7 @@ impl Disks {
             images: Vec::new(),
             formats: Vec::new(),
             sizes: Vec::new(),
+            chains: Vec::new(),
             workers: Vec::new(),
             generation: 0,
             blockd_path: None,
@@ -319,6 +499,7 @@ impl Disks {
         }
         // Formats (probed where not given) and virtual sizes.
         for (i, n) in cfg.nodes.iter().enumerate() {
+            let mut chain_here = Vec::new();
             let (driver, size) = match n.driver {
                 Driver::File => {
                     let img = d.images[i].as_ref();
@@ -344,7 +525,7 @@ impl Disks {
                         continue;
                     };
                     let probe_file = img.tail.as_ref().unwrap_or(&img.file);
-                    let mut head = [0u8; 32];
+                    let mut head = vec![0u8; HEADER_READ];
                     // Under O_DIRECT without a tail (read-only): reopen buffered to read.
                     let reopened;
                     let src = if img.direct && img.tail.is_none() {
@@ -391,18 +572,21 @@ impl Disks {
                                     reason: "Image is not in qcow2 format".into(),
                                 });
                             }
-                            let be = |r: std::ops::Range<usize>| {
-                                head[r].iter().fold(0u64, |a, &b| a << 8 | u64::from(b))
-                            };
-                            if be(8..16) != 0 {
-                                return Err(DisksError::Image {
-                                    path,
-                                    reason: "backing files for qcow2 images are not supported \
-                                             by bulkhead yet (bulkhead-blockd cannot take them)"
-                                        .into(),
-                                });
+                            let info =
+                                qcow2_info(&head[..got]).map_err(|reason| DisksError::Image {
+                                    path: path.clone(),
+                                    reason,
+                                })?;
+                            if let Some(b) = &info.backing {
+                                let md =
+                                    img.file.metadata().map_err(|source| DisksError::Open {
+                                        path: path.clone(),
+                                        source,
+                                    })?;
+                                let chain = open_chain(&path, b, img.direct, (md.dev(), md.ino()))?;
+                                chain_here = chain;
                             }
-                            be(24..32)
+                            info.size
                         }
                     };
                     (Driver::Format(f), size)
@@ -410,6 +594,7 @@ impl Disks {
             };
             d.formats.push(driver);
             d.sizes.push(size);
+            d.chains.push(chain_here);
         }
         if !cfg.devices.is_empty() && d.blockd_path.is_none() {
             return Err(DisksError::Image {
@@ -498,6 +683,7 @@ impl Disks {
             Driver::File => ImageFormat::Raw,
         };
         let read_only = img.read_only || cfg.nodes[top].read_only;
+        let chain = &self.chains[top];
         let setup = BlockSetup {
             id: id.clone(),
             format,
@@ -506,7 +692,7 @@ impl Disks {
             buffered_tail: img.tail.is_some(),
             serial: d.serial.clone().unwrap_or_default(),
             num_queues,
-            backing_files: 0,
+            backing_files: u32::try_from(chain.len()).unwrap_or(u32::MAX),
         };
         let device = VirtioDevice {
             id: id.clone(),
@@ -560,6 +746,7 @@ impl Disks {
         let (rpc, mut events) = RpcClient::new(chan);
         let mut fds: Vec<BorrowedFd<'_>> = vec![img.file.as_fd(), back.as_fd()];
         fds.extend(img.tail.as_ref().map(AsFd::as_fd));
+        fds.extend(chain.iter().map(|b| b.file.as_fd()));
         let r =
             tokio::time::timeout(START_TIMEOUT, rpc.call(BlockRequest::Setup(setup), &fds)).await;
         drop(fds);
@@ -715,6 +902,12 @@ impl Disks {
                     // As QEMU reports it: the node's own setting (a file node under a
                     // read-only format node stays `ro: false`, though opened read-only).
                     read_only: n.read_only,
+                    backing_file: self
+                        .chains
+                        .get(i)
+                        .and_then(|c| c.first())
+                        .map(|b| b.name.clone()),
+                    backing_depth: self.chains.get(i).map_or(0, Vec::len),
                 }
             })
             .collect();
@@ -856,22 +1049,34 @@ mod tests {
     use super::*;
     use crate::block::{resolve, BlockArgs, BlockOpt};
 
+    /// A scratch directory of this test process.
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("bh-disks-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("dir");
+        d
+    }
+
     fn tmp(name: &str, bytes: &[u8]) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("bh-disks-{}-{name}", std::process::id()));
+        let p = dir().join(name);
         std::fs::write(&p, bytes).expect("write");
         p
+    }
+
+    /// A qcow2 v3 header (no tables: the monitor reads only the header) of `size` bytes.
+    fn qcow2_header(size: u64) -> Vec<u8> {
+        let mut q = vec![0u8; 4096];
+        q[..4].copy_from_slice(&QCOW2_MAGIC);
+        q[4..8].copy_from_slice(&3u32.to_be_bytes());
+        q[20..24].copy_from_slice(&16u32.to_be_bytes());
+        q[24..32].copy_from_slice(&size.to_be_bytes());
+        q[100..104].copy_from_slice(&104u32.to_be_bytes());
+        q
     }
 
     #[test]
     fn images_are_opened_probed_and_sized() {
         let raw = tmp("a.raw", &[1u8; 8192]);
-        let mut q = vec![0u8; 512];
-        q[..4].copy_from_slice(&QCOW2_MAGIC);
-        q[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
-        let qcow = tmp("b.qcow2", &q);
-        let mut qb = q.clone();
-        qb[8..16].copy_from_slice(&512u64.to_be_bytes());
-        let backed = tmp("c.qcow2", &qb);
+        let qcow = tmp("b.qcow2", &qcow2_header(1 << 30));
         let args = |items: Vec<(BlockOpt, String)>| resolve(&BlockArgs { items }).expect("resolve");
         let fdsets = Arc::new(FdSets::default());
         let r = args(vec![
@@ -884,11 +1089,10 @@ mod tests {
                 format!("file={},if=none,id=b,readonly=on", qcow.display()),
             ),
         ]);
-        let d = Disks::open(&r, &fdsets, None, SandboxConfig::default()).expect("open");
+        let mut d = Disks::open(&r, &fdsets, None, SandboxConfig::default()).expect("open");
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("rt");
-        let mut d = d;
         let v = rt.block_on(d.view());
         let top = |name: &str| {
             let b = v
@@ -909,21 +1113,78 @@ mod tests {
         assert_eq!(top("b").virtual_size, 1 << 30);
         assert!(top("b").read_only);
         assert!(top("a").filename.ends_with("a.raw"));
-        // A backing file is refused for now; a missing file names its path.
+        assert_eq!(top("b").backing_depth, 0);
+
+        // A backing file named without a recorded format is refused, not probed.
+        let mut qb = qcow2_header(1 << 20);
+        qb[8..16].copy_from_slice(&400u64.to_be_bytes());
+        qb[16..20].copy_from_slice(&5u32.to_be_bytes());
+        qb[400..405].copy_from_slice(b"a.raw");
+        let backed = tmp("c.qcow2", &qb);
         let r = args(vec![(
             BlockOpt::Drive,
             format!("file={},format=qcow2,if=none", backed.display()),
         )]);
-        let e = Disks::open(&r, &fdsets, None, SandboxConfig::default()).expect_err("backing");
-        assert!(e.to_string().contains("backing files"), "{e}");
+        let e = Disks::open(&r, &fdsets, None, SandboxConfig::default()).expect_err("no format");
+        assert!(e.to_string().contains("records no backing format"), "{e}");
+        // With the format recorded (extension 0xe2792aca) the chain is opened: a.raw, named
+        // relative to the image.
+        qb[104..108].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        qb[108..112].copy_from_slice(&3u32.to_be_bytes());
+        qb[112..115].copy_from_slice(b"raw");
+        std::fs::write(&backed, &qb).expect("write");
+        let d = Disks::open(&r, &fdsets, None, SandboxConfig::default()).expect("chain");
+        let i = d.node_index(&d.config().backends[0].node).expect("node");
+        assert_eq!(d.chains[i].len(), 1);
+        assert_eq!(d.chains[i][0].name, "a.raw");
+        // A chain that comes back to itself is refused.
+        let mut looped = qcow2_header(1 << 20);
+        looped[8..16].copy_from_slice(&400u64.to_be_bytes());
+        looped[16..20].copy_from_slice(&7u32.to_be_bytes());
+        looped[400..407].copy_from_slice(b"d.qcow2");
+        looped[104..108].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        looped[108..112].copy_from_slice(&5u32.to_be_bytes());
+        looped[112..117].copy_from_slice(b"qcow2");
+        let d_path = tmp("d.qcow2", &looped);
+        let r = args(vec![(
+            BlockOpt::Drive,
+            format!("file={},format=qcow2,if=none", d_path.display()),
+        )]);
+        let e = Disks::open(&r, &fdsets, None, SandboxConfig::default()).expect_err("loop");
+        assert!(e.to_string().contains("loop"), "{e}");
+        // A missing file names its path.
         let r = args(vec![(
             BlockOpt::Drive,
             "file=/nonexistent/x,if=none".into(),
         )]);
         let e = Disks::open(&r, &fdsets, None, SandboxConfig::default()).expect_err("missing");
         assert!(e.to_string().contains("/nonexistent/x"), "{e}");
-        for p in [raw, qcow, backed] {
-            let _ = std::fs::remove_file(p);
-        }
+        let _ = std::fs::remove_dir_all(dir());
+    }
+
+    #[test]
+    fn qcow2_headers_are_parsed_within_bounds() {
+        assert!(qcow2_info(b"QFI").is_err());
+        assert!(qcow2_info(&[0u8; 512]).is_err());
+        let mut h = qcow2_header(5 << 20);
+        assert_eq!(
+            qcow2_info(&h),
+            Ok(Qcow2Info {
+                size: 5 << 20,
+                backing: None
+            })
+        );
+        // A backing name past the buffer, or too long, is an error, never a panic.
+        h[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+        h[16..20].copy_from_slice(&5u32.to_be_bytes());
+        assert!(qcow2_info(&h).is_err());
+        h[8..16].copy_from_slice(&400u64.to_be_bytes());
+        h[16..20].copy_from_slice(&5000u32.to_be_bytes());
+        assert!(qcow2_info(&h).is_err());
+        // An extension longer than the buffer.
+        let mut e = qcow2_header(1);
+        e[104..108].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        e[108..112].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(qcow2_info(&e).is_err());
     }
 }

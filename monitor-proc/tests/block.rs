@@ -425,3 +425,34 @@ fn block_queries_have_qemu_7_2_s_shape() {
         );
     }
 }
+
+#[test]
+fn a_qcow2_disk_is_served_on_a_backing_chain_the_monitor_opened() {
+    let s = Scratch::new("blk-qcow2");
+    let base = image(&s, "base.raw", 4 * MIB);
+    let top = s.s("top.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args([
+            "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw", &top,
+        ])
+        .status()
+        .expect("qemu-img (Debian's qemu-utils) is needed");
+    assert!(st.success());
+    let drive = format!("file={top},format=qcow2,id=q0,cache=none");
+    let (mut m, mut q) = start(&s, &["-drive", &drive]);
+    log_has(&s, "device /machine/peripheral-anon/device[0]");
+    assert_eq!(blockds(&mut q).len(), 1);
+    let v = q.cmd("query-block")["return"].clone();
+    let ins = &v[0]["inserted"];
+    assert_eq!(ins["drv"], "qcow2", "{v}");
+    assert_eq!(ins["backing_file"], "base.raw", "{v}");
+    assert_eq!(ins["backing_file_depth"], 1, "{v}");
+    assert_eq!(ins["image"]["virtual-size"], 4 * MIB, "{v}");
+    assert_eq!(ins["cache"]["direct"], true, "{v}");
+    let _ = base;
+    // qcow2 images are not resized yet: blockd says so.
+    let r = q.raw(r#"{"execute":"block_resize","arguments":{"device":"q0","size":8388608}}"#);
+    assert!(error_desc(&r).contains("raw only"), "{r}");
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success(), "{}", m.stderr());
+}

@@ -401,6 +401,7 @@ pub const TYPES: &[(&str, TypeDef)] = &[
             opt("node-name", "str"),
             req("ro", "bool"),
             req("drv", "str"),
+            opt("backing_file", "str"),
             req("backing_file_depth", "int"),
             req("encrypted", "bool"),
             req("detect_zeroes", "BlockdevDetectZeroesOptions"),

@@ -78,12 +78,17 @@ pub fn device_info(n: &NodeView) -> Value {
         ("direct", Value::from(n.direct)),
         ("no-flush", Value::from(n.no_flush)),
     ]);
-    qdict::object([
+    let mut m = vec![
         ("file", Value::from(n.filename.as_str())),
         ("node-name", Value::from(n.spec.name.as_str())),
         ("ro", Value::from(n.read_only)),
         ("drv", Value::from(n.driver.name())),
-        ("backing_file_depth", Value::from(0)),
+    ];
+    if let Some(b) = &n.backing_file {
+        m.push(("backing_file", Value::from(b.as_str())));
+    }
+    m.extend([
+        ("backing_file_depth", Value::from(n.backing_depth)),
         ("encrypted", Value::from(false)),
         ("detect_zeroes", Value::from("off")),
         ("bps", Value::from(0)),
@@ -95,7 +100,8 @@ pub fn device_info(n: &NodeView) -> Value {
         ("image", image),
         ("cache", cache),
         ("write_threshold", Value::from(0)),
-    ])
+    ]);
+    qdict::object(m)
 }
 
 /// `BlockDeviceStats`.
