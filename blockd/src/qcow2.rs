@@ -914,6 +914,18 @@ impl Qcow2 {
         self
     }
 
+    /// Sets how many L2 tables and refcount blocks stay cached (QEMU's `l2-cache-size` and
+    /// `refcount-cache-size`, counted in tables; at least 2 each). By default 16 MiB of L2 tables
+    /// (16 to 4096 tables) and 4 MiB of refcount blocks (8 to 1024). Dirty tables are written
+    /// back once more than half of either cache is dirty.
+    pub fn with_cache_limits(self, l2_tables: usize, refcount_blocks: usize) -> Qcow2 {
+        if let Ok(mut m) = self.meta.lock() {
+            m.l2.cap = l2_tables.max(2);
+            m.rc.cap = refcount_blocks.max(2);
+        }
+        self
+    }
+
     /// The header as parsed at open.
     pub fn header(&self) -> &Header {
         &self.header
@@ -1315,38 +1327,47 @@ impl Qcow2 {
                 continue;
             }
             let map = self.lookup(&mut m, gc)?;
-            if !self.reads_zero(map) || (punch && matches!(map, Map::Zero(Some(_)))) {
-                if !whole {
+            let zero_now = self.reads_zero(map);
+            let part = &zeroes[..n as usize];
+            if !whole {
+                // Part of a cluster: zeroes written (in place, or into a new cluster).
+                if !zero_now {
                     match map {
-                        Map::Data(host, true) => {
-                            self.io.write(&zeroes[..n as usize], host + in_off as u64)?
-                        }
-                        _ => self.write_cluster(&mut m, gc, in_off, &zeroes[..n as usize])?,
+                        Map::Data(host, true) => self.io.write(part, host + in_off as u64)?,
+                        _ => self.write_cluster(&mut m, gc, in_off, part)?,
                     }
-                } else if self.geo.version >= 3 {
-                    match map {
-                        Map::Data(host, true) | Map::Zero(Some((host, true))) => {
-                            self.set_l2(&mut m, gc, host | OFLAG_COPIED | OFLAG_ZERO)?;
-                            if punch {
-                                self.io.punch(host, cs)?;
-                            }
+                }
+            } else if self.geo.version >= 3 {
+                // A whole cluster: the zero flag, keeping any host cluster (punched out of the
+                // file for discard and unmap).
+                match map {
+                    Map::Data(host, true) => {
+                        self.set_l2(&mut m, gc, host | OFLAG_COPIED | OFLAG_ZERO)?;
+                        if punch {
+                            self.io.punch(host, cs)?;
                         }
-                        Map::Unallocated => {
+                    }
+                    Map::Zero(Some((host, true))) if punch => {
+                        self.io.punch(host, cs)?;
+                    }
+                    Map::Zero(_) => {}
+                    Map::Unallocated => {
+                        if !zero_now {
                             self.ensure_l2(&mut m, gc)?;
                             self.set_l2(&mut m, gc, OFLAG_ZERO)?;
                         }
-                        Map::Zero(_) => {}
-                        Map::Data(_, false) | Map::Compressed(_) => {
-                            return Err(unsupported(format!(
-                                "guest cluster {gc} is shared or compressed: zeroing it is not supported"
-                            )));
-                        }
                     }
-                } else {
-                    match map {
-                        Map::Data(host, true) if punch && self.io.punch(host, cs)? => {}
-                        _ => self.write_cluster(&mut m, gc, 0, &zeroes[..n as usize])?,
+                    Map::Data(_, false) | Map::Compressed(_) => {
+                        return Err(unsupported(format!(
+                            "guest cluster {gc} is shared or compressed: zeroing it is not supported"
+                        )));
                     }
+                }
+            } else if !zero_now {
+                // v2 has no zero flag: a hole in the host cluster, or zeroes written.
+                match map {
+                    Map::Data(host, true) if punch && self.io.punch(host, cs)? => {}
+                    _ => self.write_cluster(&mut m, gc, 0, part)?,
                 }
             }
             pos += n;

@@ -240,6 +240,11 @@ fn start(extra: &[&str], queues: u64) -> Session {
     File::create(&image)
         .and_then(|mut f| f.write_all(&image_bytes()))
         .expect("image");
+    start_on(dir, image, extra, queues)
+}
+
+/// As [`start`], on an image already made in `dir`.
+fn start_on(dir: PathBuf, image: PathBuf, extra: &[&str], queues: u64) -> Session {
     let sock = dir.join("blk.sock");
     let log = File::create(dir.join("blockd.log")).expect("log");
     let mut blockd = Blockd(
@@ -762,4 +767,180 @@ fn a_flushed_write_survives_kill_9_of_blockd() {
         assert_eq!(after[..o], image_bytes()[..o], "{cache}");
         let _ = std::fs::remove_dir_all(&s.dir);
     }
+}
+
+/// Runs qemu-img in `dir`; fails loudly if it is missing (package qemu-utils) or fails.
+fn qemu_img(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("qemu-img could not be run ({e}): install qemu-utils"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}\n{text}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// A qcow2 image over a raw backing file, through the real sandboxed binary in both cache
+/// modes: the chain is opened before the sandbox, reads come from the backing file, a partial
+/// cluster write copies the rest of the cluster from it, write-zeroes and discard read back as
+/// zeroes, a flush puts the metadata in the file (`qemu-img check` clean, `qemu-img compare`
+/// equal to the expected raw contents), and blockd ends with no seccomp violation.
+#[test]
+fn qcow2_over_a_backing_file_through_the_sandboxed_binary() {
+    const T_DISCARD: u32 = 11;
+    const T_WRITE_ZEROES: u32 = 13;
+    for cache in ["writeback", "none"] {
+        let dir = scratch();
+        std::fs::write(dir.join("base.raw"), image_bytes()).expect("base");
+        qemu_img(
+            &dir,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4096",
+                "-b",
+                "base.raw",
+                "-F",
+                "raw",
+                "disk.qcow2",
+            ],
+        );
+        let image = dir.join("disk.qcow2");
+        let mut s = start_on(
+            dir.clone(),
+            image,
+            &["--format", "qcow2", "--cache", cache],
+            1,
+        );
+        let mut want = image_bytes();
+        // Backing data.
+        let r = request(&mut s, 0, T_IN, 9, &[(DATA, 512, F_WRITE)]);
+        assert_eq!(r, (513, S_OK));
+        assert_eq!(s.queues[0].0.read(DATA, 512), want[4608..5120]);
+        // A partial cluster write, read back with the backing data around it.
+        s.queues[0].0.write(DATA, &[0xc3; 512]);
+        assert_eq!(request(&mut s, 0, T_OUT, 17, &[(DATA, 512, 0)]), (1, S_OK));
+        want[17 * 512..18 * 512].fill(0xc3);
+        let r = request(&mut s, 0, T_IN, 16, &[(DATA, 4096, F_WRITE)]);
+        assert_eq!(r, (4097, S_OK));
+        assert_eq!(s.queues[0].0.read(DATA, 4096), want[8192..12288]);
+        // Write-zeroes of a whole cluster (zero flag) and a part of one; discard.
+        segment(&s.queues[0].0, 64, 8, 0);
+        assert_eq!(
+            request(&mut s, 0, T_WRITE_ZEROES, 0, &[(DATA, 16, 0)]).1,
+            S_OK
+        );
+        want[64 * 512..72 * 512].fill(0);
+        segment(&s.queues[0].0, 81, 2, 1);
+        assert_eq!(
+            request(&mut s, 0, T_WRITE_ZEROES, 0, &[(DATA, 16, 0)]).1,
+            S_OK
+        );
+        want[81 * 512..83 * 512].fill(0);
+        segment(&s.queues[0].0, 128, 16, 0);
+        assert_eq!(request(&mut s, 0, T_DISCARD, 0, &[(DATA, 16, 0)]).1, S_OK);
+        want[128 * 512..144 * 512].fill(0);
+        let r = request(&mut s, 0, T_IN, 64, &[(DATA, 4096, F_WRITE)]);
+        assert_eq!(r, (4097, S_OK));
+        assert!(s.queues[0].0.read(DATA, 4096).iter().all(|b| *b == 0));
+        assert_eq!(request(&mut s, 0, T_FLUSH, 0, &[]), (1, S_OK));
+
+        let check = qemu_img(&dir, &["check", "--output=json", "disk.qcow2"]);
+        assert!(check.contains("\"check-errors\": 0"), "{cache}: {check}");
+        assert!(!check.contains("\"leaks\""), "{cache}: {check}");
+        std::fs::write(dir.join("want.raw"), &want).expect("want");
+        qemu_img(
+            &dir,
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "disk.qcow2",
+                "want.raw",
+            ],
+        );
+        assert_eq!(
+            std::fs::read(dir.join("base.raw")).expect("base"),
+            image_bytes(),
+            "the backing file is only read"
+        );
+        s.finish();
+    }
+}
+
+/// A qcow2 image with a damaged L1 table or header: blockd refuses it before binding its
+/// socket, exits 1 and says what is wrong.
+#[test]
+fn corrupt_qcow2_images_are_refused_with_a_clear_error() {
+    let dir = scratch();
+    qemu_img(&dir, &["create", "-f", "qcow2", "disk.qcow2", "1M"]);
+    let image = dir.join("disk.qcow2");
+    let pristine = std::fs::read(&image).expect("image");
+    let l1 = u64::from_be_bytes(pristine[40..48].try_into().expect("8 bytes"));
+    let rt = u64::from_be_bytes(pristine[48..56].try_into().expect("8 bytes"));
+    for (what, at, bytes, want) in [
+        // L1 entry 0 pointing at the refcount table.
+        (
+            "L1 entry onto the refcount table",
+            l1,
+            ((1u64 << 63) | rt).to_be_bytes().to_vec(),
+            "L2 table of L1 entry 0",
+        ),
+        // L1 size of 2^30 entries.
+        (
+            "huge L1",
+            36,
+            vec![0x40, 0, 0, 0],
+            "L1 table of 1073741824 entries",
+        ),
+        // Cluster bits 40.
+        ("cluster bits", 20, vec![0, 0, 0, 40], "cluster_bits 40"),
+        // Not qcow2 at all.
+        ("magic", 0, b"RAW!".to_vec(), "no qcow2 magic"),
+    ] {
+        let mut bad = pristine.clone();
+        bad[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
+        std::fs::write(&image, &bad).expect("damage");
+        let sock = dir.join("never.sock");
+        let log = dir.join("blockd.log");
+        let mut child = Blockd(
+            Command::new(env!("CARGO_BIN_EXE_bulkhead-blockd"))
+                .arg("--socket")
+                .arg(&sock)
+                .arg("--file")
+                .arg(&image)
+                .args(["--format", "qcow2", "--sandbox", "on"])
+                .stdin(Stdio::null())
+                .stderr(File::create(&log).expect("log"))
+                .spawn()
+                .expect("run bulkhead-blockd"),
+        );
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = child.0.try_wait().expect("try_wait") {
+                break st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what}: blockd accepted the image and is waiting for a front end"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let err = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains(want), "{what}: {err:?} lacks {want:?}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert!(!sock.exists(), "{what}: socket bound");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -507,8 +507,58 @@ fn concurrent_writers_and_readers_keep_the_image_consistent() {
         t.join().expect("thread");
     }
     q.flush().expect("flush");
+    let mut reference = vec![0u8; 16 << 20];
+    for round in 0..3u64 {
+        for k in 0..256u64 {
+            for t in 0..4u64 {
+                let off = ((k * 4 + t) * 4096 * 4 + round * 512) as usize;
+                reference[off..off + 3072].copy_from_slice(&pattern(t * 1000 + k + round, 3072));
+            }
+        }
+    }
+    assert!(read_all(&*q) == reference);
     drop(q);
     check_clean(&d, "t.qcow2");
+    assert!(qemu_raw(&d, "t.qcow2", "qcow2") == reference);
+}
+
+#[test]
+fn tiny_caches_evict_and_write_back_in_order() {
+    // Two cached L2 tables and two refcount blocks: almost every request evicts a table or
+    // writes dirty ones back in the middle of a write, with and without a backing file.
+    let d = Dir::new("tiny");
+    std::fs::write(d.path("base.raw"), pattern(11, 3 << 20)).expect("base");
+    for (n, backing, cluster) in [(0, false, "512"), (1, true, "512"), (2, true, "4096")] {
+        let img = format!("tiny{n}.qcow2");
+        let opts = format!("cluster_size={cluster}");
+        let mut args = vec!["create", "-f", "qcow2", "-o", &opts];
+        if backing {
+            args.extend(["-b", "base.raw", "-F", "raw"]);
+        }
+        args.extend([img.as_str(), "3M"]);
+        qemu_img(&d, &args);
+        let mut reference = qemu_raw(&d, &img, "qcow2");
+        let base = if backing {
+            Some(open_image(&d.path("base.raw"), Format::Raw, true, Cache::Writeback).expect("raw"))
+        } else {
+            None
+        };
+        {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(d.path(&img))
+                .expect("open");
+            let q = Qcow2::open(f, base, false)
+                .expect("qcow2")
+                .with_cache_limits(2, 2);
+            mirror_ops(&q, &mut reference, 40 + n, 120, 40_000);
+            q.flush().expect("flush");
+            assert!(read_all(&q) == reference, "{img}");
+        }
+        check_clean(&d, &img);
+        assert!(qemu_raw(&d, &img, "qcow2") == reference, "{img}");
+    }
 }
 
 #[test]
@@ -568,7 +618,9 @@ fn hostile_and_unsupported_images_give_clean_errors() {
     let hdr = |name: &str| {
         read_header(&std::fs::File::open(d.path(name)).expect("open")).expect("header")
     };
-    let cases: Vec<(&str, Box<dyn Fn(&str)>, &str)> = vec![
+    /// (name, damage done to a fresh image, what the error must say)
+    type Case<'a> = (&'a str, Box<dyn Fn(&str) + 'a>, &'a str);
+    let cases: Vec<Case> = vec![
         ("magic", Box::new(|n| patch(&d, n, 0, b"QFI\0")), "magic"),
         (
             "version",
