@@ -13,7 +13,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::compare::{converse, differences, start_bulkhead, start_qemu, Compare, Step};
+use common::compare::{converse, differences, start_bulkhead, start_qemu, Compare, Killer, Step};
 use common::*;
 use serde_json::{json, Value};
 
@@ -455,4 +455,132 @@ fn a_qcow2_disk_is_served_on_a_backing_chain_the_monitor_opened() {
     assert!(error_desc(&r).contains("raw only"), "{r}");
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success(), "{}", m.stderr());
+}
+
+#[test]
+fn sandbox_off_starts_blockd_unconfined_and_still_serves() {
+    let s = Scratch::new("blk-off");
+    let a = image(&s, "a.raw", MIB);
+    let drive = format!("file={a},format=raw,id=d0");
+    let (mut m, mut q) = start(&s, &["--sandbox", "off", "-drive", &drive]);
+    log_has(&s, "device /machine/peripheral-anon/device[0]");
+    let procs = blockds(&mut q);
+    assert_eq!(procs.len(), 1, "{procs:?}");
+    let pid = procs[0]["pid"].as_u64().expect("pid");
+    assert_eq!(status_field(pid, "Seccomp"), "0");
+    assert_eq!(procs[0]["landlock"]["status"], "not-enforced", "{procs:?}");
+    let st = q.cmd("query-blockstats")["return"].clone();
+    assert_eq!(st[0]["stats"]["rd_operations"], 0, "{st}");
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success(), "{}", m.stderr());
+}
+
+/// With devices: QEMU 7.2's q35 machine (stopped, `-S`: nothing runs) and Bulkhead with the same
+/// `-drive if=virtio`, `-blockdev` and `-device virtio-blk-pci` give the block queries the same
+/// shape and member order (`qdev`, `io-status`, `removable` false, stats with `parent`).
+#[test]
+fn block_queries_with_devices_have_qemu_7_2_s_shape() {
+    let s = Scratch::new("blk-qemu-dev");
+    let a = image(&s, "a.raw", MIB);
+    let b = image(&s, "b.raw", 2 * MIB);
+    let drive = format!("file={a},format=raw,if=virtio,id=drv0,cache=none");
+    let bd = format!("driver=raw,node-name=disk1,file.driver=file,file.filename={b},read-only=on");
+    let dev = "virtio-blk-pci,drive=disk1,id=vd1,num-queues=2";
+    let block = [
+        "-drive",
+        drive.as_str(),
+        "-blockdev",
+        bd.as_str(),
+        "-device",
+        dev,
+    ];
+    let qsock = s.s("qemu.sock");
+    let mut qargs = vec![
+        "-M".to_string(),
+        "q35".into(),
+        "-S".into(),
+        "-accel".into(),
+        "tcg".into(),
+        "-display".into(),
+        "none".into(),
+        "-nodefaults".into(),
+        "-qmp".into(),
+        format!("unix:{qsock},server=on,wait=off"),
+    ];
+    qargs.extend(block.iter().map(|x| x.to_string()));
+    let _qemu = Killer(
+        std::process::Command::new("qemu-system-x86_64")
+            .args(&qargs)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 is required (Debian's qemu-system-x86)"),
+    );
+    wait_for_socket(&qsock, T);
+    link_blockd(&s);
+    let mut extra = vec!["-S"];
+    extra.extend_from_slice(&block);
+    let (_m, bsock) = fake_guest(&s, "", &extra);
+    let steps: &[Step] = &[
+        (
+            "negotiate",
+            r#"{"execute":"qmp_capabilities"}"#,
+            Compare::Exact,
+        ),
+        (
+            "query-block",
+            r#"{"execute":"query-block"}"#,
+            Compare::Shape,
+        ),
+        (
+            "blockstats",
+            r#"{"execute":"query-blockstats"}"#,
+            Compare::Shape,
+        ),
+        (
+            "blockstats of nodes",
+            r#"{"execute":"query-blockstats","arguments":{"query-nodes":true}}"#,
+            Compare::Shape,
+        ),
+        (
+            "named nodes",
+            r#"{"execute":"query-named-block-nodes"}"#,
+            Compare::Shape,
+        ),
+        (
+            "resize of a read-only node",
+            r#"{"execute":"block_resize","arguments":{"node-name":"disk1","size":4096}}"#,
+            Compare::Exact,
+        ),
+    ];
+    let theirs = converse(&mut Qmp::unix(&qsock), steps);
+    let ours = converse(&mut Qmp::unix(&bsock), steps);
+    let diffs = differences(steps, &theirs, &ours);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    assert!(theirs[1][0].contains("/machine/peripheral/vd1/virtio-backend"), "{theirs:?}");
+    assert!(ours[1][0].contains("/machine/peripheral/vd1/virtio-backend"), "{ours:?}");
+    let keys = |l: &str| -> Vec<Vec<String>> {
+        let v: Value = serde_json::from_str(l).expect("json");
+        v["return"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        e.as_object()
+                            .map(|m| m.keys().cloned().collect())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for i in 1..=4 {
+        assert_eq!(
+            keys(&theirs[i][0]),
+            keys(&ours[i][0]),
+            "step {}",
+            steps[i].0
+        );
+    }
 }
