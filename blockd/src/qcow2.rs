@@ -380,9 +380,17 @@ fn window(offset: u64, len: usize) -> (u64, u64) {
     (offset / a * a, (offset + len as u64).div_ceil(a) * a)
 }
 
-/// Reads `buf` at `offset`, through an aligned bounce buffer if `direct`.
+/// Whether `buf` at `offset` can go to an `O_DIRECT` fd as it is: address, offset and length
+/// all multiples of [`DIRECT_ALIGN`].
+fn is_aligned(buf: &[u8], offset: u64) -> bool {
+    let a = DIRECT_ALIGN as u64;
+    offset % a == 0 && buf.len() as u64 % a == 0 && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0
+}
+
+/// Reads `buf` at `offset`, through an aligned bounce buffer if `direct` and `buf` is not
+/// aligned.
 fn read_any(file: &File, direct: bool, buf: &mut [u8], offset: u64) -> Result<()> {
-    if !direct {
+    if !direct || is_aligned(buf, offset) {
         return pread_full(file, buf, offset);
     }
     let (start, end) = window(offset, buf.len());
@@ -429,7 +437,8 @@ impl Io {
 
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
-        if !self.direct {
+        // Whole aligned blocks need no bounce, no read-modify-write, and cannot leave padding.
+        if !self.direct || is_aligned(buf, offset) {
             self.file
                 .write_all_at(buf, offset)
                 .map_err(|e| Error::Io("pwrite", e))?;
@@ -1281,14 +1290,16 @@ impl Qcow2 {
         let buf: &[u8] = if in_off == 0 && data.len() == cs {
             data
         } else {
-            full = vec![0u8; cs];
+            // Aligned, so that under O_DIRECT it goes to the file without a bounce.
+            full = AlignedBuf::new(cs)?;
+            let f = full.as_mut_slice();
             if map == Map::Unallocated && self.backing.is_some() {
                 let start = gc * cs as u64;
                 let n = (self.geo.size.saturating_sub(start)).min(cs as u64) as usize;
-                self.read_backing(&mut full[..n], start)?;
+                self.read_backing(&mut f[..n], start)?;
             }
-            full[in_off..in_off + data.len()].copy_from_slice(data);
-            &full
+            f[in_off..in_off + data.len()].copy_from_slice(data);
+            full.as_slice()
         };
         self.ensure_l2(m, gc)?;
         let host = match reuse {
@@ -1308,7 +1319,8 @@ impl Qcow2 {
         let _g = self.gate.write().map_err(|_| Error::Poisoned)?;
         let mut m = self.meta()?;
         let cs = self.geo.cs;
-        let zeroes = vec![0u8; cs as usize];
+        let zero_buf = AlignedBuf::new(cs as usize)?;
+        let zeroes = zero_buf.as_slice();
         let mut pos = offset;
         let end = offset
             .checked_add(len)

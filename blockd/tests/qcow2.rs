@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use bulkhead_blockd::format::{open_image, Cache, DiskImage, Format};
+use bulkhead_blockd::format::{open_image, AlignedBuf, Cache, DiskImage, Format};
 use bulkhead_blockd::qcow2::{read_header, Qcow2};
 
 /// A scratch directory under the target dir (O_DIRECT-capable, unlike a tmpfs /tmp), removed
@@ -918,4 +918,46 @@ fn preallocated_metadata_and_zero_clusters_are_written_in_place() {
     assert!(qemu_raw(&d, "p.qcow2", "qcow2") == reference);
     // Every guest cluster was preallocated, so nothing was appended.
     assert_eq!(std::fs::metadata(d.path("p.qcow2")).expect("md").len(), len);
+}
+
+#[test]
+fn direct_io_on_a_fresh_image_with_aligned_and_unaligned_buffers() {
+    // A fresh 64 KiB-cluster image ends 16 bytes into its L1 cluster: the first metadata
+    // write-back reaches an unaligned end of file (buffered tail fd under O_DIRECT).
+    let d = Dir::new("direct");
+    for (n, cluster) in [(0, "65536"), (1, "512")] {
+        let img = format!("d{n}.qcow2");
+        qemu_img(
+            &d,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("cluster_size={cluster}"),
+                &img,
+                "1M",
+            ],
+        );
+        let mut reference = vec![0u8; 1 << 20];
+        {
+            let q = open(&d, &img, false, Cache::None);
+            assert!(read_all(&*q) == reference);
+            q.flush().expect("flush of nothing");
+            // Aligned buffers go to the file directly; unaligned ones through a bounce.
+            let mut a = AlignedBuf::new(8192).expect("aligned");
+            a.as_mut_slice().fill(0xa1);
+            q.write_at(a.as_slice(), 65536).expect("aligned write");
+            reference[65536..73728].fill(0xa1);
+            q.write_at(&[0xb2; 1536], 1024).expect("unaligned write");
+            reference[1024..2560].fill(0xb2);
+            q.flush().expect("flush");
+            let mut back = AlignedBuf::new(12288).expect("aligned");
+            q.read_at(back.as_mut_slice(), 61440).expect("aligned read");
+            assert!(back.as_slice() == &reference[61440..73728]);
+            assert!(read_all(&*q) == reference);
+        }
+        check_clean(&d, &img);
+        assert!(qemu_raw(&d, &img, "qcow2") == reference, "{img}");
+    }
 }
