@@ -212,6 +212,31 @@ pub const OPTION_GROUPS: &[OptionGroup] = &[
         )],
     },
     OptionGroup {
+        name: "drive",
+        flag: "-drive",
+        params: &[
+            param(
+                "file",
+                ParamType::String,
+                "the disk image (a path or /dev/fdset/N)",
+            ),
+            param(
+                "if",
+                ParamType::String,
+                "virtio (the default: a virtio-blk-pci device) or none",
+            ),
+            param("media", ParamType::String, "disk only"),
+            param("read-only", ParamType::Boolean, "refuse writes"),
+            param(
+                "format",
+                ParamType::String,
+                "raw or qcow2 (probed if absent)",
+            ),
+            param("cache.direct", ParamType::Boolean, "O_DIRECT (cache=none)"),
+            param("node-name", ParamType::String, "the format node's name"),
+        ],
+    },
+    OptionGroup {
         name: "add-fd",
         flag: "-add-fd",
         params: &[
@@ -1719,6 +1744,13 @@ mod tests {
                 ("name", _) => "x",
                 ("add-fd", "opaque") => "text",
                 ("add-fd", _) => "5",
+                // A drive needs its file: the other keys are tested next to one.
+                ("drive", "file") => "/d",
+                ("drive", "if") => "none,file=/d",
+                ("drive", "media") => "disk,file=/d",
+                ("drive", "read-only" | "cache.direct") => "on,file=/d",
+                ("drive", "format") => "qcow2,file=/d",
+                ("drive", "node-name") => "n0,file=/d",
                 _ => panic!("no sample value for {group}.{key}"),
             }
         };

@@ -558,8 +558,14 @@ fn block_queries_with_devices_have_qemu_7_2_s_shape() {
     let ours = converse(&mut Qmp::unix(&bsock), steps);
     let diffs = differences(steps, &theirs, &ours);
     assert!(diffs.is_empty(), "{}", diffs.join("\n"));
-    assert!(theirs[1][0].contains("/machine/peripheral/vd1/virtio-backend"), "{theirs:?}");
-    assert!(ours[1][0].contains("/machine/peripheral/vd1/virtio-backend"), "{ours:?}");
+    assert!(
+        theirs[1][0].contains("/machine/peripheral/vd1/virtio-backend"),
+        "{theirs:?}"
+    );
+    assert!(
+        ours[1][0].contains("/machine/peripheral/vd1/virtio-backend"),
+        "{ours:?}"
+    );
     let keys = |l: &str| -> Vec<Vec<String>> {
         let v: Value = serde_json::from_str(l).expect("json");
         v["return"]
@@ -583,4 +589,57 @@ fn block_queries_with_devices_have_qemu_7_2_s_shape() {
             steps[i].0
         );
     }
+}
+
+#[test]
+fn a_drive_may_come_from_an_fd_set() {
+    use std::os::fd::AsRawFd;
+    let s = Scratch::new("blk-fdset");
+    let a = image(&s, "a.raw", MIB);
+    link_blockd(&s);
+    let wd = fake_worker_dir(&s);
+    let kernel = s.path("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF fake kernel").expect("kernel");
+    let sock = s.s("qmp.sock");
+    let qmp = format!("unix:{sock},server=on,wait=off");
+    let append = format!("fake.log={}", s.s("worker.log"));
+    let img = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&a)
+        .expect("image");
+    let args = [
+        "-kernel",
+        kernel.to_str().expect("utf8"),
+        "-m",
+        "64M",
+        "--worker-dir",
+        &wd,
+        "-append",
+        &append,
+        "-qmp",
+        &qmp,
+        "-add-fd",
+        "fd=10,set=3",
+        "-drive",
+        "file=/dev/fdset/3,format=raw,id=fdd",
+    ];
+    let mut m = Monitor::start_with_fds(&s, &args, &[(img.as_raw_fd(), 10)]);
+    wait_for_socket(&sock, T);
+    let mut q = Qmp::unix(&sock);
+    q.negotiate();
+    log_has(&s, "device /machine/peripheral-anon/device[0]");
+    assert_eq!(blockds(&mut q).len(), 1);
+    let v = q.cmd("query-block")["return"].clone();
+    assert_eq!(v[0]["inserted"]["file"], "/dev/fdset/3", "{v}");
+    assert_eq!(v[0]["inserted"]["image"]["virtual-size"], MIB, "{v}");
+    // The set lists the monitor's duplicate while the disk uses it.
+    let sets = q.cmd("query-fdsets")["return"].clone();
+    assert_eq!(sets[0]["fdset-id"], 3, "{sets}");
+    // blockd resizes the very file the fd set holds.
+    let r = q.raw(r#"{"execute":"block_resize","arguments":{"device":"fdd","size":3145728}}"#);
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(std::fs::metadata(&a).expect("a").len(), 3 * MIB);
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success(), "{}", m.stderr());
 }
