@@ -6,9 +6,9 @@
 //! Everything works on file descriptors opened before the sandbox: [`Qcow2::open`] takes the
 //! image's [`File`] and its backing image as an already opened [`DiskImage`]; [`read_header`]
 //! tells the caller which backing file (name and format) the header names, so that the chain can
-//! be opened first ([`crate::format::open_image`] does that for a path). The only system calls
-//! after opening are `pread64`, `pwrite64`, `fdatasync` and `fallocate`, all on those fds, from
-//! the calling thread: no helper threads.
+//! be opened first ([`crate::format::open_image`] does that for a path). After opening, the only
+//! system calls on the image are `pread64`, `pwrite64`, `fdatasync` and `fallocate` (hole
+//! punching), made by the calling thread: no helper threads, nothing the blockd sandbox refuses.
 //!
 //! **Supported.** Cluster sizes 512 B to 2 MiB; refcount widths 1 to 64 bits (`refcount_order`
 //! 0..=6); reads of normal, unallocated (backing image or zeroes) and zero clusters (v3 zero flag,
@@ -36,8 +36,9 @@
 //! **Write order.** Guest data goes to the file at once (a new cluster is always written whole,
 //! before any metadata references it); refcount blocks, the refcount table, L2 tables and the L1
 //! table are cached and written back on flush (or when too many are dirty) in this order:
-//! refcount blocks and table, `fdatasync`, L2 tables, `fdatasync` (only if the L1 table changed),
-//! L1 table, then the flush's own `fdatasync`. A crash therefore leaves at worst leaked clusters
+//! refcount blocks, `fdatasync` (only if the refcount table changed), refcount table,
+//! `fdatasync`, L2 tables, `fdatasync` (only if the L1 table changed), L1 table, then the
+//! flush's own `fdatasync`. A crash therefore leaves at worst leaked clusters
 //! (refcount 1, no reference; `qemu-img check -r leaks` reclaims them), never a reference to a
 //! cluster whose refcount is zero, nor an L2 entry pointing at data not yet written.
 //!
@@ -987,6 +988,10 @@ impl Qcow2 {
             return Ok(());
         }
         m.rc.write_back(&self.io)?;
+        if !m.rt_dirty.is_empty() {
+            // New refcount blocks before the refcount table entries that point at them.
+            self.io.sync()?;
+        }
         let chunks: Vec<usize> = std::mem::take(&mut m.rt_dirty).into_iter().collect();
         for c in chunks {
             write_chunk(&self.io, &m.rt, m.rt_offset, c)?;
