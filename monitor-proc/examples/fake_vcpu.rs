@@ -22,7 +22,8 @@
 //! - `fake.sigsys-after=MS`: the same, MS ms after the first `Run` (from another thread, while
 //!   the machine runs);
 //! - the setup's virtio devices are logged (`device ID KIND slot N queues N size N`) and their
-//!   vhost-user sockets kept open (never spoken to); `ConfigChanged` is logged
+//!   vhost-user sockets kept open (never spoken to), those of `AddDevice` too (logged with
+//!   `(added)`); `ConfigChanged` is logged
 //!   (`config changed ID`) and answered Ok; the other device requests are refused.
 //!
 //! It is launched like the real worker (in its namespaces unless `--sandbox off`) but does not
@@ -303,9 +304,18 @@ fn main() {
                 log_line(&log, &format!("config changed {dev}"));
                 VcpuReply::Ok
             }
-            VcpuRequest::AddDevice(_)
-            | VcpuRequest::RemoveDevice { .. }
-            | VcpuRequest::SetLink { .. } => {
+            VcpuRequest::AddDevice(d) => {
+                log_line(
+                    &log,
+                    &format!(
+                        "device {} {:?} slot {} queues {} size {} (added)",
+                        d.id, d.kind, d.slot, d.num_queues, d.queue_size
+                    ),
+                );
+                devices.extend(fds);
+                VcpuReply::Ok
+            }
+            VcpuRequest::RemoveDevice { .. } | VcpuRequest::SetLink { .. } => {
                 VcpuReply::Error("not implemented by the fake worker".into())
             }
         };

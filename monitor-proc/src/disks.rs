@@ -48,8 +48,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 /// Bytes of an image's start read for its header, extensions and backing file name.
 const HEADER_READ: usize = 64 * 1024;
-/// Most backing files under one image (blockd's limit).
-const MAX_CHAIN: usize = 32;
+/// Most backing files under one image: what fits in blockd's `Setup` frame next to the image,
+/// its buffered tail and the vhost-user socket (blockd itself takes up to 32).
+const MAX_CHAIN: usize = bulkhead_ipc::MAX_FDS - 3;
 /// qcow2's backing format header extension.
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 

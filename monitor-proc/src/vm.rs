@@ -1071,6 +1071,16 @@ async fn start_worker(guest: &GuestSpec, disks: &mut Disks) -> Result<Worker, Vm
     };
     let serial_in = guest.serial.input();
     let serial_out = guest.serial.output();
+    // One frame carries at most MAX_FDS fds: the devices that do not fit into Setup are
+    // plugged with AddDevice right after it (cold-plug: the guest has not run yet).
+    let fixed = 3
+        + usize::from(initrd.is_some())
+        + usize::from(serial_in.is_some())
+        + usize::from(serial_out.is_some());
+    let in_setup = devices
+        .len()
+        .min(bulkhead_ipc::MAX_FDS.saturating_sub(fixed));
+    let (devices, later) = devices.split_at(in_setup);
     let setup = VmSetup {
         mem_size: guest.memory.size(),
         vcpus: guest.vcpus,
@@ -1109,6 +1119,31 @@ async fn start_worker(guest: &GuestSpec, disks: &mut Disks) -> Result<Worker, Vm
                 what: "setup",
                 secs: SETUP_TIMEOUT.as_secs(),
             })
+        }
+    }
+    for (dev, sock) in later {
+        let id = dev.id.clone();
+        let res = tokio::time::timeout(
+            CALL_TIMEOUT,
+            rpc.call(VcpuRequest::AddDevice(dev.clone()), &[sock.as_fd()]),
+        )
+        .await;
+        match res {
+            Ok(Ok((VcpuReply::Ok, _))) => {}
+            Ok(Ok((other, _))) => {
+                return Err(VmError::Refused {
+                    pid,
+                    msg: format!("adding device {id}: {other:?}"),
+                })
+            }
+            Ok(Err(source)) => return Err(VmError::Ipc { pid, source }),
+            Err(_) => {
+                return Err(VmError::Timeout {
+                    pid,
+                    what: "device plugging",
+                    secs: CALL_TIMEOUT.as_secs(),
+                })
+            }
         }
     }
     Ok(Worker {

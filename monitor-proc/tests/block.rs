@@ -643,3 +643,35 @@ fn a_drive_may_come_from_an_fd_set() {
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success(), "{}", m.stderr());
 }
+
+/// More disks than one Setup frame has fds for: the rest are plugged with AddDevice before the
+/// guest runs, each with its own blockd.
+#[test]
+fn fourteen_disks_fit_a_machine() {
+    let s = Scratch::new("blk-many");
+    let mut args = Vec::new();
+    for i in 0..14 {
+        let a = image(&s, &format!("d{i}.raw"), MIB);
+        args.push("-drive".to_string());
+        args.push(format!("file={a},format=raw,id=d{i}"));
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut m, mut q) = start(&s, &refs);
+    let log = log_has(
+        &s,
+        "device /machine/peripheral-anon/device[13]/virtio-backend",
+    );
+    let added = log.lines().filter(|l| l.ends_with("(added)")).count();
+    assert!(added >= 1, "{log}");
+    for i in 0..14u8 {
+        let slot = format!("slot {} ", i + 1);
+        assert!(log.contains(&slot), "{slot}: {log}");
+    }
+    assert_eq!(blockds(&mut q).len(), 14);
+    assert_eq!(
+        q.cmd("query-block")["return"].as_array().map(Vec::len),
+        Some(14)
+    );
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success(), "{}", m.stderr());
+}
