@@ -165,9 +165,10 @@ pub struct Header {
 }
 
 impl Header {
-    /// Parses and validates the header from the image's first bytes: `first` must hold at least
-    /// the first cluster (or the whole file if shorter; missing bytes read as zeroes).
-    /// `file_len` is the image file's length.
+    /// Parses and validates the header from the image's first bytes: `first` should hold the
+    /// whole first cluster ([`read_header`] reads it; bytes past the end of the file are zeroes)
+    /// and must hold at least its first 4 KiB; header extensions and a backing file name must
+    /// lie inside what is given.
     pub fn parse(first: &[u8]) -> Result<Header> {
         if first.len() < 72 {
             return Err(corrupt("file too short for a qcow2 header"));
@@ -1126,7 +1127,7 @@ impl Qcow2 {
     }
 
     /// The refcount block for host cluster `c`: (its offset, the index inside), offset 0 if the
-    /// table has none; error if the table is too small.
+    /// table has none; `None` if the table is too small to have an entry for it.
     fn rc_block(&self, m: &Meta, c: u64) -> Option<(u64, u64)> {
         let bi = (c / self.geo.rpb) as usize;
         m.rt.get(bi).map(|e| (e & !REFT_RESERVED, c % self.geo.rpb))
