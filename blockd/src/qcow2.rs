@@ -657,7 +657,7 @@ impl TableCache {
             if let Some(s) = self.map.get_mut(&off) {
                 io.write(&s.data, off)?;
                 s.dirty = false;
-                self.dirty -= 1;
+                self.dirty = self.dirty.saturating_sub(1);
             }
         }
         Ok(())
