@@ -150,6 +150,14 @@ impl Raw {
         (start, end)
     }
 
+    /// Whether `buf` (for `[offset, +len)`, aligned window `[start, end)`) can go to the
+    /// `O_DIRECT` fd as it is: its address, offset and length all multiples of [`DIRECT_ALIGN`].
+    fn is_direct_ready(buf: &[u8], offset: u64, start: u64, end: u64) -> bool {
+        start == offset
+            && end == offset + buf.len() as u64
+            && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0
+    }
+
     /// `pread` until `buf` is full; the part past the end of the file reads as zeroes.
     fn pread_full(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0;
@@ -169,6 +177,10 @@ impl Raw {
 
     fn read_direct(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let (start, end) = Self::window(offset, buf.len());
+        if Self::is_direct_ready(buf, offset, start, end) {
+            // The bounce buffer would be this very window: read into `buf` itself.
+            return self.pread_full(buf, offset);
+        }
         let mut bounce = AlignedBuf::new((end - start) as usize)?;
         self.pread_full(bounce.as_mut_slice(), start)?;
         let skip = (offset - start) as usize;
@@ -178,6 +190,11 @@ impl Raw {
 
     fn write_direct(&self, buf: &[u8], offset: u64) -> Result<()> {
         let (start, end) = Self::window(offset, buf.len());
+        if Self::is_direct_ready(buf, offset, start, end) && end <= self.size {
+            // No read-modify-write, no partial block at the end of the file: the bounce buffer
+            // would be a copy of `buf`.
+            return self.write_all_at(buf, offset);
+        }
         let mut bounce = AlignedBuf::new((end - start) as usize)?;
         let aligned = start == offset && end == offset + buf.len() as u64;
         let _guard = if aligned {
@@ -562,6 +579,26 @@ mod tests {
             assert_eq!(host[4608], (4608 % 251) as u8);
             assert!(host[8192..16384].iter().all(|v| *v == 0xcd));
         }
+    }
+
+    #[test]
+    fn direct_aligned_buffers_go_to_the_file_without_a_bounce() {
+        let (_d, p) = temp_image(64 * 1024);
+        let raw = open(&p, true, false);
+        let mut b = AlignedBuf::new(8192).expect("alloc");
+        b.as_mut_slice().fill(0x5a);
+        raw.write_at(b.as_slice(), 16384).expect("aligned write");
+        let mut back = AlignedBuf::new(12288).expect("alloc");
+        raw.read_at(back.as_mut_slice(), 12288)
+            .expect("aligned read");
+        assert!(back.as_slice()[..4096]
+            .iter()
+            .enumerate()
+            .all(|(i, v)| *v == ((i + 12288) % 251) as u8));
+        assert!(back.as_slice()[4096..].iter().all(|v| *v == 0x5a));
+        let host = std::fs::read(&p).expect("read back");
+        assert!(host[16384..24576].iter().all(|v| *v == 0x5a));
+        assert_eq!(host[24576], (24576 % 251) as u8);
     }
 
     #[test]
