@@ -787,5 +787,17 @@ mod tests {
         let mut m = req(SPAWN_VCPU, 1 << 27, 1, 0);
         m[0] ^= 1;
         assert!(bad(&m, vec![sock()]).contains("magic"));
+        // Block back ends: queues 1 to 16, one socket.
+        match parse_request(&req(SPAWN_BLOCKD, 1 << 28, 4, 0), vec![sock()]) {
+            Ok(Request::Spawn { role, params, .. }) => {
+                assert_eq!(role, Role::Blockd);
+                assert_eq!(params.queues, 4);
+                assert_eq!(params.mem_bytes, 1 << 28);
+            }
+            _ => panic!("not a blockd spawn"),
+        }
+        assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 0, 0), vec![sock()]).contains("queues"));
+        assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 17, 0), vec![sock()]).contains("queues"));
+        assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 1, 0), vec![]).contains("fds"));
     }
 }
