@@ -99,7 +99,14 @@ impl Drop for Running {
 
 impl Spec {
     /// The argument list for a back end serving `image` on `sock`.
-    pub fn args(&self, image: &Path, sock: &Path, cache: Cache) -> Result<Vec<String>> {
+    pub fn args(
+        &self,
+        image: &Path,
+        sock: &Path,
+        cache: Cache,
+        queues: u16,
+    ) -> Result<Vec<String>> {
+        let nq = queues.to_string();
         let image = image
             .to_str()
             .ok_or_else(|| anyhow!("image path not UTF-8"))?;
@@ -116,7 +123,7 @@ impl Spec {
                     "--format",
                     "raw",
                     "--num-queues",
-                    "1",
+                    &nq,
                     "--cache",
                     cache.name(),
                     "--sandbox",
@@ -144,7 +151,7 @@ impl Spec {
                     "--export".to_string(),
                     format!(
                         "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},\
-                         writable=on,num-queues=1"
+                         writable=on,num-queues={nq}"
                     ),
                 ];
                 a.extend(self.extra.iter().cloned());
@@ -153,12 +160,20 @@ impl Spec {
         })
     }
 
-    /// Starts the back end; `tag` makes its socket and log names unique in `dir`.
-    pub fn start(&self, image: &Path, cache: Cache, dir: &Path, tag: &str) -> Result<Running> {
+    /// Starts the back end with `queues` queues; `tag` makes its socket and log names unique in
+    /// `dir`.
+    pub fn start(
+        &self,
+        image: &Path,
+        cache: Cache,
+        queues: u16,
+        dir: &Path,
+        tag: &str,
+    ) -> Result<Running> {
         let sock = dir.join(format!("{}-{tag}.sock", self.kind.name()));
         let log = dir.join(format!("{}-{tag}.log", self.kind.name()));
         let _ = std::fs::remove_file(&sock);
-        let args = self.args(image, &sock, cache)?;
+        let args = self.args(image, &sock, cache, queues)?;
         let stderr = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(&self.bin)
             .args(&args)

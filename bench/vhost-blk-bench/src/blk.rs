@@ -1,18 +1,20 @@
-//! One vhost-user-blk device seen from the front end: negotiation, one queue, and request slots.
+//! One vhost-user-blk device seen from the front end: negotiation, its queues, and request
+//! slots.
 //!
 //! The negotiation is what a VMM does for a virtio-blk guest device (QEMU's `vhost-user-blk`
 //! order): `SET_OWNER`, `GET_FEATURES`, `GET_PROTOCOL_FEATURES`, `SET_PROTOCOL_FEATURES`,
 //! `GET_QUEUE_NUM`, `GET_CONFIG` (capacity, block size), then `SET_FEATURES` (always
 //! `VIRTIO_F_VERSION_1` and `VHOST_USER_F_PROTOCOL_FEATURES`), `SET_MEM_TABLE` with the memfd, and
-//! for queue 0 `SET_VRING_NUM`, `SET_VRING_ADDR`, `SET_VRING_BASE`, `SET_VRING_CALL`,
+//! for each queue `SET_VRING_NUM`, `SET_VRING_ADDR`, `SET_VRING_BASE`, `SET_VRING_CALL`,
 //! `SET_VRING_KICK`, `SET_VRING_ENABLE`.
 //!
-//! Guest memory holds, from address 0: the queue (each part on its own page), then one 128-byte
-//! control block per request slot (an indirect table of up to three descriptors at +0, the
-//! 16-byte request header at +64, the status byte at +96), then one data buffer per slot.
-//! A request in slot `s` is either one descriptor `s` pointing at the slot's indirect table
+//! Guest memory holds, from address 0: the queues (each part of each on its own page), then one
+//! 128-byte control block per request slot (an indirect table of up to three descriptors at +0,
+//! the 16-byte request header at +64, the status byte at +96), then one data buffer per slot.
+//! Slot `s` belongs to queue `s % queues` as its local slot `l = s / queues`; its request is
+//! either one descriptor `l` pointing at the slot's indirect table
 //! (`VIRTIO_RING_F_INDIRECT_DESC`, what Linux's virtio ring uses for every multi-buffer request)
-//! or the direct chain `3s, 3s+1, 3s+2`: header (device-readable), data (device-writable for
+//! or the direct chain `3l, 3l+1, 3l+2`: header (device-readable), data (device-writable for
 //! reads), status (device-writable).
 
 use std::os::fd::AsRawFd;
@@ -54,7 +56,9 @@ pub const S_OK: u8 = 0;
 pub struct Config {
     /// Queue size (a power of two, at most 256).
     pub queue_size: u16,
-    /// Request slots (the most requests in flight).
+    /// Queues to set up (the back end must have as many).
+    pub queues: u16,
+    /// Request slots (the most requests in flight), spread over the queues.
     pub slots: usize,
     /// Data buffer per slot, bytes (a multiple of 4096).
     pub max_io: u32,
@@ -105,13 +109,22 @@ pub struct Negotiated {
     pub blk_size: Option<u32>,
 }
 
-/// A vhost-user-blk device with one queue.
+/// One queue: its rings and eventfds.
+struct Queue {
+    drv: Driver,
+    kick: EventFd,
+    call: EventFd,
+    /// Requests added since the last publish.
+    added: bool,
+}
+
+/// A vhost-user-blk device.
 pub struct BlkDevice {
     fe: Frontend,
     mem: GuestMem,
-    queue: Driver,
-    kick: EventFd,
-    call: EventFd,
+    queues: Vec<Queue>,
+    /// The queue [`BlkDevice::complete`] looks at first (round robin).
+    next_q: usize,
     cfg: Config,
     ctrl: u64,
     data: u64,
@@ -132,16 +145,18 @@ const fn bit(b: u32) -> u64 {
 }
 
 impl BlkDevice {
-    /// Negotiates with the back end at the other end of `fe` and sets up queue 0.
+    /// Negotiates with the back end at the other end of `fe` and sets up the queues.
     pub fn new(mut fe: Frontend, cfg: Config) -> Result<BlkDevice> {
         let chains = if cfg.indirect { 1 } else { 3 };
+        let nq = usize::from(cfg.queues);
         if cfg.slots == 0
+            || nq == 0
             || cfg.queue_size > 256
-            || cfg.slots * chains > usize::from(cfg.queue_size)
+            || cfg.slots.div_ceil(nq) * chains > usize::from(cfg.queue_size)
         {
             return Err(Error::Config(format!(
-                "{} slots do not fit a queue of {} ({} descriptors each)",
-                cfg.slots, cfg.queue_size, chains
+                "{} slots on {} queues do not fit queues of {} ({} descriptors each)",
+                cfg.slots, cfg.queues, cfg.queue_size, chains
             )));
         }
         if cfg.max_io == 0 || cfg.max_io % 4096 != 0 {
@@ -185,6 +200,12 @@ impl BlkDevice {
         } else {
             1
         };
+        if queues < u64::from(cfg.queues) {
+            return Err(Error::Backend(format!(
+                "{queues} queues, {} wanted",
+                cfg.queues
+            )));
+        }
         let (capacity, blk_size) = if want.contains(VhostUserProtocolFeatures::CONFIG) {
             // capacity (le64 at 0) .. blk_size (le32 at 20): the part every version has.
             let (_, c) = fe
@@ -199,9 +220,12 @@ impl BlkDevice {
         };
         fe.set_features(features).map_err(vhost("SET_FEATURES"))?;
 
-        let layout = Layout::at(0, cfg.queue_size)?;
         let page = |n: u64| n.div_ceil(4096) * 4096;
-        let ctrl = page(layout.end());
+        let stride = page(Layout::at(0, cfg.queue_size)?.end());
+        let layouts = (0..u64::from(cfg.queues))
+            .map(|q| Layout::at(q * stride, cfg.queue_size))
+            .collect::<Result<Vec<_>>>()?;
+        let ctrl = stride * u64::from(cfg.queues);
         let data = page(ctrl + CTRL_SIZE * cfg.slots as u64);
         let size = data + u64::from(cfg.max_io) * cfg.slots as u64;
         let size = usize::try_from(size)
@@ -210,37 +234,45 @@ impl BlkDevice {
         fe.set_mem_table(&[mem.region()])
             .map_err(vhost("SET_MEM_TABLE"))?;
 
-        let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
-        let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
-        fe.set_vring_num(0, cfg.queue_size)
-            .map_err(vhost("SET_VRING_NUM"))?;
-        fe.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: cfg.queue_size,
-                queue_size: cfg.queue_size,
-                flags: 0,
-                desc_table_addr: mem.user_addr(layout.desc.0),
-                used_ring_addr: mem.user_addr(layout.used.0),
-                avail_ring_addr: mem.user_addr(layout.avail.0),
-                log_addr: None,
-            },
-        )
-        .map_err(vhost("SET_VRING_ADDR"))?;
-        fe.set_vring_base(0, 0).map_err(vhost("SET_VRING_BASE"))?;
-        fe.set_vring_call(0, &call)
-            .map_err(vhost("SET_VRING_CALL"))?;
-        fe.set_vring_kick(0, &kick)
-            .map_err(vhost("SET_VRING_KICK"))?;
-        fe.set_vring_enable(0, true)
-            .map_err(vhost("SET_VRING_ENABLE"))?;
+        let mut qs = Vec::new();
+        for (i, layout) in layouts.into_iter().enumerate() {
+            let call = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
+            let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd", e))?;
+            fe.set_vring_num(i, cfg.queue_size)
+                .map_err(vhost("SET_VRING_NUM"))?;
+            fe.set_vring_addr(
+                i,
+                &VringConfigData {
+                    queue_max_size: cfg.queue_size,
+                    queue_size: cfg.queue_size,
+                    flags: 0,
+                    desc_table_addr: mem.user_addr(layout.desc.0),
+                    used_ring_addr: mem.user_addr(layout.used.0),
+                    avail_ring_addr: mem.user_addr(layout.avail.0),
+                    log_addr: None,
+                },
+            )
+            .map_err(vhost("SET_VRING_ADDR"))?;
+            fe.set_vring_base(i, 0).map_err(vhost("SET_VRING_BASE"))?;
+            fe.set_vring_call(i, &call)
+                .map_err(vhost("SET_VRING_CALL"))?;
+            fe.set_vring_kick(i, &kick)
+                .map_err(vhost("SET_VRING_KICK"))?;
+            fe.set_vring_enable(i, true)
+                .map_err(vhost("SET_VRING_ENABLE"))?;
+            qs.push(Queue {
+                drv: Driver::new(layout, cfg.event_idx),
+                kick,
+                call,
+                added: false,
+            });
+        }
 
         Ok(BlkDevice {
             fe,
-            queue: Driver::new(layout, cfg.event_idx),
+            queues: qs,
+            next_q: 0,
             mem,
-            kick,
-            call,
             cfg,
             ctrl,
             data,
@@ -296,6 +328,8 @@ impl BlkDevice {
         if len > self.cfg.max_io {
             return Err(Error::Config(format!("request of {len} bytes")));
         }
+        let nq = self.queues.len();
+        let (q, local) = (slot % nq, (slot / nq) as u16);
         let mem = self.mem.mem();
         let cb = self.ctrl + slot as u64 * CTRL_SIZE;
         let (kind, sector) = match op {
@@ -334,12 +368,13 @@ impl BlkDevice {
             next: 0,
         };
         n += 1;
-        // In a table the chain starts at 0; in the ring at 3 * slot.
+        // In a table the chain starts at 0; in the ring at 3 * local slot.
+        let queue = &mut self.queues[q];
         let (table, first, head) = if self.cfg.indirect {
-            (GuestAddress(cb), 0u16, slot as u16)
+            (GuestAddress(cb), 0u16, local)
         } else {
-            let h = (slot * 3) as u16;
-            (self.queue.layout().desc, h, h)
+            let h = local * 3;
+            (queue.drv.layout().desc, h, h)
         };
         for (i, d) in chain[..n].iter().enumerate() {
             let i = i as u16;
@@ -357,36 +392,52 @@ impl BlkDevice {
                 flags: DESC_F_INDIRECT,
                 next: 0,
             };
-            write_desc(mem, self.queue.layout().desc, head, d)?;
+            write_desc(mem, queue.drv.layout().desc, head, d)?;
         }
-        self.queue.add(mem, head)?;
+        queue.drv.add(mem, head)?;
+        queue.added = true;
         self.in_flight[slot] = true;
         Ok(())
     }
 
-    /// Makes submitted requests visible and kicks if the device asked for it; returns whether
-    /// it kicked.
-    pub fn kick(&mut self) -> Result<bool> {
-        if self.queue.publish(self.mem.mem())? {
-            self.kick.write(1).map_err(|e| Error::Io("kick", e))?;
-            return Ok(true);
+    /// Makes submitted requests visible and kicks each queue whose device side asked for it;
+    /// returns how many kicks it sent.
+    pub fn kick(&mut self) -> Result<u32> {
+        let mut kicks = 0;
+        for q in self.queues.iter_mut().filter(|q| q.added) {
+            q.added = false;
+            if q.drv.publish(self.mem.mem())? {
+                q.kick.write(1).map_err(|e| Error::Io("kick", e))?;
+                kicks += 1;
+            }
         }
-        Ok(false)
+        Ok(kicks)
     }
 
     /// The next completed request, if any.
     pub fn complete(&mut self) -> Result<Option<Completion>> {
-        let Some((id, len)) = self.queue.next_used(self.mem.mem())? else {
+        let nq = self.queues.len();
+        let mut found = None;
+        for i in 0..nq {
+            let q = (self.next_q + i) % nq;
+            if let Some(u) = self.queues[q].drv.next_used(self.mem.mem())? {
+                found = Some((q, u));
+                break;
+            }
+        }
+        let Some((q, (id, len))) = found else {
             return Ok(None);
         };
-        let slot = if self.cfg.indirect {
+        self.next_q = (q + 1) % nq;
+        let local = if self.cfg.indirect {
             Some(id as usize)
         } else {
             (id % 3 == 0).then_some(id as usize / 3)
         };
+        let slot = local.map(|l| l * nq + q);
         let Some(slot) = slot.filter(|s| self.in_flight.get(*s) == Some(&true)) else {
             return Err(Error::Backend(format!(
-                "used id {id} is no request in flight"
+                "used id {id} on queue {q} is no request in flight"
             )));
         };
         self.in_flight[slot] = false;
@@ -399,23 +450,31 @@ impl BlkDevice {
         Ok(Some(Completion { slot, status, len }))
     }
 
-    /// Sleeps until the device signals the call eventfd (or `timeout` passes), after asking for
-    /// an interrupt at the next used entry; returns at once if one is already there. Returns
-    /// whether it was woken (false: timed out).
+    /// Sleeps until the device signals a call eventfd (or `timeout` passes), after asking every
+    /// queue for an interrupt at its next used entry; returns at once if one is already there.
+    /// Returns whether it was woken (false: timed out).
     pub fn wait(&mut self, timeout: Duration) -> Result<bool> {
         let mem = self.mem.mem();
-        self.queue.arm(mem)?;
-        if self.queue.pending(mem)? {
-            return Ok(true);
+        for q in &self.queues {
+            q.drv.arm(mem)?;
         }
-        let mut pfd = libc::pollfd {
-            fd: self.call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        for q in &self.queues {
+            if q.drv.pending(mem)? {
+                return Ok(true);
+            }
+        }
+        let mut pfds: Vec<libc::pollfd> = self
+            .queues
+            .iter()
+            .map(|q| libc::pollfd {
+                fd: q.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: pfds is a live array of pfds.len() pollfds for the duration of the call.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -426,11 +485,16 @@ impl BlkDevice {
         if rc == 0 {
             return Ok(false);
         }
-        match self.call.read() {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(true),
-            Err(e) => Err(Error::Io("read(call)", e)),
+        for (q, p) in self.queues.iter().zip(&pfds) {
+            if p.revents & libc::POLLIN != 0 {
+                match q.call.read() {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(Error::Io("read(call)", e)),
+                }
+            }
         }
+        Ok(true)
     }
 
     /// Requests in flight.

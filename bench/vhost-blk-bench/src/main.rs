@@ -32,12 +32,15 @@
 //!   back during the next). `--runs` (default 3) runs per back end and workload, alternating
 //!   which back end goes first; the tables show the median run, and latency percentiles over all
 //!   runs' samples pooled.
-//! * **Back ends**, both with one queue on the same image file:
+//! * **Back ends**, both with one queue (`--queues N` for more; the requests in flight are then
+//!   spread round robin over them) on the same image file:
 //!   `bulkhead-blockd --socket S --file IMG --format raw --num-queues 1 --cache none|writeback
 //!   --sandbox on` and `qemu-storage-daemon --blockdev
 //!   driver=file,node-name=f,filename=IMG,cache.direct=on|off --export
 //!   type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=S,writable=on,num-queues=1`
 //!   (QEMU's default `aio=threads`; `--qsd-aio` changes it).
+//! * **Page cache**: before the `cache=writeback` runs the image is read once through the page
+//!   cache, so reads there measure cache hits for both back ends, not whichever ran first.
 //! * **CPU**: the back end's CPU time (utime + stime of all its threads, `/proc/PID/stat`) per
 //!   request over the window, and the host's busy time minus the back end's and this driver's
 //!   ("other load", in CPUs) so interference from other work on the host shows.
@@ -67,7 +70,8 @@ usage: vhost-blk-bench --image FILE [--blockd BIN] [--qsd BIN] [--dir DIR]
                        [--cache LIST] [--duration S] [--warmup S] [--runs N]
                        [--workloads LIST] [--only blockd|qsd] [--blockd-arg ARG]...
                        [--qsd-arg ARG]... [--qsd-aio threads|native|io_uring]
-                       [--queue-size N] [--no-event-idx] [--no-indirect] [--seed N]
+                       [--queues N] [--queue-size N] [--no-event-idx] [--no-indirect]
+                       [--seed N]
                        [--out FILE]
 
   --image FILE     raw image both back ends serve (its contents get overwritten by the
@@ -87,6 +91,7 @@ usage: vhost-blk-bench --image FILE [--blockd BIN] [--qsd BIN] [--dir DIR]
   --blockd-arg ARG / --qsd-arg ARG
                    one more argument for that back end (repeatable)
   --qsd-aio MODE   aio= of qemu-storage-daemon's file node (default: QEMU's, threads)
+  --queues N       queues to set up, requests spread over them (default 1)
   --queue-size N   virtqueue size (default 128)
   --no-event-idx   do not negotiate VIRTIO_RING_F_EVENT_IDX
   --no-indirect    direct descriptor chains instead of indirect tables
@@ -109,6 +114,7 @@ struct Opts {
     runs: usize,
     workloads: Vec<Workload>,
     only: Option<Kind>,
+    queues: u16,
     queue_size: u16,
     event_idx: bool,
     indirect: bool,
@@ -142,6 +148,7 @@ fn parse_args(args: &[String]) -> Result<Option<Opts>> {
         runs: 3,
         workloads: parse_workloads(DEFAULT_WORKLOADS)?,
         only: None,
+        queues: 1,
         queue_size: 128,
         event_idx: true,
         indirect: true,
@@ -194,6 +201,13 @@ fn parse_args(args: &[String]) -> Result<Option<Opts>> {
             "--blockd-arg" => o.blockd.extra.push(val()?),
             "--qsd-arg" => o.qsd.extra.push(val()?),
             "--qsd-aio" => o.qsd.aio = Some(val()?),
+            "--queues" => {
+                o.queues = val()?
+                    .parse()
+                    .ok()
+                    .filter(|n: &u16| (1..=16).contains(n))
+                    .ok_or_else(|| anyhow!("--queues: 1 to 16"))?;
+            }
             "--queue-size" => {
                 o.queue_size = val()?
                     .parse()
@@ -327,10 +341,11 @@ fn one_run(o: &Opts, spec: &Spec, cache: Cache, w: &Workload, rep: usize) -> Res
         .unwrap_or_else(|| PathBuf::from("."));
     let size = image_size(&o.image)?;
     let tag = format!("{}-{rep}", std::process::id());
-    let mut be = spec.start(&o.image, cache, &dir, &tag)?;
+    let mut be = spec.start(&o.image, cache, o.queues, &dir, &tag)?;
     let fe = be.connect()?;
     let cfg = Config {
         queue_size: o.queue_size,
+        queues: o.queues,
         slots: w.qd,
         max_io: w.bs,
         event_idx: o.event_idx,
@@ -375,6 +390,16 @@ fn one_run(o: &Opts, spec: &Spec, cache: Cache, w: &Workload, rep: usize) -> Res
     })
 }
 
+/// Reads the whole image through the page cache.
+fn warm_page_cache(image: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(image)?;
+    let mut buf = vec![0u8; 1 << 20];
+    while f.read(&mut buf)? > 0 {}
+    eprintln!("  page cache warmed with the image");
+    Ok(())
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -403,7 +428,9 @@ fn report(o: &Opts, runs: &[Run]) {
             Cache::Writeback => "cache=writeback (page cache)",
         };
         println!(
-            "\n### {mode}: median of {} runs × {:.0} s\n",
+            "\n### {mode}, {} queue{}: median of {} runs × {:.0} s\n",
+            o.queues,
+            if o.queues == 1 { "" } else { "s" },
             o.runs,
             o.duration.as_secs_f64()
         );
@@ -523,7 +550,7 @@ fn write_json(o: &Opts, runs: &[Run], load_before: &str, started: u64) -> Result
         "loadavg_after": loadavg(),
         "options": {
             "duration_s": o.duration.as_secs_f64(), "warmup_s": o.warmup.as_secs_f64(),
-            "runs": o.runs, "queue_size": o.queue_size, "event_idx": o.event_idx,
+            "runs": o.runs, "queues": o.queues, "queue_size": o.queue_size, "event_idx": o.event_idx,
             "indirect": o.indirect, "seed": o.seed, "qsd_aio": o.qsd.aio,
         },
         "runs": runs,
@@ -550,6 +577,9 @@ fn run(o: &Opts) -> Result<()> {
     );
     let mut runs = Vec::new();
     for cache in &o.caches {
+        if *cache == Cache::Writeback {
+            warm_page_cache(&o.image)?;
+        }
         for w in &o.workloads {
             for rep in 0..o.runs {
                 let mut order = [&o.blockd, &o.qsd];

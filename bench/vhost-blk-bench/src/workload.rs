@@ -206,8 +206,11 @@ pub fn run(
             started[slot] = Instant::now();
             n += 1;
         }
-        if n > 0 && dev.kick()? && window.is_some() {
-            r.kicks += 1;
+        if n > 0 {
+            let k = dev.kick()?;
+            if window.is_some() {
+                r.kicks += u64::from(k);
+            }
         }
         // Reap what is there; sleep on the call eventfd when nothing is.
         let mut got = 0;
