@@ -58,7 +58,35 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 struct Backing {
     /// The name its parent's header gives it.
     name: String,
+    /// Where that name led (next to the parent, for a relative one).
+    path: String,
+    /// Its format, as the parent records it.
+    format: ImageFormat,
+    /// Its virtual size.
+    size: u64,
+    /// A qcow2 backing file's header facts.
+    qcow2: Option<Qcow2Details>,
     file: File,
+    /// Node names in the graph: (its `file` node, its format node).
+    nodes: (String, String),
+}
+
+/// The header facts `query-block` reports for a qcow2 image (`cluster-size`,
+/// `format-specific`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Qcow2Details {
+    /// 2 or 3.
+    pub version: u32,
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Incompatible feature bits (v3).
+    pub incompatible: u64,
+    /// Compatible feature bits (v3).
+    pub compatible: u64,
+    /// log2 of the refcount width.
+    pub refcount_order: u32,
+    /// Compression type (0 zlib, 1 zstd).
+    pub compression: u8,
 }
 
 /// What the monitor needs of a qcow2 header.
@@ -67,6 +95,7 @@ struct Qcow2Info {
     size: u64,
     /// Backing file name and recorded format.
     backing: Option<(String, Option<String>)>,
+    details: Qcow2Details,
 }
 
 fn be(b: &[u8], at: usize, n: usize) -> Option<u64> {
@@ -92,6 +121,25 @@ fn qcow2_info(head: &[u8]) -> Result<Qcow2Info, String> {
         2 => 72,
         3 => be(head, 100, 4).ok_or_else(bad)?,
         v => return Err(format!("qcow2 version {v} is not supported")),
+    };
+    let v3 = |at: usize, n: usize| -> Result<u64, String> {
+        if version == 3 {
+            be(head, at, n).ok_or_else(bad)
+        } else {
+            Ok(0)
+        }
+    };
+    let details = Qcow2Details {
+        version: version as u32,
+        cluster_bits: be(head, 20, 4).ok_or_else(bad)? as u32,
+        incompatible: v3(72, 8)?,
+        compatible: v3(80, 8)?,
+        refcount_order: if version == 3 { v3(96, 4)? as u32 } else { 4 },
+        compression: if version == 3 && header_len > 104 {
+            be(head, 104, 1).ok_or_else(bad)? as u8
+        } else {
+            0
+        },
     };
     let mut format = None;
     let mut at = usize::try_from(header_len).map_err(|_| bad())?;
@@ -126,7 +174,11 @@ fn qcow2_info(head: &[u8]) -> Result<Qcow2Info, String> {
             .ok_or_else(bad)?;
         Some((String::from_utf8_lossy(name).into_owned(), format))
     };
-    Ok(Qcow2Info { size, backing })
+    Ok(Qcow2Info {
+        size,
+        backing,
+        details,
+    })
 }
 
 /// Opens the backing chain of the qcow2 image at `path` whose header names `first`: each file
@@ -186,8 +238,14 @@ fn open_chain(
             return Err(err(format!("backing chain loop: {bstr} appears twice")));
         }
         seen.push((md.dev(), md.ino()));
-        match format.as_str() {
-            "raw" => {}
+        let (fmt, size, qcow2) = match format.as_str() {
+            "raw" => {
+                let size = file_size(&file).map_err(|source| DisksError::Open {
+                    path: bstr.clone(),
+                    source,
+                })?;
+                (ImageFormat::Raw, size, None)
+            }
             "qcow2" => {
                 let mut head = vec![0u8; HEADER_READ];
                 let got = read_at(&file, &mut head, 0).map_err(|source| DisksError::Open {
@@ -199,21 +257,30 @@ fn open_chain(
                     reason,
                 })?;
                 next = info.backing;
+                (ImageFormat::Qcow2, info.size, Some(info.details))
             }
             other => {
                 return Err(err(format!(
                     "backing file {name:?} has format {other:?} (raw or qcow2 only)"
                 )))
             }
-        }
+        };
         if direct {
             set_direct(&file).map_err(|e| DisksError::Image {
                 path: bstr.clone(),
                 reason: format!("cache=none needs O_DIRECT: {e}"),
             })?;
         }
-        parent = bstr;
-        chain.push(Backing { name, file });
+        parent = bstr.clone();
+        chain.push(Backing {
+            name,
+            path: bstr,
+            format: fmt,
+            size,
+            qcow2,
+            file,
+            nodes: (String::new(), String::new()),
+        });
     }
     Ok(chain)
 }
@@ -304,8 +371,16 @@ pub struct NodeView {
     pub read_only: bool,
     /// A qcow2 image's backing file, as its header names it.
     pub backing_file: Option<String>,
+    /// Where that name leads.
+    pub full_backing_filename: Option<String>,
+    /// The backing file's recorded format.
+    pub backing_format: Option<&'static str>,
+    /// The backing file's format node.
+    pub backing: Option<String>,
     /// Images below it (its backing chain's length).
     pub backing_depth: usize,
+    /// A qcow2 image's header facts.
+    pub qcow2: Option<Qcow2Details>,
 }
 
 /// What `query-block`, `query-named-block-nodes` and `query-blockstats` report.
@@ -353,6 +428,8 @@ pub struct Disks {
     sizes: Vec<u64>,
     /// Per node: a qcow2 format node's backing chain, outermost first.
     chains: Vec<Vec<Backing>>,
+    /// Per node: a qcow2 format node's header facts.
+    qcow2: Vec<Option<Qcow2Details>>,
     workers: Vec<Option<Blockd>>,
     generation: u64,
     blockd_path: Option<PathBuf>,
@@ -459,6 +536,7 @@ impl Disks {
             formats: Vec::new(),
             sizes: Vec::new(),
             chains: Vec::new(),
+            qcow2: Vec::new(),
             workers: Vec::new(),
             generation: 0,
             blockd_path: None,
@@ -501,6 +579,7 @@ impl Disks {
         // Formats (probed where not given) and virtual sizes.
         for (i, n) in cfg.nodes.iter().enumerate() {
             let mut chain_here = Vec::new();
+            let mut details_here = None;
             let (driver, size) = match n.driver {
                 Driver::File => {
                     let img = d.images[i].as_ref();
@@ -587,6 +666,7 @@ impl Disks {
                                 let chain = open_chain(&path, b, img.direct, (md.dev(), md.ino()))?;
                                 chain_here = chain;
                             }
+                            details_here = Some(info.details);
                             info.size
                         }
                     };
@@ -596,6 +676,28 @@ impl Disks {
             d.formats.push(driver);
             d.sizes.push(size);
             d.chains.push(chain_here);
+            d.qcow2.push(details_here);
+        }
+        // The backing files' nodes get names as QEMU gives unnamed nodes (`#blockNNN`), unused
+        // by the configured ones.
+        let mut taken: std::collections::BTreeSet<String> =
+            cfg.nodes.iter().map(|n| n.name.clone()).collect();
+        let mut counter = 0u32;
+        let mut fresh = || loop {
+            let name = format!(
+                "#block{:03}",
+                (counter * 2 + 1) % 1000 + (counter / 500) * 1000
+            );
+            counter += 1;
+            if taken.insert(name.clone()) {
+                return name;
+            }
+        };
+        for chain in &mut d.chains {
+            for b in chain.iter_mut() {
+                let f = fresh();
+                b.nodes = (f, fresh());
+            }
         }
         if !cfg.devices.is_empty() && d.blockd_path.is_none() {
             return Err(DisksError::Image {
@@ -879,39 +981,83 @@ impl Disks {
             stats.push(s);
         }
         let cfg = &self.resolved.config;
-        let nodes = cfg
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let fi = self.file_index(i);
-                let img = fi.and_then(|f| self.images[f].as_ref());
-                let filename = fi
-                    .and_then(|f| cfg.nodes[f].filename.clone())
-                    .unwrap_or_default();
-                let actual_size = img
-                    .and_then(|im| im.file.metadata().ok())
-                    .map_or(0, |m| m.blocks() * 512);
-                NodeView {
-                    spec: n.clone(),
-                    driver: self.formats.get(i).copied().unwrap_or(n.driver),
-                    filename,
-                    virtual_size: self.sizes.get(i).copied().unwrap_or(0),
-                    actual_size,
-                    direct: img.is_some_and(|im| im.direct),
-                    no_flush: n.no_flush,
-                    // As QEMU reports it: the node's own setting (a file node under a
-                    // read-only format node stays `ro: false`, though opened read-only).
-                    read_only: n.read_only,
-                    backing_file: self
-                        .chains
-                        .get(i)
-                        .and_then(|c| c.first())
-                        .map(|b| b.name.clone()),
-                    backing_depth: self.chains.get(i).map_or(0, Vec::len),
-                }
-            })
-            .collect();
+        let actual = |f: &File| f.metadata().map_or(0, |m| m.blocks() * 512);
+        let mut nodes = Vec::new();
+        for (i, n) in cfg.nodes.iter().enumerate() {
+            let fi = self.file_index(i);
+            let img = fi.and_then(|f| self.images[f].as_ref());
+            let filename = fi
+                .and_then(|f| cfg.nodes[f].filename.clone())
+                .unwrap_or_default();
+            let direct = img.is_some_and(|im| im.direct);
+            let chain = self.chains.get(i).map(Vec::as_slice).unwrap_or_default();
+            let first = chain.first();
+            nodes.push(NodeView {
+                spec: n.clone(),
+                driver: self.formats.get(i).copied().unwrap_or(n.driver),
+                filename,
+                virtual_size: self.sizes.get(i).copied().unwrap_or(0),
+                actual_size: img.map_or(0, |im| actual(&im.file)),
+                direct,
+                no_flush: n.no_flush,
+                // As QEMU reports it: the node's own setting (a file node under a read-only
+                // format node stays `ro: false`, though opened read-only).
+                read_only: n.read_only,
+                backing_file: first.map(|b| b.name.clone()),
+                full_backing_filename: first.map(|b| b.path.clone()),
+                backing_format: first.map(|b| b.format.name()),
+                backing: first.map(|b| b.nodes.1.clone()),
+                backing_depth: chain.len(),
+                qcow2: self.qcow2.get(i).copied().flatten(),
+            });
+            // The backing chain's nodes come right after the image's, as QEMU creates them.
+            for (j, b) in chain.iter().enumerate() {
+                let below = chain.get(j + 1);
+                let file_len = b.file.metadata().map_or(0, |m| m.len());
+                let spec = |name: &str, driver: Driver, file: Option<String>| NodeSpec {
+                    name: name.to_string(),
+                    driver,
+                    filename: (driver == Driver::File).then(|| b.path.clone()),
+                    file,
+                    read_only: true,
+                    direct: Some(direct),
+                    no_flush: false,
+                };
+                let base = NodeView {
+                    spec: spec(&b.nodes.0, Driver::File, None),
+                    driver: Driver::File,
+                    filename: b.path.clone(),
+                    virtual_size: file_len,
+                    actual_size: actual(&b.file),
+                    direct,
+                    no_flush: false,
+                    read_only: true,
+                    backing_file: None,
+                    full_backing_filename: None,
+                    backing_format: None,
+                    backing: None,
+                    backing_depth: 0,
+                    qcow2: None,
+                };
+                nodes.push(base.clone());
+                nodes.push(NodeView {
+                    spec: spec(
+                        &b.nodes.1,
+                        Driver::Format(b.format),
+                        Some(b.nodes.0.clone()),
+                    ),
+                    driver: Driver::Format(b.format),
+                    virtual_size: b.size,
+                    backing_file: below.map(|c| c.name.clone()),
+                    full_backing_filename: below.map(|c| c.path.clone()),
+                    backing_format: below.map(|c| c.format.name()),
+                    backing: below.map(|c| c.nodes.1.clone()),
+                    backing_depth: chain.len() - j - 1,
+                    qcow2: b.qcow2,
+                    ..base
+                });
+            }
+        }
         BlockView {
             config: cfg.clone(),
             nodes,
@@ -1172,7 +1318,15 @@ mod tests {
             qcow2_info(&h),
             Ok(Qcow2Info {
                 size: 5 << 20,
-                backing: None
+                backing: None,
+                details: Qcow2Details {
+                    version: 3,
+                    cluster_bits: 16,
+                    incompatible: 0,
+                    compatible: 0,
+                    refcount_order: 0,
+                    compression: 0,
+                },
             })
         );
         // A backing name past the buffer, or too long, is an error, never a panic.

@@ -445,11 +445,12 @@ fn a_qcow2_disk_is_served_on_a_backing_chain_the_monitor_opened() {
     let v = q.cmd("query-block")["return"].clone();
     let ins = &v[0]["inserted"];
     assert_eq!(ins["drv"], "qcow2", "{v}");
-    assert_eq!(ins["backing_file"], "base.raw", "{v}");
+    assert_eq!(ins["backing_file"], base.as_str(), "{v}");
+    assert_eq!(ins["image"]["backing-filename"], "base.raw", "{v}");
     assert_eq!(ins["backing_file_depth"], 1, "{v}");
     assert_eq!(ins["image"]["virtual-size"], 4 * MIB, "{v}");
     assert_eq!(ins["cache"]["direct"], true, "{v}");
-    let _ = base;
+
     // qcow2 images are not resized yet: blockd says so.
     let r = q.raw(r#"{"execute":"block_resize","arguments":{"device":"q0","size":8388608}}"#);
     assert!(error_desc(&r).contains("raw only"), "{r}");
@@ -674,4 +675,89 @@ fn fourteen_disks_fit_a_machine() {
     );
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success(), "{}", m.stderr());
+}
+
+/// A qcow2 image on a backing chain (qcow2 on qcow2 on raw): the chain's nodes, the images'
+/// backing information and format-specific data, and the stats' `backing` members have QEMU
+/// 7.2's shape and member order.
+#[test]
+fn a_backing_chain_is_described_as_qemu_7_2_describes_it() {
+    let s = Scratch::new("blk-chain");
+    image(&s, "base.raw", 4 * MIB);
+    let mid = s.s("mid.qcow2");
+    let top = s.s("top.qcow2");
+    for (img, back, fmt) in [(&mid, "base.raw", "raw"), (&top, "mid.qcow2", "qcow2")] {
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b", back, img])
+            .status()
+            .expect("qemu-img (Debian's qemu-utils) is needed");
+        assert!(st.success());
+    }
+    let drive = format!("file={top},format=qcow2,if=none,id=q0");
+    let args = ["-drive", drive.as_str()];
+    let (_qemu, qemu_sock) = start_qemu(&s, &args);
+    let (_bh, bh_sock) = start_bulkhead(&s, &args);
+    let steps: &[Step] = &[
+        (
+            "negotiate",
+            r#"{"execute":"qmp_capabilities"}"#,
+            Compare::Exact,
+        ),
+        (
+            "query-block",
+            r#"{"execute":"query-block"}"#,
+            Compare::Shape,
+        ),
+        (
+            "named nodes",
+            r#"{"execute":"query-named-block-nodes"}"#,
+            Compare::Shape,
+        ),
+        (
+            "blockstats",
+            r#"{"execute":"query-blockstats"}"#,
+            Compare::Shape,
+        ),
+        (
+            "blockstats of nodes",
+            r#"{"execute":"query-blockstats","arguments":{"query-nodes":true}}"#,
+            Compare::Shape,
+        ),
+    ];
+    let theirs = converse(&mut Qmp::unix(&qemu_sock), steps);
+    let ours = converse(&mut Qmp::unix(&bh_sock), steps);
+    let diffs = differences(steps, &theirs, &ours);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    let v: Value = serde_json::from_str(&ours[1][0]).expect("json");
+    let ins = &v["return"][0]["inserted"];
+    assert_eq!(ins["backing_file"], mid.as_str(), "{v}");
+    assert_eq!(ins["backing_file_depth"], 2, "{v}");
+    assert_eq!(
+        ins["image"]["backing-image"]["backing-filename"], "base.raw",
+        "{v}"
+    );
+    assert_eq!(
+        ins["image"]["format-specific"]["data"]["compat"], "1.1",
+        "{v}"
+    );
+    // Values QEMU and Bulkhead must agree on (names aside): sizes, formats, depths.
+    let strip = |l: &str| -> Value {
+        fn walk(v: &mut Value) {
+            match v {
+                Value::Object(m) => {
+                    m.remove("node-name");
+                    m.remove("actual-size");
+                    for x in m.values_mut() {
+                        walk(x);
+                    }
+                }
+                Value::Array(a) => a.iter_mut().for_each(walk),
+                _ => {}
+            }
+        }
+        let mut v: Value = serde_json::from_str(l).expect("json");
+        walk(&mut v);
+        v
+    };
+    assert_eq!(strip(&theirs[1][0]), strip(&ours[1][0]));
 }

@@ -680,7 +680,7 @@ fn the_schema_describes_commands_and_events_as_qemu_7_2_does() {
     // - query-cpus-fast keeps QMP 2.12's `arch` member (deprecated) next to `target`, and is a
     //   plain object (QEMU 7.2 makes it a union on `target` for s390x's extra member);
     // - the block queries leave out QEMU's optional members Bulkhead never sends (throttling
-    //   maxima, dirty bitmaps, backing chains, format-specific data, latency histograms).
+    //   maxima, dirty bitmaps, snapshots, encryption, other formats' data, latency histograms).
     let partial: BTreeMap<&str, &[&str]> = [
         ("query-status", &[][..]),
         ("query-cpus-fast", &["arch"][..]),

@@ -379,7 +379,7 @@ pub const TYPES: &[(&str, TypeDef)] = &[
     ),
     // query-block, query-named-block-nodes, query-blockstats (qmp/commands/block.rs): the
     // members Bulkhead sends; QEMU's other optional members (throttling maxima, dirty bitmaps,
-    // backing chains, format-specific data, latency histograms) are left out.
+    // snapshots, encryption, other formats' specific data, latency histograms) are left out.
     (
         "BlockInfo",
         object(&[
@@ -425,8 +425,38 @@ pub const TYPES: &[(&str, TypeDef)] = &[
             opt("dirty-flag", "bool"),
             opt("actual-size", "int"),
             req("virtual-size", "int"),
+            opt("cluster-size", "int"),
+            opt("backing-filename", "str"),
+            opt("full-backing-filename", "str"),
+            opt("backing-filename-format", "str"),
+            opt("backing-image", "ImageInfo"),
+            opt("format-specific", "ImageInfoSpecific"),
         ]),
     ),
+    (
+        "ImageInfoSpecific",
+        TypeDef::Object {
+            members: &[req("type", "ImageInfoSpecificKind")],
+            variants: Some(("type", &[("qcow2", "ImageInfoSpecificQCow2Wrapper")])),
+        },
+    ),
+    ("ImageInfoSpecificKind", TypeDef::Enum(&["qcow2"])),
+    (
+        "ImageInfoSpecificQCow2Wrapper",
+        object(&[req("data", "ImageInfoSpecificQCow2")]),
+    ),
+    (
+        "ImageInfoSpecificQCow2",
+        object(&[
+            req("compat", "str"),
+            opt("extended-l2", "bool"),
+            opt("lazy-refcounts", "bool"),
+            opt("corrupt", "bool"),
+            req("refcount-bits", "int"),
+            req("compression-type", "Qcow2CompressionType"),
+        ]),
+    ),
+    ("Qcow2CompressionType", TypeDef::Enum(&["zlib", "zstd"])),
     (
         "BlockdevCacheInfo",
         object(&[
@@ -444,6 +474,7 @@ pub const TYPES: &[(&str, TypeDef)] = &[
             req("stats", "BlockDeviceStats"),
             opt("driver-specific", "BlockStatsSpecific"),
             opt("parent", "BlockStats"),
+            opt("backing", "BlockStats"),
         ]),
     ),
     (

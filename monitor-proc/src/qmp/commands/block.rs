@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use super::{ArgSpec, ArgType, Command, Context, HandlerFuture, Outcome};
 use crate::block::Driver;
-use crate::disks::{BlockView, NodeView};
+use crate::disks::{BlockView, Qcow2Details};
 use crate::qmp::protocol::QmpError;
 use crate::qmp::qdict;
 use bulkhead_ipc::messages::BlockStats;
@@ -64,15 +64,75 @@ pub(super) static COMMANDS: &[Command] = &[
     },
 ];
 
-/// `BlockDeviceInfo` of one node (`query-block`'s `inserted`, `query-named-block-nodes`).
-pub fn device_info(n: &NodeView) -> Value {
-    let image = qdict::object([
+/// `ImageInfo` of node `i`, with its backing chain (`backing-image`).
+fn image_info(v: &BlockView, i: usize) -> Value {
+    let n = &v.nodes[i];
+    let mut m = vec![
         ("filename", Value::from(n.filename.as_str())),
         ("format", Value::from(n.driver.name())),
         ("dirty-flag", Value::from(false)),
         ("actual-size", Value::from(n.actual_size)),
         ("virtual-size", Value::from(n.virtual_size)),
+    ];
+    if let Some(q) = &n.qcow2 {
+        m.push((
+            "cluster-size",
+            Value::from(1u64.checked_shl(q.cluster_bits).unwrap_or(0)),
+        ));
+    }
+    if let Some(b) = &n.backing_file {
+        m.push(("backing-filename", Value::from(b.as_str())));
+    }
+    if let Some(b) = &n.full_backing_filename {
+        m.push(("full-backing-filename", Value::from(b.as_str())));
+    }
+    if let Some(f) = n.backing_format {
+        m.push(("backing-filename-format", Value::from(f)));
+    }
+    if let Some(b) = n.backing.as_deref().and_then(|b| pos(v, b)) {
+        m.push(("backing-image", image_info(v, b)));
+    }
+    if let Some(q) = &n.qcow2 {
+        m.push(("format-specific", qcow2_specific(q)));
+    }
+    qdict::object(m)
+}
+
+/// `ImageInfoSpecific` of a qcow2 image, from its header.
+fn qcow2_specific(q: &Qcow2Details) -> Value {
+    let mut m = vec![(
+        "compat",
+        Value::from(if q.version >= 3 { "1.1" } else { "0.10" }),
+    )];
+    if q.version >= 3 {
+        m.extend([
+            ("extended-l2", Value::from(q.incompatible & (1 << 4) != 0)),
+            ("lazy-refcounts", Value::from(q.compatible & 1 != 0)),
+            ("corrupt", Value::from(q.incompatible & (1 << 1) != 0)),
+        ]);
+    }
+    m.extend([
+        (
+            "refcount-bits",
+            Value::from(1u64.checked_shl(q.refcount_order).unwrap_or(0)),
+        ),
+        (
+            "compression-type",
+            Value::from(if q.compression == 1 { "zstd" } else { "zlib" }),
+        ),
     ]);
+    qdict::object([("type", Value::from("qcow2")), ("data", qdict::object(m))])
+}
+
+/// The position of node `name` in the view.
+fn pos(v: &BlockView, name: &str) -> Option<usize> {
+    v.nodes.iter().position(|n| n.spec.name == name)
+}
+
+/// `BlockDeviceInfo` of node `i` (`query-block`'s `inserted`, `query-named-block-nodes`).
+pub fn device_info(v: &BlockView, i: usize) -> Value {
+    let n = &v.nodes[i];
+    let image = image_info(v, i);
     let cache = qdict::object([
         ("writeback", Value::from(true)),
         ("direct", Value::from(n.direct)),
@@ -84,7 +144,9 @@ pub fn device_info(n: &NodeView) -> Value {
         ("ro", Value::from(n.read_only)),
         ("drv", Value::from(n.driver.name())),
     ];
-    if let Some(b) = &n.backing_file {
+    // QEMU's `backing_file` is the name resolved (the image's `backing-filename` is as
+    // recorded).
+    if let Some(b) = &n.full_backing_filename {
         m.push(("backing_file", Value::from(b.as_str())));
     }
     m.extend([
@@ -151,7 +213,7 @@ fn stats(s: &BlockStats, account: bool) -> Value {
 /// The counters of node `i`: those of the device whose blockd serves it (its root node or the
 /// file node under it), zeros otherwise.
 fn node_stats(v: &BlockView, i: usize) -> BlockStats {
-    let name = &v.config.nodes[i].name;
+    let name = &v.nodes[i].spec.name;
     for (d, dev) in v.config.devices.iter().enumerate() {
         let top = &v.config.backends[dev.backend].node;
         let under = v
@@ -170,7 +232,12 @@ fn node_stats(v: &BlockView, i: usize) -> BlockStats {
 
 /// One node's `BlockStats` entry: its counters, and for a format node its file node as
 /// `parent`; a file node has `driver-specific`.
-fn node_entry(v: &BlockView, i: usize, extra: Vec<(&'static str, Value)>) -> Value {
+fn node_entry(
+    v: &BlockView,
+    i: usize,
+    extra: Vec<(&'static str, Value)>,
+    blk_level: bool,
+) -> Value {
     let n = &v.nodes[i];
     let mut m = extra;
     m.push(("node-name", Value::from(n.spec.name.as_str())));
@@ -180,13 +247,17 @@ fn node_entry(v: &BlockView, i: usize, extra: Vec<(&'static str, Value)>) -> Val
     match n.spec.driver {
         Driver::File => m.push(("driver-specific", file_specific(&s))),
         Driver::Format(_) => {
-            if let Some(fi) = n
-                .spec
-                .file
+            if let Some(fi) = n.spec.file.as_deref().and_then(|f| pos(v, f)) {
+                m.push(("parent", node_entry(v, fi, Vec::new(), blk_level)));
+            }
+            // As QEMU: the backing chain only under a backend (not with `query-nodes`).
+            if let Some(b) = n
+                .backing
                 .as_deref()
-                .and_then(|f| v.config.nodes.iter().position(|x| x.name == f))
+                .and_then(|b| pos(v, b))
+                .filter(|_| blk_level)
             {
-                m.push(("parent", node_entry(v, fi, Vec::new())));
+                m.push(("backing", node_entry(v, b, Vec::new(), blk_level)));
             }
         }
     }
@@ -207,7 +278,7 @@ fn device_of_backend(v: &BlockView, b: usize) -> Option<usize> {
 }
 
 fn node_index(v: &BlockView, name: &str) -> Option<usize> {
-    v.config.nodes.iter().position(|n| n.name == name)
+    pos(v, name)
 }
 
 /// `query-block`: every backend (`-drive`s in order, then the devices' anonymous ones).
@@ -228,7 +299,7 @@ pub fn query_block_value(v: &BlockView) -> Value {
                 ("type", Value::from("unknown")),
                 ("removable", Value::from(dev.is_none())),
                 ("locked", Value::from(false)),
-                ("inserted", device_info(&v.nodes[n])),
+                ("inserted", device_info(v, n)),
             ]);
             if dev.is_some() {
                 // virtio-blk keeps an I/O status (QEMU reports it for such devices).
@@ -251,7 +322,10 @@ fn query_named_block_nodes(ctx: Context, _args: Map<String, Value>) -> HandlerFu
     Box::pin(async move {
         let v = ctx.shared.vm.block_view().await?;
         // Newest node first, as QEMU lists its graph.
-        let list = v.nodes.iter().rev().map(device_info).collect();
+        let list = (0..v.nodes.len())
+            .rev()
+            .map(|i| device_info(&v, i))
+            .collect();
         Ok(Outcome::value(Value::Array(list)))
     })
 }
@@ -265,7 +339,7 @@ fn query_blockstats(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
         let v = ctx.shared.vm.block_view().await?;
         let list: Vec<Value> = if nodes {
             (0..v.nodes.len())
-                .map(|i| node_entry(&v, i, Vec::new()))
+                .map(|i| node_entry(&v, i, Vec::new(), false))
                 .collect()
         } else {
             v.config
@@ -278,7 +352,7 @@ fn query_blockstats(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
                     if let Some(d) = device_of_backend(&v, b) {
                         extra.push(("qdev", Value::from(v.config.qdev(d))));
                     }
-                    Some(node_entry(&v, n, extra))
+                    Some(node_entry(&v, n, extra, true))
                 })
                 .collect()
         };

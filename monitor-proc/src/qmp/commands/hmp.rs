@@ -461,6 +461,12 @@ fn print(out: &mut String, how: Print, v: &Value, current: i64) {
                         ""
                     }
                 ));
+                if let Some(b) = ins.get("backing_file").and_then(Value::as_str) {
+                    out.push_str(&format!(
+                        "    Backing file:     {b} (chain depth: {})\n",
+                        int_of(ins, "backing_file_depth")
+                    ));
+                }
             }
         }
     }
