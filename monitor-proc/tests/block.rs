@@ -388,6 +388,11 @@ fn block_queries_have_qemu_7_2_s_shape() {
             Compare::Shape,
         ),
         (
+            "hmp info blockstats",
+            r#"{"execute":"human-monitor-command","arguments":{"command-line":"info blockstats"}}"#,
+            Compare::Exact,
+        ),
+        (
             "resize of nothing",
             r#"{"execute":"block_resize","arguments":{"device":"x","node-name":"y","size":1}}"#,
             Compare::Exact,
@@ -552,6 +557,11 @@ fn block_queries_with_devices_have_qemu_7_2_s_shape() {
         (
             "resize of a read-only node",
             r#"{"execute":"block_resize","arguments":{"node-name":"disk1","size":4096}}"#,
+            Compare::Exact,
+        ),
+        (
+            "hmp info blockstats",
+            r#"{"execute":"human-monitor-command","arguments":{"command-line":"info blockstats"}}"#,
             Compare::Exact,
         ),
     ];

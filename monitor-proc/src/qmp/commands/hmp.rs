@@ -50,6 +50,7 @@ enum Print {
     Chardev,
     Uuid,
     Block,
+    Blockstats,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -129,6 +130,12 @@ static INFO_HMP: &[HmpCommand] = &[
         "[-n] [-v] [device]",
         "show info of one block device or all block devices (-n: show named nodes; -v: show details)",
         Action::Qmp("query-block", Print::Block),
+    ),
+    hmp(
+        "blockstats",
+        "",
+        "show block device statistics",
+        Action::Qmp("query-blockstats", Print::Blockstats),
     ),
     hmp(
         "chardev",
@@ -398,6 +405,28 @@ fn print(out: &mut String, how: Print, v: &Value, current: i64) {
         Print::Uuid => {
             out.push_str(str_of(v, "UUID"));
             out.push('\n');
+        }
+        Print::Blockstats => {
+            for b in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+                let st = b.get("stats").unwrap_or(&Value::Null);
+                out.push_str(&format!("{}:", str_of(b, "device")));
+                for k in [
+                    "rd_bytes",
+                    "wr_bytes",
+                    "rd_operations",
+                    "wr_operations",
+                    "flush_operations",
+                    "wr_total_time_ns",
+                    "rd_total_time_ns",
+                    "flush_total_time_ns",
+                    "rd_merged",
+                    "wr_merged",
+                    "idle_time_ns",
+                ] {
+                    out.push_str(&format!(" {k}={}", int_of(st, k)));
+                }
+                out.push('\n');
+            }
         }
         Print::Block => {
             for (i, b) in v
