@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use bulkhead_ipc::messages::{
     BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, BlockStats, ImageFormat,
-    SandboxReport,
+    SandboxReport, ThrottleLimits,
 };
 use bulkhead_ipc::{Channel, Frame, Role as IpcRole};
 use bulkhead_sandbox::{Mode, Params, Role, REPORT_FD};
@@ -137,14 +137,109 @@ impl WorkerArgs {
     }
 }
 
+/// One leaky bucket of a [`Throttle`] (QEMU's model): the level drains at `rate` units a
+/// second; an operation may start while the level is at most the burst allowance (a tenth of a
+/// second's worth), and then adds its cost.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    rate: f64,
+    level: f64,
+}
+
+impl Bucket {
+    fn drain(&mut self, secs: f64) {
+        self.level = (self.level - self.rate * secs).max(0.0);
+    }
+
+    /// How long until an operation may start (zero: now).
+    fn wait(&self) -> f64 {
+        let extra = self.level - self.rate / 10.0;
+        if extra <= 0.0 {
+            0.0
+        } else {
+            extra / self.rate
+        }
+    }
+}
+
+/// `block_set_io_throttle`'s limits, enforced where requests reach the image: a read or write
+/// that would exceed one waits (its queue's thread sleeps) until the buckets have drained.
+/// Flushes, discards and write-zeroes are not limited. The decisions take the time as an
+/// argument ([`Throttle::admit`]), so they are tested without clocks.
+#[derive(Debug)]
+pub struct Throttle {
+    /// bps total, bps read, bps write, iops total, iops read, iops write (`None`: no limit).
+    buckets: [Option<Bucket>; 6],
+    last: Instant,
+}
+
+impl Throttle {
+    /// The buckets for `limits`, empty at `now`.
+    pub fn new(limits: &ThrottleLimits, now: Instant) -> Throttle {
+        let b = |rate: u64| {
+            (rate > 0).then_some(Bucket {
+                rate: rate as f64,
+                level: 0.0,
+            })
+        };
+        Throttle {
+            buckets: [
+                b(limits.bps),
+                b(limits.bps_rd),
+                b(limits.bps_wr),
+                b(limits.iops),
+                b(limits.iops_rd),
+                b(limits.iops_wr),
+            ],
+            last: now,
+        }
+    }
+
+    /// At `now`: `None` if a read (`write` false) or write of `bytes` may start (its cost is
+    /// then added), else how long to wait before asking again.
+    pub fn admit(&mut self, now: Instant, write: bool, bytes: u64) -> Option<std::time::Duration> {
+        let secs = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        // The buckets this operation counts in, with its cost in each.
+        let (bps_dir, iops_dir) = if write { (2, 5) } else { (1, 4) };
+        let costs = [
+            (0, bytes as f64),
+            (bps_dir, bytes as f64),
+            (3, 1.0),
+            (iops_dir, 1.0),
+        ];
+        let mut wait: f64 = 0.0;
+        for b in self.buckets.iter_mut().flatten() {
+            b.drain(secs);
+        }
+        for (i, _) in costs {
+            if let Some(b) = &self.buckets[i] {
+                wait = wait.max(b.wait());
+            }
+        }
+        if wait > 0.0 {
+            // At least a microsecond, so a caller never spins.
+            return Some(std::time::Duration::from_secs_f64(wait.max(1e-6)));
+        }
+        for (i, cost) in costs {
+            if let Some(b) = &mut self.buckets[i] {
+                b.level += cost;
+            }
+        }
+        None
+    }
+}
+
 /// A disk as the request path sees it, counting every operation that reaches the image
-/// ([`BlockStats`]) and holding the size `block_resize` may change.
+/// ([`BlockStats`]), holding the size `block_resize` may change, and applying
+/// `block_set_io_throttle`'s limits ([`Throttle`]).
 pub struct Counted {
     inner: Arc<dyn DiskImage>,
     size: AtomicU64,
     stats: Mutex<Counters>,
     /// An fd of the image for `ftruncate` (raw images only).
     resize: Option<File>,
+    throttle: Mutex<Option<Throttle>>,
 }
 
 #[derive(Default)]
@@ -169,6 +264,32 @@ impl Counted {
             inner,
             stats: Mutex::new(Counters::default()),
             resize,
+            throttle: Mutex::new(None),
+        }
+    }
+
+    /// Sets (or, all zero, lifts) the I/O limits.
+    pub fn set_throttle(&self, limits: &ThrottleLimits) {
+        let t = limits
+            .enabled()
+            .then(|| Throttle::new(limits, Instant::now()));
+        *self.throttle.lock().unwrap_or_else(PoisonError::into_inner) = t;
+    }
+
+    /// Waits until the limits let a read or write of `bytes` start.
+    fn throttle(&self, write: bool, bytes: u64) {
+        loop {
+            let wait = {
+                let mut t = self.throttle.lock().unwrap_or_else(PoisonError::into_inner);
+                match t.as_mut() {
+                    None => return,
+                    Some(t) => match t.admit(Instant::now(), write, bytes) {
+                        None => return,
+                        Some(w) => w,
+                    },
+                }
+            };
+            std::thread::sleep(wait);
         }
     }
 
@@ -252,6 +373,7 @@ impl DiskImage for Counted {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+        self.throttle(false, buf.len() as u64);
         let t = Instant::now();
         let r = self.inner.read_at(buf, offset);
         self.count(Op::Read, buf.len() as u64, t, &r);
@@ -259,6 +381,7 @@ impl DiskImage for Counted {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> crate::Result<()> {
+        self.throttle(true, buf.len() as u64);
         let t = Instant::now();
         let r = self.inner.write_at(buf, offset);
         self.count(Op::Write, buf.len() as u64, t, &r);
@@ -544,6 +667,14 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
                 None => BlockReply::Error("not set up".into()),
             },
             BlockRequest::QuerySandbox => BlockReply::Sandbox(sandbox_report()),
+            BlockRequest::SetThrottle(l) => match &serving {
+                Some(sv) => {
+                    sv.disk.set_throttle(&l);
+                    log::info!("I/O limits: {l:?}");
+                    BlockReply::Ok
+                }
+                None => BlockReply::Error("not set up".into()),
+            },
             BlockRequest::Quit => {
                 let _ = chan.reply(id, BlockReply::Ok, &[]);
                 log::info!("quit");
@@ -646,6 +777,67 @@ mod tests {
             .unwrap();
         f.set_len(len).unwrap();
         (p, f)
+    }
+
+    #[test]
+    fn throttling_admits_by_the_buckets() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        // 10 iops: an operation starts while the level is at most a tenth of a second's worth
+        // (1 op), as in QEMU: two at once, the third waits 0.1 s for the surplus to drain.
+        let mut t = Throttle::new(
+            &ThrottleLimits {
+                iops: 10,
+                ..ThrottleLimits::default()
+            },
+            t0,
+        );
+        assert_eq!(t.admit(at(0), false, 512), None);
+        assert_eq!(t.admit(at(0), false, 512), None);
+        let w = t.admit(at(0), true, 512).expect("waits");
+        assert!((w.as_secs_f64() - 0.1).abs() < 1e-6, "{w:?}");
+        assert_eq!(t.admit(at(100), true, 512), None);
+        // Over a simulated 10 s, about 10 operations a second get in.
+        let mut n = 0;
+        let mut now = at(100);
+        while now < at(10_100) {
+            match t.admit(now, n % 2 == 0, 4096) {
+                None => n += 1,
+                Some(w) => now += w,
+            }
+        }
+        assert!((99..=103).contains(&n), "{n}");
+        // 1 MB/s for writes only: reads pass freely, 100 writes of 100 KB take about 10 s.
+        let mut t = Throttle::new(
+            &ThrottleLimits {
+                bps_wr: 1_000_000,
+                ..ThrottleLimits::default()
+            },
+            t0,
+        );
+        for _ in 0..1000 {
+            assert_eq!(t.admit(at(0), false, 1 << 20), None);
+        }
+        let mut now = at(0);
+        let mut done = 0;
+        while done < 100 {
+            match t.admit(now, true, 100_000) {
+                None => done += 1,
+                Some(w) => now += w,
+            }
+        }
+        let secs = now.duration_since(t0).as_secs_f64();
+        assert!((9.0..=10.1).contains(&secs), "{secs}");
+        // A request larger than the burst allowance still gets through (after the wait).
+        let mut t = Throttle::new(
+            &ThrottleLimits {
+                bps: 1000,
+                ..ThrottleLimits::default()
+            },
+            t0,
+        );
+        assert_eq!(t.admit(at(0), true, 1 << 20), None);
+        assert!(t.admit(at(1), false, 1).is_some());
     }
 
     #[test]

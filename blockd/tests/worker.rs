@@ -15,7 +15,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use bulkhead_ipc::messages::{
-    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, ImageFormat,
+    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, ImageFormat, ThrottleLimits,
 };
 use bulkhead_ipc::{Channel, Frame, Role as IpcRole};
 use bulkhead_sandbox::launch::{Child, Command, IdMap};
@@ -410,6 +410,27 @@ fn a_launched_blockd_is_confined_serves_the_handed_socket_and_answers_the_monito
     assert_eq!(
         g.request(&kick, &mut w.child, 0, 2 * IMAGE_SIZE / 512 - 1, 512),
         0
+    );
+
+    // I/O limits (generous here: enforcement is unit-tested with a simulated clock) are
+    // accepted and requests still complete; all zero lifts them.
+    let limits = ThrottleLimits {
+        bps: 1 << 30,
+        iops_wr: 100_000,
+        ..ThrottleLimits::default()
+    };
+    assert_eq!(
+        w.call(BlockRequest::SetThrottle(limits), &[]),
+        BlockReply::Ok
+    );
+    assert_eq!(
+        g.request(&kick, &mut w.child, 0, 8, 512),
+        0,
+        "throttled read"
+    );
+    assert_eq!(
+        w.call(BlockRequest::SetThrottle(ThrottleLimits::default()), &[]),
+        BlockReply::Ok
     );
 
     // The front end hangs up: blockd says so and exits 0, never having hit its filter.

@@ -335,6 +335,33 @@ pub enum BlockRequest {
     QuerySandbox,
     /// Stop serving and exit.
     Quit,
+    /// Limit the disk's I/O (`block_set_io_throttle`); all zero: no limit.
+    SetThrottle(ThrottleLimits),
+}
+
+/// I/O limits of one disk, per second; 0 means no limit. `bps`/`iops` count reads and writes
+/// together; the `_rd`/`_wr` limits count one direction (the monitor never sets both kinds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThrottleLimits {
+    /// Bytes per second, reads and writes.
+    pub bps: u64,
+    /// Bytes per second read.
+    pub bps_rd: u64,
+    /// Bytes per second written.
+    pub bps_wr: u64,
+    /// Operations per second, reads and writes.
+    pub iops: u64,
+    /// Reads per second.
+    pub iops_rd: u64,
+    /// Writes per second.
+    pub iops_wr: u64,
+}
+
+impl ThrottleLimits {
+    /// Whether any limit is set.
+    pub fn enabled(&self) -> bool {
+        *self != ThrottleLimits::default()
+    }
 }
 
 impl Wire for BlockRequest {
