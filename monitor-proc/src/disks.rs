@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bulkhead_ipc::messages::{
     BlockProtocol, BlockReply, BlockRequest, BlockSetup, BlockStats, ImageFormat, SandboxReport,
-    VirtioDevice, VirtioKind,
+    ThrottleLimits, VirtioDevice, VirtioKind,
 };
 use bulkhead_ipc::{AsyncChannel, Role as IpcRole, RpcClient};
 use bulkhead_sandbox::seccomp::Violation;
@@ -392,6 +392,77 @@ pub struct BlockView {
     pub nodes: Vec<NodeView>,
     /// Per device: blockd's counters (`None`: no blockd runs for it now).
     pub stats: Vec<Option<BlockStats>>,
+    /// Per device: its I/O limits and their group.
+    pub throttles: Vec<(ThrottleLimits, String)>,
+}
+
+/// `block_set_io_throttle`'s arguments, as given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThrottleArgs {
+    /// `device` (a backend name).
+    pub device: Option<String>,
+    /// `id` (a device id).
+    pub id: Option<String>,
+    /// `bps`, `bps_rd`, `bps_wr`, `iops`, `iops_rd`, `iops_wr`.
+    pub avg: [i64; 6],
+    /// `bps_max`, `bps_rd_max`, `bps_wr_max`, `iops_max`, `iops_rd_max`, `iops_wr_max`.
+    pub max: [i64; 6],
+    /// The `*_max_length` values and `iops_size`, which Bulkhead does not support but as 0.
+    pub other: Vec<(&'static str, i64)>,
+    /// `group`.
+    pub group: Option<String>,
+}
+
+/// QEMU's `THROTTLE_VALUE_MAX`.
+const THROTTLE_VALUE_MAX: i64 = 1_000_000_000_000_000;
+
+impl ThrottleArgs {
+    /// Checks the values as QEMU's `throttle_is_valid` does (with its messages), then what
+    /// Bulkhead cannot do yet (bursts, request sizes, groups).
+    pub fn limits(&self) -> Result<ThrottleLimits, String> {
+        let (a, m) = (&self.avg, &self.max);
+        let both =
+            |t: usize, r: usize, w: usize, v: &[i64; 6]| v[t] != 0 && (v[r] != 0 || v[w] != 0);
+        if both(0, 1, 2, a) || both(3, 4, 5, a) || both(0, 1, 2, m) || both(3, 4, 5, m) {
+            return Err(
+                "bps/iops/max total values and read/write values cannot be used at the same time"
+                    .into(),
+            );
+        }
+        if a.iter()
+            .chain(m.iter())
+            .any(|&v| !(0..=THROTTLE_VALUE_MAX).contains(&v))
+        {
+            return Err(format!(
+                "bps/iops/max values must be within [0, {THROTTLE_VALUE_MAX}]"
+            ));
+        }
+        for i in 0..6 {
+            if m[i] != 0 && a[i] == 0 {
+                return Err("bps_max/iops_max require corresponding bps/iops values".into());
+            }
+            if m[i] != 0 && m[i] < a[i] {
+                return Err("bps_max/iops_max cannot be lower than bps/iops".into());
+            }
+        }
+        if m.iter().any(|&v| v != 0) || self.other.iter().any(|(_, v)| *v != 0) {
+            return Err(
+                "bulkhead does not support bursts (*_max, *_max_length) or iops_size yet".into(),
+            );
+        }
+        if self.group.is_some() {
+            return Err("bulkhead does not support throttling groups yet".into());
+        }
+        let u = |i: usize| a[i] as u64;
+        Ok(ThrottleLimits {
+            bps: u(0),
+            bps_rd: u(1),
+            bps_wr: u(2),
+            iops: u(3),
+            iops_rd: u(4),
+            iops_wr: u(5),
+        })
+    }
 }
 
 /// How a blockd ended, as its supervisor reports it.
@@ -430,6 +501,8 @@ pub struct Disks {
     chains: Vec<Vec<Backing>>,
     /// Per node: a qcow2 format node's header facts.
     qcow2: Vec<Option<Qcow2Details>>,
+    /// Per device: its I/O limits and their group name (`block_set_io_throttle`).
+    throttles: Vec<(ThrottleLimits, String)>,
     workers: Vec<Option<Blockd>>,
     generation: u64,
     blockd_path: Option<PathBuf>,
@@ -537,6 +610,7 @@ impl Disks {
             sizes: Vec::new(),
             chains: Vec::new(),
             qcow2: Vec::new(),
+            throttles: Vec::new(),
             workers: Vec::new(),
             generation: 0,
             blockd_path: None,
@@ -706,6 +780,11 @@ impl Disks {
             });
         }
         d.workers = cfg.devices.iter().map(|_| None).collect();
+        d.throttles = cfg
+            .devices
+            .iter()
+            .map(|_| (ThrottleLimits::default(), String::new()))
+            .collect();
         Ok(d)
     }
 
@@ -862,6 +941,15 @@ impl Disks {
             Err(_) => return Err(fail("no setup reply within 10 s".into())),
         };
         self.sizes[top] = size;
+        // Limits set for this device survive a new machine worker (and its new blockd).
+        let limits = self.throttles.get(dev).map(|t| t.0).unwrap_or_default();
+        if limits.enabled() {
+            match call(&rpc, BlockRequest::SetThrottle(limits)).await {
+                Ok(BlockReply::Ok) => {}
+                Ok(other) => return Err(fail(format!("unexpected reply {other:?}"))),
+                Err(e) => return Err(fail(e)),
+            }
+        }
         // blockd's events: only logged (its exit is what matters, seen by the supervisor).
         {
             let id = id.clone();
@@ -1059,6 +1147,7 @@ impl Disks {
             }
         }
         BlockView {
+            throttles: self.throttles.clone(),
             config: cfg.clone(),
             nodes,
             stats,
@@ -1112,6 +1201,65 @@ impl Disks {
             }
         }
         Ok(self.device_id(dev))
+    }
+
+    /// The device `block_set_io_throttle` names by `device` (a backend name) or `id` (a
+    /// device id), with QEMU's errors; `Ok(None)`: a backend without a device.
+    pub fn throttle_target(
+        &self,
+        device: Option<&str>,
+        id: Option<&str>,
+    ) -> Result<Option<usize>, crate::qmp::protocol::QmpError> {
+        use crate::qmp::protocol::{ErrorClass, QmpError};
+        let cfg = &self.resolved.config;
+        let not_found = |name: &str| QmpError {
+            class: ErrorClass::DeviceNotFound,
+            desc: format!("Device '{name}' not found"),
+        };
+        match (device, id) {
+            (Some(d), None) => {
+                let b = cfg
+                    .backends
+                    .iter()
+                    .position(|b| !b.name.is_empty() && b.name == d)
+                    .ok_or_else(|| not_found(d))?;
+                Ok(cfg.devices.iter().position(|x| x.backend == b))
+            }
+            // As QEMU: `id` names the device that has the block backend, the virtio-blk device
+            // inside the PCI proxy (`/machine/peripheral/ID/virtio-backend`); the proxy's own
+            // id has none.
+            (None, Some(i)) => {
+                if let Some(dev) = (0..cfg.devices.len()).find(|&x| cfg.qdev(x) == i) {
+                    return Ok(Some(dev));
+                }
+                if cfg.devices.iter().any(|x| x.id.as_deref() == Some(i)) {
+                    return Err(QmpError::generic(
+                        "Device does not have a block device backend",
+                    ));
+                }
+                Err(not_found(i))
+            }
+            _ => Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
+        }
+    }
+
+    /// Sets device `dev`'s I/O limits (blockd enforces them; kept for the next blockd).
+    pub async fn set_throttle(
+        &mut self,
+        dev: usize,
+        limits: ThrottleLimits,
+        group: String,
+    ) -> Result<(), String> {
+        if let Some(w) = self.workers.get(dev).and_then(Option::as_ref) {
+            match call(&w.rpc, BlockRequest::SetThrottle(limits)).await? {
+                BlockReply::Ok => {}
+                other => return Err(format!("unexpected reply {other:?}")),
+            }
+        }
+        if let Some(t) = self.throttles.get_mut(dev) {
+            *t = (limits, group);
+        }
+        Ok(())
     }
 
     /// The node a `block_resize` names: `device` (a backend name) or `node-name`, with QEMU's

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::chardev::{reopen_readonly, SerialHost};
-use crate::disks::{BlockView, BlockdExit, Disks, DisksError};
+use crate::disks::{BlockView, BlockdExit, Disks, DisksError, ThrottleArgs};
 use crate::memory::GuestMemory;
 use crate::qmp::events::{Event, EventBus, ShutdownCause, WorkerExit};
 use crate::qmp::protocol::QmpError;
@@ -309,6 +309,7 @@ enum Request {
         size: u64,
         reply: Reply<()>,
     },
+    BlockThrottle(Box<ThrottleArgs>, Reply<()>),
     Signal(i32),
     Terminate(oneshot::Sender<()>),
 }
@@ -331,6 +332,7 @@ impl std::fmt::Debug for Request {
             Request::Sandbox(_) => "Sandbox",
             Request::BlockView(_) => "BlockView",
             Request::BlockResize { .. } => "BlockResize",
+            Request::BlockThrottle(..) => "BlockThrottle",
             Request::Signal(_) => "Signal",
             Request::Terminate(_) => "Terminate",
         })
@@ -426,6 +428,12 @@ impl VmHandle {
             reply,
         })
         .await
+    }
+
+    /// `block_set_io_throttle`.
+    pub async fn block_throttle(&self, args: ThrottleArgs) -> Result<(), QmpError> {
+        self.ask(|reply| Request::BlockThrottle(Box::new(args), reply))
+            .await
     }
 
     /// A terminating signal arrived.
@@ -638,6 +646,10 @@ impl Vm {
                     .await;
                 let _ = reply.send(r);
             }
+            Request::BlockThrottle(args, reply) => {
+                let r = self.block_throttle(&args).await;
+                let _ = reply.send(r);
+            }
             Request::Quit(tx) => {
                 self.bus.emit(&Event::Shutdown(ShutdownCause::HostQmpQuit));
                 self.expect_worker_exit();
@@ -762,6 +774,28 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    async fn block_throttle(&mut self, args: &ThrottleArgs) -> Result<(), QmpError> {
+        let dev = self
+            .disks
+            .throttle_target(args.device.as_deref(), args.id.as_deref())?;
+        let limits = args.limits().map_err(QmpError::generic)?;
+        let name = args
+            .device
+            .clone()
+            .or_else(|| args.id.clone())
+            .unwrap_or_default();
+        let Some(dev) = dev else {
+            return Err(QmpError::generic(format!(
+                "bulkhead enforces I/O limits in the bulkhead-blockd of a device; '{name}' has \
+                 no device"
+            )));
+        };
+        self.disks
+            .set_throttle(dev, limits, name)
+            .await
+            .map_err(QmpError::generic)
     }
 
     fn on_blockd_exit(&mut self, e: BlockdExit) {

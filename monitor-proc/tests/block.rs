@@ -253,6 +253,62 @@ fn disks_get_a_sandboxed_blockd_each_and_the_queries_describe_them() {
         "{text}"
     );
 
+    // I/O limits: by -drive id or by device id; shown by query-block and HMP; refused for a
+    // drive without a device and for what Bulkhead lacks (bursts).
+    let t = |args: &str| {
+        format!(
+            r#"{{"execute":"block_set_io_throttle","arguments":{{{args},"bps_rd":0,"bps_wr":0,"iops":0,"iops_rd":0}}}}"#
+        )
+    };
+    assert_eq!(
+        q.raw(&t(r#""device":"disk0","bps":1000000,"iops_wr":200"#)),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        q.raw(&t(
+            r#""id":"/machine/peripheral/vd1/virtio-backend","bps":0,"iops_wr":50"#
+        )),
+        json!({"return": {}})
+    );
+    // blockd got them.
+    m.wait_stderr("I/O limits: ThrottleLimits { bps: 1000000", T);
+    let v = q.cmd("query-block")["return"].clone();
+    assert_eq!(v[0]["inserted"]["bps"], 1_000_000, "{v}");
+    assert_eq!(v[0]["inserted"]["iops_wr"], 200, "{v}");
+    assert_eq!(v[0]["inserted"]["group"], "disk0", "{v}");
+    assert_eq!(v[2]["inserted"]["iops_wr"], 50, "{v}");
+    assert_eq!(
+        v[2]["inserted"]["group"], "/machine/peripheral/vd1/virtio-backend",
+        "{v}"
+    );
+    assert!(v[1]["inserted"].get("group").is_none(), "{v}");
+    let r =
+        q.raw(r#"{"execute":"human-monitor-command","arguments":{"command-line":"info block"}}"#);
+    assert!(
+        r["return"].as_str().unwrap_or("").contains(
+            "    I/O throttling:   bps=1000000 bps_rd=0 bps_wr=0 bps_max=0 bps_rd_max=0 \
+             bps_wr_max=0 iops=0 iops_rd=0 iops_wr=200 iops_max=0 iops_rd_max=0 iops_wr_max=0 \
+             iops_size=0 group=disk0\r\n"
+        ),
+        "{r}"
+    );
+    let r = q.raw(&t(r#""device":"spare","bps":1000,"iops_wr":0"#));
+    assert!(error_desc(&r).contains("has no device"), "{r}");
+    let r = q.raw(&t(
+        r#""device":"disk0","bps":1000,"iops_wr":0,"bps_max":5000"#,
+    ));
+    assert!(error_desc(&r).contains("bursts"), "{r}");
+    let r = q.raw(&t(r#""device":"zzz","bps":1000,"iops_wr":0"#));
+    assert_eq!(error_class(&r), "DeviceNotFound", "{r}");
+    // All zero lifts them.
+    assert_eq!(
+        q.raw(&t(r#""device":"disk0","bps":0,"iops_wr":0"#)),
+        json!({"return": {}})
+    );
+    let v = q.cmd("query-block")["return"].clone();
+    assert!(v[0]["inserted"].get("group").is_none(), "{v}");
+    assert_eq!(v[0]["inserted"]["bps"], 0, "{v}");
+
     // quit: the blockds go with the monitor, cleanly (no X_WORKER_EXITED, no violation).
     let pids: Vec<u64> = procs.iter().filter_map(|p| p["pid"].as_u64()).collect();
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
@@ -390,6 +446,41 @@ fn block_queries_have_qemu_7_2_s_shape() {
         (
             "hmp info blockstats",
             r#"{"execute":"human-monitor-command","arguments":{"command-line":"info blockstats"}}"#,
+            Compare::Exact,
+        ),
+        (
+            "throttle: device and id",
+            r#"{"execute":"block_set_io_throttle","arguments":{"device":"drv0","id":"x","bps":0,"bps_rd":0,"bps_wr":0,"iops":0,"iops_rd":0,"iops_wr":0}}"#,
+            Compare::Exact,
+        ),
+        (
+            "throttle: neither",
+            r#"{"execute":"block_set_io_throttle","arguments":{"bps":0,"bps_rd":0,"bps_wr":0,"iops":0,"iops_rd":0,"iops_wr":0}}"#,
+            Compare::Exact,
+        ),
+        (
+            "throttle: unknown device",
+            r#"{"execute":"block_set_io_throttle","arguments":{"device":"nope","bps":0,"bps_rd":0,"bps_wr":0,"iops":0,"iops_rd":0,"iops_wr":0}}"#,
+            Compare::Exact,
+        ),
+        (
+            "throttle: unknown id",
+            r#"{"execute":"block_set_io_throttle","arguments":{"id":"nope","bps":0,"bps_rd":0,"bps_wr":0,"iops":0,"iops_rd":0,"iops_wr":0}}"#,
+            Compare::Exact,
+        ),
+        (
+            "throttle: total and read/write",
+            r#"{"execute":"block_set_io_throttle","arguments":{"device":"drv0","bps":100,"bps_rd":10,"bps_wr":0,"iops":0,"iops_rd":0,"iops_wr":0}}"#,
+            Compare::Exact,
+        ),
+        (
+            "throttle: negative",
+            r#"{"execute":"block_set_io_throttle","arguments":{"device":"drv0","bps":-1,"bps_rd":0,"bps_wr":0,"iops":0,"iops_rd":0,"iops_wr":0}}"#,
+            Compare::Exact,
+        ),
+        (
+            "throttle: max without value",
+            r#"{"execute":"block_set_io_throttle","arguments":{"device":"drv0","bps":0,"bps_rd":0,"bps_wr":0,"iops":0,"iops_rd":0,"iops_wr":0,"bps_max":5000}}"#,
             Compare::Exact,
         ),
         (
@@ -558,6 +649,26 @@ fn block_queries_with_devices_have_qemu_7_2_s_shape() {
             "resize of a read-only node",
             r#"{"execute":"block_resize","arguments":{"node-name":"disk1","size":4096}}"#,
             Compare::Exact,
+        ),
+        (
+            "throttle by device",
+            r#"{"execute":"block_set_io_throttle","arguments":{"device":"drv0","bps":1000000,"bps_rd":0,"bps_wr":0,"iops":0,"iops_rd":0,"iops_wr":200}}"#,
+            Compare::Exact,
+        ),
+        (
+            "throttle by the proxy's id",
+            r#"{"execute":"block_set_io_throttle","arguments":{"id":"vd1","bps":0,"bps_rd":4096,"bps_wr":0,"iops":0,"iops_rd":0,"iops_wr":0}}"#,
+            Compare::Exact,
+        ),
+        (
+            "throttle by id",
+            r#"{"execute":"block_set_io_throttle","arguments":{"id":"/machine/peripheral/vd1/virtio-backend","bps":0,"bps_rd":4096,"bps_wr":0,"iops":0,"iops_rd":0,"iops_wr":0}}"#,
+            Compare::Exact,
+        ),
+        (
+            "query-block, throttled",
+            r#"{"execute":"query-block"}"#,
+            Compare::Shape,
         ),
         (
             "hmp info blockstats",

@@ -287,8 +287,8 @@ const PROBES: &[(&str, &str)] = &[
     ("cpu-add", r#"{"id": 2}"#),                     // CPU hot-plug
     ("migrate", r#"{"uri": "tcp:0:4446"}"#),         // migration (not yet)
     (
-        "block_set_io_throttle",
-        r#"{"device": "d", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}"#,
+        "block-set-write-threshold",
+        r#"{"node-name": "n", "write-threshold": 1}"#,
     ), // block (not yet, issue 5)
     ("netdev_add", r#"{"type": "user", "id": "n"}"#), // net (not yet, issue 6)
     ("inject-nmi", "{}"),                            // vcpu-proc (not yet)

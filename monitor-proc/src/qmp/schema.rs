@@ -92,10 +92,16 @@ const fn object(members: &'static [Member]) -> TypeDef {
 /// `{}`, data of an event that has none (QEMU's `q_empty`).
 pub const EMPTY: &str = "q_empty";
 
+/// QAPI features of command arguments, as QEMU 7.2 declares them: (command, argument,
+/// features).
+const ARG_FEATURES: &[(&str, &str, &[&str])] =
+    &[("block_set_io_throttle", "device", &["deprecated"])];
+
 /// Each command's return type (`ret-type`). One entry per registry command, no other.
 pub const RETURNS: &[(&str, &str)] = &[
     ("add-fd", "AddfdInfo"),
     ("block_resize", EMPTY),
+    ("block_set_io_throttle", EMPTY),
     ("closefd", EMPTY),
     ("cont", EMPTY),
     ("getfd", EMPTY),
@@ -412,6 +418,7 @@ pub const TYPES: &[(&str, TypeDef)] = &[
             req("iops_rd", "int"),
             req("iops_wr", "int"),
             req("image", "ImageInfo"),
+            opt("group", "str"),
             req("cache", "BlockdevCacheInfo"),
             req("write_threshold", "int"),
         ]),
@@ -755,7 +762,11 @@ fn arg_type(command: &str, specs: &[ArgSpec], defs: &mut BTreeMap<String, Def>) 
                 name: s.name.to_string(),
                 ty,
                 optional: s.optional,
-                features: Vec::new(),
+                features: ARG_FEATURES
+                    .iter()
+                    .filter(|(c, a, _)| *c == command && *a == s.name)
+                    .flat_map(|(_, _, f)| f.iter().map(|x| x.to_string()))
+                    .collect(),
             }
         })
         .collect();

@@ -12,10 +12,11 @@ use serde_json::{Map, Value};
 
 use super::{ArgSpec, ArgType, Command, Context, HandlerFuture, Outcome};
 use crate::block::Driver;
-use crate::disks::{BlockView, Qcow2Details};
+use crate::disks::{BlockView, Qcow2Details, ThrottleArgs};
 use crate::qmp::protocol::QmpError;
 use crate::qmp::qdict;
 use bulkhead_ipc::messages::BlockStats;
+use bulkhead_ipc::messages::ThrottleLimits;
 
 pub(super) static COMMANDS: &[Command] = &[
     Command {
@@ -61,6 +62,57 @@ pub(super) static COMMANDS: &[Command] = &[
             },
         ],
         handler: block_resize,
+    },
+    Command {
+        name: "block_set_io_throttle",
+        args: THROTTLE_ARGS,
+        handler: block_set_io_throttle,
+    },
+];
+
+const fn int_arg(name: &'static str, optional: bool) -> ArgSpec {
+    ArgSpec {
+        name,
+        ty: ArgType::Int,
+        optional,
+    }
+}
+
+/// `block_set_io_throttle`'s arguments: QEMU's `BlockIOThrottle`, member for member.
+const THROTTLE_ARGS: &[ArgSpec] = &[
+    ArgSpec {
+        name: "device",
+        ty: ArgType::Str,
+        optional: true,
+    },
+    ArgSpec {
+        name: "id",
+        ty: ArgType::Str,
+        optional: true,
+    },
+    int_arg("bps", false),
+    int_arg("bps_rd", false),
+    int_arg("bps_wr", false),
+    int_arg("iops", false),
+    int_arg("iops_rd", false),
+    int_arg("iops_wr", false),
+    int_arg("bps_max", true),
+    int_arg("bps_rd_max", true),
+    int_arg("bps_wr_max", true),
+    int_arg("iops_max", true),
+    int_arg("iops_rd_max", true),
+    int_arg("iops_wr_max", true),
+    int_arg("bps_max_length", true),
+    int_arg("bps_rd_max_length", true),
+    int_arg("bps_wr_max_length", true),
+    int_arg("iops_max_length", true),
+    int_arg("iops_rd_max_length", true),
+    int_arg("iops_wr_max_length", true),
+    int_arg("iops_size", true),
+    ArgSpec {
+        name: "group",
+        ty: ArgType::Str,
+        optional: true,
     },
 ];
 
@@ -129,8 +181,9 @@ fn pos(v: &BlockView, name: &str) -> Option<usize> {
     v.nodes.iter().position(|n| n.spec.name == name)
 }
 
-/// `BlockDeviceInfo` of node `i` (`query-block`'s `inserted`, `query-named-block-nodes`).
-pub fn device_info(v: &BlockView, i: usize) -> Value {
+/// `BlockDeviceInfo` of node `i` (`query-block`'s `inserted`, `query-named-block-nodes`),
+/// with the I/O limits of the device it backs (`query-block` only, as QEMU).
+pub fn device_info(v: &BlockView, i: usize, throttle: Option<&(ThrottleLimits, String)>) -> Value {
     let n = &v.nodes[i];
     let image = image_info(v, i);
     let cache = qdict::object([
@@ -149,20 +202,23 @@ pub fn device_info(v: &BlockView, i: usize) -> Value {
     if let Some(b) = &n.full_backing_filename {
         m.push(("backing_file", Value::from(b.as_str())));
     }
+    let l = throttle.map(|t| t.0).unwrap_or_default();
     m.extend([
         ("backing_file_depth", Value::from(n.backing_depth)),
         ("encrypted", Value::from(false)),
         ("detect_zeroes", Value::from("off")),
-        ("bps", Value::from(0)),
-        ("bps_rd", Value::from(0)),
-        ("bps_wr", Value::from(0)),
-        ("iops", Value::from(0)),
-        ("iops_rd", Value::from(0)),
-        ("iops_wr", Value::from(0)),
+        ("bps", Value::from(l.bps)),
+        ("bps_rd", Value::from(l.bps_rd)),
+        ("bps_wr", Value::from(l.bps_wr)),
+        ("iops", Value::from(l.iops)),
+        ("iops_rd", Value::from(l.iops_rd)),
+        ("iops_wr", Value::from(l.iops_wr)),
         ("image", image),
-        ("cache", cache),
-        ("write_threshold", Value::from(0)),
     ]);
+    if let Some((_, group)) = throttle.filter(|t| t.0.enabled()) {
+        m.push(("group", Value::from(group.as_str())));
+    }
+    m.extend([("cache", cache), ("write_threshold", Value::from(0))]);
     qdict::object(m)
 }
 
@@ -299,7 +355,10 @@ pub fn query_block_value(v: &BlockView) -> Value {
                 ("type", Value::from("unknown")),
                 ("removable", Value::from(dev.is_none())),
                 ("locked", Value::from(false)),
-                ("inserted", device_info(v, n)),
+                (
+                    "inserted",
+                    device_info(v, n, dev.and_then(|d| v.throttles.get(d))),
+                ),
             ]);
             if dev.is_some() {
                 // virtio-blk keeps an I/O status (QEMU reports it for such devices).
@@ -324,7 +383,7 @@ fn query_named_block_nodes(ctx: Context, _args: Map<String, Value>) -> HandlerFu
         // Newest node first, as QEMU lists its graph.
         let list = (0..v.nodes.len())
             .rev()
-            .map(|i| device_info(&v, i))
+            .map(|i| device_info(&v, i, None))
             .collect();
         Ok(Outcome::value(Value::Array(list)))
     })
@@ -357,6 +416,46 @@ fn query_blockstats(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
                 .collect()
         };
         Ok(Outcome::value(Value::Array(list)))
+    })
+}
+
+fn block_set_io_throttle(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
+    Box::pin(async move {
+        let s = |k: &str| args.get(k).and_then(Value::as_str).map(String::from);
+        let i = |k: &str| {
+            args.get(k)
+                .map(|v| v.as_i64().unwrap_or(i64::MAX))
+                .unwrap_or(0)
+        };
+        let t = ThrottleArgs {
+            device: s("device"),
+            id: s("id"),
+            avg: ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"].map(i),
+            max: [
+                "bps_max",
+                "bps_rd_max",
+                "bps_wr_max",
+                "iops_max",
+                "iops_rd_max",
+                "iops_wr_max",
+            ]
+            .map(i),
+            other: [
+                "bps_max_length",
+                "bps_rd_max_length",
+                "bps_wr_max_length",
+                "iops_max_length",
+                "iops_rd_max_length",
+                "iops_wr_max_length",
+                "iops_size",
+            ]
+            .into_iter()
+            .map(|k| (k, i(k)))
+            .collect(),
+            group: s("group"),
+        };
+        ctx.shared.vm.block_throttle(t).await?;
+        Ok(Outcome::empty())
     })
 }
 

@@ -496,6 +496,28 @@ fn print(out: &mut String, how: Print, v: &Value, current: i64) {
                         int_of(ins, "backing_file_depth")
                     ));
                 }
+                let limits = ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"];
+                if limits.iter().any(|k| int_of(ins, k) != 0) {
+                    out.push_str("    I/O throttling:  ");
+                    for k in [
+                        "bps",
+                        "bps_rd",
+                        "bps_wr",
+                        "bps_max",
+                        "bps_rd_max",
+                        "bps_wr_max",
+                        "iops",
+                        "iops_rd",
+                        "iops_wr",
+                        "iops_max",
+                        "iops_rd_max",
+                        "iops_wr_max",
+                        "iops_size",
+                    ] {
+                        out.push_str(&format!(" {k}={}", int_of(ins, k)));
+                    }
+                    out.push_str(&format!(" group={}\n", str_of(ins, "group")));
+                }
             }
         }
     }

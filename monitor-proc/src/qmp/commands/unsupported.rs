@@ -88,7 +88,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "block_passwd",
         "password-encrypted images are not supported (QEMU dropped this command too)",
     ),
-    ("block_set_io_throttle", BLOCK),
     ("blockdev-add", BLOCK),
     ("blockdev-backup", JOBS),
     ("blockdev-change-medium", MEDIA),
