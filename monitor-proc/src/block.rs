@@ -10,7 +10,8 @@
 //!
 //! Accepted forms (anything else is an error naming the key):
 //! - `-drive file=PATH[,format=raw|qcow2][,if=virtio|none][,id=ID][,node-name=N]
-//!   [,readonly=on|off][,cache=none|writeback][,serial=S][,media=disk]` (`serial=` as QEMU
+//!   [,readonly=on|off][,cache=none|writeback][,serial=S][,media=disk]
+//!   [,throttling.{bps,iops}-{total,read,write}=N]` (`serial=` as QEMU
 //!   before 3.0 took it; default `if=virtio`, since Bulkhead has no IDE; without `format=` the
 //!   format is probed like QEMU does, with its warning);
 //! - `-blockdev driver=file,node-name=N,filename=PATH[,read-only=on][,cache.direct=on]
@@ -27,7 +28,7 @@
 
 use std::collections::BTreeSet;
 
-use bulkhead_ipc::messages::ImageFormat;
+use bulkhead_ipc::messages::{ImageFormat, ThrottleLimits};
 
 use crate::cli::{parse_opts, CliError};
 
@@ -81,6 +82,8 @@ pub struct BackendSpec {
     pub name: String,
     /// The node at its root.
     pub node: String,
+    /// `-drive throttling.*`: the I/O limits its device starts with.
+    pub throttle: ThrottleLimits,
 }
 
 /// One `virtio-blk-pci`.
@@ -281,6 +284,7 @@ impl Builder {
         let mut read_only = false;
         let mut direct = false;
         let mut serial = None;
+        let mut throttle = ThrottleLimits::default();
         for (k, v) in parse_opts(whole, None) {
             match k.as_str() {
                 "file" => file = Some(v),
@@ -302,6 +306,30 @@ impl Builder {
                 "cache.direct" => direct = boolean(opt, whole, &k, &v)?,
                 "serial" => serial = Some(v),
                 "media" if v == "disk" => {}
+                _ if throttle_key(&k).is_some() => {
+                    let n: u64 = v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= THROTTLE_VALUE_MAX)
+                        .ok_or_else(|| {
+                            bad(
+                                opt,
+                                whole,
+                                format!(
+                                    "bps/iops/max values must be within [0, {THROTTLE_VALUE_MAX}]"
+                                ),
+                            )
+                        })?;
+                    let t = &mut throttle;
+                    match throttle_key(&k) {
+                        Some(0) => t.bps = n,
+                        Some(1) => t.bps_rd = n,
+                        Some(2) => t.bps_wr = n,
+                        Some(3) => t.iops = n,
+                        Some(4) => t.iops_rd = n,
+                        _ => t.iops_wr = n,
+                    }
+                }
                 "werror" | "rerror" => {
                     return Err(bad(
                         opt,
@@ -325,6 +353,16 @@ impl Builder {
                 "a drive without a medium (no file=) is not supported by bulkhead",
             ));
         };
+        let t = &throttle;
+        if (t.bps != 0 && (t.bps_rd != 0 || t.bps_wr != 0))
+            || (t.iops != 0 && (t.iops_rd != 0 || t.iops_wr != 0))
+        {
+            return Err(bad(
+                opt,
+                whole,
+                "bps/iops/max total values and read/write values cannot be used at the same time",
+            ));
+        }
         let index = self.drive_index;
         self.drive_index += 1;
         let id = match id {
@@ -388,6 +426,7 @@ impl Builder {
         self.cfg.backends.push(BackendSpec {
             name: id,
             node: top,
+            throttle,
         });
         if iface == "virtio" {
             self.cfg.devices.push(DeviceSpec {
@@ -723,6 +762,7 @@ impl Builder {
                 self.cfg.backends.push(BackendSpec {
                     name: String::new(),
                     node: drive.clone(),
+                    throttle: ThrottleLimits::default(),
                 });
                 self.cfg.backends.len() - 1
             }
@@ -751,6 +791,23 @@ impl Builder {
         self.cfg.devices.push(dev);
         Ok(())
     }
+}
+
+/// QEMU's `THROTTLE_VALUE_MAX`.
+const THROTTLE_VALUE_MAX: u64 = 1_000_000_000_000_000;
+
+/// `-drive`'s throttling keys (QEMU's and its legacy spellings): index into bps, bps_rd,
+/// bps_wr, iops, iops_rd, iops_wr.
+fn throttle_key(k: &str) -> Option<usize> {
+    Some(match k {
+        "throttling.bps-total" | "bps" => 0,
+        "throttling.bps-read" | "bps_rd" => 1,
+        "throttling.bps-write" | "bps_wr" => 2,
+        "throttling.iops-total" | "iops" => 3,
+        "throttling.iops-read" | "iops_rd" => 4,
+        "throttling.iops-write" | "iops_wr" => 5,
+        _ => return None,
+    })
 }
 
 /// `addr=`: a slot in hex (`5`, `0x5`, `05.0`); function 0 only.
@@ -913,6 +970,16 @@ mod tests {
         let r = res(&[(Drive, "file=/d.raw")]).expect("ok");
         assert_eq!(r.config.backends[0].name, "virtio0");
         assert_eq!(r.probe, vec![r.config.backends[0].node.clone()]);
+        // -drive throttling (QEMU's keys and the legacy ones); total and per-direction clash.
+        let r = res(&[(Drive, "file=/d,throttling.iops-total=100,bps_wr=4096")]).expect("ok");
+        assert_eq!(r.config.backends[0].throttle.iops, 100);
+        assert_eq!(r.config.backends[0].throttle.bps_wr, 4096);
+        assert!(err(&[(
+            Drive,
+            "file=/d,throttling.bps-total=1,throttling.bps-read=1"
+        )])
+        .contains("cannot be used at the same time"));
+        assert!(err(&[(Drive, "file=/d,throttling.bps-total=-1")]).contains("within"));
         // if=none: a backend, no device.
         let r = res(&[(Drive, "file=/d.raw,if=none,id=x,readonly=on")]).expect("ok");
         assert!(r.config.devices.is_empty());

@@ -48,6 +48,7 @@ It accepts this subset of qemu-system-x86_64's command line:
   -append CMDLINE     kernel command line
   -drive file=PATH[,format=raw|qcow2][,if=virtio|none][,id=ID][,readonly=on|off]
         [,cache=none|writeback][,serial=S][,node-name=N]
+        [,throttling.{bps,iops}-{total,read,write}=N]
                       a disk; if=virtio (the default) adds a virtio-blk-pci device for it
   -blockdev driver=file,node-name=N,filename=PATH[,read-only=on][,cache.direct=on]
   -blockdev driver=raw|qcow2,node-name=N,file=NODE
@@ -234,6 +235,36 @@ pub const OPTION_GROUPS: &[OptionGroup] = &[
             ),
             param("cache.direct", ParamType::Boolean, "O_DIRECT (cache=none)"),
             param("node-name", ParamType::String, "the format node's name"),
+            param(
+                "throttling.bps-total",
+                ParamType::Number,
+                "bytes per second, reads and writes",
+            ),
+            param(
+                "throttling.bps-read",
+                ParamType::Number,
+                "bytes read per second",
+            ),
+            param(
+                "throttling.bps-write",
+                ParamType::Number,
+                "bytes written per second",
+            ),
+            param(
+                "throttling.iops-total",
+                ParamType::Number,
+                "operations per second, reads and writes",
+            ),
+            param(
+                "throttling.iops-read",
+                ParamType::Number,
+                "reads per second",
+            ),
+            param(
+                "throttling.iops-write",
+                ParamType::Number,
+                "writes per second",
+            ),
         ],
     },
     OptionGroup {
@@ -1751,6 +1782,7 @@ mod tests {
                 ("drive", "read-only" | "cache.direct") => "on,file=/d",
                 ("drive", "format") => "qcow2,file=/d",
                 ("drive", "node-name") => "n0,file=/d",
+                ("drive", _) => "1000,file=/d",
                 _ => panic!("no sample value for {group}.{key}"),
             }
         };

@@ -780,10 +780,14 @@ impl Disks {
             });
         }
         d.workers = cfg.devices.iter().map(|_| None).collect();
+        // -drive throttling.*: the device starts with them (the group is the drive's name).
         d.throttles = cfg
             .devices
             .iter()
-            .map(|_| (ThrottleLimits::default(), String::new()))
+            .map(|dev| {
+                let b = &cfg.backends[dev.backend];
+                (b.throttle, b.name.clone())
+            })
             .collect();
         Ok(d)
     }

@@ -558,7 +558,7 @@ fn a_qcow2_disk_is_served_on_a_backing_chain_the_monitor_opened() {
 fn sandbox_off_starts_blockd_unconfined_and_still_serves() {
     let s = Scratch::new("blk-off");
     let a = image(&s, "a.raw", MIB);
-    let drive = format!("file={a},format=raw,id=d0");
+    let drive = format!("file={a},format=raw,id=d0,throttling.iops-total=5000");
     let (mut m, mut q) = start(&s, &["--sandbox", "off", "-drive", &drive]);
     log_has(&s, "device /machine/peripheral-anon/device[0]");
     let procs = blockds(&mut q);
@@ -568,6 +568,14 @@ fn sandbox_off_starts_blockd_unconfined_and_still_serves() {
     assert_eq!(procs[0]["landlock"]["status"], "not-enforced", "{procs:?}");
     let st = q.cmd("query-blockstats")["return"].clone();
     assert_eq!(st[0]["stats"]["rd_operations"], 0, "{st}");
+    // -drive throttling reached blockd and shows in query-block.
+    m.wait_stderr(
+        "I/O limits: ThrottleLimits { bps: 0, bps_rd: 0, bps_wr: 0, iops: 5000",
+        T,
+    );
+    let v = q.cmd("query-block")["return"].clone();
+    assert_eq!(v[0]["inserted"]["iops"], 5000, "{v}");
+    assert_eq!(v[0]["inserted"]["group"], "d0", "{v}");
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success(), "{}", m.stderr());
 }
