@@ -357,9 +357,6 @@ macro_rules! paste_nr {
     (ioctl) => {
         libc::SYS_ioctl
     };
-    (setsockopt) => {
-        libc::SYS_setsockopt
-    };
     (recvmsg) => {
         libc::SYS_recvmsg
     };
@@ -599,15 +596,8 @@ const VCPU_EXTRA: &[Allowed] = &[
     sys!(lseek),
     // the serial interrupt's irqfd; the virtio devices' kick and call eventfds
     sys!(eventfd2),
-    // reply timeouts on the vhost-user sockets of virtio devices (a back end that stops
-    // answering must not hang a vCPU)
-    sys!(
-        setsockopt,
-        Rule::ArgIn {
-            arg: 2,
-            values: &[libc::SO_RCVTIMEO as u64, libc::SO_SNDTIMEO as u64]
-        }
-    ),
+    // the vhost-user watchdog cuts off a back end that stops answering (a vCPU must not hang)
+    sys!(shutdown),
     // vCPU kicks (SIGRTMIN) and abort()
     sys!(
         tgkill,
@@ -737,10 +727,13 @@ fn unlimited(resource: Resource) -> Rlimit {
 /// fds it is handed, so RLIMIT_FSIZE cannot be 0 for this role.
 fn vcpu_rlimits(p: &Params) -> Vec<Rlimit> {
     let vcpus = u64::from(p.vcpus.max(1));
-    let threads = vcpus + 3;
+    // vCPUs, main, serial input, the vhost-user watchdog, and one spare.
+    let threads = vcpus + 4;
     vec![
         fixed(Resource::Nproc, threads + 2),
-        nofile(64 + 2 * vcpus),
+        // Virtio devices: up to 31 slots x (socket, config eventfd, kick and call per queue,
+        // 16 queues) = 31 x 34 = 1054 on top of the machine's own.
+        nofile(64 + 2 * vcpus + 1054),
         fixed(
             Resource::As,
             p.mem_bytes
@@ -973,7 +966,7 @@ mod tests {
         let get = |l: &[Rlimit], r| l.iter().find(|x| x.resource == r).and_then(|x| x.value);
         assert!(get(&big, Resource::As) > get(&small, Resource::As));
         assert!(get(&big, Resource::As).unwrap_or(0) > 4096 * MIB);
-        assert_eq!(get(&small, Resource::Nproc), Some(6));
+        assert_eq!(get(&small, Resource::Nproc), Some(7));
         assert_eq!(get(&small, Resource::Core), Some(0));
         assert_eq!(get(&small, Resource::Fsize), None);
         assert_eq!(

@@ -362,8 +362,8 @@ fn check_sandbox(vm: &NestedVm, qmp: &mut Qmp, worker: u32) -> Result<()> {
         .find(|l| l["name"] == "Max open files")
         .context("no Max open files")?;
     ensure!(
-        nofile["soft"] == 68 && nofile["hard"] == 68,
-        "Max open files {nofile} (the vcpu policy gives 64 + 2 per vCPU)"
+        nofile["soft"] == 1122 && nofile["hard"] == 1122,
+        "Max open files {nofile} (the vcpu policy gives 64 + 2 per vCPU + 1054 for virtio devices)"
     );
     Ok(())
 }

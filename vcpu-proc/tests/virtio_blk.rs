@@ -385,3 +385,59 @@ fn nonsense_from_the_driver_is_refused_not_fatal() {
         "expected DEVICE_NEEDS_RESET"
     );
 }
+
+fn device_on(sock: UnixStream) -> Result<VirtioPciDevice, String> {
+    let kvm = Kvm::new().expect("/dev/kvm");
+    let vm = Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"));
+    vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
+    let mem = memory::map_memfd(&memfd(MEM), MEM).expect("guest memory");
+    let desc = VirtioDevice {
+        id: "bad".into(),
+        kind: VirtioKind::Block,
+        slot: 1,
+        num_queues: 1,
+        queue_size: 256,
+    };
+    VirtioPciDevice::new(
+        &desc,
+        OwnedFd::from(sock),
+        mem,
+        Arc::new(IrqRouter::new(vm)),
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// A back end is not trusted: one that hangs up, one that never answers and one that answers
+/// nonsense each fail the device with an error, in bounded time, and never hang the caller.
+#[test]
+fn misbehaving_back_ends_fail_the_device_not_the_worker() {
+    // Hangs up at once.
+    let (front, back) = UnixStream::pair().expect("socketpair");
+    drop(back);
+    let e = device_on(front).err().expect("a closed back end must fail");
+    println!("closed: {e}");
+
+    // Never answers: the reply timeout ends the wait.
+    let (front, back) = UnixStream::pair().expect("socketpair");
+    let start = Instant::now();
+    let e = device_on(front).err().expect("a silent back end must fail");
+    println!("silent: {e} after {:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(30));
+    drop(back);
+
+    // Answers every message with garbage.
+    let (front, mut back) = UnixStream::pair().expect("socketpair");
+    let junk = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut back, &mut buf) {
+            if n == 0 || back.write_all(&[0xa5; 64]).is_err() {
+                break;
+            }
+        }
+    });
+    let e = device_on(front)
+        .err()
+        .expect("a garbage back end must fail");
+    println!("garbage: {e}");
+    let _ = junk.join();
+}

@@ -2,12 +2,16 @@
 //! any standard vhost-user server such as `qemu-storage-daemon`), feature and protocol
 //! negotiation when the device is plugged, and starting/stopping the rings when the guest's
 //! driver does. The back end is not trusted: every reply is checked by the `vhost` crate, a
-//! back end that stops answering times the call out ([`REPLY_TIMEOUT`]), and a failure only
-//! breaks this one device.
+//! back end that stops answering is cut off by the [`Watchdog`] after [`REPLY_TIMEOUT`] (the
+//! crate retries a timed-out `recvmsg` forever, so a socket timeout alone would not do), and a
+//! failure only breaks this one device.
 
+use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -56,6 +60,82 @@ pub enum Error {
     /// Guest memory cannot be shared (a region without an fd).
     #[error("guest memory region at {0:#x} has no fd to share")]
     Memory(u64),
+    /// The back end did not answer in time; its connection was shut down.
+    #[error("the vhost-user back end did not answer within {0:?}; it is disconnected")]
+    Timeout(Duration),
+    /// The watchdog thread could not be started.
+    #[error("cannot start the vhost-user watchdog thread: {0}")]
+    Watchdog(std::io::Error),
+}
+
+/// One connection the watchdog may cut.
+struct Guarded {
+    deadline: Mutex<Option<Instant>>,
+    stream: UnixStream,
+    fired: AtomicBool,
+}
+
+/// Cuts off back ends that stop answering: while a vhost-user exchange is in flight its
+/// connection is armed with a deadline, and one thread for the whole process shuts down the
+/// socket of any exchange past it, so the blocked `recvmsg` returns and the call fails.
+pub struct Watchdog {
+    guarded: Mutex<Vec<Weak<Guarded>>>,
+    wake: Condvar,
+}
+
+impl Watchdog {
+    fn get() -> Result<&'static Arc<Watchdog>, Error> {
+        static WATCHDOG: OnceLock<Arc<Watchdog>> = OnceLock::new();
+        static STARTED: Mutex<bool> = Mutex::new(false);
+        let wd = WATCHDOG.get_or_init(|| {
+            Arc::new(Watchdog {
+                guarded: Mutex::new(Vec::new()),
+                wake: Condvar::new(),
+            })
+        });
+        let mut started = STARTED.lock().unwrap_or_else(|p| p.into_inner());
+        if !*started {
+            let w = wd.clone();
+            std::thread::Builder::new()
+                .name("vhost-watchdog".into())
+                .spawn(move || w.run())
+                .map_err(Error::Watchdog)?;
+            *started = true;
+        }
+        Ok(wd)
+    }
+
+    fn watch(&self, g: &Arc<Guarded>) {
+        let mut list = self.guarded.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(g));
+    }
+
+    fn run(&self) {
+        let mut list = self.guarded.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let now = Instant::now();
+            let mut next: Option<Instant> = None;
+            list.retain(|w| w.strong_count() > 0);
+            for g in list.iter().filter_map(Weak::upgrade) {
+                let deadline = *g.deadline.lock().unwrap_or_else(|p| p.into_inner());
+                match deadline {
+                    Some(d) if d <= now && !g.fired.swap(true, Ordering::SeqCst) => {
+                        log::error!("a vhost-user back end stopped answering: disconnecting it");
+                        let _ = g.stream.shutdown(Shutdown::Both);
+                    }
+                    Some(d) if d <= now => {}
+                    Some(d) => next = Some(next.map_or(d, |n| n.min(d))),
+                    None => {}
+                }
+            }
+            let wait = next.map_or(Duration::from_secs(3600), |n| n - now);
+            list = match self.wake.wait_timeout(list, wait) {
+                Ok((l, _)) => l,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
 }
 
 fn proto(what: &'static str) -> impl FnOnce(vhost::Error) -> Error {
@@ -78,6 +158,7 @@ pub struct RingSetup {
 /// A connected back end.
 pub struct Backend {
     fe: Frontend,
+    guard: Arc<Guarded>,
     /// Virtio features the back end offers (without `VHOST_USER_F_PROTOCOL_FEATURES`).
     pub features: u64,
     protocol: VhostUserProtocolFeatures,
@@ -91,13 +172,53 @@ impl Backend {
     /// count.
     pub fn connect(sock: OwnedFd, queues: usize) -> Result<Self, Error> {
         let stream = UnixStream::from(sock);
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(Error::Socket)?;
-        stream
-            .set_write_timeout(Some(REPLY_TIMEOUT))
-            .map_err(Error::Socket)?;
-        let mut fe = Frontend::from_stream(stream, queues as u64);
+        let guard = Arc::new(Guarded {
+            deadline: Mutex::new(None),
+            stream: stream.try_clone().map_err(Error::Socket)?,
+            fired: AtomicBool::new(false),
+        });
+        let wd = Watchdog::get()?;
+        wd.watch(&guard);
+        let fe = Frontend::from_stream(stream, queues as u64);
+        let mut b = Backend {
+            fe,
+            guard,
+            features: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            max_queues: queues,
+            started: Vec::new(),
+        };
+        b.guarded(|b| b.negotiate(queues))?;
+        Ok(b)
+    }
+
+    /// Runs `f` with the watchdog armed.
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Error>) -> Result<T, Error> {
+        if self.guard.fired.load(Ordering::SeqCst) {
+            return Err(Error::Timeout(REPLY_TIMEOUT));
+        }
+        *self
+            .guard
+            .deadline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + REPLY_TIMEOUT);
+        if let Ok(wd) = Watchdog::get() {
+            wd.wake.notify_all();
+        }
+        let r = f(self);
+        *self
+            .guard
+            .deadline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        if self.guard.fired.load(Ordering::SeqCst) {
+            return Err(Error::Timeout(REPLY_TIMEOUT));
+        }
+        r
+    }
+
+    fn negotiate(&mut self, queues: usize) -> Result<(), Error> {
+        let fe = &mut self.fe;
         fe.set_owner().map_err(proto("SET_OWNER"))?;
         let offered = fe.get_features().map_err(proto("GET_FEATURES"))?;
         let pf_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -123,13 +244,11 @@ impl Backend {
                 fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
         }
-        Ok(Backend {
-            fe,
-            features: offered & !pf_bit,
-            protocol,
-            max_queues,
-            started: vec![false; max_queues],
-        })
+        self.features = offered & !pf_bit;
+        self.protocol = protocol;
+        self.max_queues = max_queues;
+        self.started = vec![false; max_queues];
+        Ok(())
     }
 
     /// Whether the back end serves its configuration space (`GET_CONFIG`).
@@ -139,24 +258,35 @@ impl Backend {
 
     /// Reads `len` bytes of the device configuration space.
     pub fn get_config(&mut self, len: usize) -> Result<Vec<u8>, Error> {
-        let buf = vec![0u8; len];
-        let (_, data) = self
-            .fe
-            .get_config(0, len as u32, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(proto("GET_CONFIG"))?;
-        Ok(data)
+        self.guarded(|b| {
+            let buf = vec![0u8; len];
+            let (_, data) =
+                b.fe.get_config(0, len as u32, VhostUserConfigFlags::WRITABLE, &buf)
+                    .map_err(proto("GET_CONFIG"))?;
+            Ok(data)
+        })
     }
 
     /// Writes `data` at `offset` of the device configuration space.
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), Error> {
-        self.fe
-            .set_config(offset, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(proto("SET_CONFIG"))
+        self.guarded(|b| {
+            b.fe.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
+                .map_err(proto("SET_CONFIG"))
+        })
     }
 
     /// Starts the device the way the driver set it up: acked features, guest memory, and each
     /// ring with its kick (ioeventfd) and call (irqfd) eventfds.
     pub fn start(
+        &mut self,
+        acked: u64,
+        mem: &GuestMem,
+        rings: &[(usize, RingSetup, &EventFd, &EventFd)],
+    ) -> Result<(), Error> {
+        self.guarded(|b| b.start_unguarded(acked, mem, rings))
+    }
+
+    fn start_unguarded(
         &mut self,
         acked: u64,
         mem: &GuestMem,
@@ -235,6 +365,13 @@ impl Backend {
 
     /// Stops every started ring (`GET_VRING_BASE`), e.g. when the driver resets the device.
     pub fn stop(&mut self) -> Result<(), Error> {
+        if !self.started.iter().any(|s| *s) {
+            return Ok(());
+        }
+        self.guarded(|b| b.stop_unguarded())
+    }
+
+    fn stop_unguarded(&mut self) -> Result<(), Error> {
         let mut first_err = None;
         for q in 0..self.started.len() {
             if !std::mem::take(&mut self.started[q]) {
