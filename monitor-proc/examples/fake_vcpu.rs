@@ -24,7 +24,8 @@
 //! - the setup's virtio devices are logged (`device ID KIND slot N queues N size N`) and their
 //!   vhost-user sockets kept open (never spoken to), those of `AddDevice` too (logged with
 //!   `(added)`); `ConfigChanged` is logged
-//!   (`config changed ID`) and answered Ok; the other device requests are refused.
+//!   (`config changed ID`) and answered Ok, `SetLink` too (`link ID up|down`), `RemoveDevice`
+//!   (`device ID removed`) before the first `Run` only.
 //!
 //! It is launched like the real worker (in its namespaces unless `--sandbox off`) but does not
 //! confine itself; the pid it logs is its pid as the monitor sees it (not 1, its pid inside its
@@ -315,8 +316,20 @@ fn main() {
                 devices.extend(fds);
                 VcpuReply::Ok
             }
-            VcpuRequest::RemoveDevice { .. } | VcpuRequest::SetLink { .. } => {
-                VcpuReply::Error("not implemented by the fake worker".into())
+            VcpuRequest::SetLink { id: dev, up } => {
+                log_line(
+                    &log,
+                    &format!("link {dev} {}", if up { "up" } else { "down" }),
+                );
+                VcpuReply::Ok
+            }
+            // As the real worker: unplugging only before the guest first runs.
+            VcpuRequest::RemoveDevice { id: dev } if !started => {
+                log_line(&log, &format!("device {dev} removed"));
+                VcpuReply::Ok
+            }
+            VcpuRequest::RemoveDevice { .. } => {
+                VcpuReply::Error("the guest has run: no PCI hot-unplug".into())
             }
         };
         let _ = &devices;

@@ -493,6 +493,8 @@ pub struct Config {
     pub add_fds: Vec<AddFd>,
     /// `-drive`, `-blockdev` and `-device`, resolved into the block graph ([`crate::block`]).
     pub block: crate::block::Resolved,
+    /// `-netdev`, `-nic` and `-device virtio-net-pci` ([`crate::nics`]).
+    pub net: crate::nics::NetConfig,
 }
 
 impl Default for Config {
@@ -520,6 +522,7 @@ impl Default for Config {
             sandbox_user: None,
             add_fds: Vec::new(),
             block: crate::block::Resolved::default(),
+            net: crate::nics::NetConfig::default(),
         }
     }
 }
@@ -565,7 +568,6 @@ const UNSUPPORTED: &[&str] = &[
     "msg",
     "mtdblock",
     "net",
-    "netdev",
     "no-acpi",
     "no-fd-bootchk",
     "no-hpet",
@@ -616,6 +618,7 @@ where
     let mut serial: Option<SerialBackend> = None;
     let mut nodefaults = false;
     let mut block = crate::block::BlockArgs::default();
+    let mut net = crate::nics::NetArgs::default();
     let mut i = 0;
     while i < args.len() {
         let arg = &args[i];
@@ -718,9 +721,18 @@ where
             "blockdev" => block
                 .items
                 .push((crate::block::BlockOpt::Blockdev, value(&mut i)?)),
-            "device" => block
+            "device" => {
+                let v = value(&mut i)?;
+                if crate::nics::is_net_device(&v) {
+                    net.items.push((crate::nics::NetOpt::Device, v));
+                } else {
+                    block.items.push((crate::block::BlockOpt::Device, v));
+                }
+            }
+            "netdev" => net
                 .items
-                .push((crate::block::BlockOpt::Device, value(&mut i)?)),
+                .push((crate::nics::NetOpt::Netdev, value(&mut i)?)),
+            "nic" => net.items.push((crate::nics::NetOpt::Nic, value(&mut i)?)),
             "enable-kvm" | "no-user-config" => {}
             "nodefaults" => nodefaults = true,
             "accel" => {
@@ -759,6 +771,21 @@ where
         None => SerialBackend::None,
     };
     cfg.block = crate::block::resolve(&block)?;
+    cfg.net = crate::nics::resolve(
+        &net,
+        &cfg.block
+            .config
+            .devices
+            .iter()
+            .filter_map(|d| d.slot)
+            .collect::<Vec<_>>(),
+        &cfg.block
+            .config
+            .devices
+            .iter()
+            .filter_map(|d| d.id.clone())
+            .collect::<Vec<_>>(),
+    )?;
     validate(&mut cfg)?;
     Ok(Action::Run(Box::new(cfg)))
 }
@@ -792,6 +819,13 @@ fn validate(cfg: &mut Config) -> Result<(), CliError> {
                 return Err(CliError::Conflict(
                     "No 'PCI' bus found for device 'virtio-blk-pci' (machine 'none' has no \
                      devices; -drive if=none and -blockdev are fine)"
+                        .into(),
+                ));
+            }
+            if !cfg.net.nics.is_empty() {
+                return Err(CliError::Conflict(
+                    "No 'PCI' bus found for device 'virtio-net-pci' (machine 'none' has no \
+                     devices; -netdev alone is fine)"
                         .into(),
                 ));
             }

@@ -8,8 +8,9 @@
 //! starts workers, on request over a `SOCK_SEQPACKET` socketpair:
 //!
 //! - requests: fixed-size datagrams ([`REQUEST_LEN`] bytes: magic, kind, two numbers, zero
-//!   padding). `spawn` (the vCPU worker, guest RAM bytes, vCPUs) and `spawn-blockd` (a block
-//!   back end, guest memory bytes, queues) carry exactly one fd, the worker's end of its ipc
+//!   padding). `spawn` (the vCPU worker, guest RAM bytes, vCPUs), `spawn-blockd` (a block
+//!   back end, guest memory bytes, queues) and `spawn-netd` (a net back end, guest memory
+//!   bytes, 2 queues) carry exactly one fd, the worker's end of its ipc
 //!   socketpair; `wait` (a pid the launcher started) carries none.
 //!   Anything else (other size, magic or kind, out-of-range numbers, a wrong number of fds, an
 //!   fd that is not a socket, an unknown pid) is refused and its fds closed;
@@ -70,6 +71,9 @@ pub const NAMESPACES: u32 = 3;
 /// Request kind: start a block back end (`bulkhead-blockd`); a = the guest memory it may map
 /// in bytes, b = its queues.
 pub const SPAWN_BLOCKD: u32 = 4;
+/// Request kind: start a net back end (`bulkhead-netd`); a = the guest memory it may map in
+/// bytes, b = its virtqueues ([`crate::nics::NET_QUEUES`]).
+pub const SPAWN_NETD: u32 = 5;
 /// The namespaces a [`NAMESPACES`] reply lists, in this order (inode 0: unreadable).
 pub const NS_KINDS: [&str; 10] = [
     "cgroup",
@@ -83,8 +87,8 @@ pub const NS_KINDS: [&str; 10] = [
     "user",
     "uts",
 ];
-/// Most workers the launcher keeps unreaped: one machine worker and a blockd per disk (at most
-/// 31) run at a time; a dying set may overlap with the next.
+/// Most workers the launcher keeps unreaped: one machine worker and a blockd per disk or a
+/// netd per NIC (at most 31 together) run at a time; a dying set may overlap with the next.
 const MAX_CHILDREN: usize = 72;
 /// Guest RAM bounds a request must respect (the command line enforces tighter ones).
 const MAX_MEM_BYTES: u64 = 1 << 46;
@@ -131,6 +135,8 @@ pub struct LauncherConfig {
     pub vcpu_path: PathBuf,
     /// The block back end binary (`None`: the machine has no disks; requests are refused).
     pub blockd_path: Option<PathBuf>,
+    /// The net back end binary (`None`: no NICs can be served; requests are refused).
+    pub netd_path: Option<PathBuf>,
     /// How workers are confined.
     pub sandbox: SandboxConfig,
 }
@@ -284,6 +290,7 @@ impl Launcher {
         let (kind, b) = match role {
             Role::Vcpu => (SPAWN_VCPU, params.vcpus),
             Role::Blockd => (SPAWN_BLOCKD, params.queues),
+            Role::Netd => (SPAWN_NETD, params.queues),
             other => {
                 return Err(LauncherError::Refused(format!(
                     "the launcher does not start {} workers",
@@ -558,11 +565,11 @@ fn parse_request(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Request, String> {
         return Err("non-zero padding".into());
     }
     match u32_at(4) {
-        kind @ (SPAWN_VCPU | SPAWN_BLOCKD) => {
-            let role = if kind == SPAWN_VCPU {
-                Role::Vcpu
-            } else {
-                Role::Blockd
+        kind @ (SPAWN_VCPU | SPAWN_BLOCKD | SPAWN_NETD) => {
+            let role = match kind {
+                SPAWN_VCPU => Role::Vcpu,
+                SPAWN_BLOCKD => Role::Blockd,
+                _ => Role::Netd,
             };
             if a == 0 || a > 2 * MAX_MEM_BYTES {
                 return Err(format!("guest RAM of {a} bytes"));
@@ -572,6 +579,9 @@ fn parse_request(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Request, String> {
             }
             if role == Role::Blockd && (b == 0 || b > u32::from(crate::block::MAX_QUEUES)) {
                 return Err(format!("{b} queues"));
+            }
+            if role == Role::Netd && b != u32::from(crate::nics::NET_QUEUES) {
+                return Err(format!("{b} netd queues"));
             }
             if fds.len() != 1 {
                 return Err(format!("{} fds with the request (want 1)", fds.len()));
@@ -705,6 +715,10 @@ fn spawn(
             .blockd_path
             .as_deref()
             .ok_or("launcher: this machine has no disks; no bulkhead-blockd to start")?,
+        Role::Netd => cfg
+            .netd_path
+            .as_deref()
+            .ok_or("launcher: no bulkhead-netd to start")?,
         _ => cfg.vcpu_path.as_path(),
     };
     let mut child =
@@ -799,5 +813,14 @@ mod tests {
         assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 0, 0), vec![sock()]).contains("queues"));
         assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 17, 0), vec![sock()]).contains("queues"));
         assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 1, 0), vec![]).contains("fds"));
+        // Net back ends: exactly one queue pair.
+        match parse_request(&req(SPAWN_NETD, 1 << 28, 2, 0), vec![sock()]) {
+            Ok(Request::Spawn { role, params, .. }) => {
+                assert_eq!(role, Role::Netd);
+                assert_eq!(params.queues, 2);
+            }
+            _ => panic!("not a netd spawn"),
+        }
+        assert!(bad(&req(SPAWN_NETD, 1 << 28, 4, 0), vec![sock()]).contains("queues"));
     }
 }

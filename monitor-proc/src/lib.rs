@@ -3,6 +3,7 @@
 //! - [`cli`]: the QEMU-style command line;
 //! - [`block`]: `-drive`, `-blockdev` and `-device virtio-blk-pci` resolved into the block graph;
 //! - [`disks`]: the images the monitor opens and the `bulkhead-blockd` serving each disk;
+//! - [`nics`]: `-netdev tap` / `-device virtio-net-pci`, the taps, and the `bulkhead-netd` serving each NIC;
 //! - [`daemon`]: `-daemonize` and `-pidfile`;
 //! - [`memory`]: guest RAM as a sealed memfd;
 //! - [`fds`]: fds passed in by clients (per-session `getfd` names, shared `add-fd` sets);
@@ -28,6 +29,7 @@ pub mod inspect;
 pub mod launcher;
 pub mod logging;
 pub mod memory;
+pub mod nics;
 pub mod qmp;
 pub mod vm;
 pub mod worker;

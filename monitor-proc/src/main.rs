@@ -23,7 +23,7 @@ use bulkhead_monitor::qmp::events::EventBus;
 use bulkhead_monitor::qmp::server::QmpServer;
 use bulkhead_monitor::qmp::session::Shared;
 use bulkhead_monitor::vm::{ExitRequest, GuestSpec, Vm};
-use bulkhead_monitor::{chardev, confine, daemon, disks, logging, memory, qmp, worker};
+use bulkhead_monitor::{chardev, confine, daemon, disks, logging, memory, nics, qmp, worker};
 
 fn main() {
     logging::init();
@@ -103,6 +103,7 @@ fn run(cfg: Config) -> anyhow::Result<i32> {
         let launcher = Launcher::start(LauncherConfig {
             vcpu_path: worker::worker_path(cfg.worker_dir.as_deref(), worker::VCPU_WORKER)?,
             blockd_path: blockd_path(&cfg)?,
+            netd_path: netd_path(&cfg)?,
             sandbox: sandbox_config(&cfg),
         })?;
         log::debug!("launcher started (pid {})", launcher.pid());
@@ -134,6 +135,15 @@ fn blockd_path(cfg: &Config) -> anyhow::Result<Option<std::path::PathBuf>> {
         cfg.worker_dir.as_deref(),
         disks::BLOCKD_WORKER,
     )?))
+}
+
+/// `bulkhead-netd`'s path: for the configured NICs, or for NICs QMP may add (when it exists).
+fn netd_path(cfg: &Config) -> anyhow::Result<Option<std::path::PathBuf>> {
+    if cfg.machine != Machine::Bulkhead {
+        return Ok(None);
+    }
+    let p = worker::worker_path(cfg.worker_dir.as_deref(), nics::NETD_WORKER)?;
+    Ok((!cfg.net.nics.is_empty() || p.exists()).then_some(p))
 }
 
 fn sandbox_config(cfg: &Config) -> worker::SandboxConfig {
@@ -260,6 +270,8 @@ async fn serve(
             blockd_path(&cfg)?,
             sandbox_config(&cfg),
         )?;
+        // The taps (opened or taken now, before the monitor confines itself).
+        let nics = nics::Nics::open(&cfg.net, netd_path(&cfg)?, sandbox_config(&cfg))?;
         // query-chardev: the QMP listeners, then the serial port (if the guest has one).
         let mut chardevs = server.chardevs();
         chardevs.extend(guest.as_ref().and_then(|g| g.serial.chardev()));
@@ -281,6 +293,7 @@ async fn serve(
             paths.reopened.extend(g.initrd.as_ref());
         }
         if let Some(r) = confine::confine(cfg.sandbox, &paths)? {
+            nics::set_monitor_confined();
             if r.weak.is_empty() {
                 log::info!("monitor: {r}");
             } else {
@@ -290,6 +303,7 @@ async fn serve(
         drop(paths);
         let (mut vm, handle) = Vm::new(bus.clone(), guest, cfg.no_shutdown, exit.clone());
         vm.set_disks(disks);
+        vm.set_nics(nics);
         let info = MachineInfo {
             name: cfg.name.clone(),
             uuid: cfg.uuid.clone(),

@@ -45,6 +45,7 @@ use tokio::time::Instant;
 use crate::chardev::{reopen_readonly, SerialHost};
 use crate::disks::{BlockView, BlockdExit, Disks, DisksError, ThrottleArgs};
 use crate::memory::GuestMemory;
+use crate::nics::{NetAnswer, NetOp, NetdExit, Nics, NicsError, VcpuCtx};
 use crate::qmp::events::{Event, EventBus, ShutdownCause, WorkerExit};
 use crate::qmp::protocol::QmpError;
 use crate::worker::{self, SandboxConfig, WorkerError, WorkerProcess};
@@ -236,6 +237,9 @@ pub enum VmError {
     /// A disk's back end could not be started.
     #[error(transparent)]
     Disks(#[from] DisksError),
+    /// A NIC's back end could not be started.
+    #[error(transparent)]
+    Nics(#[from] NicsError),
     /// Reopening the kernel or initrd failed.
     #[error("cannot reopen {what}: {source}")]
     Reopen {
@@ -310,6 +314,7 @@ enum Request {
         reply: Reply<()>,
     },
     BlockThrottle(Box<ThrottleArgs>, Reply<()>),
+    Net(NetOp, Reply<NetAnswer>),
     Signal(i32),
     Terminate(oneshot::Sender<()>),
 }
@@ -333,6 +338,7 @@ impl std::fmt::Debug for Request {
             Request::BlockView(_) => "BlockView",
             Request::BlockResize { .. } => "BlockResize",
             Request::BlockThrottle(..) => "BlockThrottle",
+            Request::Net(..) => "Net",
             Request::Signal(_) => "Signal",
             Request::Terminate(_) => "Terminate",
         })
@@ -436,6 +442,11 @@ impl VmHandle {
             .await
     }
 
+    /// A network request (`netdev_add`, `set_link`, ...: [`crate::nics`]).
+    pub async fn net(&self, op: NetOp) -> Result<NetAnswer, QmpError> {
+        self.ask(|reply| Request::Net(op, reply)).await
+    }
+
     /// A terminating signal arrived.
     pub async fn signal(&self, signo: i32) {
         let _ = self.tx.send(Request::Signal(signo)).await;
@@ -472,6 +483,9 @@ pub struct Vm {
     guest: Option<GuestSpec>,
     worker: Option<Worker>,
     disks: Disks,
+    nics: Nics,
+    /// The guest has run since the machine worker started (devices can no longer be plugged).
+    ran: bool,
     no_shutdown: bool,
     exit: ExitRequest,
     rx: mpsc::Receiver<Request>,
@@ -483,6 +497,7 @@ enum Input {
     Exit(std::io::Result<std::process::ExitStatus>),
     KillTimer,
     Blockd(BlockdExit),
+    Netd(NetdExit),
 }
 
 impl Vm {
@@ -502,6 +517,8 @@ impl Vm {
                 guest,
                 worker: None,
                 disks: Disks::empty(),
+                nics: Nics::empty(),
+                ran: false,
                 no_shutdown,
                 exit,
                 rx,
@@ -515,11 +532,16 @@ impl Vm {
         self.disks = disks;
     }
 
+    /// Gives the actor the machine's NICs (taps opened at start-up; before [`Vm::boot`]).
+    pub fn set_nics(&mut self, nics: Nics) {
+        self.nics = nics;
+    }
+
     /// Starts the worker and builds the VM (if there is a guest), then starts the vCPUs unless
     /// `paused`. Failure here is a startup failure: the monitor exits 1.
     pub async fn boot(&mut self, paused: bool) -> Result<(), VmError> {
         if let Some(guest) = &self.guest {
-            self.worker = Some(start_worker(guest, &mut self.disks).await?);
+            self.worker = Some(start_worker(guest, &mut self.disks, &mut self.nics).await?);
         }
         if !paused {
             if let Some(w) = self.worker.as_mut() {
@@ -545,6 +567,7 @@ impl Vm {
                 }
             }
             self.state = RunState::Running;
+            self.ran = true;
             self.bus.emit(&Event::Resume);
         }
         Ok(())
@@ -573,11 +596,13 @@ impl Vm {
                         s = child.wait() => Input::Exit(s),
                         _ = sleep_until(kill_at) => Input::KillTimer,
                         b = self.disks.next_exit() => Input::Blockd(b),
+                        n = self.nics.next_exit() => Input::Netd(n),
                     }
                 }
                 None => tokio::select! {
                     r = self.rx.recv() => Input::Req(r),
                     b = self.disks.next_exit() => Input::Blockd(b),
+                    n = self.nics.next_exit() => Input::Netd(n),
                 },
             };
             match input {
@@ -592,6 +617,7 @@ impl Vm {
                 Input::Event(Err(e)) => self.on_channel_closed(e),
                 Input::Exit(status) => self.on_exit(status),
                 Input::Blockd(e) => self.on_blockd_exit(e),
+                Input::Netd(e) => self.on_netd_exit(e),
                 Input::KillTimer => {
                     if let Some(w) = self.worker.as_mut() {
                         log::warn!(
@@ -648,6 +674,30 @@ impl Vm {
             }
             Request::BlockThrottle(args, reply) => {
                 let r = self.block_throttle(&args).await;
+                let _ = reply.send(r);
+            }
+            Request::Net(op, reply) => {
+                let ctx = VcpuCtx {
+                    rpc: self.worker.as_ref().map(|w| &w.rpc),
+                    guest: self.guest.is_some(),
+                    ran: self.ran,
+                    mem_bytes: self.guest.as_ref().map_or(0, |g| g.memory.size()),
+                    block_slots: self
+                        .disks
+                        .config()
+                        .devices
+                        .iter()
+                        .filter_map(|d| d.slot)
+                        .collect(),
+                    block_ids: self
+                        .disks
+                        .config()
+                        .devices
+                        .iter()
+                        .filter_map(|d| d.id.clone())
+                        .collect(),
+                };
+                let r = self.nics.handle(op, ctx).await;
                 let _ = reply.send(r);
             }
             Request::Quit(tx) => {
@@ -817,6 +867,25 @@ impl Vm {
         }));
     }
 
+    fn on_netd_exit(&mut self, e: NetdExit) {
+        let (id, unexpected) = self.nics.on_exit(&e);
+        if !unexpected {
+            log::info!("bulkhead-netd for {id} (pid {}) {}", e.pid, e.description);
+            return;
+        }
+        log::error!("bulkhead-netd for {id} (pid {}) {}", e.pid, e.description);
+        use std::os::unix::process::ExitStatusExt;
+        self.bus.emit(&Event::WorkerExited(WorkerExit {
+            role: bulkhead_sandbox::Role::Netd.name(),
+            pid: e.pid,
+            exit_status: e.status.and_then(|s| s.code()),
+            signal: e.status.and_then(|s| s.signal()).map(worker::signal_name),
+            syscall: e.violation.map(|v| (v.nr, v.name())),
+            description: e.description,
+            device: Some(id),
+        }));
+    }
+
     async fn sandbox(&mut self) -> Vec<WorkerSandbox> {
         let Some(mode) = self.guest.as_ref().map(|g| g.sandbox.mode) else {
             return Vec::new();
@@ -826,6 +895,15 @@ impl Vm {
             let report = self.disks.sandbox_report(device).await;
             out.push(WorkerSandbox {
                 role: bulkhead_sandbox::Role::Blockd,
+                pid,
+                mode,
+                report,
+            });
+        }
+        for (nic, pid) in self.nics.running() {
+            let report = self.nics.sandbox_report(&nic).await;
+            out.push(WorkerSandbox {
+                role: bulkhead_sandbox::Role::Netd,
                 pid,
                 mode,
                 report,
@@ -885,6 +963,7 @@ impl Vm {
             RunState::Prelaunch | RunState::Paused => {
                 if self.guest.is_some() {
                     self.call(VcpuRequest::Run).await?;
+                    self.ran = true;
                 }
                 self.state = RunState::Running;
                 self.bus.emit(&Event::Resume);
@@ -900,8 +979,9 @@ impl Vm {
             } else {
                 // The worker is gone (died, or exited after a guest poweroff under
                 // -no-shutdown): a reset builds the machine afresh in a new worker.
-                match start_worker(guest, &mut self.disks).await {
+                match start_worker(guest, &mut self.disks, &mut self.nics).await {
                     Ok(w) => {
+                        self.ran = false;
                         log::info!("restarted bulkhead-vcpu (pid {})", w.pid);
                         self.worker = Some(w);
                         self.state = RunState::Prelaunch;
@@ -1008,6 +1088,7 @@ impl Vm {
     async fn terminate(&mut self) {
         self.terminate_vcpu().await;
         self.disks.quit_all().await;
+        self.nics.quit_all().await;
     }
 
     async fn terminate_vcpu(&mut self) {
@@ -1055,8 +1136,13 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Starts the disks' back ends, spawns the worker, does the handshake and sends `Setup` with the
 /// fds in the contract's order (each disk's vhost-user socket last).
-async fn start_worker(guest: &GuestSpec, disks: &mut Disks) -> Result<Worker, VmError> {
-    let devices = disks.start(guest.memory.size(), guest.vcpus).await?;
+async fn start_worker(
+    guest: &GuestSpec,
+    disks: &mut Disks,
+    nics: &mut Nics,
+) -> Result<Worker, VmError> {
+    let mut devices = disks.start(guest.memory.size(), guest.vcpus).await?;
+    devices.extend(nics.start(guest.memory.size()).await?);
     let (mine, theirs) = bulkhead_ipc::channel::seqpacket_pair()
         .map_err(|source| VmError::Ipc { pid: 0, source })?;
     let params = bulkhead_sandbox::Params {

@@ -324,7 +324,8 @@ impl Drop for WorkerProcess {
 
 /// Starts `path` as a worker of `role` (the launch proper, in the monitor or in its launcher):
 /// `bulkhead-vcpu --ipc-fd 3 --sandbox MODE --mem-bytes N --vcpus N` or
-/// `bulkhead-blockd --ipc-fd 3 --sandbox MODE --mem-bytes N --queues N`.
+/// `bulkhead-blockd --ipc-fd 3 --sandbox MODE --mem-bytes N --queues N` (and the same for
+/// `bulkhead-netd`).
 pub fn launch(
     path: &Path,
     role: Role,
@@ -335,7 +336,7 @@ pub fn launch(
     let devnull = std::fs::File::open("/dev/null").map_err(WorkerError::Fd)?;
     let mem = params.mem_bytes.to_string();
     let (count_flag, count) = match role {
-        Role::Blockd => ("--queues", params.queues.to_string()),
+        Role::Blockd | Role::Netd => ("--queues", params.queues.to_string()),
         _ => ("--vcpus", params.vcpus.to_string()),
     };
     let mut with_namespaces = sandbox.mode != Mode::Off;

@@ -290,7 +290,6 @@ const PROBES: &[(&str, &str)] = &[
         "block-set-write-threshold",
         r#"{"node-name": "n", "write-threshold": 1}"#,
     ), // block (not yet, issue 5)
-    ("netdev_add", r#"{"type": "user", "id": "n"}"#), // net (not yet, issue 6)
     ("inject-nmi", "{}"),                            // vcpu-proc (not yet)
     ("pmemsave", r#"{"val": 0, "size": 1, "filename": "/tmp/x"}"#), // memory (not yet)
 ];

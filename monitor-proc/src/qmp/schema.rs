@@ -104,8 +104,12 @@ pub const RETURNS: &[(&str, &str)] = &[
     ("block_set_io_throttle", EMPTY),
     ("closefd", EMPTY),
     ("cont", EMPTY),
+    ("device_add", EMPTY),
+    ("device_del", EMPTY),
     ("getfd", EMPTY),
     ("human-monitor-command", "str"),
+    ("netdev_add", EMPTY),
+    ("netdev_del", EMPTY),
     ("qmp_capabilities", EMPTY),
     ("query-block", "[BlockInfo]"),
     ("query-blockstats", "[BlockStats]"),
@@ -120,11 +124,13 @@ pub const RETURNS: &[(&str, &str)] = &[
     ("query-name", "NameInfo"),
     ("query-named-block-nodes", "[BlockDeviceInfo]"),
     ("query-qmp-schema", "[SchemaInfo]"),
+    ("query-rx-filter", "[RxFilterInfo]"),
     ("query-status", "StatusInfo"),
     ("query-uuid", "UuidInfo"),
     ("query-version", "VersionInfo"),
     ("quit", EMPTY),
     ("remove-fd", EMPTY),
+    ("set_link", EMPTY),
     ("stop", EMPTY),
     ("system_reset", EMPTY),
     ("x-query-sandbox", "XSandboxInfo"),
@@ -143,6 +149,25 @@ pub const EVENTS: &[(&str, &str)] = &[
 /// The named types, by the names QEMU's schema gives them (masked on the wire).
 pub const TYPES: &[(&str, TypeDef)] = &[
     (EMPTY, object(&[])),
+    // query-rx-filter (crate::nics)
+    (
+        "RxFilterInfo",
+        object(&[
+            req("name", "str"),
+            req("promiscuous", "bool"),
+            req("multicast", "RxState"),
+            req("unicast", "RxState"),
+            req("vlan", "RxState"),
+            req("broadcast-allowed", "bool"),
+            req("multicast-overflow", "bool"),
+            req("unicast-overflow", "bool"),
+            req("main-mac", "str"),
+            req("vlan-table", "[int]"),
+            req("unicast-table", "[str]"),
+            req("multicast-table", "[str]"),
+        ]),
+    ),
+    ("RxState", TypeDef::Enum(&["normal", "none", "all"])),
     // query-status
     (
         "StatusInfo",

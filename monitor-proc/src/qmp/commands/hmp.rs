@@ -59,6 +59,8 @@ enum Action {
     Qmp(&'static str, Print),
     /// The `info` table.
     Info,
+    /// `info network` ([`super::net::info_network`]).
+    Network,
     /// `help [cmd]`.
     Help,
 }
@@ -160,6 +162,12 @@ static INFO_HMP: &[HmpCommand] = &[
         "",
         "show the current VM name",
         Action::Qmp("query-name", Print::Name),
+    ),
+    hmp(
+        "network",
+        "",
+        "show the network state",
+        Action::Network,
     ),
     hmp(
         "status",
@@ -549,7 +557,7 @@ async fn run(
         Action::Help => help(&mut out, rest),
         // `info` alone: its table (QEMU's `info` without an item).
         Action::Info => help(&mut out, b"info"),
-        Action::Qmp(_, _) if !rest.is_empty() => {
+        Action::Qmp(_, _) | Action::Network if !rest.is_empty() => {
             let mut end = args_at;
             while end > 0 && is_space(line[end - 1]) {
                 end -= 1;
@@ -560,6 +568,10 @@ async fn run(
                 String::from_utf8_lossy(&line[..end])
             ));
         }
+        Action::Network => match super::net::info_network(ctx).await {
+            Ok(text) => out.push_str(&text),
+            Err(e) => out.push_str(&format!("Error: {}\n", e.desc)),
+        },
         Action::Qmp(name, how) => {
             let answer = match ctx
                 .shared

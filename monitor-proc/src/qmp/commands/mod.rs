@@ -22,6 +22,7 @@ mod core;
 mod fds;
 mod hmp;
 mod introspect;
+mod net;
 pub mod sandbox;
 mod unsupported;
 
@@ -35,6 +36,7 @@ const TABLES: &[&[Command]] = &[
     introspect::COMMANDS,
     hmp::COMMANDS,
     sandbox::COMMANDS,
+    net::COMMANDS,
 ];
 
 /// What a handler's future resolves to.

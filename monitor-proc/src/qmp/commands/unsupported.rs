@@ -19,9 +19,6 @@ const BLOCK: &str =
 /// CPU hot-plug.
 const CPUHP: &str = "Bulkhead has no CPU hot-plug: the vCPUs are fixed by -smp at start";
 
-/// Devices on the command line and hot-plugged: issues 5 and 6.
-const DEV: &str = "not implemented yet: devices come with Bulkhead's block and network back ends";
-
 /// Display, VNC and SPICE.
 const DISPLAY: &str = "Bulkhead has no display: no graphics device, no VNC and no SPICE";
 
@@ -45,10 +42,6 @@ const MIG: &str = "not implemented yet: Bulkhead cannot migrate a VM (not planne
 
 /// NBD export: not planned.
 const NBD: &str = "not implemented yet: Bulkhead has no NBD server (not planned yet)";
-
-/// Network devices: issue 6 (netd).
-const NET: &str =
-    "not implemented yet: network devices come with Bulkhead's network back end (netd)";
 
 /// The QOM object tree.
 const QOM: &str = "Bulkhead has no QOM object tree to list, read or write";
@@ -121,8 +114,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "device-list-properties",
         "not implemented yet: not planned yet (no device models to describe)",
     ),
-    ("device_add", DEV),
-    ("device_del", DEV),
     ("drive-backup", JOBS),
     ("drive-mirror", JOBS),
     ("dump-guest-memory", DUMP),
@@ -146,8 +137,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("nbd-server-add", NBD),
     ("nbd-server-start", NBD),
     ("nbd-server-stop", NBD),
-    ("netdev_add", NET),
-    ("netdev_del", NET),
     (
         "object-add",
         "not implemented yet: Bulkhead has no user-creatable objects (not planned yet)",
@@ -216,7 +205,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("query-rocker-of-dpa-flows", ROCKER),
     ("query-rocker-of-dpa-groups", ROCKER),
     ("query-rocker-ports", ROCKER),
-    ("query-rx-filter", NET),
     ("query-spice", DISPLAY),
     (
         "query-target",
@@ -241,7 +229,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ),
     ("screendump", DISPLAY),
     ("send-key", INPUT),
-    ("set_link", NET),
     ("set_password", DISPLAY),
     (
         "system_powerdown",
