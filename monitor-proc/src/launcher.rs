@@ -10,8 +10,8 @@
 //! - requests: fixed-size datagrams ([`REQUEST_LEN`] bytes: magic, kind, two numbers, zero
 //!   padding). `spawn` (the vCPU worker, guest RAM bytes, vCPUs), `spawn-blockd` (a block
 //!   back end, guest memory bytes, queues) and `spawn-netd` (a net back end, guest memory
-//!   bytes, 2 queues) carry exactly one fd, the worker's end of its ipc
-//!   socketpair; `wait` (a pid the launcher started) carries none.
+//!   bytes, 2 queues) carry the worker's end of its ipc socketpair (`spawn-netd` also the
+//!   a socket for netd's stdout and stderr: see [`Launcher::spawn_worker_with_log`]); `wait` (a pid the launcher started) carries none.
 //!   Anything else (other size, magic or kind, out-of-range numbers, a wrong number of fds, an
 //!   fd that is not a socket, an unknown pid) is refused and its fds closed;
 //! - `spawn` starts the binary fixed when the launcher was forked (no path ever travels in a
@@ -208,7 +208,7 @@ impl Launcher {
         kind: u32,
         a: u64,
         b: u32,
-        fd: Option<RawFd>,
+        fds: &[RawFd],
     ) -> Result<(i32, i32, Vec<OwnedFd>, Vec<u8>), LauncherError> {
         let _one = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         let mut req = [0u8; REQUEST_LEN];
@@ -216,8 +216,7 @@ impl Launcher {
         req[4..8].copy_from_slice(&kind.to_ne_bytes());
         req[8..16].copy_from_slice(&a.to_ne_bytes());
         req[16..20].copy_from_slice(&b.to_ne_bytes());
-        let fds: Vec<RawFd> = fd.into_iter().collect();
-        send(self.sock.as_raw_fd(), &req, &fds).map_err(|source| LauncherError::Sys {
+        send(self.sock.as_raw_fd(), &req, fds).map_err(|source| LauncherError::Sys {
             what: "sending a request (is the launcher still running?)",
             source,
         })?;
@@ -255,7 +254,7 @@ impl Launcher {
     /// The namespace ids (kind, inode) of the launcher itself or of a worker it started, as the
     /// launcher reads them from `/proc/PID/ns`.
     pub fn namespaces(&self, pid: i32) -> Result<Vec<(&'static str, u64)>, LauncherError> {
-        let (_, _, _, msg) = self.call(NAMESPACES, pid as u64, 0, None)?;
+        let (_, _, _, msg) = self.call(NAMESPACES, pid as u64, 0, &[])?;
         if msg.len() != 8 * NS_KINDS.len() {
             return Err(LauncherError::Reply(format!(
                 "{} bytes of namespace ids",
@@ -287,6 +286,19 @@ impl Launcher {
         ipc: OwnedFd,
         params: Params,
     ) -> Result<Child, LauncherError> {
+        self.spawn_worker_with_log(role, ipc, None, params)
+    }
+
+    /// [`Launcher::spawn_worker`], with `log` (a socket whose other end the monitor reads) as
+    /// the worker's stdout and stderr instead of the monitor's stderr: netd's (`RLIMIT_FSIZE` 0 forbids it to write
+    /// a regular file, which the monitor's stderr often is).
+    pub fn spawn_worker_with_log(
+        &self,
+        role: Role,
+        ipc: OwnedFd,
+        log: Option<OwnedFd>,
+        params: Params,
+    ) -> Result<Child, LauncherError> {
         let (kind, b) = match role {
             Role::Vcpu => (SPAWN_VCPU, params.vcpus),
             Role::Blockd => (SPAWN_BLOCKD, params.queues),
@@ -298,8 +310,11 @@ impl Launcher {
                 )))
             }
         };
-        let (pid, _, fds, _) = self.call(kind, params.mem_bytes, b, Some(ipc.as_raw_fd()))?;
+        let mut sent = vec![ipc.as_raw_fd()];
+        sent.extend(log.as_ref().map(AsRawFd::as_raw_fd));
+        let (pid, _, fds, _) = self.call(kind, params.mem_bytes, b, &sent)?;
         drop(ipc);
+        drop(log);
         let mut fds = fds.into_iter();
         let pidfd = fds
             .next()
@@ -313,7 +328,7 @@ impl Launcher {
     /// Has the launcher reap worker `pid` (call once it has exited, or after killing it: the
     /// launcher waits for it) and returns its exit status.
     pub fn wait(&self, pid: i32) -> Result<ExitStatus, LauncherError> {
-        let (_, status, _, _) = self.call(WAIT, pid as u64, 0, None)?;
+        let (_, status, _, _) = self.call(WAIT, pid as u64, 0, &[])?;
         Ok(ExitStatus::from_raw(status))
     }
 }
@@ -540,6 +555,8 @@ enum Request {
         role: Role,
         params: Params,
         ipc: OwnedFd,
+        /// netd's stdout and stderr (a socket the monitor reads).
+        log: Option<OwnedFd>,
     },
     Wait {
         pid: i32,
@@ -583,8 +600,20 @@ fn parse_request(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Request, String> {
             if role == Role::Netd && b != u32::from(crate::nics::NET_QUEUES) {
                 return Err(format!("{b} netd queues"));
             }
-            if fds.len() != 1 {
-                return Err(format!("{} fds with the request (want 1)", fds.len()));
+            let want = if role == Role::Netd { 2 } else { 1 };
+            if fds.len() != want {
+                return Err(format!("{} fds with the request (want {want})", fds.len()));
+            }
+            let log = (role == Role::Netd).then(|| fds.remove(1));
+            if let Some(l) = &log {
+                // SAFETY: a zeroed stat is valid; fstat fills it.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: fstat on an fd we own into a local struct.
+                if unsafe { libc::fstat(l.as_raw_fd(), &mut st) } != 0
+                    || st.st_mode & libc::S_IFMT != libc::S_IFSOCK
+                {
+                    return Err("the request's log fd is not a socket".into());
+                }
             }
             let ipc = fds.remove(0);
             // SAFETY: a zeroed stat is valid; fstat fills it.
@@ -607,7 +636,12 @@ fn parse_request(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Request, String> {
                     ..Params::default()
                 },
             };
-            Ok(Request::Spawn { role, params, ipc })
+            Ok(Request::Spawn {
+                role,
+                params,
+                ipc,
+                log,
+            })
         }
         WAIT => {
             if !fds.is_empty() || b != 0 || a == 0 || a > i32::MAX as u64 {
@@ -662,12 +696,15 @@ fn serve(sock: RawFd, cfg: &LauncherConfig) -> i32 {
     let mut children: HashMap<i32, Child> = HashMap::new();
     loop {
         let mut buf = [0u8; REQUEST_LEN + 1];
-        let answer = match recv(sock, &mut buf, 1) {
+        let answer = match recv(sock, &mut buf, 2) {
             Ok((0, _)) => return 0,
             Ok((n, fds)) => match parse_request(&buf[..n], fds) {
-                Ok(Request::Spawn { role, params, ipc }) => {
-                    spawn(&mut children, cfg, role, params, ipc)
-                }
+                Ok(Request::Spawn {
+                    role,
+                    params,
+                    ipc,
+                    log,
+                }) => spawn(&mut children, cfg, role, params, ipc, log),
                 Ok(Request::Wait { pid }) => match children.remove(&pid) {
                     Some(mut child) => child
                         .wait()
@@ -703,6 +740,7 @@ fn spawn(
     role: Role,
     params: Params,
     ipc: OwnedFd,
+    log: Option<OwnedFd>,
 ) -> Answer {
     if children.len() >= MAX_CHILDREN {
         return Err(format!(
@@ -721,8 +759,8 @@ fn spawn(
             .ok_or("launcher: no bulkhead-netd to start")?,
         _ => cfg.vcpu_path.as_path(),
     };
-    let mut child =
-        worker::launch(path, role, ipc, &cfg.sandbox, params).map_err(|e| e.to_string())?;
+    let mut child = worker::launch_with_log(path, role, ipc, log, &cfg.sandbox, params)
+        .map_err(|e| e.to_string())?;
     let pidfd = child
         .pidfd()
         .try_clone_to_owned()
@@ -814,13 +852,16 @@ mod tests {
         assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 17, 0), vec![sock()]).contains("queues"));
         assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 1, 0), vec![]).contains("fds"));
         // Net back ends: exactly one queue pair.
-        match parse_request(&req(SPAWN_NETD, 1 << 28, 2, 0), vec![sock()]) {
+        assert!(bad(&req(SPAWN_NETD, 1 << 28, 2, 0), vec![sock()]).contains("want 2"));
+        let file: OwnedFd = std::fs::File::open("/dev/null").expect("null").into();
+        assert!(bad(&req(SPAWN_NETD, 1 << 28, 2, 0), vec![sock(), file]).contains("log fd"));
+        match parse_request(&req(SPAWN_NETD, 1 << 28, 2, 0), vec![sock(), sock()]) {
             Ok(Request::Spawn { role, params, .. }) => {
                 assert_eq!(role, Role::Netd);
                 assert_eq!(params.queues, 2);
             }
             _ => panic!("not a netd spawn"),
         }
-        assert!(bad(&req(SPAWN_NETD, 1 << 28, 4, 0), vec![sock()]).contains("queues"));
+        assert!(bad(&req(SPAWN_NETD, 1 << 28, 4, 0), vec![sock(), sock()]).contains("queues"));
     }
 }

@@ -613,6 +613,27 @@ fn looks_like_tun(fd: BorrowedFd<'_>) -> bool {
         && libc::minor(st.st_rdev) == 200
 }
 
+/// A close-on-exec stream socket pair for a netd's output: (the monitor's end, netd's end).
+/// A pair rather than a pipe: the confined monitor may make socket pairs (`pipe2` is not in
+/// its allowlist).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let (a, b) = UnixStream::pair()?;
+    b.shutdown(std::net::Shutdown::Read)?;
+    Ok((a.into(), b.into()))
+}
+
+/// Copies a netd's output to the monitor's stderr until netd is gone.
+fn relay_log(rx: OwnedFd) {
+    use std::io::{Read, Write};
+    let mut rx = std::fs::File::from(rx);
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = rx.read(&mut buf) {
+        if n == 0 || std::io::stderr().write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
 fn dup(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     fd.try_clone_to_owned()
 }
@@ -929,13 +950,19 @@ impl Nics {
             vcpus: 1,
             queues: u32::from(NET_QUEUES),
         };
-        let mut child = worker::spawn_role(
+        // netd may not write a regular file (RLIMIT_FSIZE 0), which the monitor's stderr often
+        // is: its stdout and stderr are a socket the monitor copies to its own stderr.
+        let (log_rx, log_tx) =
+            pipe().map_err(|e| NicsError::Socket(name.clone(), e.to_string()))?;
+        let mut child = worker::spawn_role_with_log(
             bulkhead_sandbox::Role::Netd,
             &path,
             theirs,
+            Some(log_tx),
             &self.sandbox,
             params,
         )?;
+        tokio::task::spawn_blocking(move || relay_log(log_rx));
         let pid = child.id();
         log::info!("started {} (pid {pid}) for {name}", path.display());
         let fail = |reason: String| NicsError::Start {
@@ -1346,6 +1373,22 @@ impl Nics {
             }
             Err(e) => return Err(QmpError::generic(e)),
         }
+        // netd's own counters say which state it applies now.
+        let applied = match call(&w.rpc, NetRequest::QueryStats).await {
+            Ok(NetReply::Stats(st)) => st.link_up,
+            Ok(other) => {
+                return Err(QmpError::generic(format!(
+                    "bulkhead-netd answered QueryStats with {other:?}"
+                )))
+            }
+            Err(e) => return Err(QmpError::generic(e)),
+        };
+        if applied != flows {
+            return Err(QmpError::generic(format!(
+                "bulkhead-netd for {} did not apply the link state",
+                nic.name
+            )));
+        }
         if let Some(rpc) = vcpu.rpc {
             let req = VcpuRequest::SetLink {
                 id: nic.name.clone(),
@@ -1365,10 +1408,10 @@ impl Nics {
             }
         }
         log::info!(
-            "{}: link {} (guest), frames {}",
+            "{}: link {} for the guest; bulkhead-netd (pid {}) reports link_up={applied}",
             nic.name,
             if nic.link_down { "down" } else { "up" },
-            if flows { "flow" } else { "stopped" }
+            w.pid
         );
         Ok(())
     }

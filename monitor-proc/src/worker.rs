@@ -294,9 +294,24 @@ pub fn spawn_role(
     sandbox: &SandboxConfig,
     params: Params,
 ) -> Result<WorkerProcess, WorkerError> {
+    spawn_role_with_log(role, path, ipc, None, sandbox, params)
+}
+
+/// [`spawn_role`] with `log` (a socket the monitor reads) as the worker's stdout and stderr.
+pub fn spawn_role_with_log(
+    role: Role,
+    path: &Path,
+    ipc: OwnedFd,
+    log: Option<OwnedFd>,
+    sandbox: &SandboxConfig,
+    params: Params,
+) -> Result<WorkerProcess, WorkerError> {
     let (child, launcher) = match LAUNCHER.get() {
-        Some(l) => (l.spawn_worker(role, ipc, params)?, Some(l)),
-        None => (launch(path, role, ipc, sandbox, params)?, None),
+        Some(l) => (l.spawn_worker_with_log(role, ipc, log, params)?, Some(l)),
+        None => (
+            launch_with_log(path, role, ipc, log, sandbox, params)?,
+            None,
+        ),
     };
     // The pidfd belongs to `child`, which the AsyncFd owns for its whole life.
     // SAFETY: the Child never closes or replaces its pidfd before it is dropped.
@@ -330,6 +345,19 @@ pub fn launch(
     path: &Path,
     role: Role,
     ipc: OwnedFd,
+    sandbox: &SandboxConfig,
+    params: Params,
+) -> Result<Child, WorkerError> {
+    launch_with_log(path, role, ipc, None, sandbox, params)
+}
+
+/// [`launch`] with `log` (a socket the monitor reads), when given, as the worker's stdout and stderr
+/// instead of the monitor's stderr.
+pub fn launch_with_log(
+    path: &Path,
+    role: Role,
+    ipc: OwnedFd,
+    log: Option<OwnedFd>,
     sandbox: &SandboxConfig,
     params: Params,
 ) -> Result<Child, WorkerError> {
@@ -367,9 +395,10 @@ pub fn launch(
         }
         // Its stdout goes to our stderr: our stdout may be the guest's serial console.
         let stderr = std::io::stderr();
+        let out = log.as_ref().map_or(stderr.as_fd(), AsFd::as_fd);
         cmd.fd(devnull.as_fd(), 0)?
-            .fd(stderr.as_fd(), 1)?
-            .fd(stderr.as_fd(), 2)?
+            .fd(out, 1)?
+            .fd(out, 2)?
             .fd(ipc.as_fd(), IPC_FD)?;
         cmd.report_pipe(sandbox.mode != Mode::Off);
         if with_namespaces {

@@ -3,7 +3,7 @@
 //! ([`crate::nics`]); HMP's `info network` prints [`crate::nics::Nics::info_network`].
 //!
 //! `netdev_add` takes QEMU's tap members: `fd` is the name of an fd the session received with
-//! `getfd` (taken from the session, as QEMU does), or `ifname` with `script`/`downscript` "no"
+//! `getfd` (taken from the session once the netdev exists, as QEMU does), or `ifname` with `script`/`downscript` "no"
 //! (refused once the monitor has confined itself: it can no longer open `/dev/net/tun`).
 //! Members bulkhead does not implement (`vhost` on, `queues`, `fds`, ...) are refused by name.
 
@@ -117,10 +117,11 @@ fn netdev_add(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
                          'getfd', not by fd number"
                     )));
                 }
+                // A duplicate: the name is taken from the session only once the netdev exists.
                 let fd = ctx
                     .session
                     .fds()
-                    .take_named(&name)
+                    .dup_named(&name)
                     .map_err(|e| QmpError::generic(e.to_string()))?;
                 let info = {
                     use std::os::fd::AsRawFd;
@@ -129,7 +130,13 @@ fn netdev_add(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
                 Ok((fd, info))
             }
         };
-        done(&ctx, NetOp::NetdevAdd(NewNetdev { id: spec.id, tap })).await
+        let named = tap.is_ok().then(|| str_arg(&args, "fd")).flatten();
+        let r = done(&ctx, NetOp::NetdevAdd(NewNetdev { id: spec.id, tap })).await?;
+        if let Some(name) = named {
+            // As QEMU: the netdev consumed the named fd.
+            let _ = ctx.session.fds().take_named(&name);
+        }
+        Ok(r)
     })
 }
 

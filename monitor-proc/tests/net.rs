@@ -1,0 +1,387 @@
+//! NICs: `-netdev tap` + `-device virtio-net-pci` start one sandboxed `bulkhead-netd` per NIC
+//! (the real binary, launched by the monitor's launcher next to the fake machine worker, which
+//! keeps each device's vhost-user socket and logs the devices, link changes and unplugs it is
+//! given); `info network` and `query-rx-filter` describe them; `set_link` reaches vcpu-proc and
+//! netd (netd's own counters must report the state); a netd that dies is reported and the VM
+//! keeps running; `netdev_add` takes a tap passed with `getfd`; `device_add`/`device_del` work
+//! before the guest first runs and are refused afterwards.
+//!
+//! The taps are made by the test itself (`/dev/net/tun`, not persistent: they vanish with their
+//! last fd; nothing is ever sent on them). Needs root for that (CI is root) and
+//! `bulkhead-netd` built next to `bulkhead` (`cargo build -p bulkhead-netd-proc`); the tests
+//! fail, naming what is missing, otherwise.
+
+mod common;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(20);
+
+/// Links the real `bulkhead-netd` into the fake worker directory.
+fn link_netd(s: &Scratch) -> String {
+    let exe = Path::new(BULKHEAD)
+        .parent()
+        .expect("target dir")
+        .join("bulkhead-netd");
+    assert!(
+        exe.exists(),
+        "{} is missing: build it first (cargo build -p bulkhead-netd-proc)",
+        exe.display()
+    );
+    let wd = fake_worker_dir(s);
+    std::os::unix::fs::symlink(&exe, Path::new(&wd).join("bulkhead-netd")).expect("symlink");
+    wd
+}
+
+/// A fresh, non-persistent tap opened as the monitor wants it (`IFF_TAP|IFF_NO_PI|
+/// IFF_VNET_HDR`).
+fn tap(name: &str) -> OwnedFd {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the NIC tests need root to make taps; CI runs as root"
+    );
+    bulkhead_monitor::nics::open_tap(name).unwrap_or_else(|e| panic!("tap {name}: {e}"))
+}
+
+fn log_has(s: &Scratch, text: &str) -> String {
+    let deadline = Instant::now() + T;
+    loop {
+        let log = std::fs::read_to_string(s.path("worker.log")).unwrap_or_default();
+        if log.contains(text) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker.log never said {text:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status_field(pid: u64, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("{key} missing"))
+        .trim()
+        .to_string()
+}
+
+fn netds(q: &mut Qmp) -> Vec<Value> {
+    let v = q.cmd("x-query-sandbox");
+    v["return"]["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| p["role"] == "netd")
+        .cloned()
+        .collect()
+}
+
+/// The fake guest (as `common::fake_guest`) with inherited fds.
+fn start(s: &Scratch, extra: &[&str], fds: &[(i32, i32)]) -> (Monitor, Qmp) {
+    let wd = link_netd(s);
+    let sock = s.s("qmp.sock");
+    let kernel = s.path("vmlinux");
+    std::fs::write(&kernel, b"\x7fELF fake kernel").expect("kernel");
+    let spec = format!("unix:{sock},server=on,wait=off");
+    let append = format!("fake.log={}", s.s("worker.log"));
+    let kernel = kernel.to_str().expect("utf8").to_string();
+    let mut args = vec![
+        "-kernel",
+        kernel.as_str(),
+        "-m",
+        "64M",
+        "--worker-dir",
+        wd.as_str(),
+        "-append",
+        append.as_str(),
+        "-qmp",
+        spec.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    let m = Monitor::start_with_fds(s, &args, fds);
+    wait_for_socket(&sock, T);
+    let mut q = Qmp::unix(&sock);
+    q.negotiate();
+    (m, q)
+}
+
+fn hmp(q: &mut Qmp, line: &str) -> String {
+    let r = q.raw(&format!(
+        r#"{{"execute": "human-monitor-command", "arguments": {{"command-line": "{line}"}}}}"#
+    ));
+    r["return"].as_str().expect("text").to_string()
+}
+
+fn exec(q: &mut Qmp, name: &str, args: Value) -> Value {
+    q.raw(&json!({"execute": name, "arguments": args}).to_string())
+}
+
+fn stderr_has(m: &Monitor, text: &str) -> String {
+    m.wait_stderr(text, T)
+}
+
+#[test]
+fn nics_get_a_sandboxed_netd_each_and_the_queries_describe_them() {
+    let s = Scratch::new("net-nics");
+    let a = tap(&format!("bhna{}", std::process::id() % 100_000));
+    let b = tap(&format!("bhnb{}", std::process::id() % 100_000));
+    let (mut m, mut q) = start(
+        &s,
+        &[
+            "-netdev",
+            "tap,id=n0,fd=10",
+            "-device",
+            "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:aa:bb:01,addr=4",
+            "-netdev",
+            "tap,id=n1,fd=11",
+            "-device",
+            "virtio-net-pci,netdev=n1",
+        ],
+        &[(a.as_raw_fd(), 10), (b.as_raw_fd(), 11)],
+    );
+    drop((a, b));
+    // The machine worker got both NICs, each with a vhost-user socket.
+    let log = log_has(&s, "device virtio-net-pci.1");
+    assert!(
+        log.contains(
+            "device nic0 Net { mac: [82, 84, 0, 170, 187, 1], link_up: true } slot 4 queues 2 size 256"
+        ),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            "device virtio-net-pci.1 Net { mac: [82, 84, 0, 18, 52, 86], link_up: true } slot 1 queues 2 size 256"
+        ),
+        "{log}"
+    );
+
+    // Two netds, confined: own namespaces, pid 1 inside, seccomp, no_new_privs, no
+    // capabilities, landlock reported by netd itself.
+    let procs = netds(&mut q);
+    assert_eq!(procs.len(), 2, "{procs:?}");
+    for p in &procs {
+        assert_eq!(p["ns-pid"], 1, "{p}");
+        assert_eq!(p["seccomp"]["mode"], "filter", "{p}");
+        assert_eq!(p["no-new-privs"], true, "{p}");
+        assert_eq!(p["landlock"]["source"], "worker-reported", "{p}");
+        let pid = p["pid"].as_u64().expect("pid");
+        assert_eq!(status_field(pid, "Seccomp"), "2");
+        assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+        // Its own, empty network namespace.
+        let own = std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("ns");
+        let mine = std::fs::read_link("/proc/self/ns/net").expect("ns");
+        assert_ne!(own, mine, "netd {pid} is in the host's network namespace");
+    }
+
+    // HMP info network: QEMU 7.2's text.
+    assert_eq!(
+        hmp(&mut q, "info network"),
+        "nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:aa:bb:01\r\n \\ n0: \
+         index=0,type=tap,fd=10\r\nvirtio-net-pci.1: index=0,type=nic,model=virtio-net-pci,\
+         macaddr=52:54:00:12:34:56\r\n \\ n1: index=0,type=tap,fd=11\r\n"
+    );
+
+    // query-rx-filter: both NICs, in QEMU's shape, then by name, then the errors.
+    let r = q.cmd("query-rx-filter");
+    let list = r["return"].as_array().expect("list");
+    assert_eq!(list.len(), 2, "{r}");
+    assert_eq!(
+        list[0],
+        json!({"name": "nic0", "promiscuous": true, "multicast": "normal", "unicast": "normal",
+               "vlan": "all", "broadcast-allowed": false, "multicast-overflow": false,
+               "unicast-overflow": false, "main-mac": "52:54:00:aa:bb:01", "vlan-table": [],
+               "unicast-table": [], "multicast-table": []})
+    );
+    let r = exec(
+        &mut q,
+        "query-rx-filter",
+        json!({"name": "virtio-net-pci.1"}),
+    );
+    assert_eq!(r["return"][0]["main-mac"], "52:54:00:12:34:56", "{r}");
+    let r = exec(&mut q, "query-rx-filter", json!({"name": "n0"}));
+    assert_eq!(error_desc(&r), "net client(n0) isn't a NIC");
+    let r = exec(&mut q, "query-rx-filter", json!({"name": "zz"}));
+    assert_eq!(error_desc(&r), "invalid net client name: zz");
+
+    // set_link: the guest's bit (vcpu-proc) and netd's frames; netd's counters confirm it.
+    let r = exec(&mut q, "set_link", json!({"name": "nic0", "up": false}));
+    assert_eq!(r, json!({"return": {}}));
+    log_has(&s, "link nic0 down");
+    stderr_has(&m, "nic0: link down for the guest; bulkhead-netd");
+    stderr_has(&m, "reports link_up=false");
+    // By netdev: its NIC follows.
+    let r = exec(&mut q, "set_link", json!({"name": "n1", "up": false}));
+    assert_eq!(r, json!({"return": {}}));
+    log_has(&s, "link virtio-net-pci.1 down");
+    let r = exec(&mut q, "set_link", json!({"name": "nic0", "up": true}));
+    assert_eq!(r, json!({"return": {}}));
+    log_has(&s, "link nic0 up");
+    stderr_has(&m, "nic0: link up for the guest; bulkhead-netd");
+    let r = exec(&mut q, "set_link", json!({"name": "nope", "up": true}));
+    assert_eq!(error_class(&r), "DeviceNotFound");
+    assert_eq!(error_desc(&r), "Device 'nope' not found");
+
+    // A netd that dies: X_WORKER_EXITED naming the NIC; the VM keeps running.
+    let pid = procs[0]["pid"].as_u64().expect("pid");
+    // SAFETY: kill with a pid this test read from the monitor, and a signal number.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let ev = q.event("X_WORKER_EXITED");
+    assert_eq!(ev["data"]["role"], "netd", "{ev}");
+    assert_eq!(ev["data"]["pid"], pid, "{ev}");
+    assert_eq!(ev["data"]["signal"], "SIGKILL", "{ev}");
+    assert_eq!(q.status(), "running");
+    assert_eq!(netds(&mut q).len(), 1);
+
+    // quit: the other netd goes with the monitor, cleanly.
+    let left = netds(&mut q)[0]["pid"].as_u64().expect("pid");
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success(), "{}", m.stderr());
+    assert!(!Path::new(&format!("/proc/{left}")).exists(), "netd left");
+}
+
+#[test]
+fn netdev_add_takes_a_getfd_tap_and_devices_plug_only_before_the_guest_runs() {
+    let s = Scratch::new("net-qmp");
+    let (mut m, mut q) = start(&s, &["-S"], &[]);
+    let t = tap(&format!("bhnq{}", std::process::id() % 100_000));
+    let r = q.cmd_with_fds(
+        r#"{"execute": "getfd", "arguments": {"fdname": "tap0"}}"#,
+        &[t.as_raw_fd()],
+        FdsOn::Command,
+    );
+    assert_eq!(r, json!({"return": {}}));
+    drop(t);
+    let ok = json!({"return": {}});
+    assert_eq!(
+        exec(
+            &mut q,
+            "netdev_add",
+            json!({"type": "tap", "id": "n0", "fd": "tap0"})
+        ),
+        ok
+    );
+    // Errors, each naming what is wrong.
+    let e = |q: &mut Qmp, name: &str, args: Value| error_desc(&exec(q, name, args)).to_string();
+    // The netdev consumed the name.
+    assert_eq!(
+        e(
+            &mut q,
+            "netdev_add",
+            json!({"type": "tap", "id": "n1", "fd": "tap0"})
+        ),
+        "File descriptor named 'tap0' has not been found"
+    );
+    let t = tap(&format!("bhnr{}", std::process::id() % 100_000));
+    let r = q.cmd_with_fds(
+        r#"{"execute": "getfd", "arguments": {"fdname": "tap1"}}"#,
+        &[t.as_raw_fd()],
+        FdsOn::Command,
+    );
+    assert_eq!(r, json!({"return": {}}));
+    assert_eq!(
+        e(
+            &mut q,
+            "netdev_add",
+            json!({"type": "tap", "id": "n0", "fd": "tap1"})
+        ),
+        "Duplicate ID 'n0' for netdev"
+    );
+    assert_eq!(
+        e(
+            &mut q,
+            "netdev_add",
+            json!({"type": "tap", "id": "n1", "fd": "3"})
+        ),
+        "fd=3: bulkhead takes a tap by the name it was given with 'getfd', not by fd number"
+    );
+    assert!(e(
+        &mut q,
+        "netdev_add",
+        json!({"type": "tap", "id": "n1", "fd": "x", "vhost": true})
+    )
+    .contains("vhost=on"));
+    assert!(e(&mut q, "netdev_add", json!({"type": "user", "id": "n1"}))
+        .contains("network backend 'user' is not supported"));
+    assert!(e(
+        &mut q,
+        "netdev_add",
+        json!({"type": "tap", "id": "n1", "ifname": "bhx0", "script": "no", "downscript": "no"})
+    )
+    .contains("cannot open /dev/net/tun once it has confined itself"));
+    assert!(e(
+        &mut q,
+        "netdev_add",
+        json!({"type": "tap", "id": "n1", "fd": "x", "queues": 2})
+    )
+    .contains("'queues'"));
+    assert!(e(&mut q, "device_add", json!({"driver": "e1000"})).contains("'e1000'"));
+    assert_eq!(
+        e(
+            &mut q,
+            "device_add",
+            json!({"driver": "virtio-net-pci", "netdev": "zz"})
+        ),
+        "Property 'virtio-net-pci.netdev' can't find value 'zz'"
+    );
+
+    // Cold-plug before the first cont: a netd starts, the machine worker gets the device.
+    let add = json!({"driver": "virtio-net-pci", "netdev": "n0", "id": "nic0"});
+    assert_eq!(exec(&mut q, "device_add", add.clone()), ok);
+    log_has(&s, "device nic0 Net { mac: [82, 84, 0, 18, 52, 86], link_up: true } slot 1 queues 2 size 256 (added)");
+    assert_eq!(netds(&mut q).len(), 1);
+    assert_eq!(
+        e(
+            &mut q,
+            "device_add",
+            json!({"driver": "virtio-net-pci", "netdev": "n0"})
+        ),
+        "Property 'virtio-net-pci.netdev' can't take value 'n0', it's in use"
+    );
+    // set_link reaches the new netd.
+    assert_eq!(
+        exec(&mut q, "set_link", json!({"name": "nic0", "up": false})),
+        ok
+    );
+    stderr_has(&m, "reports link_up=false");
+    log_has(&s, "link nic0 down");
+    // Unplug, plug again.
+    assert_eq!(exec(&mut q, "device_del", json!({"id": "nic0"})), ok);
+    log_has(&s, "device nic0 removed");
+    assert_eq!(netds(&mut q).len(), 0);
+    assert_eq!(exec(&mut q, "device_add", add.clone()), ok);
+    assert_eq!(netds(&mut q).len(), 1);
+    assert!(hmp(&mut q, "info network").starts_with("nic0: index=0,type=nic"));
+
+    // Once the guest has run: no hot-plug yet.
+    assert_eq!(q.cmd("cont"), ok);
+    assert!(e(&mut q, "device_del", json!({"id": "nic0"})).contains("no PCI hot-plug yet"));
+    assert_eq!(exec(&mut q, "netdev_del", json!({"id": "n0"})), ok);
+    let r = exec(&mut q, "netdev_del", json!({"id": "n0"}));
+    assert_eq!(error_class(&r), "DeviceNotFound");
+    // The NIC lost its peer: its link went down (a second time in the log), as in QEMU.
+    let deadline = Instant::now() + T;
+    while log_has(&s, "link nic0 down")
+        .matches("link nic0 down")
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the NIC's link never went down");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        hmp(&mut q, "info network"),
+        "nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n"
+    );
+    assert_eq!(q.cmd("quit"), ok);
+    assert!(m.wait(T).success(), "{}", m.stderr());
+}
