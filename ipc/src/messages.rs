@@ -136,14 +136,20 @@ pub enum VcpuRequest {
     /// Stop the vCPUs and exit cleanly.
     Quit,
     /// Plug a virtio-pci device (its vhost-user socket travels with the request). Before the
-    /// guest first runs this is plain cold-plug; afterwards it is refused until PCI hot-plug
-    /// exists.
+    /// guest first runs this is plain cold-plug; afterwards the guest is told through ACPI
+    /// PCI hot-plug (a GED event and a device check on the slot).
     AddDevice(VirtioDevice),
-    /// Unplug the device with this id (same rule as [`VcpuRequest::AddDevice`]).
+    /// Unplug the device with this id. Before the guest first runs it goes at once. Afterwards
+    /// the guest is asked to eject it (ACPI eject request): the reply comes at once, and
+    /// [`VcpuEvent::DeviceEjected`] follows when the guest has ejected it (a guest without ACPI
+    /// hot-plug support never does, as with QEMU).
     RemoveDevice {
         /// The device id.
         id: String,
     },
+    /// Press the ACPI power button (`system_powerdown`): a GED event the guest's ACPI button
+    /// driver sees; what happens next is the guest's choice.
+    PowerButton,
     /// The back end's configuration changed (e.g. `block_resize`): raise the device's
     /// configuration-change interrupt so the guest re-reads it.
     ConfigChanged {
@@ -247,6 +253,12 @@ pub enum VcpuEvent {
     },
     /// The machine cannot continue (e.g. an unhandled exit); vCPUs are stopped.
     InternalError(String),
+    /// The guest ejected a device it was asked to (after [`VcpuRequest::RemoveDevice`] on a
+    /// guest that has run); the device and its socket are gone from vcpu-proc.
+    DeviceEjected {
+        /// The device id.
+        id: String,
+    },
 }
 
 impl Wire for VcpuEvent {}

@@ -1035,6 +1035,11 @@ impl Vm {
                 log::error!("the vCPU worker stopped the VM: {msg}");
                 self.enter_internal_error();
             }
+            // Only after a RemoveDevice on a guest that has run, which the monitor does not send
+            // yet (device_del is refused then): log it so it is not lost.
+            VcpuEvent::DeviceEjected { id } => {
+                log::info!("the guest ejected device {id}");
+            }
         }
     }
 

@@ -16,7 +16,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::devices::{acpi_pm, rtc, serial};
+use crate::devices::{acpi_pm, ged, rtc, serial};
 use crate::memory::{self, GuestMem};
 use crate::pci;
 
@@ -129,11 +129,151 @@ pub fn dsdt() -> Vec<u8> {
         aml::Name::new("_BBN".into(), &zero),
         aml::Name::new("_CRS".into(), &pci_crs),
     );
-    let pci0 = aml::Device::new(
-        "_SB_.PCI0".into(),
-        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    // PCI hot-plug (ACPI, as acpiphp expects): the slot-status registers, PCNT notifying
+    // slots that came up (device check) or should go (eject request), and one object per
+    // slot whose _EJ0 asks the machine to remove it.
+    let pcst_base = ged::MMIO_BASE as u32;
+    let pcst_len = 12u32;
+    let pcst = aml::OpRegion::new(
+        "PCST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &pcst_base,
+        &pcst_len,
     );
+    let pcst_fields = aml::Field::new(
+        "PCST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    );
+    let slots: Vec<u8> = (1..pci::SLOTS).collect();
+    let names: Vec<String> = slots.iter().map(|s| format!("S{s:02X}_")).collect();
+    let bits: Vec<u32> = slots.iter().map(|s| 1u32 << s).collect();
+    let adrs: Vec<u32> = slots.iter().map(|s| u32::from(*s) << 16).collect();
+    let (local0, local1) = (aml::Local(0), aml::Local(1));
+    let (pciu, pcid, b0ej) = (
+        aml::Path::new("PCIU"),
+        aml::Path::new("PCID"),
+        aml::Path::new("B0EJ"),
+    );
+    let (check, eject) = (1u8, 3u8);
+    let slot_paths: Vec<aml::Path> = names.iter().map(|n| aml::Path::new(n)).collect();
+    let up_tests: Vec<aml::And> = bits
+        .iter()
+        .map(|b| aml::And::new(&aml::ZERO, &local0, b))
+        .collect();
+    let down_tests: Vec<aml::And> = bits
+        .iter()
+        .map(|b| aml::And::new(&aml::ZERO, &local1, b))
+        .collect();
+    let up_notes: Vec<aml::Notify> = slot_paths
+        .iter()
+        .map(|p| aml::Notify::new(p, &check))
+        .collect();
+    let down_notes: Vec<aml::Notify> = slot_paths
+        .iter()
+        .map(|p| aml::Notify::new(p, &eject))
+        .collect();
+    let mut ifs = Vec::new();
+    for i in 0..slots.len() {
+        ifs.push(aml::If::new(&up_tests[i], vec![&up_notes[i]]));
+        ifs.push(aml::If::new(&down_tests[i], vec![&down_notes[i]]));
+    }
+    let load_up = aml::Store::new(&local0, &pciu);
+    let load_down = aml::Store::new(&local1, &pcid);
+    let mut pcnt_body: Vec<&dyn Aml> = vec![&load_up, &load_down];
+    pcnt_body.extend(ifs.iter().map(|i| i as &dyn Aml));
+    let pcnt = aml::Method::new("PCNT".into(), 0, true, pcnt_body);
+    let ej_stores: Vec<aml::Store> = bits.iter().map(|b| aml::Store::new(&b0ej, b)).collect();
+    let ej0s: Vec<aml::Method> = ej_stores
+        .iter()
+        .map(|st| aml::Method::new("_EJ0".into(), 1, true, vec![st]))
+        .collect();
+    let slot_adr: Vec<aml::Name> = adrs
+        .iter()
+        .map(|a| aml::Name::new("_ADR".into(), a))
+        .collect();
+    let slot_sun: Vec<aml::Name> = slots
+        .iter()
+        .map(|s| aml::Name::new("_SUN".into(), s))
+        .collect();
+    let slot_devs: Vec<aml::Device> = (0..slots.len())
+        .map(|i| {
+            aml::Device::new(
+                names[i].as_str().into(),
+                vec![&slot_adr[i], &slot_sun[i], &ej0s[i]],
+            )
+        })
+        .collect();
+    let mut pci0_body: Vec<&dyn Aml> = vec![
+        &hid,
+        &cid,
+        &adr,
+        &seg,
+        &uid,
+        &bbn,
+        &crs,
+        &pcst,
+        &pcst_fields,
+        &pcnt,
+    ];
+    pci0_body.extend(slot_devs.iter().map(|d| d as &dyn Aml));
+    let pci0 = aml::Device::new("_SB_.PCI0".into(), pci0_body);
     t.append_slice(&bytes_of(&pci0));
+
+    // The power button and the Generic Event Device that signals it and PCI hot-plug.
+    let pwrb_hid = aml::EISAName::new("PNP0C0C");
+    let (hid, uid) = (
+        aml::Name::new("_HID".into(), &pwrb_hid),
+        aml::Name::new("_UID".into(), &zero),
+    );
+    let pwrb = aml::Device::new("_SB_.PWRB".into(), vec![&hid, &uid]);
+    t.append_slice(&bytes_of(&pwrb));
+    let ged_hid: aml::AmlStr = "ACPI0013";
+    let ged_irq = aml::Interrupt::new(true, true, false, false, ged::GED_GSI);
+    let ged_crs = aml::ResourceTemplate::new(vec![&ged_irq]);
+    let gdst_base = (ged::MMIO_BASE + ged::EVENT_OFFSET) as u32;
+    let gdst_len = 4u32;
+    let gdst = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &gdst_base,
+        &gdst_len,
+    );
+    let gdst_fields = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 32)],
+    );
+    let gdat = aml::Path::new("GDAT");
+    let load = aml::Store::new(&local0, &gdat);
+    let (pb_bit, hp_bit) = (ged::EVENT_POWER_BUTTON, ged::EVENT_PCI_HOTPLUG);
+    let pb_test = aml::And::new(&aml::ZERO, &local0, &pb_bit);
+    let hp_test = aml::And::new(&aml::ZERO, &local0, &hp_bit);
+    let pwrb_path = aml::Path::new("\\_SB_.PWRB");
+    let press = 0x80u8;
+    let pb_note = aml::Notify::new(&pwrb_path, &press);
+    let scan = aml::MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let pb_if = aml::If::new(&pb_test, vec![&pb_note]);
+    let hp_if = aml::If::new(&hp_test, vec![&scan]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&load, &pb_if, &hp_if]);
+    let (hid, uid, crs) = (
+        aml::Name::new("_HID".into(), &ged_hid),
+        aml::Name::new("_UID".into(), &zero),
+        aml::Name::new("_CRS".into(), &ged_crs),
+    );
+    let ged_dev = aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![&hid, &uid, &crs, &gdst, &gdst_fields, &evt],
+    );
+    t.append_slice(&bytes_of(&ged_dev));
 
     // The ECAM window as a motherboard resource, so Linux accepts MCFG's range.
     let mres_hid = aml::EISAName::new("PNP0C02");

@@ -116,6 +116,9 @@ pub fn serve(chan: Channel<VcpuProtocol>) -> Result<Exit, Error> {
                         chan.send_event(VcpuEvent::InternalError(msg))?;
                     }
                 }
+                for id in m.take_ejected() {
+                    chan.send_event(VcpuEvent::DeviceEjected { id })?;
+                }
             }
             Msg::MonitorGone(why) => {
                 if let Some(why) = why {
@@ -197,7 +200,7 @@ fn handle_request(
             (None, _) => not_set_up(),
         },
         VcpuRequest::RemoveDevice { id } => match machine {
-            Some(m) => result(m.remove_device(&id)),
+            Some(m) => result(m.remove_device(&id).map(|_| ())),
             None => not_set_up(),
         },
         VcpuRequest::ConfigChanged { id } => match machine {
@@ -206,6 +209,13 @@ fn handle_request(
         },
         VcpuRequest::SetLink { id, up } => match machine {
             Some(m) => result(m.set_link(&id, up)),
+            None => not_set_up(),
+        },
+        VcpuRequest::PowerButton => match machine {
+            Some(m) => {
+                m.power_button();
+                VcpuReply::Ok
+            }
             None => not_set_up(),
         },
     }

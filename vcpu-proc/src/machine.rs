@@ -21,6 +21,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
+use crate::devices::ged::{self, Ged};
 use crate::devices::{acpi_pm, i8042, rtc, serial, GuestRequest, RequestSink};
 use crate::memory::{self, GuestMem};
 use crate::pci::msix::IrqRouter;
@@ -149,6 +150,15 @@ impl SetupFds {
     }
 }
 
+/// The plugged virtio devices by id: slot and device. Shared with the GED's eject handler,
+/// which runs on the vCPU thread that wrote the eject register.
+type DeviceMap = BTreeMap<String, (u8, Arc<Mutex<VirtioPciDevice>>)>;
+type SharedDevices = Arc<Mutex<DeviceMap>>;
+
+fn lock_devices(d: &SharedDevices) -> std::sync::MutexGuard<'_, DeviceMap> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A built machine.
 pub struct Machine {
     setup: VmSetup,
@@ -159,7 +169,9 @@ pub struct Machine {
     _kvm: Kvm,
     pci: SharedPciRoot,
     router: Arc<IrqRouter>,
-    virtio: BTreeMap<String, (u8, Arc<Mutex<VirtioPciDevice>>)>,
+    virtio: SharedDevices,
+    ged: Arc<Ged>,
+    ejected: Arc<Mutex<Vec<String>>>,
     started: bool,
     mem: GuestMem,
     kernel: File,
@@ -232,6 +244,7 @@ impl Machine {
         let shared = Shared::new(n);
         let sink: RequestSink = {
             let shared = shared.clone();
+            let notify = notify.clone();
             Arc::new(move |req: GuestRequest| {
                 if shared.guest_request(req) {
                     notify();
@@ -294,11 +307,49 @@ impl Machine {
                 fds.devices.len()
             )));
         }
-        let mut virtio = BTreeMap::new();
+        let mut map = BTreeMap::new();
         for (desc, sock) in setup.devices.iter().zip(fds.devices) {
-            let (slot, dev) = plug(&pci, &router, &mem, &virtio, desc, sock)?;
-            virtio.insert(desc.id.clone(), (slot, dev));
+            let (slot, dev) = plug(&pci, &router, &mem, &map, desc, sock)?;
+            map.insert(desc.id.clone(), (slot, dev));
         }
+        let virtio: SharedDevices = Arc::new(Mutex::new(map));
+
+        // The Generic Event Device: PCI hot-plug and the power button. A guest's eject (the
+        // slot's _EJ0) unplugs the device on the vCPU thread and tells the control loop.
+        let ejected: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+        let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?;
+        vm.register_irqfd(&ged_irq, ged::GED_GSI)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let eject: ged::EjectSink = {
+            let (pci, virtio, ejected, notify) =
+                (pci.clone(), virtio.clone(), ejected.clone(), notify.clone());
+            Arc::new(move |slot: u8| {
+                let id = {
+                    let mut map = lock_devices(&virtio);
+                    let id = map
+                        .iter()
+                        .find(|(_, (s, _))| *s == slot)
+                        .map(|(id, _)| id.clone());
+                    if let Some(id) = &id {
+                        map.remove(id);
+                    }
+                    id
+                };
+                let Some(id) = id else { return };
+                if let Err(e) = pci.lock().unwrap_or_else(|p| p.into_inner()).unplug(slot) {
+                    log::warn!("eject of slot {slot}: {e}");
+                }
+                log::info!("the guest ejected {id} (PCI slot {slot})");
+                ejected.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+                notify();
+            })
+        };
+        let ged = Ged::new(ged_irq, eject);
+        mmio.insert(
+            ged::MMIO_BASE,
+            ged::MMIO_LEN,
+            Arc::new(Mutex::new(ged.bus_device())),
+        )?;
         if let Some(input) = fds.serial_in {
             let dev = serial_dev.clone();
             let input = File::from(input);
@@ -394,6 +445,8 @@ impl Machine {
             pci,
             router,
             virtio,
+            ged,
+            ejected,
             started: false,
             mem,
             kernel,
@@ -447,6 +500,7 @@ impl Machine {
         }
         self.pio.reset_all();
         self.pci.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        self.ged.reset();
         // A guest request raised while we were resetting belongs to the old boot.
         let _ = self.shared.take_guest_request();
         if self.monitor_running {
@@ -503,40 +557,56 @@ impl Machine {
         Ok(out)
     }
 
-    /// Plugs a virtio device before the guest first runs (PCI hot-plug is not there yet).
+    /// Plugs a virtio device. Before the guest first runs it is simply there at enumeration;
+    /// afterwards the guest is told through ACPI PCI hot-plug (GED event, device check).
     pub fn add_device(&mut self, desc: &VirtioDevice, sock: OwnedFd) -> Result<(), Error> {
+        let mut map = lock_devices(&self.virtio);
+        let (slot, dev) = plug(&self.pci, &self.router, &self.mem, &map, desc, sock)?;
+        map.insert(desc.id.clone(), (slot, dev));
+        drop(map);
         if self.started {
-            return Err(Error::Device(
-                "the guest has run: PCI hot-plug is not supported yet".into(),
-            ));
+            self.ged.slot_up(slot);
         }
-        let (slot, dev) = plug(&self.pci, &self.router, &self.mem, &self.virtio, desc, sock)?;
-        self.virtio.insert(desc.id.clone(), (slot, dev));
         Ok(())
     }
 
-    /// Unplugs a virtio device before the guest first runs.
-    pub fn remove_device(&mut self, id: &str) -> Result<(), Error> {
-        if self.started {
-            return Err(Error::Device(
-                "the guest has run: PCI hot-unplug is not supported yet".into(),
-            ));
-        }
-        let (slot, _) = self
-            .virtio
-            .remove(id)
+    /// Unplugs a virtio device: at once before the guest first runs; afterwards the guest is
+    /// asked to eject it (ACPI eject request) and the device goes when it does, reported by
+    /// [`Machine::take_ejected`]. Returns whether the device is already gone.
+    pub fn remove_device(&mut self, id: &str) -> Result<bool, Error> {
+        let mut map = lock_devices(&self.virtio);
+        let slot = map
+            .get(id)
+            .map(|(s, _)| *s)
             .ok_or_else(|| Error::Device(format!("no device {id}")))?;
+        if self.started {
+            drop(map);
+            self.ged.request_eject(slot);
+            return Ok(false);
+        }
+        map.remove(id);
+        drop(map);
         self.pci
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .unplug(slot)?;
-        Ok(())
+        Ok(true)
     }
 
-    fn device(&self, id: &str) -> Result<&Arc<Mutex<VirtioPciDevice>>, Error> {
-        self.virtio
+    /// Devices the guest ejected since the last call.
+    pub fn take_ejected(&mut self) -> Vec<String> {
+        std::mem::take(&mut *self.ejected.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Presses the ACPI power button (`system_powerdown`).
+    pub fn power_button(&mut self) {
+        self.ged.power_button();
+    }
+
+    fn device(&self, id: &str) -> Result<Arc<Mutex<VirtioPciDevice>>, Error> {
+        lock_devices(&self.virtio)
             .get(id)
-            .map(|(_, d)| d)
+            .map(|(_, d)| d.clone())
             .ok_or_else(|| Error::Device(format!("no device {id}")))
     }
 
@@ -576,7 +646,7 @@ fn plug(
     pci: &SharedPciRoot,
     router: &Arc<IrqRouter>,
     mem: &GuestMem,
-    existing: &BTreeMap<String, (u8, Arc<Mutex<VirtioPciDevice>>)>,
+    existing: &DeviceMap,
     desc: &VirtioDevice,
     sock: OwnedFd,
 ) -> Result<(u8, Arc<Mutex<VirtioPciDevice>>), Error> {

@@ -1,9 +1,11 @@
 //! Emulated platform devices on the port-I/O bus: the 16550 serial port (vm-superio), the
 //! MC146818 CMOS RTC, the i8042 (only as far as its CPU-reset command) and the ACPI
-//! sleep/reset registers. Guest-initiated machine events leave a device through a
+//! sleep/reset registers; on MMIO the ACPI Generic Event Device with the PCI hot-plug
+//! registers ([`ged`]). Guest-initiated machine events leave a device through a
 //! [`RequestSink`]; nothing a guest writes to a register can panic the worker.
 
 pub mod acpi_pm;
+pub mod ged;
 pub mod i8042;
 pub mod rtc;
 pub mod serial;
