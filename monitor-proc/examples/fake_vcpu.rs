@@ -331,6 +331,10 @@ fn main() {
             VcpuRequest::RemoveDevice { .. } => {
                 VcpuReply::Error("the guest has run: no PCI hot-unplug".into())
             }
+            VcpuRequest::PowerButton => {
+                log_line(&log, "power button");
+                VcpuReply::Ok
+            }
         };
         let _ = &devices;
         if chan.reply(id, reply, &[]).is_err() {
