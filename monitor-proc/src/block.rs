@@ -23,6 +23,13 @@
 //!   [,addr=SLOT[.0]][,bus=pci.0|pcie.0]` (`virtio-blk` is the same device); `NAME` is a
 //!   `-drive` id or a node name.
 //!
+//! - `-chardev socket,id=C,path=PATH[,server=off]` (a client socket, connected at start-up, as
+//!   QEMU's vhost-user devices use them) and `-device vhost-user-blk-pci,chardev=C
+//!   [,id=ID][,num-queues=N][,queue-size=N][,addr=SLOT[.0]][,bus=pci.0|pcie.0]`
+//!   (`vhost-user-blk` is the same device): a virtio-blk device whose back end is an outside
+//!   vhost-user-blk server (e.g. `qemu-storage-daemon --export vhost-user-blk`); no node, no
+//!   backend, no blockd (QEMU's vhost-user-blk has no BlockBackend either).
+//!
 //! Paths may be `/dev/fdset/N` ([`crate::fds`]). Cache modes other than `none` (`O_DIRECT`,
 //! writeback) and `writeback` are refused, as are `werror`/`rerror` (not implemented yet).
 
@@ -103,6 +110,30 @@ pub struct DeviceSpec {
     pub slot: Option<u8>,
 }
 
+/// A `-chardev socket,path=` in client mode: the socket of an outside vhost-user back end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChardevSpec {
+    /// `id=`.
+    pub id: String,
+    /// `path=`: the server's unix socket.
+    pub path: String,
+}
+
+/// One `vhost-user-blk-pci`: virtio-blk served by an outside vhost-user-blk server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserBlkSpec {
+    /// `id=`.
+    pub id: Option<String>,
+    /// `chardev=` (index into [`BlockConfig::chardevs`]).
+    pub chardev: usize,
+    /// `num-queues=` (`None`: one per vCPU, at most [`MAX_QUEUES`], as QEMU's default).
+    pub num_queues: Option<u16>,
+    /// `queue-size=` (QEMU 7.2's default: 128).
+    pub queue_size: u16,
+    /// `addr=` (`None`: the first free slot from 1).
+    pub slot: Option<u8>,
+}
+
 /// What `-drive`, `-blockdev` and `-device` asked for, before resolution.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BlockArgs {
@@ -119,6 +150,8 @@ pub enum BlockOpt {
     Blockdev,
     /// `-device`.
     Device,
+    /// `-chardev`.
+    Chardev,
 }
 
 impl BlockOpt {
@@ -127,6 +160,7 @@ impl BlockOpt {
             BlockOpt::Drive => "-drive",
             BlockOpt::Blockdev => "-blockdev",
             BlockOpt::Device => "-device",
+            BlockOpt::Chardev => "-chardev",
         }
     }
 }
@@ -140,6 +174,10 @@ pub struct BlockConfig {
     pub backends: Vec<BackendSpec>,
     /// Every device, in creation order.
     pub devices: Vec<DeviceSpec>,
+    /// Every `-chardev socket` (client), in command-line order.
+    pub chardevs: Vec<ChardevSpec>,
+    /// Every `vhost-user-blk-pci`, in creation order.
+    pub vhost_user: Vec<VhostUserBlkSpec>,
 }
 
 fn bad(opt: BlockOpt, value: &str, reason: impl Into<String>) -> CliError {
@@ -651,6 +689,190 @@ impl Builder {
         Ok(name)
     }
 
+    /// Whether a device already has the id `id`.
+    fn id_taken(&self, id: &str) -> bool {
+        self.cfg.devices.iter().any(|d| d.id.as_deref() == Some(id))
+            || self
+                .cfg
+                .vhost_user
+                .iter()
+                .any(|d| d.id.as_deref() == Some(id))
+    }
+
+    /// `-chardev socket,id=C,path=PATH`: a client socket (what vhost-user devices use).
+    fn chardev(&mut self, whole: &str) -> Result<(), CliError> {
+        let opt = BlockOpt::Chardev;
+        let pairs = parse_opts(whole, Some("backend"));
+        let mut id = None;
+        let mut path = None;
+        for (k, v) in &pairs {
+            match k.as_str() {
+                "backend" if v == "socket" => {}
+                "backend" => {
+                    return Err(bad(
+                        opt,
+                        whole,
+                        format!(
+                            "chardev backend '{v}' is not supported by bulkhead (it has socket \
+                             clients, for vhost-user devices)"
+                        ),
+                    ))
+                }
+                "id" => id = Some(v.clone()),
+                "path" => path = Some(v.clone()),
+                "server" => {
+                    if boolean(opt, whole, k, v)? {
+                        return Err(bad(
+                            opt,
+                            whole,
+                            "server=on is not supported by bulkhead (the monitor connects to \
+                             the vhost-user back end's socket)",
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(bad(
+                        opt,
+                        whole,
+                        format!("Invalid parameter '{k}' (not supported by bulkhead)"),
+                    ))
+                }
+            }
+        }
+        let Some(id) = id.filter(|i| !i.is_empty()) else {
+            return Err(bad(opt, whole, "chardev: no id specified"));
+        };
+        check_name(opt, whole, "chardev", &id).map_err(|_| {
+            bad(
+                opt,
+                whole,
+                format!("Parameter 'id' expects an identifier, not '{id}'"),
+            )
+        })?;
+        let Some(path) = path.filter(|p| !p.is_empty()) else {
+            return Err(bad(
+                opt,
+                whole,
+                "chardev: socket: bulkhead needs path= (a unix socket)",
+            ));
+        };
+        if self.cfg.chardevs.iter().any(|c| c.id == id) {
+            return Err(bad(
+                opt,
+                whole,
+                format!("attempt to add duplicate chardev '{id}'"),
+            ));
+        }
+        self.cfg.chardevs.push(ChardevSpec { id, path });
+        Ok(())
+    }
+
+    /// `-device vhost-user-blk-pci,chardev=C,...`.
+    fn vhost_user_blk(&mut self, whole: &str, pairs: &[(String, String)]) -> Result<(), CliError> {
+        let opt = BlockOpt::Device;
+        let prop = |k: &str| format!("Property 'vhost-user-blk-pci.{k}'");
+        let mut chardev = None;
+        let mut dev = VhostUserBlkSpec {
+            id: None,
+            chardev: 0,
+            num_queues: None,
+            queue_size: 128,
+            slot: None,
+        };
+        for (k, v) in pairs {
+            match k.as_str() {
+                "driver" => {}
+                "chardev" => chardev = Some(v.clone()),
+                "id" => {
+                    check_name(opt, whole, "device", v).map_err(|_| {
+                        bad(
+                            opt,
+                            whole,
+                            format!("Parameter 'id' expects an identifier, not '{v}'"),
+                        )
+                    })?;
+                    dev.id = Some(v.clone());
+                }
+                "num-queues" => {
+                    let n = v
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|n| (1..=MAX_QUEUES).contains(n))
+                        .ok_or_else(|| {
+                            bad(
+                                opt,
+                                whole,
+                                format!("{} must be 1 to {MAX_QUEUES}", prop("num-queues")),
+                            )
+                        })?;
+                    dev.num_queues = Some(n);
+                }
+                "queue-size" => {
+                    dev.queue_size = v
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|n| n.is_power_of_two() && (4..=1024).contains(n))
+                        .ok_or_else(|| {
+                            bad(
+                                opt,
+                                whole,
+                                format!(
+                                    "{}: queue-size property must be a power of 2 from 4 to 1024",
+                                    prop("queue-size")
+                                ),
+                            )
+                        })?;
+                }
+                "addr" => {
+                    dev.slot = Some(parse_addr(v).ok_or_else(|| {
+                        bad(
+                            opt,
+                            whole,
+                            format!(
+                                "{} doesn't take value '{v}' (a slot 1 to 31, function 0)",
+                                prop("addr")
+                            ),
+                        )
+                    })?)
+                }
+                "bus" if v == "pci.0" || v == "pcie.0" => {}
+                _ => return Err(bad(opt, whole, format!("{} not found", prop(k)))),
+            }
+        }
+        let Some(chardev) = chardev else {
+            return Err(bad(opt, whole, "chardev is mandatory"));
+        };
+        let Some(c) = self.cfg.chardevs.iter().position(|c| c.id == chardev) else {
+            return Err(bad(
+                opt,
+                whole,
+                format!("{} can't find value '{chardev}'", prop("chardev")),
+            ));
+        };
+        if self.cfg.vhost_user.iter().any(|d| d.chardev == c) {
+            return Err(bad(
+                opt,
+                whole,
+                format!(
+                    "{} can't take value '{chardev}', it's in use",
+                    prop("chardev")
+                ),
+            ));
+        }
+        if let Some(id) = &dev.id {
+            if self.id_taken(id) {
+                return Err(bad(
+                    opt,
+                    whole,
+                    format!("Duplicate device ID '{id}' for device"),
+                ));
+            }
+        }
+        dev.chardev = c;
+        self.cfg.vhost_user.push(dev);
+        Ok(())
+    }
+
     fn device(&mut self, whole: &str) -> Result<(), CliError> {
         let opt = BlockOpt::Device;
         let pairs = parse_opts(whole, Some("driver"));
@@ -661,13 +883,15 @@ impl Builder {
             .unwrap_or("");
         match driver {
             "virtio-blk-pci" | "virtio-blk" => {}
+            "vhost-user-blk-pci" | "vhost-user-blk" => return self.vhost_user_blk(whole, &pairs),
             "" => return Err(bad(opt, whole, "Parameter 'driver' is missing")),
             other => {
                 return Err(bad(
                     opt,
                     whole,
                     format!(
-                        "device '{other}' is not supported by bulkhead (it has virtio-blk-pci)"
+                        "device '{other}' is not supported by bulkhead (it has virtio-blk-pci \
+                         and vhost-user-blk-pci)"
                     ),
                 ))
             }
@@ -747,7 +971,7 @@ impl Builder {
             return Err(bad(opt, whole, "drive property not set"));
         };
         if let Some(id) = &dev.id {
-            if self.cfg.devices.iter().any(|d| d.id.as_ref() == Some(id)) {
+            if self.id_taken(id) {
                 return Err(bad(
                     opt,
                     whole,
@@ -845,10 +1069,16 @@ pub fn resolve(args: &BlockArgs) -> Result<Resolved, CliError> {
         probe: Vec::new(),
     };
     // QEMU creates -blockdev nodes, then -drive, then -device.
-    for kind in [BlockOpt::Blockdev, BlockOpt::Drive, BlockOpt::Device] {
+    for kind in [
+        BlockOpt::Chardev,
+        BlockOpt::Blockdev,
+        BlockOpt::Drive,
+        BlockOpt::Device,
+    ] {
         for (o, v) in &args.items {
             if *o == kind {
                 match kind {
+                    BlockOpt::Chardev => b.chardev(v)?,
                     BlockOpt::Blockdev => b.blockdev(v)?,
                     BlockOpt::Drive => b.drive(v)?,
                     BlockOpt::Device => b.device(v)?,
@@ -865,19 +1095,29 @@ pub fn resolve(args: &BlockArgs) -> Result<Resolved, CliError> {
 /// Gives every device without `addr=` the first free slot from 1; two devices on one slot are
 /// an error.
 fn assign_slots(cfg: &mut BlockConfig) -> Result<(), CliError> {
+    let mut slots: Vec<(&'static str, &mut Option<u8>)> = cfg
+        .devices
+        .iter_mut()
+        .map(|d| ("virtio-blk-pci", &mut d.slot))
+        .chain(
+            cfg.vhost_user
+                .iter_mut()
+                .map(|d| ("vhost-user-blk-pci", &mut d.slot)),
+        )
+        .collect();
     let mut used = BTreeSet::new();
-    for d in &cfg.devices {
-        if let Some(s) = d.slot {
+    for (what, s) in &slots {
+        if let Some(s) = **s {
             if !used.insert(s) {
                 return Err(CliError::Conflict(format!(
-                    "-device virtio-blk-pci: PCI: slot {s} function 0 not available, in use"
+                    "-device {what}: PCI: slot {s} function 0 not available, in use"
                 )));
             }
         }
     }
     let mut next = *SLOTS.start();
-    for d in &mut cfg.devices {
-        if d.slot.is_none() {
+    for (_, slot) in &mut slots {
+        if slot.is_none() {
             while used.contains(&next) {
                 next += 1;
             }
@@ -886,7 +1126,7 @@ fn assign_slots(cfg: &mut BlockConfig) -> Result<(), CliError> {
                     "too many PCI devices: bus 0 has 31 slots".into(),
                 ));
             }
-            d.slot = Some(next);
+            **slot = Some(next);
             used.insert(next);
         }
     }
@@ -920,6 +1160,40 @@ impl BlockConfig {
                     .filter(|d| d.id.is_none())
                     .count();
                 format!("/machine/peripheral-anon/device[{n}]/virtio-backend")
+            }
+        }
+    }
+
+    /// The PCI slots the block devices (virtio-blk-pci and vhost-user-blk-pci) take.
+    pub fn used_slots(&self) -> Vec<u8> {
+        self.devices
+            .iter()
+            .filter_map(|d| d.slot)
+            .chain(self.vhost_user.iter().filter_map(|d| d.slot))
+            .collect()
+    }
+
+    /// The `id=`s of the block devices.
+    pub fn device_ids(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter_map(|d| d.id.clone())
+            .chain(self.vhost_user.iter().filter_map(|d| d.id.clone()))
+            .collect()
+    }
+
+    /// The id vcpu-proc knows the `i`th vhost-user-blk device by (`-device id=`, else its
+    /// anonymous qdev path, counted after the anonymous virtio-blk devices).
+    pub fn vhost_user_id(&self, i: usize) -> String {
+        match &self.vhost_user[i].id {
+            Some(id) => id.clone(),
+            None => {
+                let n = self.devices.iter().filter(|d| d.id.is_none()).count()
+                    + self.vhost_user[..i]
+                        .iter()
+                        .filter(|d| d.id.is_none())
+                        .count();
+                format!("/machine/peripheral-anon/device[{n}]")
             }
         }
     }
@@ -1027,6 +1301,63 @@ mod tests {
         );
         assert_eq!(c.backends[c.devices[1].backend].name, "");
         assert_eq!(c.node("q0").map(|n| n.read_only), Some(true));
+    }
+
+    #[test]
+    fn vhost_user_blk_devices_use_client_chardevs() {
+        use BlockOpt::Chardev;
+        let r = res(&[
+            (
+                Device,
+                "vhost-user-blk-pci,chardev=c0,id=vu0,num-queues=2,addr=4",
+            ),
+            (Chardev, "socket,id=c0,path=/run/vhost.sock"),
+            (Blockdev, "driver=file,node-name=f,filename=/d"),
+            (Device, "virtio-blk-pci,drive=f"),
+            (Chardev, "socket,id=c1,path=/run/b.sock,server=off"),
+            (Device, "vhost-user-blk,chardev=c1"),
+        ])
+        .expect("ok");
+        let c = &r.config;
+        assert_eq!(c.chardevs.len(), 2);
+        assert_eq!(c.chardevs[0].path, "/run/vhost.sock");
+        assert_eq!(c.vhost_user.len(), 2);
+        assert_eq!(c.vhost_user[0].slot, Some(4));
+        assert_eq!(c.vhost_user[0].num_queues, Some(2));
+        assert_eq!(c.vhost_user[0].queue_size, 128);
+        assert_eq!(c.vhost_user[1].chardev, 1);
+        // Slots are shared with virtio-blk-pci: 1 for it, 2 for the second vhost-user device.
+        assert_eq!(c.devices[0].slot, Some(1));
+        assert_eq!(c.vhost_user[1].slot, Some(2));
+        assert_eq!(c.vhost_user_id(0), "vu0");
+        assert_eq!(c.vhost_user_id(1), "/machine/peripheral-anon/device[1]");
+        // No backend, no node for them.
+        assert_eq!(c.backends.len(), 1);
+        let sock = (Chardev, "socket,id=c0,path=/s");
+        assert!(err(&[sock, (Device, "vhost-user-blk-pci,id=x")]).contains("chardev"));
+        assert!(err(&[(Device, "vhost-user-blk-pci,chardev=nope")]).contains("'nope'"));
+        assert!(err(&[
+            sock,
+            (Device, "vhost-user-blk-pci,chardev=c0"),
+            (Device, "vhost-user-blk-pci,chardev=c0")
+        ])
+        .contains("in use"));
+        assert!(
+            err(&[sock, (Device, "vhost-user-blk-pci,chardev=c0,size=1")])
+                .contains("vhost-user-blk-pci.size")
+        );
+        assert!(err(&[(Chardev, "socket,id=c0,path=/s,server=on")]).contains("server=on"));
+        assert!(err(&[(Chardev, "socket,id=c0")]).contains("path="));
+        assert!(err(&[(Chardev, "pty,id=c0")]).contains("'pty'"));
+        assert!(err(&[(Chardev, "socket,path=/s")]).contains("no id"));
+        assert!(err(&[sock, sock]).contains("duplicate chardev"));
+        assert!(err(&[
+            sock,
+            (Chardev, "socket,id=c1,path=/t"),
+            (Device, "vhost-user-blk-pci,chardev=c0,addr=3"),
+            (Device, "vhost-user-blk-pci,chardev=c1,addr=3"),
+        ])
+        .contains("slot 3"));
     }
 
     #[test]

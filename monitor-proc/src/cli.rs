@@ -56,7 +56,11 @@ It accepts this subset of qemu-system-x86_64's command line:
                       block nodes, as QEMU spells them (JSON form too)
   -device virtio-blk-pci,drive=ID|NODE[,id=ID][,serial=S][,num-queues=N][,queue-size=N]
         [,addr=SLOT]  a virtio-blk disk, served by its own sandboxed bulkhead-blockd
-                      (the only device there is; PCI slots from 1 unless addr= is given)
+                      (PCI slots from 1 unless addr= is given)
+  -chardev socket,id=C,path=PATH
+  -device vhost-user-blk-pci,chardev=C[,id=ID][,num-queues=N][,queue-size=N][,addr=SLOT]
+                      a virtio-blk disk served by an outside vhost-user-blk server
+                      (e.g. qemu-storage-daemon) at PATH, connected at start-up
   -serial DEV         stdio | file:PATH | unix:PATH,server=on[,wait=off] | null | none
                       (default: stdio with -nographic, otherwise none)
   -qmp DEV            QMP server: unix:PATH,server=on[,wait=off] or
@@ -535,7 +539,6 @@ const UNSUPPORTED: &[&str] = &[
     "bios",
     "boot",
     "cdrom",
-    "chardev",
     "chroot",
     "compat",
     "cpu",
@@ -733,6 +736,9 @@ where
                 .items
                 .push((crate::nics::NetOpt::Netdev, value(&mut i)?)),
             "nic" => net.items.push((crate::nics::NetOpt::Nic, value(&mut i)?)),
+            "chardev" => block
+                .items
+                .push((crate::block::BlockOpt::Chardev, value(&mut i)?)),
             "enable-kvm" | "no-user-config" => {}
             "nodefaults" => nodefaults = true,
             "accel" => {
@@ -773,18 +779,8 @@ where
     cfg.block = crate::block::resolve(&block)?;
     cfg.net = crate::nics::resolve(
         &net,
-        &cfg.block
-            .config
-            .devices
-            .iter()
-            .filter_map(|d| d.slot)
-            .collect::<Vec<_>>(),
-        &cfg.block
-            .config
-            .devices
-            .iter()
-            .filter_map(|d| d.id.clone())
-            .collect::<Vec<_>>(),
+        &cfg.block.config.used_slots(),
+        &cfg.block.config.device_ids(),
     )?;
     validate(&mut cfg)?;
     Ok(Action::Run(Box::new(cfg)))
@@ -815,7 +811,7 @@ fn validate(cfg: &mut Config) -> Result<(), CliError> {
     }
     match cfg.machine {
         Machine::None => {
-            if !cfg.block.config.devices.is_empty() {
+            if !cfg.block.config.devices.is_empty() || !cfg.block.config.vhost_user.is_empty() {
                 return Err(CliError::Conflict(
                     "No 'PCI' bus found for device 'virtio-blk-pci' (machine 'none' has no \
                      devices; -drive if=none and -blockdev are fine)"
@@ -1703,17 +1699,17 @@ mod tests {
     fn unknown_and_unsupported_options() {
         assert_eq!(err(&["-foo"]).to_string(), "-foo: invalid option");
         assert_eq!(err(&["--foo"]).to_string(), "-foo: invalid option");
-        assert_eq!(
-            err(&["-chardev", "socket,id=x"]).to_string(),
-            "-chardev: option not supported by bulkhead"
-        );
+        assert!(err(&["-chardev", "pty,id=x"])
+            .to_string()
+            .contains("chardev backend 'pty' is not supported"));
         assert_eq!(
             err(&["-mon", "x"]).to_string(),
             "-mon: option not supported by bulkhead"
         );
         assert_eq!(
             err(&["-device", "x"]).to_string(),
-            "-device x: device 'x' is not supported by bulkhead (it has virtio-blk-pci)"
+            "-device x: device 'x' is not supported by bulkhead (it has virtio-blk-pci and \
+             vhost-user-blk-pci)"
         );
         assert_eq!(
             err(&["-M", "none", "-drive", "file=/d"]).to_string(),

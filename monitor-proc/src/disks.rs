@@ -17,6 +17,12 @@
 //! (status 0 after the front end hung up, the monitor asked, or the monitor went) is an
 //! unexpected death: logged with its status or the refused system call, `X_WORKER_EXITED`. The
 //! VM keeps running (the guest sees a disk that stops answering).
+//!
+//! A `vhost-user-blk-pci` has no blockd: its back end is an outside vhost-user-blk server. The
+//! monitor connects to the server's socket (its `-chardev socket,path=`) at start-up and hands
+//! the connected socket to vcpu-proc with the other devices. A later machine worker (after
+//! `system_reset` rebuilt a dead one) needs a fresh connection to the same path, which only an
+//! unconfined monitor (`--sandbox off`) can make: the confined one has no `socket`/`connect`.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -337,6 +343,16 @@ pub enum DisksError {
     /// A socketpair could not be made.
     #[error("socketpair for {0}: {1}")]
     Socket(String, std::io::Error),
+    /// A vhost-user back end's socket could not be connected.
+    #[error("Failed to connect to '{path}' (chardev '{chardev}'): {source}")]
+    Connect {
+        /// The chardev.
+        chardev: String,
+        /// Its path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// One opened protocol node.
@@ -504,6 +520,8 @@ pub struct Disks {
     /// Per device: its I/O limits and their group name (`block_set_io_throttle`).
     throttles: Vec<(ThrottleLimits, String)>,
     workers: Vec<Option<Blockd>>,
+    /// Per `vhost-user-blk-pci`: its connection, until a machine worker takes it.
+    vhost_user: Vec<Option<UnixStream>>,
     generation: u64,
     blockd_path: Option<PathBuf>,
     sandbox: SandboxConfig,
@@ -612,6 +630,7 @@ impl Disks {
             qcow2: Vec::new(),
             throttles: Vec::new(),
             workers: Vec::new(),
+            vhost_user: Vec::new(),
             generation: 0,
             blockd_path: None,
             sandbox: SandboxConfig::default(),
@@ -780,6 +799,11 @@ impl Disks {
             });
         }
         d.workers = cfg.devices.iter().map(|_| None).collect();
+        // vhost-user-blk-pci: connected now (QEMU's client chardevs connect when created).
+        for v in &cfg.vhost_user {
+            d.vhost_user
+                .push(Some(connect_chardev(&cfg.chardevs[v.chardev])?));
+        }
         // -drive throttling.*: the device starts with them (the group is the drive's name).
         d.throttles = cfg
             .devices
@@ -832,6 +856,39 @@ impl Disks {
         let mut out = Vec::new();
         for dev in 0..self.resolved.config.devices.len() {
             out.push(self.start_one(dev, mem_bytes, vcpus).await?);
+        }
+        let cfg = &self.resolved.config;
+        for (i, v) in cfg.vhost_user.iter().enumerate() {
+            // The start-up connection for the first machine worker, a new one for each later
+            // worker (the server serves one front end at a time and takes the next).
+            let sock = match self.vhost_user.get_mut(i).and_then(Option::take) {
+                Some(s) => s,
+                // A confined monitor makes no sockets (its seccomp allowlist has no `socket`
+                // or `connect`).
+                None if self.sandbox.mode != bulkhead_sandbox::Mode::Off => {
+                    let c = &cfg.chardevs[v.chardev];
+                    return Err(DisksError::Image {
+                        path: c.path.clone(),
+                        reason: format!(
+                            "the connection of chardev '{}' went to an earlier machine worker, \
+                             and a confined monitor cannot connect again (--sandbox off can)",
+                            c.id
+                        ),
+                    });
+                }
+                None => connect_chardev(&cfg.chardevs[v.chardev])?,
+            };
+            let num_queues = v
+                .num_queues
+                .unwrap_or_else(|| u16::try_from(vcpus).unwrap_or(u16::MAX).clamp(1, 16));
+            let device = VirtioDevice {
+                id: cfg.vhost_user_id(i),
+                kind: VirtioKind::Block,
+                slot: v.slot.unwrap_or(0),
+                num_queues,
+                queue_size: v.queue_size,
+            };
+            out.push((device, OwnedFd::from(sock)));
         }
         Ok(out)
     }
@@ -1236,7 +1293,12 @@ impl Disks {
                 if let Some(dev) = (0..cfg.devices.len()).find(|&x| cfg.qdev(x) == i) {
                     return Ok(Some(dev));
                 }
-                if cfg.devices.iter().any(|x| x.id.as_deref() == Some(i)) {
+                // A vhost-user-blk-pci (or its virtio backend) has no block backend in QEMU.
+                let vhost_user = (0..cfg.vhost_user.len()).any(|x| {
+                    let id = cfg.vhost_user_id(x);
+                    id == i || format!("/machine/peripheral/{id}/virtio-backend") == i
+                });
+                if vhost_user || cfg.devices.iter().any(|x| x.id.as_deref() == Some(i)) {
                     return Err(QmpError::generic(
                         "Device does not have a block device backend",
                     ));
@@ -1292,6 +1354,15 @@ impl Disks {
             node_name.unwrap_or("")
         ))
     }
+}
+
+/// Connects to a client chardev's unix socket (close-on-exec, as std makes every socket).
+fn connect_chardev(c: &crate::block::ChardevSpec) -> Result<UnixStream, DisksError> {
+    UnixStream::connect(&c.path).map_err(|source| DisksError::Connect {
+        chardev: c.id.clone(),
+        path: c.path.clone(),
+        source,
+    })
 }
 
 /// A file node is opened read-write unless it and every format node on it are read-only.

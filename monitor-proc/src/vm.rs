@@ -682,20 +682,8 @@ impl Vm {
                     guest: self.guest.is_some(),
                     ran: self.ran,
                     mem_bytes: self.guest.as_ref().map_or(0, |g| g.memory.size()),
-                    block_slots: self
-                        .disks
-                        .config()
-                        .devices
-                        .iter()
-                        .filter_map(|d| d.slot)
-                        .collect(),
-                    block_ids: self
-                        .disks
-                        .config()
-                        .devices
-                        .iter()
-                        .filter_map(|d| d.id.clone())
-                        .collect(),
+                    block_slots: self.disks.config().used_slots(),
+                    block_ids: self.disks.config().device_ids(),
                 };
                 let r = self.nics.handle(op, ctx).await;
                 let _ = reply.send(r);

@@ -3,7 +3,8 @@
 //! fake machine worker, which keeps each device's vhost-user socket and logs the devices it was
 //! given); the block queries answer in QEMU 7.2's shapes with blockd's counters; `block_resize`
 //! goes through blockd and tells the machine worker; a blockd that dies is reported and the VM
-//! keeps running.
+//! keeps running. A `vhost-user-blk-pci` on a `-chardev socket` gets the connection to an outside
+//! server (the host's `qemu-storage-daemon`) handed to the machine worker, and no blockd.
 //!
 //! Needs `bulkhead-blockd` built next to `bulkhead` (`cargo build -p bulkhead-blockd-proc`);
 //! the tests fail, naming it, when it is missing.
@@ -889,4 +890,84 @@ fn a_backing_chain_is_described_as_qemu_7_2_describes_it() {
         v
     };
     assert_eq!(strip(&theirs[1][0]), strip(&ours[1][0]));
+}
+
+/// Kills a child process when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `-chardev socket,path=` + `-device vhost-user-blk-pci` with the host's `qemu-storage-daemon`
+/// as the back end: the monitor connects at start-up and hands the socket to the machine worker
+/// as a block device (its id, slot, queues and QEMU's default queue size 128); no blockd runs;
+/// `query-block` lists nothing for it and `block_set_io_throttle` by its id says it has no block
+/// backend, as QEMU 7.2 answers. A socket nobody serves is refused at start.
+#[test]
+fn vhost_user_blk_pci_hands_an_outside_back_end_to_the_machine_worker() {
+    let s = Scratch::new("blk-vhost-user");
+    let img = image(&s, "qsd.raw", MIB);
+    let sock = s.s("qsd.sock");
+    let qsd = std::process::Command::new("qemu-storage-daemon")
+        .args([
+            "--blockdev",
+            &format!("driver=file,node-name=f,filename={img}"),
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"
+            ),
+        ])
+        .spawn()
+        .expect("qemu-storage-daemon (apt-get install qemu-system-common)");
+    let _qsd = KillOnDrop(qsd);
+    let deadline = Instant::now() + T;
+    while !s.path("qsd.sock").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon made no socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let chardev = format!("socket,id=vhost0,path={sock}");
+    let (mut m, mut q) = start(
+        &s,
+        &[
+            "-chardev",
+            &chardev,
+            "-device",
+            "vhost-user-blk-pci,chardev=vhost0,id=vub0,num-queues=2,addr=6",
+        ],
+    );
+    log_has(&s, "device vub0 Block slot 6 queues 2 size 128");
+    assert!(blockds(&mut q).is_empty());
+    assert_eq!(q.cmd("query-block"), json!({"return": []}));
+    let throttle = r#"{"execute":"block_set_io_throttle","arguments":{"id":"vub0","bps":0,"bps_rd":0,"bps_wr":0,"iops":0,"iops_rd":0,"iops_wr":0}}"#;
+    assert_eq!(
+        q.raw(throttle)["error"]["desc"],
+        "Device does not have a block device backend"
+    );
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success(), "{}", m.stderr());
+
+    // Nobody listening: refused at start, naming the chardev and the path.
+    let k = s.path("vmlinux");
+    std::fs::write(&k, b"kernel").expect("kernel");
+    let gone = format!("socket,id=c9,path={}", s.s("nobody.sock"));
+    let (st, stderr) = run_to_end(&[
+        "-kernel",
+        &s.s("vmlinux"),
+        "-chardev",
+        &gone,
+        "-device",
+        "vhost-user-blk-pci,chardev=c9",
+    ]);
+    assert_eq!(st.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Failed to connect to") && stderr.contains("chardev 'c9'"),
+        "{stderr}"
+    );
 }

@@ -1114,8 +1114,9 @@ pub fn host_qemu_overlay_name() -> Result<String> {
         anyhow!("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     })?;
     let md = fs::metadata(&qemu)?;
+    // "-qsd": the overlay also holds qemu-storage-daemon (older overlays did not).
     Ok(format!(
-        "host-qemu-overlay-{}-{}.cpio",
+        "host-qemu-overlay-qsd-{}-{}.cpio",
         md.size(),
         md.mtime()
     ))
@@ -1123,15 +1124,20 @@ pub fn host_qemu_overlay_name() -> Result<String> {
 
 /// Writes an overlay with the host's `qemu-system-x86_64` (and libraries and firmware) to `out`,
 /// so that tests can compare Bulkhead with QEMU/KVM inside L1 (QEMU appears as
-/// `/usr/bin/qemu-system-x86_64`, firmware under `/usr/share/qemu` and `/usr/share/seabios`).
+/// `/usr/bin/qemu-system-x86_64`, firmware under `/usr/share/qemu` and `/usr/share/seabios`),
+/// and with `qemu-storage-daemon` (`/usr/bin/qemu-storage-daemon`), a vhost-user-blk back end
+/// nobody here wrote.
 pub fn host_qemu_overlay(out: &Path) -> Result<()> {
     let qemu = which("qemu-system-x86_64").ok_or_else(|| {
         anyhow!("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     })?;
+    let qsd = which("qemu-storage-daemon").ok_or_else(|| {
+        anyhow!("qemu-storage-daemon is not installed (apt-get install qemu-system-common)")
+    })?;
     let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut cpio = CpioWriter::new(BufWriter::new(f));
     // At its host path: QEMU finds its firmware relative to the executable (../share/qemu).
-    add_executables(&mut cpio, "usr/bin", &[qemu])?;
+    add_executables(&mut cpio, "usr/bin", &[qemu, qsd])?;
     for dir in ["/usr/share/qemu", "/usr/share/seabios"] {
         let Ok(entries) = fs::read_dir(dir) else {
             continue;
