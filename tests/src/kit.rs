@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 7;
+const KIT_FORMAT: u32 = 8;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -96,6 +96,10 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///     prints `BULKHEAD-NET-MAC=<mac>` and `BULKHEAD-NET-CARRIER=<0|1>`, pings [`NET_PEER_ADDR`]
 ///     (`BULKHEAD-NET-PING-OK`), prints `BULKHEAD-NET-MD5=<md5 of http://peer:8080/blob>`, then
 ///     `BULKHEAD-NET-DONE` and `poweroff -f` (failures print `BULKHEAD-NET-FAIL <what>`).
+///   * `netloop`: as `net`, but after `BULKHEAD-NET-DONE` it fetches the blob again every second,
+///     forever, printing `BULKHEAD-NET-FETCH <n> OK <md5> carrier=<0|1>` or
+///     `BULKHEAD-NET-FETCH <n> FAIL carrier=<0|1>` (each fetch given at most 10 s), so a test can
+///     take the link down and up and watch.
 ///
 /// If `poweroff -f`/`reboot -f` returns, it prints `BULKHEAD-POWEROFF-RETURNED` /
 /// `BULKHEAD-REBOOT-RETURNED` and idles, so that a VMM that ignores the request is visible.
@@ -147,7 +151,7 @@ case "$mode" in
         echo BULKHEAD-BLK-DONE
         poweroff -f
         ;;
-    net)
+    net|netloop)
         for m in $(cat /etc/bulkhead/net-modules); do
             name=$(echo "${m%.ko}" | tr - _)
             grep -q "^$name " /proc/modules && continue
@@ -170,6 +174,18 @@ case "$mode" in
         timeout 60 wget -q -O /tmp/blob http://10.77.0.1:8080/blob || echo "BULKHEAD-NET-FAIL wget"
         echo "BULKHEAD-NET-MD5=$(md5sum < /tmp/blob | cut -d' ' -f1)"
         echo BULKHEAD-NET-DONE
+        n=0
+        while [ "$mode" = netloop ]; do
+            rm -f /tmp/b
+            c=$(cat /sys/class/net/eth0/carrier)
+            if timeout 10 wget -q -O /tmp/b http://10.77.0.1:8080/blob 2>/dev/null; then
+                echo "BULKHEAD-NET-FETCH $n OK $(md5sum < /tmp/b | cut -d' ' -f1) carrier=$c"
+            else
+                echo "BULKHEAD-NET-FETCH $n FAIL carrier=$c"
+            fi
+            n=$((n + 1))
+            sleep 1
+        done
         poweroff -f
         ;;
 esac
