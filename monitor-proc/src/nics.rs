@@ -640,6 +640,8 @@ fn dup(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
 
 /// A netdev with its open tap.
 struct Netdev {
+    /// Creation order among netdevs and NICs (QEMU's `net_clients` order).
+    seq: u64,
     id: String,
     tap: OwnedFd,
     /// `info network`'s text for it (QEMU's `info_str`).
@@ -832,7 +834,9 @@ impl Nics {
                 }
             };
             check_tap(tap.as_fd()).map_err(tap_err)?;
+            n.next_key += 1;
             n.netdevs.push(Netdev {
+                seq: n.next_key,
                 id: d.id.clone(),
                 tap,
                 info,
@@ -1130,10 +1134,7 @@ impl Nics {
 
     fn netdev_add(&mut self, n: NewNetdev) -> Result<(), QmpError> {
         if self.netdevs.iter().any(|d| d.id == n.id) {
-            return Err(QmpError::generic(format!(
-                "Duplicate ID '{}' for netdev",
-                n.id
-            )));
+            return Err(QmpError::generic(format!("Duplicate ID '{}'", n.id)));
         }
         let (tap, info) = match n.tap {
             Ok((fd, info)) => {
@@ -1163,7 +1164,9 @@ impl Nics {
             }
         };
         log::info!("netdev {} added ({info})", n.id);
+        self.next_key += 1;
         self.netdevs.push(Netdev {
+            seq: self.next_key,
             id: n.id,
             tap,
             info,
@@ -1173,10 +1176,8 @@ impl Nics {
     }
 
     async fn netdev_del(&mut self, id: &str, vcpu: &VcpuCtx<'_>) -> Result<(), QmpError> {
+        // As QEMU 7.2: a NIC's name is not found either.
         let Some(at) = self.netdevs.iter().position(|d| d.id == id) else {
-            if self.nics.iter().any(|n| n.name == id) {
-                return Err(QmpError::generic(format!("Device '{id}' is not a netdev")));
-            }
             return Err(not_found(id));
         };
         self.netdevs.remove(at);
@@ -1439,16 +1440,19 @@ impl Nics {
     /// HMP `info network`, as QEMU 7.2 prints it: each NIC with its netdev below, then every
     /// netdev without a NIC.
     pub fn info_network(&self) -> String {
-        let mut out = String::new();
+        // QEMU walks its clients in creation order: a NIC prints itself and its netdev, a
+        // netdev with a NIC is skipped (printed with it), one without is printed alone.
+        let mut entries: Vec<(u64, String)> = Vec::new();
         for n in &self.nics {
-            out.push_str(&format!(
+            let mut text = format!(
                 "{}: index=0,type=nic,model=virtio-net-pci,macaddr={}\n",
                 n.name,
                 mac_string(&n.mac)
-            ));
+            );
             if let Some(d) = n.netdev.as_deref().and_then(|d| self.netdev(d)) {
-                out.push_str(&format!(" \\ {}: index=0,type=tap,{}\n", d.id, d.info));
+                text.push_str(&format!(" \\ {}: index=0,type=tap,{}\n", d.id, d.info));
             }
+            entries.push((n.key, text));
         }
         for d in &self.netdevs {
             if !self
@@ -1456,17 +1460,19 @@ impl Nics {
                 .iter()
                 .any(|n| n.netdev.as_deref() == Some(d.id.as_str()))
             {
-                out.push_str(&format!("{}: index=0,type=tap,{}\n", d.id, d.info));
+                entries.push((d.seq, format!("{}: index=0,type=tap,{}\n", d.id, d.info)));
             }
         }
-        out
+        entries.sort_by_key(|(seq, _)| *seq);
+        entries.into_iter().map(|(_, t)| t).collect()
     }
 }
 
 /// QEMU's `RxFilterInfo` for a virtio-net device whose guest cannot change its filter (no
-/// control virtqueue): promiscuous, every unicast, multicast and VLAN frame, no tables.
-/// `broadcast-allowed` is QEMU's `nobcast` (false: QEMU reports the flag inverted, and a
-/// client comparing with QEMU sees the same value).
+/// control virtqueue): promiscuous, every unicast, multicast and VLAN frame, no MAC tables.
+/// As QEMU 7.2 for a device without `VIRTIO_NET_F_CTRL_VLAN`, the VLAN table lists every VLAN
+/// id (all pass), from 4095 down to 0; `broadcast-allowed` is QEMU's `nobcast` flag (false:
+/// QEMU reports it inverted, and a client comparing with QEMU sees the same value).
 fn rx_filter(name: &str, mac: &[u8; 6]) -> Value {
     crate::qmp::qdict::object([
         ("name", json!(name)),
@@ -1478,7 +1484,7 @@ fn rx_filter(name: &str, mac: &[u8; 6]) -> Value {
         ("multicast-overflow", json!(false)),
         ("unicast-overflow", json!(false)),
         ("main-mac", json!(mac_string(mac))),
-        ("vlan-table", json!([])),
+        ("vlan-table", json!((0..4096u32).rev().collect::<Vec<_>>())),
         ("unicast-table", json!([])),
         ("multicast-table", json!([])),
     ])
@@ -1654,7 +1660,29 @@ mod tests {
             .keys()
             .map(String::as_str)
             .collect();
-        assert_eq!(keys.len(), 12);
+        // As QEMU 7.2 sends it (Debian's, -M q35 -S with a tap and a virtio-net-pci).
+        assert_eq!(
+            keys,
+            [
+                "promiscuous",
+                "name",
+                "main-mac",
+                "unicast",
+                "vlan",
+                "vlan-table",
+                "unicast-table",
+                "multicast",
+                "multicast-overflow",
+                "unicast-overflow",
+                "multicast-table",
+                "broadcast-allowed"
+            ]
+        );
         assert_eq!(v["main-mac"], "52:54:00:12:34:56");
+        let vlans = v["vlan-table"].as_array().expect("vlans");
+        assert_eq!(
+            (vlans.len(), &vlans[0], &vlans[4095]),
+            (4096, &json!(4095), &json!(0))
+        );
     }
 }

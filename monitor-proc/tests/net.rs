@@ -199,7 +199,8 @@ fn nics_get_a_sandboxed_netd_each_and_the_queries_describe_them() {
         list[0],
         json!({"name": "nic0", "promiscuous": true, "multicast": "normal", "unicast": "normal",
                "vlan": "all", "broadcast-allowed": false, "multicast-overflow": false,
-               "unicast-overflow": false, "main-mac": "52:54:00:aa:bb:01", "vlan-table": [],
+               "unicast-overflow": false, "main-mac": "52:54:00:aa:bb:01",
+               "vlan-table": (0..4096).rev().collect::<Vec<u32>>(),
                "unicast-table": [], "multicast-table": []})
     );
     let r = exec(
@@ -294,7 +295,7 @@ fn netdev_add_takes_a_getfd_tap_and_devices_plug_only_before_the_guest_runs() {
             "netdev_add",
             json!({"type": "tap", "id": "n0", "fd": "tap1"})
         ),
-        "Duplicate ID 'n0' for netdev"
+        "Duplicate ID 'n0'"
     );
     assert_eq!(
         e(
@@ -383,5 +384,88 @@ fn netdev_add_takes_a_getfd_tap_and_devices_plug_only_before_the_guest_runs() {
         "nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n"
     );
     assert_eq!(q.cmd("quit"), ok);
+    assert!(m.wait(T).success(), "{}", m.stderr());
+}
+
+/// Sends `input` and returns the reply line as sent (events skipped).
+fn reply_line(q: &mut Qmp, input: &str) -> String {
+    q.send_raw(&format!("{input}\n"));
+    loop {
+        let line = q.read_line().expect("reply");
+        if !line.contains("\"event\"") {
+            return line.trim_end().to_string();
+        }
+    }
+}
+
+/// Debian's QEMU 7.2 (`-M q35 -S`, a tap by fd, a virtio-net-pci) and Bulkhead with the same
+/// network answer the network queries and their errors with the same bytes.
+#[test]
+fn network_answers_match_qemu_7_2_byte_for_byte() {
+    let s = Scratch::new("net-qemu");
+    let a = tap(&format!("bhnc{}", std::process::id() % 100_000));
+    let b = tap(&format!("bhnd{}", std::process::id() % 100_000));
+    let net = [
+        "-netdev",
+        "tap,id=n0,fd=10",
+        "-device",
+        "virtio-net-pci,netdev=n0,id=nic0",
+        "-netdev",
+        "tap,id=n1,fd=11",
+    ];
+    let (mut m, mut ours) = start(&s, &net, &[(a.as_raw_fd(), 10), (b.as_raw_fd(), 11)]);
+    let qsock = s.s("qemu.sock");
+    let mut cmd = std::process::Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "q35", "-S", "-display", "none", "-nodefaults", "-qmp"])
+        .arg(format!("unix:{qsock},server=on,wait=off"))
+        .args(net)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fa, 10) < 0 || libc::dup2(fb, 11) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut qemu_child = cmd.spawn().unwrap_or_else(|e| {
+        panic!("qemu-system-x86_64 is required (Debian's qemu-system-x86): {e}")
+    });
+    wait_for_socket(&qsock, T);
+    let mut qemu = Qmp::unix(&qsock);
+    qemu.negotiate();
+    drop((a, b));
+    let steps = [
+        r#"{"execute": "query-rx-filter"}"#,
+        r#"{"execute": "query-rx-filter", "arguments": {"name": "nic0"}}"#,
+        r#"{"execute": "query-rx-filter", "arguments": {"name": "n0"}}"#,
+        r#"{"execute": "query-rx-filter", "arguments": {"name": "zz"}}"#,
+        r#"{"execute": "human-monitor-command", "arguments": {"command-line": "info network"}}"#,
+        r#"{"execute": "set_link", "arguments": {"name": "nope", "up": false}}"#,
+        r#"{"execute": "set_link", "arguments": {"name": "nic0", "up": false}}"#,
+        r#"{"execute": "set_link", "arguments": {"name": "n1", "up": false}}"#,
+        r#"{"execute": "netdev_del", "arguments": {"id": "nic0"}}"#,
+        r#"{"execute": "netdev_del", "arguments": {"id": "n1"}}"#,
+        r#"{"execute": "netdev_del", "arguments": {"id": "n1"}}"#,
+        r#"{"execute": "netdev_add", "arguments": {"type": "tap", "id": "n2", "fd": "nosuch"}}"#,
+        r#"{"execute": "human-monitor-command", "arguments": {"command-line": "info network"}}"#,
+    ];
+    let mut diffs = Vec::new();
+    for input in steps {
+        let (want, got) = (reply_line(&mut qemu, input), reply_line(&mut ours, input));
+        if want != got {
+            diffs.push(format!("{input}\n  QEMU:     {want}\n  Bulkhead: {got}"));
+        }
+    }
+    let _ = qemu_child.kill();
+    let _ = qemu_child.wait();
+    assert!(diffs.is_empty(), "differences:\n{}", diffs.join("\n"));
+    assert_eq!(ours.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success(), "{}", m.stderr());
 }
