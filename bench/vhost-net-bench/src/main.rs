@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! vhost-net-bench --netd PATH [--rounds N] [--duration SECS] [--warmup SECS]
-//!                 [--sandbox on|off|allow-weak] [--out FILE.json]
+//!                 [--sandbox on|off|allow-weak] [--out FILE.json] [--only KEY,...]
 //! ```
 //!
 //! It makes a network namespace with one tap (`host`), joins it, and per round and workload
@@ -61,6 +61,8 @@ enum Dir {
 
 #[derive(Debug, Clone, Copy)]
 struct Workload {
+    /// Short name for `--only`.
+    key: &'static str,
     name: &'static str,
     dir: Dir,
     /// Ethernet frame length.
@@ -70,30 +72,35 @@ struct Workload {
 
 const WORKLOADS: [Workload; 5] = [
     Workload {
+        key: "tx64",
         name: "64 B frames",
         dir: Dir::GuestToTap,
         frame: 64,
         tso: false,
     },
     Workload {
+        key: "tx1514",
         name: "1514 B frames",
         dir: Dir::GuestToTap,
         frame: 1514,
         tso: false,
     },
     Workload {
+        key: "tso",
         name: "64 KiB TSO frames",
         dir: Dir::GuestToTap,
         frame: 14 + 20 + 20 + TSO_PAYLOAD,
         tso: true,
     },
     Workload {
+        key: "rx64",
         name: "64 B frames",
         dir: Dir::TapToGuest,
         frame: 64,
         tso: false,
     },
     Workload {
+        key: "rx1514",
         name: "1514 B frames",
         dir: Dir::TapToGuest,
         frame: 1514,
@@ -108,10 +115,13 @@ struct Options {
     warmup: Duration,
     sandbox: String,
     out: Option<PathBuf>,
+    /// Workload keys to run (all when empty).
+    only: Vec<String>,
 }
 
 const USAGE: &str = "usage: vhost-net-bench --netd PATH [--rounds N (3)] [--duration SECS (3)] \
-[--warmup SECS (0.5)] [--sandbox on|off|allow-weak (on)] [--out FILE.json]";
+[--warmup SECS (0.5)] [--sandbox on|off|allow-weak (on)] [--out FILE.json] \
+[--only tx64,tx1514,tso,rx64,rx1514]";
 
 impl Options {
     fn parse() -> Result<Options> {
@@ -122,6 +132,7 @@ impl Options {
             warmup: Duration::from_millis(500),
             sandbox: "on".into(),
             out: None,
+            only: Vec::new(),
         };
         let mut it = std::env::args().skip(1);
         let secs = |v: String| -> Result<Duration> {
@@ -140,6 +151,7 @@ impl Options {
                 "--warmup" => o.warmup = secs(val()?)?,
                 "--sandbox" => o.sandbox = val()?,
                 "--out" => o.out = Some(val()?.into()),
+                "--only" => o.only = val()?.split(',').map(str::to_owned).collect(),
                 "-h" | "--help" => {
                     println!("{USAGE}");
                     std::process::exit(0)
@@ -149,6 +161,13 @@ impl Options {
         }
         if o.netd.as_os_str().is_empty() || o.rounds == 0 {
             bail!("{USAGE}");
+        }
+        if let Some(k) = o
+            .only
+            .iter()
+            .find(|k| !WORKLOADS.iter().any(|w| w.key == *k))
+        {
+            bail!("--only: no workload {k}\n{USAGE}");
         }
         Ok(o)
     }
@@ -638,6 +657,9 @@ fn run() -> Result<()> {
     let mut results: Vec<[Vec<Sample>; 2]> = WORKLOADS.iter().map(|_| [vec![], vec![]]).collect();
     for round in 0..o.rounds {
         for (i, w) in WORKLOADS.iter().enumerate() {
+            if !o.only.is_empty() && !o.only.iter().any(|k| k == w.key) {
+                continue;
+            }
             // Alternate which goes first.
             let order = if round % 2 == 0 { [1, 0] } else { [0, 1] };
             for m in order {
@@ -677,6 +699,9 @@ fn run() -> Result<()> {
     let mut json_rows = Vec::new();
     for (i, w) in WORKLOADS.iter().enumerate() {
         let [netd, raw] = &results[i];
+        if netd.is_empty() {
+            continue;
+        }
         let small = w.frame <= 64;
         let fig = |v: &[Sample]| {
             if small {
