@@ -80,6 +80,9 @@ pub struct NodeSpec {
     pub direct: Option<bool>,
     /// `cache.no-flush`.
     pub no_flush: bool,
+    /// Created by `-blockdev` or `blockdev-add` under its own name (QEMU's "monitor-owned":
+    /// what `blockdev-del` may delete); not a `-drive`'s nodes or an inline child.
+    pub owned: bool,
 }
 
 /// A backend: `-drive id=`, or anonymous for a device naming a node.
@@ -278,15 +281,23 @@ struct Builder {
     drive_index: u32,
     /// Format nodes whose format is probed at open.
     probe: Vec<String>,
+    /// Node names used outside the configuration (backing files' nodes).
+    taken: BTreeSet<String>,
 }
 
 impl Builder {
     fn auto_name(&mut self) -> String {
         // QEMU's generated names look like `#block123`; Bulkhead counts instead of drawing
-        // random numbers, so the names are stable.
-        let n = self.auto;
-        self.auto += 1;
-        format!("#block{:03}", (n * 2 + 1) % 1000)
+        // random numbers, so the names are stable. Names in use (nodes added later by
+        // blockdev-add, backing files) are skipped.
+        loop {
+            let n = self.auto;
+            self.auto += 1;
+            let name = format!("#block{:03}", (n * 2 + 1) % 1000 + (n / 500) * 1000);
+            if !self.node_exists(&name) && !self.taken.contains(&name) {
+                return name;
+            }
+        }
     }
 
     fn node_exists(&self, name: &str) -> bool {
@@ -442,6 +453,7 @@ impl Builder {
                 read_only,
                 direct: Some(direct),
                 no_flush: false,
+                owned: false,
             },
         )?;
         self.add_node(
@@ -456,6 +468,7 @@ impl Builder {
                 read_only,
                 direct: Some(direct),
                 no_flush: false,
+                owned: false,
             },
         )?;
         if format.is_none() {
@@ -556,6 +569,7 @@ impl Builder {
                         read_only,
                         direct,
                         no_flush,
+                        owned: true,
                     },
                 )
             }
@@ -615,6 +629,7 @@ impl Builder {
                         read_only,
                         direct,
                         no_flush,
+                        owned: true,
                     },
                 )
             }
@@ -684,6 +699,7 @@ impl Builder {
                 read_only: child_ro.unwrap_or(read_only),
                 direct,
                 no_flush: false,
+                owned: false,
             },
         )?;
         Ok(name)
@@ -1067,6 +1083,7 @@ pub fn resolve(args: &BlockArgs) -> Result<Resolved, CliError> {
         auto: 0,
         drive_index: 0,
         probe: Vec::new(),
+        taken: BTreeSet::new(),
     };
     // QEMU creates -blockdev nodes, then -drive, then -device.
     for kind in [
@@ -1090,6 +1107,105 @@ pub fn resolve(args: &BlockArgs) -> Result<Resolved, CliError> {
     let mut cfg = b.cfg;
     assign_slots(&mut cfg)?;
     Ok(Resolved { config: cfg, probe })
+}
+
+/// The text of a refusal without the command-line option it names (for QMP).
+fn qmp_text(e: CliError) -> String {
+    match e {
+        CliError::BadValue { reason, .. } => reason,
+        other => other.to_string(),
+    }
+}
+
+/// `blockdev-add`: QEMU's `BlockdevOptions` (`driver` file, raw or qcow2; a format node's
+/// `file` a node name or an inline `file` object) added to `cfg` as `-blockdev` takes them.
+/// `taken`: node names in use outside `cfg` (backing files). Errors are QEMU-style texts.
+pub fn add_blockdev(
+    cfg: &mut BlockConfig,
+    args: &serde_json::Value,
+    taken: &[String],
+) -> Result<(), String> {
+    let mut b = Builder {
+        cfg: cfg.clone(),
+        auto: 0,
+        drive_index: 0,
+        probe: Vec::new(),
+        taken: taken.iter().cloned().collect(),
+    };
+    if args.get("node-name").is_none() {
+        return Err("A block device must be given a name (node-name) with blockdev-add".into());
+    }
+    b.blockdev(&args.to_string()).map_err(qmp_text)?;
+    *cfg = b.cfg;
+    Ok(())
+}
+
+/// `device_add` of a `virtio-blk-pci`: `pairs` as QMP gave them (driver included); `other_slots`
+/// and `other_ids`: what the other devices (NICs) use. Returns the new device's index.
+pub fn add_device(
+    cfg: &mut BlockConfig,
+    pairs: &[(String, String)],
+    other_slots: &[u8],
+    other_ids: &[String],
+) -> Result<usize, String> {
+    let mut whole = String::new();
+    for (k, v) in pairs {
+        if !whole.is_empty() {
+            whole.push(',');
+        }
+        whole.push_str(&format!("{k}={}", v.replace(',', ",,")));
+    }
+    if let Some((_, id)) = pairs.iter().find(|(k, _)| k == "id") {
+        if other_ids.contains(id) {
+            return Err(format!("Duplicate device ID '{id}' for device"));
+        }
+    }
+    let mut b = Builder {
+        cfg: cfg.clone(),
+        auto: 0,
+        drive_index: 0,
+        probe: Vec::new(),
+        taken: BTreeSet::new(),
+    };
+    b.device(&whole).map_err(qmp_text)?;
+    let mut new = b.cfg;
+    let dev = new.devices.len() - 1;
+    let mut used: BTreeSet<u8> = cfg.used_slots().into_iter().collect();
+    used.extend(other_slots.iter().copied());
+    match new.devices[dev].slot {
+        Some(s) if used.contains(&s) => {
+            return Err(format!(
+                "PCI: slot {s} function 0 not available for virtio-blk-pci, in use by another \
+                 device"
+            ))
+        }
+        Some(_) => {}
+        None => {
+            let free = SLOTS
+                .clone()
+                .find(|s| !used.contains(s))
+                .ok_or("PCI: no slot available for virtio-blk-pci")?;
+            new.devices[dev].slot = Some(free);
+        }
+    }
+    *cfg = new;
+    Ok(dev)
+}
+
+/// Removes device `dev` (`device_del`) and the anonymous backend it had, as QEMU drops a
+/// device's implicit BlockBackend with it.
+pub fn remove_device(cfg: &mut BlockConfig, dev: usize) {
+    let d = cfg.devices.remove(dev);
+    let b = d.backend;
+    let anonymous = cfg.backends.get(b).is_some_and(|x| x.name.is_empty());
+    if anonymous && !cfg.devices.iter().any(|x| x.backend == b) {
+        cfg.backends.remove(b);
+        for x in &mut cfg.devices {
+            if x.backend > b {
+                x.backend -= 1;
+            }
+        }
+    }
 }
 
 /// Gives every device without `addr=` the first free slot from 1; two devices on one slot are

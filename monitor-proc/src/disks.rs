@@ -484,8 +484,11 @@ impl ThrottleArgs {
 /// How a blockd ended, as its supervisor reports it.
 #[derive(Debug)]
 pub struct BlockdExit {
-    /// The device (index into [`BlockConfig::devices`]).
+    /// The device (index into [`BlockConfig::devices`] when it started; `device_del` may have
+    /// moved it since).
     pub device: usize,
+    /// The device's id when it started.
+    pub id: String,
     /// Which start of the machine it belonged to.
     pub generation: u64,
     /// Its pid.
@@ -520,6 +523,8 @@ pub struct Disks {
     /// Per device: its I/O limits and their group name (`block_set_io_throttle`).
     throttles: Vec<(ThrottleLimits, String)>,
     workers: Vec<Option<Blockd>>,
+    /// The fd sets, for images `blockdev-add` opens.
+    fdsets: Option<Arc<FdSets>>,
     /// Per `vhost-user-blk-pci`: its connection, until a machine worker takes it.
     vhost_user: Vec<Option<UnixStream>>,
     generation: u64,
@@ -631,6 +636,7 @@ impl Disks {
             throttles: Vec::new(),
             workers: Vec::new(),
             vhost_user: Vec::new(),
+            fdsets: None,
             generation: 0,
             blockd_path: None,
             sandbox: SandboxConfig::default(),
@@ -651,8 +657,40 @@ impl Disks {
         d.resolved = resolved.clone();
         d.blockd_path = blockd_path;
         d.sandbox = sandbox;
+        d.fdsets = Some(fdsets.clone());
+        d.open_nodes(0, fdsets)?;
         let cfg = &resolved.config;
-        for n in &cfg.nodes {
+        if !cfg.devices.is_empty() && d.blockd_path.is_none() {
+            return Err(DisksError::Image {
+                path: String::new(),
+                reason: "no bulkhead-blockd to serve the disks".into(),
+            });
+        }
+        d.workers = cfg.devices.iter().map(|_| None).collect();
+        // vhost-user-blk-pci: connected now (QEMU's client chardevs connect when created).
+        for v in &cfg.vhost_user {
+            d.vhost_user
+                .push(Some(connect_chardev(&cfg.chardevs[v.chardev])?));
+        }
+        // -drive throttling.*: the device starts with them (the group is the drive's name).
+        d.throttles = cfg
+            .devices
+            .iter()
+            .map(|dev| {
+                let b = &cfg.backends[dev.backend];
+                (b.throttle, b.name.clone())
+            })
+            .collect();
+        Ok(d)
+    }
+
+    /// Opens nodes `from..` of the configuration (all at start-up, the new ones after
+    /// `blockdev-add`): images, formats, sizes, backing chains and their node names.
+    fn open_nodes(&mut self, from: usize, fdsets: &Arc<FdSets>) -> Result<(), DisksError> {
+        let resolved = self.resolved.clone();
+        let cfg = &resolved.config;
+        let d = self;
+        for n in &cfg.nodes[from..] {
             if n.driver != Driver::File {
                 d.images.push(None);
                 continue;
@@ -670,7 +708,7 @@ impl Disks {
                 .push(Some(open_image(fdsets, &path, read_only, direct)?));
         }
         // Formats (probed where not given) and virtual sizes.
-        for (i, n) in cfg.nodes.iter().enumerate() {
+        for (i, n) in cfg.nodes.iter().enumerate().skip(from) {
             let mut chain_here = Vec::new();
             let mut details_here = None;
             let (driver, size) = match n.driver {
@@ -775,6 +813,7 @@ impl Disks {
         // by the configured ones.
         let mut taken: std::collections::BTreeSet<String> =
             cfg.nodes.iter().map(|n| n.name.clone()).collect();
+        taken.extend(d.chain_names());
         let mut counter = 0u32;
         let mut fresh = || loop {
             let name = format!(
@@ -786,34 +825,13 @@ impl Disks {
                 return name;
             }
         };
-        for chain in &mut d.chains {
+        for chain in &mut d.chains[from..] {
             for b in chain.iter_mut() {
                 let f = fresh();
                 b.nodes = (f, fresh());
             }
         }
-        if !cfg.devices.is_empty() && d.blockd_path.is_none() {
-            return Err(DisksError::Image {
-                path: String::new(),
-                reason: "no bulkhead-blockd to serve the disks".into(),
-            });
-        }
-        d.workers = cfg.devices.iter().map(|_| None).collect();
-        // vhost-user-blk-pci: connected now (QEMU's client chardevs connect when created).
-        for v in &cfg.vhost_user {
-            d.vhost_user
-                .push(Some(connect_chardev(&cfg.chardevs[v.chardev])?));
-        }
-        // -drive throttling.*: the device starts with them (the group is the drive's name).
-        d.throttles = cfg
-            .devices
-            .iter()
-            .map(|dev| {
-                let b = &cfg.backends[dev.backend];
-                (b.throttle, b.name.clone())
-            })
-            .collect();
-        Ok(d)
+        Ok(())
     }
 
     /// The resolved configuration.
@@ -1023,7 +1041,14 @@ impl Disks {
         let (kill_tx, kill_rx) = oneshot::channel();
         let exits = self.exits_tx.clone();
         let generation = self.generation;
-        tokio::spawn(supervise(child, kill_rx, exits, dev, generation, pid));
+        tokio::spawn(supervise(
+            child,
+            kill_rx,
+            exits,
+            (dev, id.clone()),
+            generation,
+            pid,
+        ));
         self.workers[dev] = Some(Blockd {
             rpc,
             pid,
@@ -1067,14 +1092,15 @@ impl Disks {
         if e.generation != self.generation {
             return false;
         }
+        // By pid: device_del may have moved the device since its blockd started.
         let current = self
             .workers
-            .get(e.device)
-            .and_then(Option::as_ref)
-            .is_some_and(|w| w.pid == e.pid);
-        if current {
-            self.workers[e.device] = None;
+            .iter()
+            .position(|w| w.as_ref().is_some_and(|w| w.pid == e.pid));
+        if let Some(i) = current {
+            self.workers[i] = None;
         }
+        let current = current.is_some();
         current && !e.status.is_some_and(|s| s.success())
     }
 
@@ -1171,6 +1197,7 @@ impl Disks {
                     read_only: true,
                     direct: Some(direct),
                     no_flush: false,
+                    owned: false,
                 };
                 let base = NodeView {
                     spec: spec(&b.nodes.0, Driver::File, None),
@@ -1356,6 +1383,308 @@ impl Disks {
     }
 }
 
+/// A block operation QMP asks the VM actor for (it owns the disks and the machine worker).
+#[derive(Debug)]
+pub enum BlockOp {
+    /// `blockdev-add` (its arguments).
+    BlockdevAdd(serde_json::Value),
+    /// `blockdev-del` / `x-blockdev-del` (the node name).
+    BlockdevDel(String),
+    /// `device_add` of a `virtio-blk-pci` (its properties as `key=value`, driver included).
+    DeviceAdd(Vec<(String, String)>),
+    /// `device_del` (the id); answers [`BlockAnswer::NotMine`] for an id no block device has.
+    DeviceDel(String),
+}
+
+impl BlockOp {
+    /// The `id` a `device_add` gives.
+    pub fn new_device_id(&self) -> Option<&str> {
+        match self {
+            BlockOp::DeviceAdd(p) => p.iter().find(|(k, _)| k == "id").map(|(_, v)| v.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// How a [`BlockOp`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockAnswer {
+    /// Done.
+    Done,
+    /// `device_del` of an id that is not a block device (the NICs may have it).
+    NotMine,
+}
+
+/// What a [`BlockOp`] needs of the machine.
+pub struct MachineCtx<'a> {
+    /// The machine worker, if one runs.
+    pub rpc: Option<&'a RpcClient<bulkhead_ipc::messages::VcpuProtocol>>,
+    /// There is a guest (not `-M none`).
+    pub guest: bool,
+    /// The guest has run (devices can no longer be plugged: no PCI hot-plug yet).
+    pub ran: bool,
+    /// Guest RAM size.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// PCI slots the NICs use.
+    pub nic_slots: Vec<u8>,
+    /// The new device's id is a NIC's.
+    pub id_is_nic: bool,
+    /// Where `DEVICE_DELETED` goes.
+    pub bus: &'a crate::qmp::events::EventBus,
+}
+
+fn hotplug_refused(what: &str) -> QmpError {
+    QmpError::generic(format!(
+        "{what}: bulkhead has no PCI hot-plug yet: virtio-blk-pci devices can be added and \
+         removed only before the guest first runs (-S, before the first 'cont')"
+    ))
+}
+
+/// QEMU's text for an image it could not open: `Could not open 'PATH': <strerror>`.
+fn open_error(e: &DisksError) -> String {
+    match e {
+        DisksError::Open { path, source } => {
+            let text = source.to_string();
+            let text = match text.find(" (os error") {
+                Some(i) => text[..i].to_string(),
+                None => text,
+            };
+            format!("Could not open '{path}': {text}")
+        }
+        other => other.to_string(),
+    }
+}
+
+use crate::qmp::protocol::QmpError;
+use bulkhead_ipc::messages::{VcpuReply, VcpuRequest};
+
+impl Disks {
+    /// The backing files' node names.
+    fn chain_names(&self) -> Vec<String> {
+        self.chains
+            .iter()
+            .flatten()
+            .flat_map(|b| [b.nodes.0.clone(), b.nodes.1.clone()])
+            .collect()
+    }
+
+    /// Runs a QMP block operation.
+    pub async fn handle(
+        &mut self,
+        op: BlockOp,
+        m: MachineCtx<'_>,
+    ) -> Result<BlockAnswer, QmpError> {
+        match op {
+            BlockOp::BlockdevAdd(args) => self.blockdev_add(&args).map_err(QmpError::generic)?,
+            BlockOp::BlockdevDel(name) => self.blockdev_del(&name).map_err(QmpError::generic)?,
+            BlockOp::DeviceAdd(pairs) => self.device_add(&pairs, &m).await?,
+            BlockOp::DeviceDel(id) => return self.device_del(&id, &m).await,
+        }
+        Ok(BlockAnswer::Done)
+    }
+
+    /// `blockdev-add`: the node(s) join the graph and their image is opened now, by the
+    /// monitor (a path, which a confined monitor may no longer open, or `/dev/fdset/N`).
+    fn blockdev_add(&mut self, args: &serde_json::Value) -> Result<(), String> {
+        let from = self.resolved.config.nodes.len();
+        let mut cfg = self.resolved.config.clone();
+        crate::block::add_blockdev(&mut cfg, args, &self.chain_names())?;
+        let fdsets = self.fdsets.clone().ok_or("bulkhead has no fd sets here")?;
+        let old = std::mem::replace(&mut self.resolved.config, cfg);
+        if let Err(e) = self.open_nodes(from, &fdsets) {
+            self.resolved.config = old;
+            self.images.truncate(from);
+            self.formats.truncate(from);
+            self.sizes.truncate(from);
+            self.chains.truncate(from);
+            self.qcow2.truncate(from);
+            return Err(open_error(&e));
+        }
+        log::info!(
+            "blockdev-add: node {}",
+            self.resolved.config.nodes[from..]
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(())
+    }
+
+    /// `blockdev-del`: a node `-blockdev` or `blockdev-add` made, used by nothing, goes (with
+    /// its inline `file` child), and its image is closed.
+    fn blockdev_del(&mut self, name: &str) -> Result<(), String> {
+        let cfg = &self.resolved.config;
+        let Some(i) = self.node_index(name) else {
+            return Err(format!("Failed to find node with node-name='{name}'"));
+        };
+        if cfg.backends.iter().any(|b| b.node == name) {
+            return Err(format!("Node {name} is in use"));
+        }
+        if let Some(p) = cfg.nodes.iter().find(|p| p.file.as_deref() == Some(name)) {
+            return Err(format!(
+                "Node '{name}' is busy: node is used as the 'file' child of '{}'",
+                p.name
+            ));
+        }
+        if !cfg.nodes[i].owned {
+            return Err(format!("Node {name} is not owned by the monitor"));
+        }
+        let mut gone = vec![i];
+        if let Some(child) = cfg.nodes[i].file.as_deref() {
+            if let Some(c) = self.node_index(child) {
+                if !cfg.nodes[c].owned {
+                    gone.push(c);
+                }
+            }
+        }
+        gone.sort_unstable();
+        for &g in gone.iter().rev() {
+            self.resolved.config.nodes.remove(g);
+            self.images.remove(g);
+            self.formats.remove(g);
+            self.sizes.remove(g);
+            self.chains.remove(g);
+            self.qcow2.remove(g);
+        }
+        log::info!("blockdev-del: node {name}");
+        Ok(())
+    }
+
+    /// `device_add` of a `virtio-blk-pci` before the guest first runs: its blockd starts and
+    /// the machine worker plugs it (`AddDevice` with the front end's socket).
+    async fn device_add(
+        &mut self,
+        pairs: &[(String, String)],
+        m: &MachineCtx<'_>,
+    ) -> Result<(), QmpError> {
+        if !m.guest {
+            return Err(QmpError::generic(
+                "No 'PCI' bus found for device 'virtio-blk-pci'",
+            ));
+        }
+        if m.ran {
+            return Err(hotplug_refused("device_add"));
+        }
+        let mut cfg = self.resolved.config.clone();
+        let ids: Vec<String> = if m.id_is_nic {
+            pairs
+                .iter()
+                .filter(|(k, _)| k == "id")
+                .map(|(_, v)| v.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let dev = crate::block::add_device(&mut cfg, pairs, &m.nic_slots, &ids)
+            .map_err(QmpError::generic)?;
+        if self.blockd_path.is_none() {
+            return Err(QmpError::generic(
+                "no bulkhead-blockd to serve the disk (none was found at start-up)",
+            ));
+        }
+        let old = std::mem::replace(&mut self.resolved.config, cfg);
+        let b = &self.resolved.config.backends[self.resolved.config.devices[dev].backend];
+        self.throttles.push((b.throttle, b.name.clone()));
+        self.workers.push(None);
+        let rollback = |d: &mut Disks| {
+            d.resolved.config = old;
+            d.throttles.pop();
+            d.workers.pop();
+        };
+        let Some(rpc) = m.rpc else {
+            // No machine worker now: the device is plugged when the next one starts.
+            return Ok(());
+        };
+        let (desc, sock) = match self.start_one(dev, m.mem_bytes, m.vcpus).await {
+            Ok(v) => v,
+            Err(e) => {
+                rollback(self);
+                return Err(QmpError::generic(e.to_string()));
+            }
+        };
+        let r = tokio::time::timeout(
+            CALL_TIMEOUT,
+            rpc.call(VcpuRequest::AddDevice(desc.clone()), &[sock.as_fd()]),
+        )
+        .await;
+        let err = match r {
+            Ok(Ok((VcpuReply::Ok, _))) => None,
+            Ok(Ok((VcpuReply::Error(e), _))) => Some(e),
+            Ok(Ok((other, _))) => Some(format!("unexpected reply {other:?}")),
+            Ok(Err(e)) => Some(format!("the vCPU worker is gone: {e}")),
+            Err(_) => Some("the vCPU worker did not answer".into()),
+        };
+        if let Some(e) = err {
+            rollback(self);
+            return Err(QmpError::generic(format!(
+                "plugging virtio-blk-pci into the machine: {e}"
+            )));
+        }
+        log::info!("{}: virtio-blk-pci added (slot {})", desc.id, desc.slot);
+        Ok(())
+    }
+
+    /// `device_del` of a `virtio-blk-pci` (by its `id`) before the guest first runs: the
+    /// machine worker unplugs it, its blockd quits, and `DEVICE_DELETED` follows as QEMU sends
+    /// it (the virtio backend's path first, then the device with its id).
+    async fn device_del(&mut self, id: &str, m: &MachineCtx<'_>) -> Result<BlockAnswer, QmpError> {
+        let cfg = &self.resolved.config;
+        let Some(dev) = cfg.devices.iter().position(|d| d.id.as_deref() == Some(id)) else {
+            if cfg.vhost_user.iter().any(|d| d.id.as_deref() == Some(id)) {
+                return Err(QmpError::generic(format!(
+                    "device_del {id}: bulkhead cannot remove a vhost-user-blk-pci device"
+                )));
+            }
+            return Ok(BlockAnswer::NotMine);
+        };
+        if m.ran {
+            return Err(hotplug_refused("device_del"));
+        }
+        let vcpu_id = cfg.device_id(dev);
+        if let Some(rpc) = m.rpc {
+            let req = VcpuRequest::RemoveDevice {
+                id: vcpu_id.clone(),
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, rpc.call(req, &[])).await {
+                Ok(Ok((VcpuReply::Ok, _))) => {}
+                Ok(Ok((other, _))) => {
+                    return Err(QmpError::generic(format!(
+                        "unplugging {id} from the machine: {other:?}"
+                    )))
+                }
+                Ok(Err(e)) => {
+                    return Err(QmpError::generic(format!(
+                        "unplugging {id}: the vCPU worker is gone: {e}"
+                    )))
+                }
+                Err(_) => return Err(QmpError::generic("the vCPU worker did not answer")),
+            }
+        }
+        let qdev = cfg.qdev(dev);
+        if let Some(w) = self.workers.remove(dev) {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), w.rpc.call(BlockRequest::Quit, &[]))
+                    .await;
+        }
+        self.throttles.remove(dev);
+        crate::block::remove_device(&mut self.resolved.config, dev);
+        use crate::qmp::events::Event;
+        m.bus.emit(&Event::DeviceDeleted {
+            device: None,
+            path: qdev,
+        });
+        m.bus.emit(&Event::DeviceDeleted {
+            device: Some(id.to_string()),
+            path: format!("/machine/peripheral/{id}"),
+        });
+        log::info!("{id}: virtio-blk-pci removed");
+        Ok(BlockAnswer::Done)
+    }
+}
+
 /// Connects to a client chardev's unix socket (close-on-exec, as std makes every socket).
 fn connect_chardev(c: &crate::block::ChardevSpec) -> Result<UnixStream, DisksError> {
     UnixStream::connect(&c.path).map_err(|source| DisksError::Connect {
@@ -1386,7 +1715,7 @@ async fn supervise(
     mut child: worker::WorkerProcess,
     kill: oneshot::Receiver<()>,
     exits: mpsc::UnboundedSender<BlockdExit>,
-    device: usize,
+    (device, id): (usize, String),
     generation: u64,
     pid: u32,
 ) {
@@ -1406,6 +1735,7 @@ async fn supervise(
     };
     let _ = exits.send(BlockdExit {
         device,
+        id,
         generation,
         pid,
         status,

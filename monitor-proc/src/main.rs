@@ -126,15 +126,14 @@ fn run(cfg: Config) -> anyhow::Result<i32> {
     code
 }
 
-/// `bulkhead-blockd`'s path, when the machine has disks to serve.
+/// `bulkhead-blockd`'s path: for the configured disks, or for disks QMP may add (`device_add`,
+/// when it exists).
 fn blockd_path(cfg: &Config) -> anyhow::Result<Option<std::path::PathBuf>> {
-    if cfg.block.config.devices.is_empty() {
+    if cfg.machine != Machine::Bulkhead {
         return Ok(None);
     }
-    Ok(Some(worker::worker_path(
-        cfg.worker_dir.as_deref(),
-        disks::BLOCKD_WORKER,
-    )?))
+    let p = worker::worker_path(cfg.worker_dir.as_deref(), disks::BLOCKD_WORKER)?;
+    Ok((!cfg.block.config.devices.is_empty() || p.exists()).then_some(p))
 }
 
 /// `bulkhead-netd`'s path: for the configured NICs, or for NICs QMP may add (when it exists).

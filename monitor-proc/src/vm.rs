@@ -315,6 +315,7 @@ enum Request {
     },
     BlockThrottle(Box<ThrottleArgs>, Reply<()>),
     Net(NetOp, Reply<NetAnswer>),
+    Block(crate::disks::BlockOp, Reply<crate::disks::BlockAnswer>),
     Signal(i32),
     Terminate(oneshot::Sender<()>),
 }
@@ -339,6 +340,7 @@ impl std::fmt::Debug for Request {
             Request::BlockResize { .. } => "BlockResize",
             Request::BlockThrottle(..) => "BlockThrottle",
             Request::Net(..) => "Net",
+            Request::Block(..) => "Block",
             Request::Signal(_) => "Signal",
             Request::Terminate(_) => "Terminate",
         })
@@ -440,6 +442,14 @@ impl VmHandle {
     pub async fn block_throttle(&self, args: ThrottleArgs) -> Result<(), QmpError> {
         self.ask(|reply| Request::BlockThrottle(Box::new(args), reply))
             .await
+    }
+
+    /// A block request (`blockdev-add`, `device_add` of a disk, ...: [`crate::disks`]).
+    pub async fn block(
+        &self,
+        op: crate::disks::BlockOp,
+    ) -> Result<crate::disks::BlockAnswer, QmpError> {
+        self.ask(|reply| Request::Block(op, reply)).await
     }
 
     /// A network request (`netdev_add`, `set_link`, ...: [`crate::nics`]).
@@ -676,6 +686,22 @@ impl Vm {
                 let r = self.block_throttle(&args).await;
                 let _ = reply.send(r);
             }
+            Request::Block(op, reply) => {
+                let m = crate::disks::MachineCtx {
+                    rpc: self.worker.as_ref().map(|w| &w.rpc),
+                    guest: self.guest.is_some(),
+                    ran: self.ran,
+                    mem_bytes: self.guest.as_ref().map_or(0, |g| g.memory.size()),
+                    vcpus: self.guest.as_ref().map_or(1, |g| g.vcpus),
+                    nic_slots: self.nics.slots(),
+                    id_is_nic: op
+                        .new_device_id()
+                        .is_some_and(|id| self.nics.has_device(id)),
+                    bus: &self.bus,
+                };
+                let r = self.disks.handle(op, m).await;
+                let _ = reply.send(r);
+            }
             Request::Net(op, reply) => {
                 let ctx = VcpuCtx {
                     rpc: self.worker.as_ref().map(|w| &w.rpc),
@@ -837,7 +863,7 @@ impl Vm {
     }
 
     fn on_blockd_exit(&mut self, e: BlockdExit) {
-        let id = self.disks.device_id(e.device);
+        let id = e.id.clone();
         if !self.disks.on_exit(&e) {
             log::info!("bulkhead-blockd for {id} (pid {}) {}", e.pid, e.description);
             return;

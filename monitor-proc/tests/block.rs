@@ -5,6 +5,8 @@
 //! goes through blockd and tells the machine worker; a blockd that dies is reported and the VM
 //! keeps running. A `vhost-user-blk-pci` on a `-chardev socket` gets the connection to an outside
 //! server (the host's `qemu-storage-daemon`) handed to the machine worker, and no blockd.
+//! `blockdev-add` / `blockdev-del` and `device_add` / `device_del` of a `virtio-blk-pci` work
+//! before the guest first runs and are refused after.
 //!
 //! Needs `bulkhead-blockd` built next to `bulkhead` (`cargo build -p bulkhead-blockd-proc`);
 //! the tests fail, naming it, when it is missing.
@@ -970,4 +972,121 @@ fn vhost_user_blk_pci_hands_an_outside_back_end_to_the_machine_worker() {
         stderr.contains("Failed to connect to") && stderr.contains("chardev 'c9'"),
         "{stderr}"
     );
+}
+
+/// Under `-S`: `blockdev-add` of a raw node on `/dev/fdset/1` (the confined monitor cannot open
+/// a path any more, and says so in QEMU's words), `device_add` of a `virtio-blk-pci` on it (its
+/// blockd starts, the machine worker gets `AddDevice`), the node busy while the device uses it,
+/// `device_del` (the machine worker removes it, the blockd goes, two `DEVICE_DELETED` as QEMU
+/// sends them), `blockdev-del` and `x-blockdev-del` with QEMU's errors; after `cont` both device
+/// commands are refused (no PCI hot-plug yet).
+#[test]
+fn blockdev_add_and_device_add_before_the_guest_first_runs() {
+    use std::os::fd::AsRawFd;
+    let s = Scratch::new("blk-add");
+    let a = image(&s, "a.raw", 2 * MIB);
+    let (mut m, mut q) = start(&s, &["-S"]);
+    let by_path = format!(
+        r#"{{"execute":"blockdev-add","arguments":{{"driver":"raw","node-name":"d0","file":{{"driver":"file","filename":"{a}"}}}}}}"#
+    );
+    let e = q.raw(&by_path);
+    assert!(
+        e["error"]["desc"]
+            .as_str()
+            .is_some_and(|d| d.starts_with(&format!("Could not open '{a}': "))),
+        "{e}"
+    );
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&a)
+        .expect("image");
+    let r = q.cmd_with_fds(
+        r#"{"execute":"add-fd","arguments":{"fdset-id":1}}"#,
+        &[f.as_raw_fd()],
+        FdsOn::Command,
+    );
+    assert_eq!(r["return"]["fdset-id"], 1, "{r}");
+    let add = r#"{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"d0","file":{"driver":"file","filename":"/dev/fdset/1"}}}"#;
+    assert_eq!(q.raw(add), json!({"return": {}}), "{}", m.stderr());
+    assert_eq!(
+        q.raw(add)["error"]["desc"],
+        "Duplicate nodes with node-name='d0'"
+    );
+    let nodes = q.cmd("query-named-block-nodes");
+    let names: Vec<&str> = nodes["return"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .collect();
+    assert!(names.contains(&"d0"), "{nodes}");
+    let d0 = nodes["return"]
+        .as_array()
+        .and_then(|v| v.iter().find(|n| n["node-name"] == "d0"))
+        .expect("d0");
+    assert_eq!(d0["image"]["virtual-size"], 2 * MIB, "{d0}");
+
+    let dev = r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","drive":"d0","id":"vd0","serial":"S-ADD","num-queues":2}}"#;
+    assert_eq!(q.raw(dev), json!({"return": {}}));
+    log_has(&s, "device vd0 Block slot 1 queues 2 size 256 (added)");
+    assert_eq!(blockds(&mut q).len(), 1);
+    let blk = q.cmd("query-block");
+    assert_eq!(
+        blk["return"][0]["qdev"],
+        "/machine/peripheral/vd0/virtio-backend"
+    );
+    assert_eq!(blk["return"][0]["inserted"]["node-name"], "d0");
+    assert_eq!(
+        q.raw(dev)["error"]["desc"],
+        "Duplicate device ID 'vd0' for device"
+    );
+    let del_node = r#"{"execute":"blockdev-del","arguments":{"node-name":"d0"}}"#;
+    assert_eq!(q.raw(del_node)["error"]["desc"], "Node d0 is in use");
+
+    let del_dev = r#"{"execute":"device_del","arguments":{"id":"vd0"}}"#;
+    assert_eq!(q.raw(del_dev), json!({"return": {}}));
+    let first = q.event("DEVICE_DELETED");
+    assert_eq!(
+        first["data"],
+        json!({"path": "/machine/peripheral/vd0/virtio-backend"})
+    );
+    let second = q.event("DEVICE_DELETED");
+    assert_eq!(
+        second["data"],
+        json!({"device": "vd0", "path": "/machine/peripheral/vd0"})
+    );
+    log_has(&s, "device vd0 removed");
+    assert!(blockds(&mut q).is_empty());
+    assert_eq!(q.cmd("query-block"), json!({"return": []}));
+    assert_eq!(
+        q.raw(del_dev)["error"],
+        json!({"class": "DeviceNotFound", "desc": "Device 'vd0' not found"})
+    );
+    assert_eq!(q.raw(del_node), json!({"return": {}}));
+    assert_eq!(
+        q.raw(del_node)["error"]["desc"],
+        "Failed to find node with node-name='d0'"
+    );
+    assert_eq!(
+        q.raw(r#"{"execute":"x-blockdev-del","arguments":{"node-name":"d0"}}"#)["error"]["desc"],
+        "Failed to find node with node-name='d0'"
+    );
+
+    // Once the guest has run, no more plugging.
+    assert_eq!(q.raw(add), json!({"return": {}}));
+    assert_eq!(q.raw(dev), json!({"return": {}}));
+    assert_eq!(q.cmd("cont"), json!({"return": {}}));
+    let late = r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","drive":"d0","id":"vd1"}}"#;
+    for cmd in [late, del_dev] {
+        let e = q.raw(cmd);
+        assert!(
+            e["error"]["desc"]
+                .as_str()
+                .is_some_and(|d| d.contains("no PCI hot-plug yet")),
+            "{e}"
+        );
+    }
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success(), "{}", m.stderr());
 }

@@ -140,9 +140,16 @@ fn none_machine_answers_every_query() {
     assert_eq!(events, in_schema("event"));
     assert_eq!(
         events,
-        ["RESET", "RESUME", "SHUTDOWN", "STOP", "X_WORKER_EXITED"]
-            .map(String::from)
-            .into()
+        [
+            "DEVICE_DELETED",
+            "RESET",
+            "RESUME",
+            "SHUTDOWN",
+            "STOP",
+            "X_WORKER_EXITED"
+        ]
+        .map(String::from)
+        .into()
     );
 
     assert_eq!(q.cmd("query-name"), json!({"return": {"name": "vm1"}}));

@@ -288,8 +288,8 @@ fn sigterm_and_sigint_shut_down_like_qemu() {
 fn unsupported_and_invalid_options_exit_1_naming_the_option() {
     for (args, want) in [
         (
-            &["-chardev", "socket,id=x"][..],
-            "bulkhead: -chardev: option not supported by bulkhead",
+            &["-chardev", "pty,id=x"][..],
+            "bulkhead: -chardev pty,id=x: chardev backend 'pty' is not supported by bulkhead",
         ),
         (
             &["-mon", "chardev=x"][..],

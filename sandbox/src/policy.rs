@@ -683,6 +683,8 @@ const MONITOR_EXTRA: &[Allowed] = &[
     sys!(newfstatat),
     sys!(fstat),
     sys!(lseek),
+    // blockdev-add: the header of an image opened after start-up (its format, qcow2 chain)
+    sys!(pread64),
     sys!(readv),
     sys!(writev),
     sys!(readlink),

@@ -94,6 +94,13 @@ pub enum Event {
     /// A worker died unexpectedly (a Bulkhead extension, named as QAPI names experimental
     /// ones); for a sandbox violation it names the refused system call.
     WorkerExited(WorkerExit),
+    /// A device is gone (`device_del`): its `id` if it has one, and its QOM path.
+    DeviceDeleted {
+        /// The device's id.
+        device: Option<String>,
+        /// Its QOM path.
+        path: String,
+    },
 }
 
 impl Event {
@@ -105,6 +112,7 @@ impl Event {
             Event::Reset(_) => "RESET",
             Event::Shutdown(_) => "SHUTDOWN",
             Event::WorkerExited(_) => "X_WORKER_EXITED",
+            Event::DeviceDeleted { .. } => "DEVICE_DELETED",
         }
     }
 
@@ -139,6 +147,14 @@ impl Event {
                         m.push(("syscall-name", Value::from(name)));
                     }
                 }
+                Some(super::qdict::object(m))
+            }
+            Event::DeviceDeleted { device, path } => {
+                let mut m = Vec::new();
+                if let Some(d) = device {
+                    m.push(("device", Value::from(d.as_str())));
+                }
+                m.push(("path", Value::from(path.as_str())));
                 Some(super::qdict::object(m))
             }
         }

@@ -101,6 +101,8 @@ const ARG_FEATURES: &[(&str, &str, &[&str])] =
 pub const RETURNS: &[(&str, &str)] = &[
     ("add-fd", "AddfdInfo"),
     ("block_resize", EMPTY),
+    ("blockdev-add", EMPTY),
+    ("blockdev-del", EMPTY),
     ("block_set_io_throttle", EMPTY),
     ("closefd", EMPTY),
     ("cont", EMPTY),
@@ -133,12 +135,14 @@ pub const RETURNS: &[(&str, &str)] = &[
     ("set_link", EMPTY),
     ("stop", EMPTY),
     ("system_reset", EMPTY),
+    ("x-blockdev-del", EMPTY),
     ("x-query-sandbox", "XSandboxInfo"),
 ];
 
 /// Every event the bus can emit, with its data type. Exactly the events of
 /// [`super::events::Event`].
 pub const EVENTS: &[(&str, &str)] = &[
+    ("DEVICE_DELETED", "q_obj_DEVICE_DELETED-arg"),
     ("RESET", "q_obj_RESET-arg"),
     ("RESUME", EMPTY),
     ("SHUTDOWN", "q_obj_SHUTDOWN-arg"),
@@ -573,6 +577,10 @@ pub const TYPES: &[(&str, TypeDef)] = &[
             req("discard-nb-failed", "int"),
             req("discard-bytes-ok", "int"),
         ]),
+    ),
+    (
+        "q_obj_DEVICE_DELETED-arg",
+        object(&[opt("device", "str"), req("path", "str")]),
     ),
     // A Bulkhead extension (qmp/events.rs WorkerExit).
     (
@@ -1147,6 +1155,10 @@ mod tests {
                 description: String::new(),
                 device: Some("vd0".into()),
             }),
+            Event::DeviceDeleted {
+                device: Some("vd0".into()),
+                path: "/machine/peripheral/vd0".into(),
+            },
         ];
         for e in &all {
             match e {
@@ -1154,7 +1166,8 @@ mod tests {
                 | Event::Resume
                 | Event::Reset(_)
                 | Event::Shutdown(_)
-                | Event::WorkerExited(_) => {}
+                | Event::WorkerExited(_)
+                | Event::DeviceDeleted { .. } => {}
             }
         }
         all

@@ -1,5 +1,8 @@
 //! Block commands: `query-block`, `query-named-block-nodes`, `query-blockstats` and
-//! `block_resize`, answered in QEMU 7.2's shapes (members in QEMU's order via [`qdict`]).
+//! `block_resize`, answered in QEMU 7.2's shapes (members in QEMU's order via [`qdict`]);
+//! `blockdev-add`, `blockdev-del` (and the 2.8 reference's `x-blockdev-del`), and `device_add` /
+//! `device_del` of a `virtio-blk-pci` (reached through the device commands of
+//! [`super::net`]), which the VM actor runs on its disks ([`crate::disks::BlockOp`]).
 //!
 //! The graph, sizes and cache modes come from the monitor ([`crate::disks`]); the counters come
 //! from each device's `bulkhead-blockd`, which counts every request where it reaches the image
@@ -68,7 +71,98 @@ pub(super) static COMMANDS: &[Command] = &[
         args: THROTTLE_ARGS,
         handler: block_set_io_throttle,
     },
+    Command {
+        name: "blockdev-add",
+        args: BLOCKDEV_ADD_ARGS,
+        handler: blockdev_add,
+    },
+    Command {
+        name: "blockdev-del",
+        args: &[ArgSpec {
+            name: "node-name",
+            ty: ArgType::Str,
+            optional: false,
+        }],
+        handler: blockdev_del,
+    },
+    Command {
+        name: "x-blockdev-del",
+        args: &[ArgSpec {
+            name: "node-name",
+            ty: ArgType::Str,
+            optional: false,
+        }],
+        handler: blockdev_del,
+    },
 ];
+
+const fn arg(name: &'static str, ty: ArgType, optional: bool) -> ArgSpec {
+    ArgSpec { name, ty, optional }
+}
+
+/// The members of QEMU's `BlockdevOptions` Bulkhead takes (for drivers file, raw and qcow2;
+/// [`crate::block`] checks their values as `-blockdev` does).
+const BLOCKDEV_ADD_ARGS: &[ArgSpec] = &[
+    arg("driver", ArgType::Str, false),
+    arg("node-name", ArgType::Str, true),
+    arg("filename", ArgType::Str, true),
+    arg("file", ArgType::Any, true),
+    arg("read-only", ArgType::Bool, true),
+    arg("auto-read-only", ArgType::Bool, true),
+    arg("cache", ArgType::Object, true),
+    arg("discard", ArgType::Str, true),
+    arg("aio", ArgType::Str, true),
+    arg("detect-zeroes", ArgType::Str, true),
+];
+
+fn blockdev_add(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
+    Box::pin(async move {
+        let op = crate::disks::BlockOp::BlockdevAdd(Value::Object(args));
+        ctx.shared.vm.block(op).await?;
+        Ok(Outcome::empty())
+    })
+}
+
+fn blockdev_del(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
+    Box::pin(async move {
+        let name = args
+            .get("node-name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        ctx.shared
+            .vm
+            .block(crate::disks::BlockOp::BlockdevDel(name))
+            .await?;
+        Ok(Outcome::empty())
+    })
+}
+
+/// `device_add` of a `virtio-blk-pci` (`pairs`: the properties as `key=value`).
+pub(super) async fn device_add(
+    ctx: &Context,
+    pairs: Vec<(String, String)>,
+) -> Result<Outcome, QmpError> {
+    ctx.shared
+        .vm
+        .block(crate::disks::BlockOp::DeviceAdd(pairs))
+        .await?;
+    Ok(Outcome::empty())
+}
+
+/// `device_del` of a block device; `None` when no block device has the id.
+pub(super) async fn device_del(ctx: &Context, id: &str) -> Option<Result<Outcome, QmpError>> {
+    match ctx
+        .shared
+        .vm
+        .block(crate::disks::BlockOp::DeviceDel(id.to_string()))
+        .await
+    {
+        Ok(crate::disks::BlockAnswer::NotMine) => None,
+        Ok(crate::disks::BlockAnswer::Done) => Some(Ok(Outcome::empty())),
+        Err(e) => Some(Err(e)),
+    }
+}
 
 const fn int_arg(name: &'static str, optional: bool) -> ArgSpec {
     ArgSpec {

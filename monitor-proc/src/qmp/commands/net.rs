@@ -55,6 +55,11 @@ pub(super) static COMMANDS: &[Command] = &[
             arg("netdev", ArgType::Str, true),
             arg("mac", ArgType::Str, true),
             arg("addr", ArgType::Any, true),
+            // virtio-blk-pci (super::block)
+            arg("drive", ArgType::Str, true),
+            arg("serial", ArgType::Str, true),
+            arg("num-queues", ArgType::Any, true),
+            arg("queue-size", ArgType::Any, true),
         ],
         handler: device_add,
     },
@@ -150,10 +155,13 @@ fn netdev_del(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
 fn device_add(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
     Box::pin(async move {
         let driver = str_arg(&args, "driver").unwrap_or_default();
+        if matches!(driver.as_str(), "virtio-blk-pci" | "virtio-blk") {
+            return super::block::device_add(&ctx, pairs(&args)).await;
+        }
         if !matches!(driver.as_str(), "virtio-net-pci" | "virtio-net") {
             return Err(QmpError::generic(format!(
                 "device_add: driver '{driver}' is not supported by bulkhead (it can add \
-                 virtio-net-pci)"
+                 virtio-net-pci and virtio-blk-pci)"
             )));
         }
         done(&ctx, NetOp::DeviceAdd(pairs(&args))).await
@@ -163,6 +171,9 @@ fn device_add(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
 fn device_del(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
     Box::pin(async move {
         let id = str_arg(&args, "id").unwrap_or_default();
+        if let Some(r) = super::block::device_del(&ctx, &id).await {
+            return r;
+        }
         done(&ctx, NetOp::DeviceDel(id)).await
     })
 }

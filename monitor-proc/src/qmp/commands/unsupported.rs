@@ -81,7 +81,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "block_passwd",
         "password-encrypted images are not supported (QEMU dropped this command too)",
     ),
-    ("blockdev-add", BLOCK),
     ("blockdev-backup", JOBS),
     ("blockdev-change-medium", MEDIA),
     ("blockdev-close-tray", MEDIA),
@@ -245,7 +244,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
         "x-blockdev-change",
         "Bulkhead has no quorum block driver",
     ),
-    ("x-blockdev-del", BLOCK),
     ("x-blockdev-insert-medium", MEDIA),
     ("x-blockdev-remove-medium", MEDIA),
     (
