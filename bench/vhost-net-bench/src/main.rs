@@ -117,11 +117,15 @@ struct Options {
     out: Option<PathBuf>,
     /// Workload keys to run (all when empty).
     only: Vec<String>,
+    /// A run during which the rest of the host used this many CPUs or more is repeated.
+    max_foreign: f64,
+    /// How many times.
+    retries: usize,
 }
 
 const USAGE: &str = "usage: vhost-net-bench --netd PATH [--rounds N (3)] [--duration SECS (3)] \
 [--warmup SECS (0.5)] [--sandbox on|off|allow-weak (on)] [--out FILE.json] \
-[--only tx64,tx1514,tso,rx64,rx1514]";
+[--only tx64,tx1514,tso,rx64,rx1514] [--max-foreign CPUS (0.25)] [--retries N (5)]";
 
 impl Options {
     fn parse() -> Result<Options> {
@@ -133,6 +137,8 @@ impl Options {
             sandbox: "on".into(),
             out: None,
             only: Vec::new(),
+            max_foreign: 0.25,
+            retries: 5,
         };
         let mut it = std::env::args().skip(1);
         let secs = |v: String| -> Result<Duration> {
@@ -151,6 +157,8 @@ impl Options {
                 "--warmup" => o.warmup = secs(val()?)?,
                 "--sandbox" => o.sandbox = val()?,
                 "--out" => o.out = Some(val()?.into()),
+                "--max-foreign" => o.max_foreign = val()?.parse().context("--max-foreign")?,
+                "--retries" => o.retries = val()?.parse().context("--retries")?,
                 "--only" => o.only = val()?.split(',').map(str::to_owned).collect(),
                 "-h" | "--help" => {
                     println!("{USAGE}");
@@ -269,7 +277,36 @@ struct Sample {
     /// Deltas of the tap's kernel counters over the whole run (rx_packets, tx_packets,
     /// tx_dropped).
     tap: Option<[u64; 3]>,
+    /// CPUs used by everything else on the host during the run (warm-up included): busy time
+    /// from `/proc/stat` minus this process and netd.
+    foreign: f64,
     netd_log: String,
+}
+
+/// Busy CPU seconds of the host, this process and (if any) netd, at one moment.
+struct Load {
+    at: Instant,
+    busy: f64,
+    own: f64,
+    netd: f64,
+}
+
+impl Load {
+    fn now(netd: Option<u32>) -> Load {
+        Load {
+            at: Instant::now(),
+            busy: host::busy_cpu_seconds().unwrap_or(0.0),
+            own: own_cpu(),
+            netd: netd.and_then(host::cpu_seconds).unwrap_or(0.0),
+        }
+    }
+
+    /// CPUs the rest of the host used since `self`.
+    fn foreign(&self, netd: Option<u32>) -> f64 {
+        let e = Load::now(netd);
+        let t = self.at.elapsed().as_secs_f64().max(1e-3);
+        ((e.busy - self.busy) - (e.own - self.own) - (e.netd - self.netd)) / t
+    }
 }
 
 /// The measurement window: warm-up, then `duration`.
@@ -598,10 +635,12 @@ fn run_netd(o: &Options, ns: &Netns, w: &Workload, dir: &Path) -> Result<Sample>
         bail!("netd did not offer VIRTIO_NET_F_MRG_RXBUF");
     }
     let c0 = ns.tap_counters();
+    let load = Load::now(Some(pid));
     let mut s = match w.dir {
         Dir::GuestToTap => netd_tx(o, ns, w, &mut dev, pid)?,
         Dir::TapToGuest => netd_rx(o, ns, w, &mut dev, pid)?,
     };
+    s.foreign = load.foreign(Some(pid));
     s.tap = delta(c0, ns.tap_counters());
     drop(dev);
     s.netd_log = netd.finish()?;
@@ -612,10 +651,12 @@ fn run_netd(o: &Options, ns: &Netns, w: &Workload, dir: &Path) -> Result<Sample>
 fn run_raw(o: &Options, ns: &Netns, w: &Workload) -> Result<Sample> {
     let tap = ns.open_tap()?;
     let c0 = ns.tap_counters();
+    let load = Load::now(None);
     let mut s = match w.dir {
         Dir::GuestToTap => raw_tx(o, ns, w, &tap)?,
         Dir::TapToGuest => raw_rx(o, ns, w, &tap)?,
     };
+    s.foreign = load.foreign(None);
     s.tap = delta(c0, ns.tap_counters());
     Ok(s)
 }
@@ -632,7 +673,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn sample_json(s: &Sample) -> serde_json::Value {
     json!({
         "pps": s.pps, "bps": s.bps, "sent_pps": s.sent_pps, "netd_cpu": s.netd_cpu,
-        "own_cpu": s.own_cpu, "tap_rx_tx_txdrop": s.tap,
+        "own_cpu": s.own_cpu, "tap_rx_tx_txdrop": s.tap, "foreign_cpu": s.foreign,
         "netd_stats": s.netd_log.lines().rev().find(|l| l.contains("tx_frames=")),
     })
 }
@@ -654,6 +695,7 @@ fn run() -> Result<()> {
         ns.name, ns.tap, o.rounds, o.duration, o.warmup, o.sandbox
     );
     // results[workload][0 = netd, 1 = raw] = samples
+    let mut discarded = Vec::new();
     let mut results: Vec<[Vec<Sample>; 2]> = WORKLOADS.iter().map(|_| [vec![], vec![]]).collect();
     for round in 0..o.rounds {
         for (i, w) in WORKLOADS.iter().enumerate() {
@@ -663,31 +705,49 @@ fn run() -> Result<()> {
             // Alternate which goes first.
             let order = if round % 2 == 0 { [1, 0] } else { [0, 1] };
             for m in order {
-                let s = if m == 0 {
-                    run_netd(&o, &ns, w, &dir)
-                } else {
-                    run_raw(&o, &ns, w)
-                }
-                .with_context(|| {
-                    format!(
-                        "round {round}, {} {:?}, {}",
+                let mut tries = 0;
+                let s = loop {
+                    let s = if m == 0 {
+                        run_netd(&o, &ns, w, &dir)
+                    } else {
+                        run_raw(&o, &ns, w)
+                    }
+                    .with_context(|| {
+                        format!(
+                            "round {round}, {} {:?}, {}",
+                            w.name,
+                            w.dir,
+                            ["netd", "raw"][m]
+                        )
+                    })?;
+                    eprintln!(
+                        "round {round} {:>18} {:?} {:>4}: {:>10.0} pps {:>7.3} Gbit/s (sent {:.0}/s, netd cpu {:?}, own cpu {:.2}, other load {:.2} CPUs, tap {:?})",
                         w.name,
                         w.dir,
-                        ["netd", "raw"][m]
-                    )
-                })?;
-                eprintln!(
-                    "round {round} {:>18} {:?} {:>4}: {:>10.0} pps {:>7.3} Gbit/s (sent {:.0}/s, netd cpu {:?}, own cpu {:.2}, tap {:?})",
-                    w.name,
-                    w.dir,
-                    ["netd", "raw"][m],
-                    s.pps,
-                    s.bps / 1e9,
-                    s.sent_pps,
-                    s.netd_cpu.map(|c| (c * 100.0).round() / 100.0),
-                    s.own_cpu,
-                    s.tap
-                );
+                        ["netd", "raw"][m],
+                        s.pps,
+                        s.bps / 1e9,
+                        s.sent_pps,
+                        s.netd_cpu.map(|c| (c * 100.0).round() / 100.0),
+                        s.own_cpu,
+                        s.foreign,
+                        s.tap
+                    );
+                    if s.foreign < o.max_foreign || tries >= o.retries {
+                        break s;
+                    }
+                    tries += 1;
+                    eprintln!(
+                        "  other load {:.2} CPUs: discarded, again in 3 s",
+                        s.foreign
+                    );
+                    let mode = ["netd", "raw"][m];
+                    discarded.push(json!({
+                        "workload": w.key, "mode": mode, "round": round,
+                        "sample": sample_json(&s),
+                    }));
+                    std::thread::sleep(Duration::from_secs(3));
+                };
                 results[i][m].push(s);
             }
         }
@@ -741,6 +801,7 @@ fn run() -> Result<()> {
         let doc = json!({
             "rounds": o.rounds, "duration_s": o.duration.as_secs_f64(),
             "warmup_s": o.warmup.as_secs_f64(), "sandbox": o.sandbox, "results": json_rows,
+            "max_foreign": o.max_foreign, "discarded": discarded,
         });
         std::fs::write(out, serde_json::to_string_pretty(&doc)?)
             .with_context(|| format!("writing {}", out.display()))?;
