@@ -11,7 +11,7 @@ use anyhow::{anyhow, Context, Result};
 use bulkhead_blockd::backend::BlockBackend;
 use bulkhead_blockd::format::{open_image, Cache, DiskImage, DIRECT_ALIGN};
 use bulkhead_blockd::options::Options;
-use bulkhead_blockd::worker::{self, WorkerArgs};
+use bulkhead_blockd::worker;
 use bulkhead_sandbox::enter::Mode;
 use bulkhead_sandbox::standalone;
 use bulkhead_sandbox::Role;
@@ -32,7 +32,7 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<()> {
     // Launched by the monitor (`--ipc-fd` first): see `bulkhead_blockd::worker`.
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(a) = WorkerArgs::parse(&argv) {
+    if let Some(a) = worker::parse_args(&argv) {
         worker::init_logger();
         return worker::run(a?).map_err(|e| anyhow!("{e}"));
     }

@@ -16,7 +16,7 @@ use bulkhead_netd::confine;
 use bulkhead_netd::options::{Options, TapSource};
 use bulkhead_netd::relay::Relay;
 use bulkhead_netd::tap::Tap;
-use bulkhead_netd::worker::{self, WorkerArgs};
+use bulkhead_netd::worker;
 use bulkhead_sandbox::enter::Mode;
 use bulkhead_sandbox::standalone;
 use bulkhead_sandbox::Role;
@@ -38,7 +38,7 @@ fn main() {
 fn run() -> Result<()> {
     // Launched by the monitor (`--ipc-fd` first): see `bulkhead_netd::worker`.
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(a) = WorkerArgs::parse(&argv) {
+    if let Some(a) = worker::parse_args(&argv) {
         worker::init_logger();
         return worker::run(a?).map_err(|e| anyhow!("{e}"));
     }

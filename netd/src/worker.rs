@@ -21,16 +21,16 @@
 //! `SET_FEATURES` first, as the spec asks, so the crate is given the socket directly (two
 //! threads fewer, no socket pair to make before the sandbox).
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bulkhead_ipc::messages::{
-    NetEvent, NetProtocol, NetReply, NetRequest, NetSetup, NetStats, SandboxReport,
-};
+use bulkhead_ipc::messages::{NetEvent, NetProtocol, NetReply, NetRequest, NetSetup, NetStats};
 use bulkhead_ipc::{Channel, Frame, Role as IpcRole};
-use bulkhead_sandbox::{Mode, Params, Role, REPORT_FD};
+use bulkhead_sandbox::{Mode, Role};
+use bulkhead_worker::sandbox_report;
+pub use bulkhead_worker::WorkerArgs;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -43,7 +43,7 @@ use crate::tap::Tap;
 pub enum WorkerError {
     /// Bad command line.
     #[error("{0}\n{USAGE}")]
-    Usage(String),
+    Usage(#[from] bulkhead_worker::ArgsError),
     /// A step before serving failed.
     #[error("{what}: {source}")]
     Setup {
@@ -55,6 +55,15 @@ pub enum WorkerError {
     /// The ipc channel failed.
     #[error("ipc: {0}")]
     Ipc(#[from] bulkhead_ipc::Error),
+}
+
+impl From<bulkhead_worker::confine::PrepareError> for WorkerError {
+    fn from(e: bulkhead_worker::confine::PrepareError) -> WorkerError {
+        WorkerError::Setup {
+            what: e.what,
+            source: Box::new(e.source),
+        }
+    }
 }
 
 fn setup_err<E: std::error::Error + Send + Sync + 'static>(
@@ -71,99 +80,10 @@ pub const USAGE: &str = "usage: bulkhead-netd --ipc-fd N [--sandbox on|off|allow
 [--mem-bytes N] [--queues N (virtqueues, 2 per queue pair; at most 2)] \
 (launched by the bulkhead monitor)";
 
-/// The worker-mode command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerArgs {
-    /// The ipc socket's fd.
-    pub ipc_fd: RawFd,
-    /// How to confine.
-    pub mode: Mode,
-    /// What the limits depend on: guest memory the front end may share (the monitor passes
-    /// twice the guest RAM: old and new memory tables can be mapped at once) and virtqueues.
-    pub params: Params,
-}
-
-impl WorkerArgs {
-    /// Worker mode is selected by `--ipc-fd` as the first argument; `None` otherwise (the
-    /// standalone command line).
-    pub fn parse(args: &[String]) -> Option<Result<WorkerArgs, WorkerError>> {
-        if args.first().map(String::as_str) != Some("--ipc-fd") {
-            return None;
-        }
-        Some(Self::parse_worker(args))
-    }
-
-    fn parse_worker(args: &[String]) -> Result<WorkerArgs, WorkerError> {
-        let usage = |m: String| WorkerError::Usage(m);
-        let mut ipc_fd = None;
-        let mut mode = Mode::On;
-        let mut params = Params::default();
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let mut value = || it.next().ok_or_else(|| usage(format!("{a} needs a value")));
-            match a.as_str() {
-                "--ipc-fd" => {
-                    let v = value()?;
-                    ipc_fd = Some(
-                        v.parse::<RawFd>()
-                            .ok()
-                            .filter(|&fd| fd >= 3 && fd != REPORT_FD)
-                            .ok_or_else(|| usage(format!("--ipc-fd {v}: 3 or more, not 4")))?,
-                    );
-                }
-                "--sandbox" => {
-                    let v = value()?;
-                    mode = Mode::from_name(v)
-                        .ok_or_else(|| usage(format!("--sandbox {v}: on, off or allow-weak")))?;
-                }
-                "--mem-bytes" => {
-                    let v = value()?;
-                    params.mem_bytes = v
-                        .parse()
-                        .map_err(|_| usage(format!("--mem-bytes {v}: a number")))?;
-                }
-                "--queues" => {
-                    let v = value()?;
-                    params.queues = v
-                        .parse()
-                        .ok()
-                        .filter(|q| (1..=NUM_QUEUES as u32).contains(q))
-                        .ok_or_else(|| usage(format!("--queues {v}: 1 to {NUM_QUEUES}")))?;
-                }
-                other => return Err(usage(format!("unknown argument {other:?}"))),
-            }
-        }
-        let ipc_fd = ipc_fd.ok_or_else(|| usage("--ipc-fd is required".into()))?;
-        Ok(WorkerArgs {
-            ipc_fd,
-            mode,
-            params,
-        })
-    }
-}
-
-/// What the worker reports about its sandbox (`x-query-sandbox`).
-fn sandbox_report() -> SandboxReport {
-    match bulkhead_sandbox::enter::entered() {
-        Some(e) => SandboxReport {
-            entered: true,
-            mode: e.mode.name().to_string(),
-            landlock_abi: e.report.landlock_abi,
-            landlock_full: e.report.landlock_full,
-            seccomp_instructions: e.report.seccomp_instructions as u64,
-            weak: e.report.weak.clone(),
-            enter_micros: u64::try_from(e.report.elapsed.as_micros()).unwrap_or(u64::MAX),
-        },
-        None => SandboxReport {
-            entered: false,
-            mode: "off".into(),
-            landlock_abi: 0,
-            landlock_full: false,
-            seccomp_instructions: 0,
-            weak: Vec::new(),
-            enter_micros: 0,
-        },
-    }
+/// Worker mode is selected by `--ipc-fd` as the first argument ([`WorkerArgs::parse`], with
+/// `--queues` up to [`NUM_QUEUES`]); `None` otherwise (the standalone command line).
+pub fn parse_args(args: &[String]) -> Option<Result<WorkerArgs, WorkerError>> {
+    WorkerArgs::parse(args, NUM_QUEUES as u32).map(|r| r.map_err(WorkerError::from))
 }
 
 /// The interfaces other than `lo` in this process's network namespace, from the
@@ -307,14 +227,7 @@ fn start_serving(
 
 /// Worker mode's `main`: confine, then serve the monitor's requests until it goes or says quit.
 pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
-    // SAFETY: getppid has no arguments and cannot fail.
-    let parent = unsafe { libc::getppid() };
-    bulkhead_sandbox::die_with_parent(parent).map_err(setup_err("die_with_parent"))?;
-    bulkhead_sandbox::set_no_new_privs().map_err(setup_err("no_new_privs"))?;
-    bulkhead_sandbox::close_fds_except(3, &[a.ipc_fd, REPORT_FD])
-        .map_err(setup_err("closing inherited fds"))?;
-    // SAFETY: F_GETFD on an integer; no memory involved.
-    let report_fd = (unsafe { libc::fcntl(REPORT_FD, libc::F_GETFD) } >= 0).then_some(REPORT_FD);
+    let report_fd = bulkhead_worker::confine::prepare(a.ipc_fd, &[])?;
     // One malloc arena, as blockd: glibc would open /proc/sys/vm/overcommit_memory the first
     // time it shrinks a per-thread arena.
     // SAFETY: mallopt with integer arguments, before any other thread exists.
@@ -330,11 +243,7 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
     if let Some(m) = moved {
         log::warn!("{m}");
     }
-    match a.mode {
-        Mode::Off => log::warn!("running WITHOUT a sandbox (--sandbox off)"),
-        _ if !report.weak.is_empty() => log::warn!("{report}"),
-        _ => log::info!("{report}"),
-    }
+    bulkhead_worker::confine::log_entered(module_path!(), a.mode, &report);
     // SAFETY: the monitor handed us this fd as our end of the ipc socketpair; every other
     // inherited fd but the report pipe was just closed, so nothing else owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(a.ipc_fd) };
@@ -403,48 +312,10 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
     }
 }
 
-struct StderrLogger;
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        if self.enabled(record.metadata()) {
-            eprintln!(
-                "bulkhead-netd[{}] {} {}: {}",
-                std::process::id(),
-                record.level(),
-                record.target(),
-                record.args()
-            );
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-static LOGGER: StderrLogger = StderrLogger;
-
-/// Logs to stderr (the monitor's log; a pipe, socket or terminal: `RLIMIT_FSIZE` is 0) at the
-/// level `BULKHEAD_LOG` names (default info).
+/// Logs to stderr (the monitor's log) at the level `BULKHEAD_LOG` names (default info), as
+/// every worker does ([`bulkhead_worker::logger`]).
 pub fn init_logger() {
-    let level = match std::env::var("BULKHEAD_LOG")
-        .unwrap_or_default()
-        .to_ascii_lowercase()
-        .as_str()
-    {
-        "off" => log::LevelFilter::Off,
-        "error" => log::LevelFilter::Error,
-        "warn" => log::LevelFilter::Warn,
-        "debug" => log::LevelFilter::Debug,
-        "trace" => log::LevelFilter::Trace,
-        _ => log::LevelFilter::Info,
-    };
-    if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(level);
-    }
+    bulkhead_worker::logger::init("bulkhead-netd");
 }
 
 #[cfg(test)]
@@ -454,32 +325,23 @@ mod tests {
 
     fn args(s: &str) -> Option<Result<WorkerArgs, WorkerError>> {
         let v: Vec<String> = s.split_whitespace().map(String::from).collect();
-        WorkerArgs::parse(&v)
+        parse_args(&v)
     }
 
+    /// The parsing itself is `bulkhead_worker::args`'s (tested there); here, what is this
+    /// program's: its standalone command line and its queue bound.
     #[test]
     fn worker_mode_is_chosen_by_ipc_fd_first() {
         assert!(args("--socket /s --tap t").is_none());
-        let a = args("--ipc-fd 3 --sandbox allow-weak --mem-bytes 1024 --queues 2")
+        let a = args("--ipc-fd 3 --sandbox allow-weak --queues 2")
             .unwrap()
             .unwrap();
-        assert_eq!(a.ipc_fd, 3);
-        assert_eq!(a.mode, Mode::AllowWeak);
-        assert_eq!(a.params.mem_bytes, 1024);
-        assert_eq!(a.params.queues, 2);
-        let a = args("--ipc-fd 5").unwrap().unwrap();
-        assert_eq!((a.mode, a.params), (Mode::On, Params::default()));
-        for bad in [
-            "--ipc-fd 4",
-            "--ipc-fd 2",
-            "--ipc-fd 3 --queues 0",
-            "--ipc-fd 3 --queues 3",
-            "--ipc-fd 3 --sandbox maybe",
-            "--ipc-fd 3 --tap t",
-            "--ipc-fd 3 --mem-bytes lots",
-            "--ipc-fd",
-        ] {
-            assert!(args(bad).unwrap().is_err(), "{bad}");
+        assert_eq!((a.ipc_fd, a.mode, a.params.queues), (3, Mode::AllowWeak, 2));
+        for bad in ["--ipc-fd 3 --queues 3", "--ipc-fd 3 --tap t"] {
+            assert!(
+                matches!(args(bad), Some(Err(WorkerError::Usage(_)))),
+                "{bad}"
+            );
         }
     }
 

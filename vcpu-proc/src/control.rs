@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use bulkhead_ipc::messages::{SandboxReport, VcpuEvent, VcpuProtocol, VcpuReply, VcpuRequest};
+use bulkhead_ipc::messages::{VcpuEvent, VcpuProtocol, VcpuReply, VcpuRequest};
 use bulkhead_ipc::{Channel, Frame, Role};
 
 use crate::machine::{GuestOutcome, Machine, SetupFds};
@@ -187,7 +187,7 @@ fn handle_request(
             },
             None => not_set_up(),
         },
-        VcpuRequest::QuerySandbox => VcpuReply::Sandbox(sandbox_report()),
+        VcpuRequest::QuerySandbox => VcpuReply::Sandbox(bulkhead_worker::sandbox_report()),
         VcpuRequest::Quit => {
             if let Some(m) = machine.as_mut() {
                 m.quit();
@@ -225,29 +225,5 @@ fn result(r: Result<(), crate::machine::Error>) -> VcpuReply {
     match r {
         Ok(()) => VcpuReply::Ok,
         Err(e) => VcpuReply::Error(e.to_string()),
-    }
-}
-
-/// What this process's `bulkhead_sandbox::enter` did (recorded by `enter` itself).
-pub fn sandbox_report() -> SandboxReport {
-    match bulkhead_sandbox::enter::entered() {
-        Some(e) => SandboxReport {
-            entered: true,
-            mode: e.mode.name().to_string(),
-            landlock_abi: e.report.landlock_abi,
-            landlock_full: e.report.landlock_full,
-            seccomp_instructions: e.report.seccomp_instructions as u64,
-            weak: e.report.weak.clone(),
-            enter_micros: u64::try_from(e.report.elapsed.as_micros()).unwrap_or(u64::MAX),
-        },
-        None => SandboxReport {
-            entered: false,
-            mode: String::new(),
-            landlock_abi: 0,
-            landlock_full: false,
-            seccomp_instructions: 0,
-            weak: Vec::new(),
-            enter_micros: 0,
-        },
     }
 }

@@ -6,7 +6,8 @@
 //! Modules: [`memory`] (guest RAM and layout), [`boot`] (kernel loading and entry state),
 //! [`cpuid`], [`msr`], [`acpi`], [`devices`], [`bus`], [`pci`] (root bus, config space,
 //! MSI-X), [`virtio`] (virtio-pci devices served by vhost-user back ends), [`vcpu`],
-//! [`machine`], [`control`] (the ipc loop), [`logger`].
+//! [`machine`], [`control`] (the ipc loop). The stderr logger and the sandbox report are
+//! every worker's (`bulkhead_worker`).
 
 pub mod acpi;
 pub mod boot;
@@ -14,7 +15,6 @@ pub mod bus;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
-pub mod logger;
 pub mod machine;
 pub mod memory;
 pub mod msr;

@@ -112,31 +112,18 @@ fn parse_args() -> anyhow::Result<Args> {
     })
 }
 
-fn fd_is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD on an integer; no memory involved.
-    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
-}
-
 fn main() -> anyhow::Result<()> {
-    bulkhead_vcpu::logger::init();
+    bulkhead_worker::logger::init("bulkhead-vcpu");
     let args = parse_args()?;
-    // SAFETY: getppid has no arguments and cannot fail.
-    let parent = unsafe { libc::getppid() };
-    bulkhead_sandbox::die_with_parent(parent).context("die_with_parent")?;
-    bulkhead_sandbox::set_no_new_privs().context("no_new_privs")?;
     #[allow(unused_mut)]
-    let mut keep = vec![args.ipc_fd, REPORT_FD];
+    let mut keep = Vec::new();
     #[cfg(feature = "attack-hook")]
     keep.extend(args.attack.as_ref().map(|h| h.trigger_fd));
-    bulkhead_sandbox::close_fds_except(3, &keep).context("closing inherited fds")?;
-    let report_fd = fd_is_open(REPORT_FD).then_some(REPORT_FD);
+    let report_fd = bulkhead_worker::confine::prepare(args.ipc_fd, &keep)
+        .map_err(|e| anyhow::Error::new(e.source).context(e.what))?;
     let report = bulkhead_sandbox::enter(Role::Vcpu.policy(), &args.params, args.mode, report_fd)
         .context("sandbox")?;
-    match args.mode {
-        Mode::Off => log::warn!("running WITHOUT a sandbox (--sandbox off)"),
-        _ if !report.weak.is_empty() => log::warn!("{report}"),
-        _ => log::info!("{report}"),
-    }
+    bulkhead_worker::confine::log_entered(module_path!(), args.mode, &report);
     #[cfg(feature = "attack-hook")]
     if let Some(hook) = args.attack {
         std::thread::Builder::new()

@@ -59,7 +59,7 @@ fn memfd(size: u64) -> File {
 }
 
 fn rig() -> Rig {
-    bulkhead_vcpu::logger::init();
+    bulkhead_worker::logger::init("bulkhead-vcpu");
     let kvm = Kvm::new().expect("/dev/kvm");
     let vm = Arc::new(kvm.create_vm().expect("KVM_CREATE_VM"));
     vm.create_irq_chip().expect("KVM_CREATE_IRQCHIP");
