@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{fence, Ordering};
@@ -19,7 +19,9 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
-const MEM_SIZE: usize = 1 << 20;
+mod common;
+use common::{scratch, GuestMem, MEM_SIZE};
+
 const QSIZE: u16 = 16;
 const DESC: u64 = 0x0;
 const AVAIL: u64 = 0x1000;
@@ -50,10 +52,9 @@ impl Drop for Blockd {
     }
 }
 
-/// Guest memory: a shared memfd mapped here, handed to blockd in the memory table.
+/// Guest memory ([`GuestMem`]) driving one queue's rings.
 struct Guest {
-    base: *mut u8,
-    memfd: File,
+    mem: GuestMem,
     /// Offset of this queue's rings (queue n: n * RING_STRIDE).
     ring: u64,
     avail_idx: u16,
@@ -63,29 +64,18 @@ struct Guest {
 /// Distance between two queues' rings in guest memory.
 const RING_STRIDE: u64 = 0x4000;
 
+impl std::ops::Deref for Guest {
+    type Target = GuestMem;
+
+    fn deref(&self) -> &GuestMem {
+        &self.mem
+    }
+}
+
 impl Guest {
     fn new() -> Guest {
-        // SAFETY: memfd_create with a NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"hostile-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: fd is a fresh descriptor we own from here on.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(MEM_SIZE as u64).expect("ftruncate");
-        // SAFETY: a fresh shared mapping of the memfd's MEM_SIZE bytes.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED, "mmap");
         Guest {
-            base: base.cast(),
-            memfd,
+            mem: GuestMem::new(c"hostile-guest"),
             ring: 0,
             avail_idx: 0,
             used_seen: 0,
@@ -95,47 +85,11 @@ impl Guest {
     /// A view of the same memory driving queue `q`'s rings.
     fn queue(&self, q: u64) -> Guest {
         Guest {
-            base: self.base,
-            memfd: self.memfd.try_clone().expect("dup memfd"),
+            mem: self.mem.share(),
             ring: q * RING_STRIDE,
             avail_idx: 0,
             used_seen: 0,
         }
-    }
-
-    fn ua(&self, gpa: u64) -> u64 {
-        self.base as u64 + gpa
-    }
-
-    fn write(&self, gpa: u64, bytes: &[u8]) {
-        assert!(gpa as usize + bytes.len() <= MEM_SIZE);
-        // SAFETY: inside the mapping (checked above); the back end only reads what we publish
-        // after the fence in submit().
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(gpa as usize), bytes.len())
-        };
-    }
-
-    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        assert!(gpa as usize + len <= MEM_SIZE);
-        let mut v = vec![0u8; len];
-        // SAFETY: inside the mapping (checked above).
-        unsafe { std::ptr::copy_nonoverlapping(self.base.add(gpa as usize), v.as_mut_ptr(), len) };
-        v
-    }
-
-    fn read_u16_volatile(&self, gpa: u64) -> u16 {
-        // SAFETY: an aligned u16 inside the mapping, written concurrently by the back end.
-        unsafe { std::ptr::read_volatile(self.base.add(gpa as usize).cast::<u16>()) }
-    }
-
-    fn desc_at(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut d = [0u8; 16];
-        d[..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..].copy_from_slice(&next.to_le_bytes());
-        self.write(table + u64::from(i) * 16, &d);
     }
 
     fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -195,18 +149,6 @@ fn image_bytes() -> Vec<u8> {
     (0..IMAGE_SIZE).map(|i| (i % 253) as u8).collect()
 }
 
-fn scratch() -> PathBuf {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "hostile-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
-}
-
 fn connect(sock: &Path, blockd: &mut Child) -> Frontend {
     let start = Instant::now();
     loop {
@@ -235,7 +177,7 @@ struct Session {
 }
 
 fn start(extra: &[&str], queues: u64) -> Session {
-    let dir = scratch();
+    let dir = scratch("hostile");
     let image = dir.join("disk.raw");
     File::create(&image)
         .and_then(|mut f| f.write_all(&image_bytes()))
@@ -796,7 +738,7 @@ fn qcow2_over_a_backing_file_through_the_sandboxed_binary() {
     const T_DISCARD: u32 = 11;
     const T_WRITE_ZEROES: u32 = 13;
     for cache in ["writeback", "none"] {
-        let dir = scratch();
+        let dir = scratch("hostile");
         std::fs::write(dir.join("base.raw"), image_bytes()).expect("base");
         qemu_img(
             &dir,
@@ -882,7 +824,7 @@ fn qcow2_over_a_backing_file_through_the_sandboxed_binary() {
 /// socket, exits 1 and says what is wrong.
 #[test]
 fn corrupt_qcow2_images_are_refused_with_a_clear_error() {
-    let dir = scratch();
+    let dir = scratch("hostile");
     qemu_img(&dir, &["create", "-f", "qcow2", "disk.qcow2", "1M"]);
     let image = dir.join("disk.qcow2");
     let pristine = std::fs::read(&image).expect("image");

@@ -8,9 +8,9 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
@@ -25,7 +25,9 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
-const MEM_SIZE: usize = 1 << 20;
+mod common;
+use common::{scratch, GuestMem, MEM_SIZE};
+
 const QSIZE: u16 = 16;
 const DESC: u64 = 0x0;
 const AVAIL: u64 = 0x1000;
@@ -37,74 +39,36 @@ const IMAGE_SIZE: u64 = 1 << 20;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
-/// Guest memory: a memfd mapped here and handed to blockd in the memory table.
+/// Guest memory ([`GuestMem`]) with one queue's rings at `DESC`, `AVAIL` and `USED`.
 struct Guest {
-    base: *mut u8,
-    memfd: File,
+    mem: GuestMem,
     avail_idx: u16,
     used_seen: u16,
 }
 
+impl std::ops::Deref for Guest {
+    type Target = GuestMem;
+
+    fn deref(&self) -> &GuestMem {
+        &self.mem
+    }
+}
+
 impl Guest {
     fn new() -> Guest {
-        // SAFETY: memfd_create with a NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"worker-guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: fd is a fresh descriptor we own from here on.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(MEM_SIZE as u64).expect("ftruncate");
-        // SAFETY: a fresh shared mapping of the memfd's MEM_SIZE bytes.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED, "mmap");
         Guest {
-            base: base.cast(),
-            memfd,
+            mem: GuestMem::new(c"worker-guest"),
             avail_idx: 0,
             used_seen: 0,
         }
     }
 
-    fn ua(&self, gpa: u64) -> u64 {
-        self.base as u64 + gpa
-    }
-
-    fn write(&self, gpa: u64, bytes: &[u8]) {
-        assert!(gpa as usize + bytes.len() <= MEM_SIZE);
-        // SAFETY: inside the mapping (checked above).
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(gpa as usize), bytes.len())
-        };
-    }
-
-    fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
-        assert!(gpa as usize + len <= MEM_SIZE);
-        let mut v = vec![0u8; len];
-        // SAFETY: inside the mapping (checked above).
-        unsafe { std::ptr::copy_nonoverlapping(self.base.add(gpa as usize), v.as_mut_ptr(), len) };
-        v
-    }
-
     fn used_idx(&self) -> u16 {
-        // SAFETY: an aligned u16 inside the mapping, written concurrently by the back end.
-        unsafe { std::ptr::read_volatile(self.base.add(USED as usize + 2).cast::<u16>()) }
+        self.read_u16_volatile(USED + 2)
     }
 
     fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut d = [0u8; 16];
-        d[..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..].copy_from_slice(&next.to_le_bytes());
-        self.write(DESC + u64::from(i) * 16, &d);
+        self.desc_at(DESC, i, addr, len, flags, next);
     }
 
     /// One request: header, one data descriptor (if `len` > 0), status; returns the status.
@@ -149,18 +113,6 @@ impl Guest {
         self.used_seen = self.used_seen.wrapping_add(1);
         self.read(STATUS, 1)[0]
     }
-}
-
-fn scratch() -> PathBuf {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "worker-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
 }
 
 /// A launched blockd and the monitor's end of its channel.
@@ -314,7 +266,7 @@ fn capacity(fe: &mut Frontend) -> u64 {
 
 #[test]
 fn a_launched_blockd_is_confined_serves_the_handed_socket_and_answers_the_monitor() {
-    let dir = scratch();
+    let dir = scratch("worker");
     let path = dir.join("disk.raw");
     File::create(&path)
         .and_then(|mut f| f.write_all(&vec![0x5a; IMAGE_SIZE as usize]))
@@ -447,7 +399,7 @@ fn a_launched_blockd_is_confined_serves_the_handed_socket_and_answers_the_monito
 
 #[test]
 fn a_read_only_disk_refuses_resize_and_quit_ends_the_worker() {
-    let dir = scratch();
+    let dir = scratch("worker");
     let path = dir.join("disk.raw");
     File::create(&path)
         .and_then(|f| f.set_len(IMAGE_SIZE))
@@ -503,7 +455,7 @@ fn qemu_img(args: &[&str]) {
 
 #[test]
 fn a_qcow2_image_is_served_on_the_backing_file_the_monitor_opened() {
-    let dir = scratch();
+    let dir = scratch("worker");
     let base = dir.join("base.raw");
     let mut bytes = vec![0u8; IMAGE_SIZE as usize];
     bytes[8192..12288].fill(0x3c);
