@@ -28,50 +28,14 @@ use bulkhead_ipc::messages::{
 use bulkhead_ipc::{Channel, Frame, Role as IpcRole};
 use bulkhead_sandbox::Role;
 use bulkhead_worker::sandbox_report;
-pub use bulkhead_worker::WorkerArgs;
+use bulkhead_worker::setup_err;
+pub use bulkhead_worker::{WorkerArgs, WorkerError};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{BlockBackend, MAX_QUEUES};
 use crate::format::{DiskImage, Raw, DIRECT_ALIGN};
 use crate::qcow2::{self, Qcow2};
-
-/// Errors that end the worker.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    /// Bad command line.
-    #[error("{0}\n{USAGE}")]
-    Usage(#[from] bulkhead_worker::ArgsError),
-    /// A step before serving failed.
-    #[error("{what}: {source}")]
-    Setup {
-        /// The step.
-        what: &'static str,
-        /// Why.
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// The ipc channel failed.
-    #[error("ipc: {0}")]
-    Ipc(#[from] bulkhead_ipc::Error),
-}
-
-impl From<bulkhead_worker::confine::PrepareError> for WorkerError {
-    fn from(e: bulkhead_worker::confine::PrepareError) -> WorkerError {
-        WorkerError::Setup {
-            what: e.what,
-            source: Box::new(e.source),
-        }
-    }
-}
-
-fn setup_err<E: std::error::Error + Send + Sync + 'static>(
-    what: &'static str,
-) -> impl FnOnce(E) -> WorkerError {
-    move |e| WorkerError::Setup {
-        what,
-        source: Box::new(e),
-    }
-}
 
 /// Usage of worker mode.
 pub const USAGE: &str = "usage: bulkhead-blockd --ipc-fd N [--sandbox on|off|allow-weak] \
@@ -80,7 +44,12 @@ pub const USAGE: &str = "usage: bulkhead-blockd --ipc-fd N [--sandbox on|off|all
 /// Worker mode is selected by `--ipc-fd` as the first argument ([`WorkerArgs::parse`], with
 /// `--queues` up to [`MAX_QUEUES`]); `None` otherwise (the standalone command line).
 pub fn parse_args(args: &[String]) -> Option<Result<WorkerArgs, WorkerError>> {
-    WorkerArgs::parse(args, MAX_QUEUES as u32).map(|r| r.map_err(WorkerError::from))
+    WorkerArgs::parse(args, MAX_QUEUES as u32).map(|r| {
+        r.map_err(|message| WorkerError::Usage {
+            message,
+            usage: USAGE,
+        })
+    })
 }
 
 /// One leaky bucket of a [`Throttle`] (QEMU's model): the level drains at `rate` units a
@@ -512,15 +481,7 @@ fn start_serving(
 /// Worker mode's `main`: confine, then serve the monitor's requests until it goes or says quit.
 pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
     let report_fd = bulkhead_worker::confine::prepare(a.ipc_fd, &[])?;
-    // One malloc arena (see main.rs): glibc would open /proc/sys/vm/overcommit_memory the first
-    // time it shrinks a per-thread arena.
-    // SAFETY: mallopt with integer arguments, before any other thread exists.
-    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
-        return Err(WorkerError::Setup {
-            what: "mallopt(M_ARENA_MAX, 1)",
-            source: "failed".into(),
-        });
-    }
+    bulkhead_worker::confine::one_malloc_arena()?;
     let report = bulkhead_sandbox::enter(Role::Blockd.policy(), &a.params, a.mode, report_fd)
         .map_err(setup_err("sandbox"))?;
     bulkhead_worker::confine::log_entered(module_path!(), a.mode, &report);
@@ -627,7 +588,7 @@ mod tests {
         );
         for bad in ["--ipc-fd 3 --queues 17", "--ipc-fd 3 --file /f"] {
             assert!(
-                matches!(args(bad), Some(Err(WorkerError::Usage(_)))),
+                matches!(args(bad), Some(Err(WorkerError::Usage { .. }))),
                 "{bad}"
             );
         }

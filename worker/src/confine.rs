@@ -48,3 +48,19 @@ pub fn log_entered(target: &str, mode: Mode, report: &EnterReport) {
         _ => log::info!(target: target, "{report}"),
     }
 }
+
+/// One malloc arena, for the back ends (blockd, netd): glibc shrinks the heaps of per-thread
+/// arenas after large frees and, the first time, reads `/proc/sys/vm/overcommit_memory` to decide
+/// how: an `openat` the sandbox refuses. The main arena trims with `brk` only. Call it before any
+/// other thread exists.
+pub fn one_malloc_arena() -> Result<(), crate::WorkerError> {
+    // SAFETY: mallopt with integer arguments, before any other thread exists (the caller's
+    // promise).
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        return Err(crate::WorkerError::Setup {
+            what: "mallopt(M_ARENA_MAX, 1)",
+            source: "failed".into(),
+        });
+    }
+    Ok(())
+}

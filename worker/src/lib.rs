@@ -7,6 +7,7 @@
 //!   after it;
 //! - [`args`]: the worker-mode command line the monitor's launcher gives a back end,
 //!   `--ipc-fd N [--sandbox on|off|allow-weak] [--mem-bytes N] [--queues N]`;
+//! - [`error`]: the error that ends a back end in worker mode;
 //! - [`report`]: what [`bulkhead_sandbox::enter`] did in this process, as the ipc
 //!   [`SandboxReport`](bulkhead_ipc::messages::SandboxReport) the monitor asks for
 //!   (`x-query-sandbox`).
@@ -16,8 +17,10 @@
 
 pub mod args;
 pub mod confine;
+pub mod error;
 pub mod logger;
 pub mod report;
 
 pub use args::{ArgsError, WorkerArgs};
+pub use error::{setup_err, WorkerError};
 pub use report::sandbox_report;
