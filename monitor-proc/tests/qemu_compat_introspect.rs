@@ -705,7 +705,9 @@ fn the_schema_describes_commands_and_events_as_qemu_7_2_does() {
     // members drivers file, raw and qcow2 use, as plain values checked by `-blockdev`'s rules.
     // `device_add`: QEMU's introspection lists driver, bus and id only (its arguments are
     // 'gen': false, anything goes); Bulkhead lists the properties of the devices it has.
-    let loose_args: BTreeSet<&str> = ["blockdev-add", "device_add"].into();
+    // `netdev_add`: QEMU's Netdev is a union over 14 back ends on `type`; Bulkhead takes tap's
+    // members as plain values (its `type` accepts only "tap").
+    let loose_args: BTreeSet<&str> = ["blockdev-add", "device_add", "netdev_add"].into();
     let device_props = [
         "addr",
         "drive",
