@@ -155,6 +155,10 @@ pub struct Counted {
     /// An fd of the image for `ftruncate` (raw images only).
     resize: Option<File>,
     throttle: Mutex<Option<Throttle>>,
+    /// `block-set-write-threshold` (guest offset; 0: off).
+    threshold: AtomicU64,
+    /// Where [`BlockEvent::WriteThreshold`] goes (the monitor's channel, once serving).
+    events: std::sync::OnceLock<Arc<Channel<BlockProtocol>>>,
 }
 
 #[derive(Default)]
@@ -180,6 +184,38 @@ impl Counted {
             stats: Mutex::new(Counters::default()),
             resize,
             throttle: Mutex::new(None),
+            threshold: AtomicU64::new(0),
+            events: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Where write-threshold events go (set once, when serving starts).
+    pub fn set_events(&self, chan: Arc<Channel<BlockProtocol>>) {
+        let _ = self.events.set(chan);
+    }
+
+    /// `block-set-write-threshold`: watch for a write ending beyond `threshold` (0: off).
+    pub fn set_write_threshold(&self, threshold: u64) {
+        self.threshold.store(threshold, Ordering::Release);
+    }
+
+    /// As QEMU before a write: one that ends beyond the threshold is reported once, and the
+    /// threshold is off from then on.
+    fn check_threshold(&self, offset: u64, len: u64) {
+        let t = self.threshold.load(Ordering::Acquire);
+        let end = offset.saturating_add(len);
+        if t == 0 || end <= t {
+            return;
+        }
+        if self
+            .threshold
+            .compare_exchange(t, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            log::info!("write threshold {t} passed (a write ends at {end})");
+            if let Some(chan) = self.events.get() {
+                let _ = chan.send_event(BlockEvent::WriteThreshold { end, threshold: t });
+            }
         }
     }
 
@@ -296,6 +332,7 @@ impl DiskImage for Counted {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> crate::Result<()> {
+        self.check_threshold(offset, buf.len() as u64);
         self.throttle(true, buf.len() as u64);
         let t = Instant::now();
         let r = self.inner.write_at(buf, offset);
@@ -323,6 +360,7 @@ impl DiskImage for Counted {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> crate::Result<()> {
+        self.check_threshold(offset, len);
         let t = Instant::now();
         let r = self.inner.write_zeroes(offset, len, unmap);
         self.count(Op::Unmap, len, t, &r);
@@ -444,6 +482,7 @@ fn start_serving(
     chan: &Arc<Channel<BlockProtocol>>,
 ) -> Result<Serving, String> {
     let disk = open_disk(s, &mut fds)?;
+    disk.set_events(chan.clone());
     let vhost = UnixStream::from(fds.remove(0));
     let block_size = if s.direct { DIRECT_ALIGN as u32 } else { 512 };
     let backend = Arc::new(BlockBackend::new(
@@ -543,6 +582,14 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
                 Some(sv) => {
                     sv.disk.set_throttle(&l);
                     log::info!("I/O limits: {l:?}");
+                    BlockReply::Ok
+                }
+                None => BlockReply::Error("not set up".into()),
+            },
+            BlockRequest::SetWriteThreshold(t) => match &serving {
+                Some(sv) => {
+                    sv.disk.set_write_threshold(t);
+                    log::info!("write threshold: {t}");
                     BlockReply::Ok
                 }
                 None => BlockReply::Error("not set up".into()),
@@ -692,6 +739,22 @@ mod tests {
         assert_eq!(s.flush_operations, 1);
         assert_eq!((s.unmap_operations, s.unmap_bytes), (1, 4096));
         assert_eq!(s.wr_highest_offset, 8192 + 4096);
+        // The write threshold: the first write ending beyond it is reported, once.
+        let (mine, theirs) = Channel::<BlockProtocol>::pair().expect("pair");
+        d.set_events(Arc::new(mine));
+        d.set_write_threshold(12 * 1024);
+        d.write_at(&[1u8; 4096], 8192)
+            .expect("write up to the threshold");
+        d.write_at(&[1u8; 512], 12 * 1024).expect("write beyond");
+        d.write_zeroes(16 * 1024, 4096, false)
+            .expect("zeroes beyond");
+        match theirs.recv().expect("event").0 {
+            Frame::Event(BlockEvent::WriteThreshold { end, threshold }) => {
+                assert_eq!((end, threshold), (12 * 1024 + 512, 12 * 1024));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(d.threshold.load(Ordering::Acquire), 0);
         assert!(s.idle_time_ns.is_some());
         d.resize(2 << 20).unwrap();
         assert_eq!(d.size(), 2 << 20);

@@ -349,6 +349,9 @@ pub enum BlockRequest {
     Quit,
     /// Limit the disk's I/O (`block_set_io_throttle`); all zero: no limit.
     SetThrottle(ThrottleLimits),
+    /// `block-set-write-threshold`: report the first write (or write-zeroes) that ends beyond
+    /// this guest offset with [`BlockEvent::WriteThreshold`], then stop watching; 0: off.
+    SetWriteThreshold(u64),
 }
 
 /// I/O limits of one disk, per second; 0 means no limit. `bps`/`iops` count reads and writes
@@ -449,6 +452,13 @@ impl Wire for BlockReply {}
 pub enum BlockEvent {
     /// The front end hung up; blockd exits after sending this.
     FrontEndGone,
+    /// A write ended at `end`, beyond the threshold `threshold` (which is now off).
+    WriteThreshold {
+        /// The write's end offset (guest bytes).
+        end: u64,
+        /// The threshold it passed.
+        threshold: u64,
+    },
 }
 
 impl Wire for BlockEvent {}

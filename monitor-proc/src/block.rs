@@ -1133,7 +1133,7 @@ pub fn add_blockdev(
         taken: taken.iter().cloned().collect(),
     };
     if args.get("node-name").is_none() {
-        return Err("A block device must be given a name (node-name) with blockdev-add".into());
+        return Err("'node-name' must be specified for the root node".into());
     }
     b.blockdev(&args.to_string()).map_err(qmp_text)?;
     *cfg = b.cfg;

@@ -33,8 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_ipc::messages::{
-    BlockProtocol, BlockReply, BlockRequest, BlockSetup, BlockStats, ImageFormat, SandboxReport,
-    ThrottleLimits, VirtioDevice, VirtioKind,
+    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, BlockStats, ImageFormat,
+    SandboxReport, ThrottleLimits, VirtioDevice, VirtioKind,
 };
 use bulkhead_ipc::{AsyncChannel, Role as IpcRole, RpcClient};
 use bulkhead_sandbox::seccomp::Violation;
@@ -397,6 +397,8 @@ pub struct NodeView {
     pub backing_depth: usize,
     /// A qcow2 image's header facts.
     pub qcow2: Option<Qcow2Details>,
+    /// `block-set-write-threshold` (0: none).
+    pub write_threshold: u64,
 }
 
 /// What `query-block`, `query-named-block-nodes` and `query-blockstats` report.
@@ -525,6 +527,10 @@ pub struct Disks {
     workers: Vec<Option<Blockd>>,
     /// The fd sets, for images `blockdev-add` opens.
     fdsets: Option<Arc<FdSets>>,
+    /// `block-set-write-threshold` per node name (until a write passes it).
+    thresholds: Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
+    /// Where blockd's events become QMP events.
+    bus: Option<Arc<crate::qmp::events::EventBus>>,
     /// Per `vhost-user-blk-pci`: its connection, until a machine worker takes it.
     vhost_user: Vec<Option<UnixStream>>,
     generation: u64,
@@ -637,6 +643,8 @@ impl Disks {
             workers: Vec::new(),
             vhost_user: Vec::new(),
             fdsets: None,
+            thresholds: Arc::default(),
+            bus: None,
             generation: 0,
             blockd_path: None,
             sandbox: SandboxConfig::default(),
@@ -1029,12 +1037,50 @@ impl Disks {
                 Err(e) => return Err(fail(e)),
             }
         }
-        // blockd's events: only logged (its exit is what matters, seen by the supervisor).
+        // A write threshold set for this disk's node(s) before this blockd started.
+        let watched = self.watched_nodes(dev);
+        let pending = watched
+            .iter()
+            .map(|n| self.threshold_of(n))
+            .find(|&t| t != 0);
+        if let Some(t) = pending {
+            match call(&rpc, BlockRequest::SetWriteThreshold(t)).await {
+                Ok(BlockReply::Ok) => {}
+                Ok(other) => return Err(fail(format!("unexpected reply {other:?}"))),
+                Err(e) => return Err(fail(e)),
+            }
+        }
+        // blockd's events: a passed write threshold becomes BLOCK_WRITE_THRESHOLD; the rest is
+        // logged (its exit is what matters, seen by the supervisor).
         {
             let id = id.clone();
+            let thresholds = self.thresholds.clone();
+            let bus = self.bus.clone();
             tokio::spawn(async move {
                 while let Some(Ok((ev, _))) = events.recv().await {
-                    log::debug!("bulkhead-blockd for {id}: {ev:?}");
+                    match ev {
+                        BlockEvent::WriteThreshold { end, threshold } => {
+                            let node = {
+                                let mut t = thresholds.lock().unwrap_or_else(|p| p.into_inner());
+                                let n = watched
+                                    .iter()
+                                    .find(|n| t.get(*n) == Some(&threshold))
+                                    .cloned();
+                                if let Some(n) = &n {
+                                    t.remove(n);
+                                }
+                                n
+                            };
+                            if let (Some(node), Some(bus)) = (node, &bus) {
+                                bus.emit(&crate::qmp::events::Event::BlockWriteThreshold {
+                                    node,
+                                    amount_exceeded: end.saturating_sub(threshold),
+                                    threshold,
+                                });
+                            }
+                        }
+                        other => log::debug!("bulkhead-blockd for {id}: {other:?}"),
+                    }
                 }
             });
         }
@@ -1184,6 +1230,7 @@ impl Disks {
                 backing: first.map(|b| b.nodes.1.clone()),
                 backing_depth: chain.len(),
                 qcow2: self.qcow2.get(i).copied().flatten(),
+                write_threshold: self.threshold_of(&n.name),
             });
             // The backing chain's nodes come right after the image's, as QEMU creates them.
             for (j, b) in chain.iter().enumerate() {
@@ -1214,6 +1261,7 @@ impl Disks {
                     backing: None,
                     backing_depth: 0,
                     qcow2: None,
+                    write_threshold: 0,
                 };
                 nodes.push(base.clone());
                 nodes.push(NodeView {
@@ -1394,6 +1442,8 @@ pub enum BlockOp {
     DeviceAdd(Vec<(String, String)>),
     /// `device_del` (the id); answers [`BlockAnswer::NotMine`] for an id no block device has.
     DeviceDel(String),
+    /// `block-set-write-threshold` (node name, threshold).
+    WriteThreshold(String, u64),
 }
 
 impl BlockOp {
@@ -1461,6 +1511,64 @@ use crate::qmp::protocol::QmpError;
 use bulkhead_ipc::messages::{VcpuReply, VcpuRequest};
 
 impl Disks {
+    /// Where blockd's events go as QMP events.
+    pub fn set_bus(&mut self, bus: Arc<crate::qmp::events::EventBus>) {
+        self.bus = Some(bus);
+    }
+
+    fn threshold_of(&self, node: &str) -> u64 {
+        self.thresholds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The nodes whose offsets are the guest's offsets of device `dev`, where its blockd can
+    /// watch writes: its root node, and the `file` node under a raw root.
+    fn watched_nodes(&self, dev: usize) -> Vec<String> {
+        let cfg = &self.resolved.config;
+        let root = cfg.backends[cfg.devices[dev].backend].node.clone();
+        let mut out = vec![root.clone()];
+        if let Some(i) = self.node_index(&root) {
+            if self.formats.get(i) == Some(&Driver::Format(ImageFormat::Raw)) {
+                out.extend(cfg.nodes[i].file.clone());
+            }
+        }
+        out
+    }
+
+    /// `block-set-write-threshold`: the device whose blockd sees the node's offsets watches
+    /// the next write beyond `threshold` (0: stop watching).
+    pub async fn set_write_threshold(&mut self, node: &str, threshold: u64) -> Result<(), String> {
+        if self.node_index(node).is_none() {
+            return Err(format!("Device '{node}' not found"));
+        }
+        let dev = (0..self.resolved.config.devices.len())
+            .find(|&d| self.watched_nodes(d).iter().any(|n| n == node))
+            .ok_or_else(|| {
+                format!(
+                    "bulkhead watches writes in the bulkhead-blockd of a device: node '{node}' \
+                     is not a device's disk (or is the file under a qcow2 image)"
+                )
+            })?;
+        if let Some(w) = self.workers.get(dev).and_then(Option::as_ref) {
+            match call(&w.rpc, BlockRequest::SetWriteThreshold(threshold)).await? {
+                BlockReply::Ok => {}
+                other => return Err(format!("unexpected reply {other:?}")),
+            }
+        }
+        let mut t = self.thresholds.lock().unwrap_or_else(|p| p.into_inner());
+        for n in self.watched_nodes(dev) {
+            t.remove(&n);
+        }
+        if threshold != 0 {
+            t.insert(node.to_string(), threshold);
+        }
+        Ok(())
+    }
+
     /// The backing files' node names.
     fn chain_names(&self) -> Vec<String> {
         self.chains
@@ -1481,6 +1589,10 @@ impl Disks {
             BlockOp::BlockdevDel(name) => self.blockdev_del(&name).map_err(QmpError::generic)?,
             BlockOp::DeviceAdd(pairs) => self.device_add(&pairs, &m).await?,
             BlockOp::DeviceDel(id) => return self.device_del(&id, &m).await,
+            BlockOp::WriteThreshold(node, t) => self
+                .set_write_threshold(&node, t)
+                .await
+                .map_err(QmpError::generic)?,
         }
         Ok(BlockAnswer::Done)
     }
@@ -1520,17 +1632,15 @@ impl Disks {
         let Some(i) = self.node_index(name) else {
             return Err(format!("Failed to find node with node-name='{name}'"));
         };
+        // QEMU's checks, in its order.
         if cfg.backends.iter().any(|b| b.node == name) {
             return Err(format!("Node {name} is in use"));
         }
-        if let Some(p) = cfg.nodes.iter().find(|p| p.file.as_deref() == Some(name)) {
-            return Err(format!(
-                "Node '{name}' is busy: node is used as the 'file' child of '{}'",
-                p.name
-            ));
-        }
         if !cfg.nodes[i].owned {
             return Err(format!("Node {name} is not owned by the monitor"));
+        }
+        if cfg.nodes.iter().any(|p| p.file.as_deref() == Some(name)) {
+            return Err(format!("Block device {name} is in use"));
         }
         let mut gone = vec![i];
         if let Some(child) = cfg.nodes[i].file.as_deref() {

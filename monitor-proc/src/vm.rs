@@ -540,6 +540,7 @@ impl Vm {
     /// Gives the actor the machine's disks (opened at start-up; before [`Vm::boot`]).
     pub fn set_disks(&mut self, disks: Disks) {
         self.disks = disks;
+        self.disks.set_bus(self.bus.clone());
     }
 
     /// Gives the actor the machine's NICs (taps opened at start-up; before [`Vm::boot`]).

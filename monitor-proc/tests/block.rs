@@ -1013,14 +1013,35 @@ fn blockdev_add_and_device_add_before_the_guest_first_runs() {
         q.raw(add)["error"]["desc"],
         "Duplicate nodes with node-name='d0'"
     );
+    // QEMU 7.2's texts: a root node without a name; a node another node uses; a node the
+    // monitor does not own (an inline child).
+    assert_eq!(
+        q.raw(r#"{"execute":"blockdev-add","arguments":{"driver":"raw","file":"d0"}}"#)["error"]
+            ["desc"],
+        "'node-name' must be specified for the root node"
+    );
+    let file = r#"{"execute":"blockdev-add","arguments":{"driver":"file","node-name":"f1","filename":"/dev/fdset/1"}}"#;
+    assert_eq!(q.raw(file), json!({"return": {}}));
+    let raw = r#"{"execute":"blockdev-add","arguments":{"driver":"raw","node-name":"r1","file":"f1","read-only":true}}"#;
+    assert_eq!(q.raw(raw), json!({"return": {}}));
+    let del =
+        |n: &str| format!(r#"{{"execute":"blockdev-del","arguments":{{"node-name":"{n}"}}}}"#);
+    assert_eq!(
+        q.raw(&del("f1"))["error"]["desc"],
+        "Block device f1 is in use"
+    );
+    let inline = nodes_named(&mut q)
+        .into_iter()
+        .find(|n| n.starts_with('#'))
+        .expect("d0's inline file node");
+    assert_eq!(
+        q.raw(&del(&inline))["error"]["desc"],
+        format!("Node {inline} is not owned by the monitor")
+    );
+    assert_eq!(q.raw(&del("r1")), json!({"return": {}}));
+    assert_eq!(q.raw(&del("f1")), json!({"return": {}}));
     let nodes = q.cmd("query-named-block-nodes");
-    let names: Vec<&str> = nodes["return"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .filter_map(|n| n["node-name"].as_str())
-        .collect();
-    assert!(names.contains(&"d0"), "{nodes}");
+    assert!(nodes_named(&mut q).contains(&"d0".to_string()), "{nodes}");
     let d0 = nodes["return"]
         .as_array()
         .and_then(|v| v.iter().find(|n| n["node-name"] == "d0"))
@@ -1040,6 +1061,21 @@ fn blockdev_add_and_device_add_before_the_guest_first_runs() {
     assert_eq!(
         q.raw(dev)["error"]["desc"],
         "Duplicate device ID 'vd0' for device"
+    );
+    // block-set-write-threshold on the device's node: kept, shown, given to its blockd.
+    let wt = |n: &str, t: u64| {
+        format!(
+            r#"{{"execute":"block-set-write-threshold","arguments":{{"node-name":"{n}","write-threshold":{t}}}}}"#
+        )
+    };
+    assert_eq!(q.raw(&wt("d0", 65536)), json!({"return": {}}));
+    assert_eq!(
+        q.cmd("query-block")["return"][0]["inserted"]["write_threshold"],
+        65536
+    );
+    assert_eq!(
+        q.raw(&wt("nope", 1))["error"],
+        json!({"class": "GenericError", "desc": "Device 'nope' not found"})
     );
     let del_node = r#"{"execute":"blockdev-del","arguments":{"node-name":"d0"}}"#;
     assert_eq!(q.raw(del_node)["error"]["desc"], "Node d0 is in use");
@@ -1089,4 +1125,14 @@ fn blockdev_add_and_device_add_before_the_guest_first_runs() {
     }
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success(), "{}", m.stderr());
+}
+
+/// The node names `query-named-block-nodes` lists.
+fn nodes_named(q: &mut Qmp) -> Vec<String> {
+    q.cmd("query-named-block-nodes")["return"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["node-name"].as_str().map(str::to_string))
+        .collect()
 }

@@ -465,6 +465,7 @@ fn introspection_and_hmp_answer_like_qemu_7_2() {
     assert_eq!(
         names(&oc),
         [
+            "BLOCK_WRITE_THRESHOLD",
             "DEVICE_DELETED",
             "RESET",
             "RESUME",

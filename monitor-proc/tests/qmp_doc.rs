@@ -286,10 +286,6 @@ const PROBES: &[(&str, &str)] = &[
     ("qom-list", r#"{"path": "/"}"#),                // QOM
     ("cpu-add", r#"{"id": 2}"#),                     // CPU hot-plug
     ("migrate", r#"{"uri": "tcp:0:4446"}"#),         // migration (not yet)
-    (
-        "block-set-write-threshold",
-        r#"{"node-name": "n", "write-threshold": 1}"#,
-    ), // block (not yet, issue 5)
     ("inject-nmi", "{}"),                            // vcpu-proc (not yet)
     ("pmemsave", r#"{"val": 0, "size": 1, "filename": "/tmp/x"}"#), // memory (not yet)
 ];

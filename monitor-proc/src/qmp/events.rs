@@ -94,6 +94,15 @@ pub enum Event {
     /// A worker died unexpectedly (a Bulkhead extension, named as QAPI names experimental
     /// ones); for a sandbox violation it names the refused system call.
     WorkerExited(WorkerExit),
+    /// A write passed a node's `block-set-write-threshold` (the threshold is off now).
+    BlockWriteThreshold {
+        /// The node.
+        node: String,
+        /// How far the write went beyond the threshold.
+        amount_exceeded: u64,
+        /// The threshold.
+        threshold: u64,
+    },
     /// A device is gone (`device_del`): its `id` if it has one, and its QOM path.
     DeviceDeleted {
         /// The device's id.
@@ -113,6 +122,7 @@ impl Event {
             Event::Shutdown(_) => "SHUTDOWN",
             Event::WorkerExited(_) => "X_WORKER_EXITED",
             Event::DeviceDeleted { .. } => "DEVICE_DELETED",
+            Event::BlockWriteThreshold { .. } => "BLOCK_WRITE_THRESHOLD",
         }
     }
 
@@ -149,6 +159,15 @@ impl Event {
                 }
                 Some(super::qdict::object(m))
             }
+            Event::BlockWriteThreshold {
+                node,
+                amount_exceeded,
+                threshold,
+            } => Some(super::qdict::object(vec![
+                ("node-name", Value::from(node.as_str())),
+                ("amount-exceeded", Value::from(*amount_exceeded)),
+                ("write-threshold", Value::from(*threshold)),
+            ])),
             Event::DeviceDeleted { device, path } => {
                 let mut m = Vec::new();
                 if let Some(d) = device {

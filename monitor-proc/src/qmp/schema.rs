@@ -101,6 +101,7 @@ const ARG_FEATURES: &[(&str, &str, &[&str])] =
 pub const RETURNS: &[(&str, &str)] = &[
     ("add-fd", "AddfdInfo"),
     ("block_resize", EMPTY),
+    ("block-set-write-threshold", EMPTY),
     ("blockdev-add", EMPTY),
     ("blockdev-del", EMPTY),
     ("block_set_io_throttle", EMPTY),
@@ -142,6 +143,7 @@ pub const RETURNS: &[(&str, &str)] = &[
 /// Every event the bus can emit, with its data type. Exactly the events of
 /// [`super::events::Event`].
 pub const EVENTS: &[(&str, &str)] = &[
+    ("BLOCK_WRITE_THRESHOLD", "q_obj_BLOCK_WRITE_THRESHOLD-arg"),
     ("DEVICE_DELETED", "q_obj_DEVICE_DELETED-arg"),
     ("RESET", "q_obj_RESET-arg"),
     ("RESUME", EMPTY),
@@ -576,6 +578,14 @@ pub const TYPES: &[(&str, TypeDef)] = &[
             req("discard-nb-ok", "int"),
             req("discard-nb-failed", "int"),
             req("discard-bytes-ok", "int"),
+        ]),
+    ),
+    (
+        "q_obj_BLOCK_WRITE_THRESHOLD-arg",
+        object(&[
+            req("node-name", "str"),
+            req("amount-exceeded", "int"),
+            req("write-threshold", "int"),
         ]),
     ),
     (
@@ -1159,6 +1169,11 @@ mod tests {
                 device: Some("vd0".into()),
                 path: "/machine/peripheral/vd0".into(),
             },
+            Event::BlockWriteThreshold {
+                node: "n".into(),
+                amount_exceeded: 1,
+                threshold: 1,
+            },
         ];
         for e in &all {
             match e {
@@ -1167,7 +1182,8 @@ mod tests {
                 | Event::Reset(_)
                 | Event::Shutdown(_)
                 | Event::WorkerExited(_)
-                | Event::DeviceDeleted { .. } => {}
+                | Event::DeviceDeleted { .. }
+                | Event::BlockWriteThreshold { .. } => {}
             }
         }
         all

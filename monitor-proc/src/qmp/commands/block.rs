@@ -72,6 +72,14 @@ pub(super) static COMMANDS: &[Command] = &[
         handler: block_set_io_throttle,
     },
     Command {
+        name: "block-set-write-threshold",
+        args: &[
+            arg("node-name", ArgType::Str, false),
+            arg("write-threshold", ArgType::Int, false),
+        ],
+        handler: block_set_write_threshold,
+    },
+    Command {
         name: "blockdev-add",
         args: BLOCKDEV_ADD_ARGS,
         handler: blockdev_add,
@@ -114,6 +122,27 @@ const BLOCKDEV_ADD_ARGS: &[ArgSpec] = &[
     arg("aio", ArgType::Str, true),
     arg("detect-zeroes", ArgType::Str, true),
 ];
+
+fn block_set_write_threshold(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
+    Box::pin(async move {
+        let node = args
+            .get("node-name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        // QEMU's uint64: a negative number is refused by the argument check.
+        let Some(threshold) = args.get("write-threshold").and_then(Value::as_u64) else {
+            return Err(QmpError::generic(
+                "Parameter 'write-threshold' expects uint64",
+            ));
+        };
+        ctx.shared
+            .vm
+            .block(crate::disks::BlockOp::WriteThreshold(node, threshold))
+            .await?;
+        Ok(Outcome::empty())
+    })
+}
 
 fn blockdev_add(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
     Box::pin(async move {
@@ -312,7 +341,10 @@ pub fn device_info(v: &BlockView, i: usize, throttle: Option<&(ThrottleLimits, S
     if let Some((_, group)) = throttle.filter(|t| t.0.enabled()) {
         m.push(("group", Value::from(group.as_str())));
     }
-    m.extend([("cache", cache), ("write_threshold", Value::from(0))]);
+    m.extend([
+        ("cache", cache),
+        ("write_threshold", Value::from(n.write_threshold)),
+    ]);
     qdict::object(m)
 }
 

@@ -12,10 +12,6 @@
 //! `docs/QMP.md` accounts for every command of the reference documents; a test
 //! (`tests/qmp_doc.rs`) keeps that table and this list in agreement with the registry.
 
-/// Block devices: issue 5 (blockd).
-const BLOCK: &str =
-    "not implemented yet: block devices come with Bulkhead's block back end (blockd)";
-
 /// CPU hot-plug.
 const CPUHP: &str = "Bulkhead has no CPU hot-plug: the vCPUs are fixed by -smp at start";
 
@@ -75,7 +71,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("block-job-pause", JOBS),
     ("block-job-resume", JOBS),
     ("block-job-set-speed", JOBS),
-    ("block-set-write-threshold", BLOCK),
     ("block-stream", JOBS),
     (
         "block_passwd",
