@@ -16,200 +16,22 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+mod common;
+use common::{eth_frame, recv_ours_matching, send_frame, Netns, ETHERTYPE};
+
 const QSIZE: u16 = 64;
 const MEM_SIZE: usize = 4 << 20;
 /// The fake VMM address of guest address 0 (ring addresses are given in it).
 const VA_BASE: u64 = 0x7000_0000_0000;
 const MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
-const ETHERTYPE: u16 = 0x88b5;
 const HDR: usize = 12;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
-fn run(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e} (iproute2's ip is needed)"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace holding a persistent tap with an address; deleted on drop.
-struct Netns {
-    name: String,
-    tap: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "the netd data-path tests need root (ip netns, taps); CI runs as root"
-        );
-        let id = std::process::id() % 100_000;
-        let n = Netns {
-            name: format!("bhnetd-{tag}-{id}"),
-            tap: format!("bht{tag}{id}"),
-        };
-        let _ = Command::new("ip")
-            .args(["netns", "del", &n.name])
-            .stderr(Stdio::null())
-            .status();
-        run(&["ip", "netns", "add", &n.name]);
-        // No IPv6 in the namespace: its router solicitations and MLD reports would be the
-        // first frames on the tap.
-        n.within(|| {
-            for c in ["all", "default"] {
-                std::fs::write(format!("/proc/sys/net/ipv6/conf/{c}/disable_ipv6"), "1")
-                    .expect("disabling IPv6 in the test namespace");
-            }
-        });
-        n.exec(&[
-            "ip", "tuntap", "add", "dev", &n.tap, "mode", "tap", "vnet_hdr",
-        ]);
-        n.exec(&["ip", "link", "set", &n.tap, "mtu", "9000", "up"]);
-        n.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", &n.tap]);
-        n
-    }
-
-    fn exec(&self, args: &[&str]) {
-        let mut v = vec!["ip", "netns", "exec", &self.name];
-        v.extend_from_slice(args);
-        run(&v);
-    }
-
-    /// Runs `f` on a thread that has joined the namespace (network namespaces are per thread).
-    fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).expect("netns file");
-            // SAFETY: setns on an fd we own; affects only this thread.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("netns thread")
-    }
-
-    /// A raw packet socket on the tap, inside the namespace.
-    fn packet_socket(&self) -> OwnedFd {
-        let tap = self.tap.clone();
-        self.within(move || {
-            let cname = std::ffi::CString::new(tap).expect("name");
-            // SAFETY: plain socket creation; the result is checked.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    i32::from((libc::ETH_P_ALL as u16).to_be()),
-                )
-            };
-            assert!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: fd was just created and is owned by nobody else.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: cname is a valid C string.
-            let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-            assert!(ifindex > 0);
-            // SAFETY: zeroed sockaddr_ll is a valid value.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-            sll.sll_ifindex = ifindex as i32;
-            // SAFETY: binds with a properly sized sockaddr_ll.
-            let r = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 100_000,
-            };
-            // SAFETY: sets a timeval option with its size.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                )
-            };
-            fd
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn send_frame(sock: &OwnedFd, frame: &[u8]) {
-    // SAFETY: sends from a live buffer on a bound packet socket.
-    let n = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-    assert_eq!(
-        n,
-        frame.len() as isize,
-        "send: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// Waits for an incoming (not outgoing) frame of our ethertype with `payload` after the header.
+/// Waits for an incoming frame of our ethertype that `pred` accepts.
 fn recv_matching(sock: &OwnedFd, pred: impl Fn(&[u8]) -> bool, timeout: Duration) -> Vec<u8> {
-    let end = Instant::now() + timeout;
-    let mut buf = vec![0u8; 70_000];
-    while Instant::now() < end {
-        // SAFETY: zeroed sockaddr_ll is a valid value.
-        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut fl = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-        // SAFETY: receives into our buffer and address struct with their sizes.
-        let n = unsafe {
-            libc::recvfrom(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                (&mut from as *mut libc::sockaddr_ll).cast(),
-                &mut fl,
-            )
-        };
-        if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
-            continue;
-        }
-        let f = &buf[..n as usize];
-        if f.len() >= 14 && u16::from_be_bytes([f[12], f[13]]) == ETHERTYPE && pred(f) {
-            return f.to_vec();
-        }
-    }
-    panic!("no matching frame within {timeout:?}");
-}
-
-fn eth_frame(dst: [u8; 6], src: [u8; 6], payload_len: usize, seed: u8) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload_len);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-    f.extend((0..payload_len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
-    f
+    recv_ours_matching(sock, pred, timeout)
+        .unwrap_or_else(|| panic!("no matching frame within {timeout:?}"))
 }
 
 /// The netd process (stderr collected), killed on drop.
@@ -493,7 +315,7 @@ fn socket_path(tag: &str) -> SockPath {
 
 #[test]
 fn frames_flow_both_ways_through_the_sandboxed_netd() {
-    let ns = Netns::new("f");
+    let ns = Netns::new("bhnetd", "bht", "f", Some("9000"));
     let sock = ns.packet_socket();
     let path = socket_path("f");
     let netd = Netd::start(&ns, &path);
@@ -559,7 +381,7 @@ fn frames_flow_both_ways_through_the_sandboxed_netd() {
 
 #[test]
 fn hostile_descriptors_are_dropped_and_netd_keeps_serving() {
-    let ns = Netns::new("h");
+    let ns = Netns::new("bhnetd", "bht", "h", Some("9000"));
     let sock = ns.packet_socket();
     let path = socket_path("h");
     let mut netd = Netd::start(&ns, &path);
@@ -629,7 +451,7 @@ fn hostile_descriptors_are_dropped_and_netd_keeps_serving() {
 
 #[test]
 fn rx_without_buffers_backs_off_without_spinning_and_recovers() {
-    let ns = Netns::new("b");
+    let ns = Netns::new("bhnetd", "bht", "b", Some("9000"));
     let sock = ns.packet_socket();
     let path = socket_path("b");
     let mut netd = Netd::start(&ns, &path);
@@ -728,7 +550,7 @@ fn with_tap_fd(exe: &str, fd: &OwnedFd, args: &[&str]) -> Command {
 #[test]
 fn an_inherited_tap_fd_is_served_and_one_without_vnet_header_refused() {
     let exe = env!("CARGO_BIN_EXE_bulkhead-netd");
-    let ns = Netns::new("i");
+    let ns = Netns::new("bhnetd", "bht", "i", Some("9000"));
     let sock = ns.packet_socket();
 
     // Without IFF_VNET_HDR: refused before anything is served.
@@ -769,7 +591,7 @@ fn an_inherited_tap_fd_is_served_and_one_without_vnet_header_refused() {
 
 #[test]
 fn legacy_header_without_mergeable_buffers_and_oversize_frames_dropped() {
-    let ns = Netns::new("l");
+    let ns = Netns::new("bhnetd", "bht", "l", Some("9000"));
     let sock = ns.packet_socket();
     let path = socket_path("l");
     let netd = Netd::start(&ns, &path);

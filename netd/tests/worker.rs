@@ -15,7 +15,6 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command as StdCommand, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,13 +28,15 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+mod common;
+use common::{eth_frame, recv_ours_matching, send_frame, Netns};
+
 const QSIZE: u16 = 64;
 const MEM_SIZE: usize = 4 << 20;
 /// The fake VMM address of guest address 0 (ring addresses are given in it).
 const VA_BASE: u64 = 0x7000_0000_0000;
 const MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x21];
 const PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x09];
-const ETHERTYPE: u16 = 0x88b5;
 const HDR: usize = 12;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -43,212 +44,9 @@ const RX: usize = 0;
 const TX: usize = 1;
 const TX_BUF: u64 = 0x10_0000;
 const RX_BUF: u64 = 0x20_0000;
-/// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, as the monitor opens a tap.
-const TAP_FLAGS: u16 = 0x0002 | 0x1000 | 0x4000;
-
-fn run(args: &[&str]) {
-    let out = StdCommand::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e} (iproute2's ip is needed)"));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace holding a persistent tap with an address; deleted on drop.
-struct Netns {
-    name: String,
-    tap: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "the netd worker tests need root (ip netns, taps); CI runs as root"
-        );
-        let id = std::process::id() % 100_000;
-        let n = Netns {
-            name: format!("bhnetw-{tag}-{id}"),
-            tap: format!("bhw{tag}{id}"),
-        };
-        let _ = StdCommand::new("ip")
-            .args(["netns", "del", &n.name])
-            .stderr(Stdio::null())
-            .status();
-        run(&["ip", "netns", "add", &n.name]);
-        // No IPv6 in the namespace: its router solicitations and MLD reports would be frames on
-        // the tap the counters would see.
-        n.within(|| {
-            for c in ["all", "default"] {
-                std::fs::write(format!("/proc/sys/net/ipv6/conf/{c}/disable_ipv6"), "1")
-                    .expect("disabling IPv6 in the test namespace");
-            }
-        });
-        n.exec(&[
-            "ip", "tuntap", "add", "dev", &n.tap, "mode", "tap", "vnet_hdr",
-        ]);
-        n.exec(&["ip", "link", "set", &n.tap, "up"]);
-        n.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", &n.tap]);
-        n
-    }
-
-    fn exec(&self, args: &[&str]) {
-        let mut v = vec!["ip", "netns", "exec", &self.name];
-        v.extend_from_slice(args);
-        run(&v);
-    }
-
-    /// Runs `f` on a thread that has joined the namespace (network namespaces are per thread).
-    fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).expect("netns file");
-            // SAFETY: setns on an fd we own; affects only this thread.
-            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("netns thread")
-    }
-
-    /// The tap opened as the monitor opens it (`/dev/net/tun` + `TUNSETIFF`), close-on-exec.
-    fn open_tap(&self) -> OwnedFd {
-        let tap = self.tap.clone();
-        self.within(move || {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")
-                .expect("/dev/net/tun");
-            let mut req = [0u8; 40];
-            req[..tap.len()].copy_from_slice(tap.as_bytes());
-            req[16..18].copy_from_slice(&TAP_FLAGS.to_ne_bytes());
-            // SAFETY: TUNSETIFF with a 40-byte ifreq we own.
-            let r = unsafe { libc::ioctl(f.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) };
-            assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
-            OwnedFd::from(f)
-        })
-    }
-
-    /// A raw packet socket on the tap, inside the namespace.
-    fn packet_socket(&self) -> OwnedFd {
-        let tap = self.tap.clone();
-        self.within(move || {
-            let cname = std::ffi::CString::new(tap).expect("name");
-            // SAFETY: plain socket creation; the result is checked.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_PACKET,
-                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                    i32::from((libc::ETH_P_ALL as u16).to_be()),
-                )
-            };
-            assert!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: fd was just created and is owned by nobody else.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            // SAFETY: cname is a valid C string.
-            let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-            assert!(ifindex > 0);
-            // SAFETY: zeroed sockaddr_ll is a valid value.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sll.sll_family = libc::AF_PACKET as u16;
-            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-            sll.sll_ifindex = ifindex as i32;
-            // SAFETY: binds with a properly sized sockaddr_ll.
-            let r = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 100_000,
-            };
-            // SAFETY: sets a timeval option with its size.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                )
-            };
-            fd
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = StdCommand::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn send_frame(sock: &OwnedFd, frame: &[u8]) {
-    // SAFETY: sends from a live buffer on a bound packet socket.
-    let n = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-    assert_eq!(
-        n,
-        frame.len() as isize,
-        "send: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// The first incoming (not outgoing) frame of our ethertype within `timeout`.
+/// The first incoming frame of our ethertype within `timeout`.
 fn recv_ours(sock: &OwnedFd, timeout: Duration) -> Option<Vec<u8>> {
-    let end = Instant::now() + timeout;
-    let mut buf = vec![0u8; 70_000];
-    while Instant::now() < end {
-        // SAFETY: zeroed sockaddr_ll is a valid value.
-        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        let mut fl = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-        // SAFETY: receives into our buffer and address struct with their sizes.
-        let n = unsafe {
-            libc::recvfrom(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                (&mut from as *mut libc::sockaddr_ll).cast(),
-                &mut fl,
-            )
-        };
-        if n <= 0 || from.sll_pkttype == libc::PACKET_OUTGOING {
-            continue;
-        }
-        let f = &buf[..n as usize];
-        if f.len() >= 14 && u16::from_be_bytes([f[12], f[13]]) == ETHERTYPE {
-            return Some(f.to_vec());
-        }
-    }
-    None
-}
-
-fn eth_frame(dst: [u8; 6], src: [u8; 6], payload_len: usize, seed: u8) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload_len);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&ETHERTYPE.to_be_bytes());
-    f.extend((0..payload_len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
-    f
+    recv_ours_matching(sock, |_| true, timeout)
 }
 
 /// A launched netd, the monitor's end of its channel and its stderr (a pipe, read to the end
@@ -620,7 +418,7 @@ impl Guest {
 
 #[test]
 fn a_launched_netd_is_confined_moves_frames_both_ways_and_obeys_set_link() {
-    let ns = Netns::new("w");
+    let ns = Netns::new("bhnetw", "bhw", "w", None);
     let far = ns.packet_socket();
     let tap = ns.open_tap();
 
@@ -814,7 +612,7 @@ fn bad_setups_are_refused_and_quit_ends_the_worker() {
 
 #[test]
 fn launched_without_namespaces_netd_still_leaves_the_network_it_was_started_in() {
-    let ns = Netns::new("n");
+    let ns = Netns::new("bhnetw", "bhw", "n", None);
     let far = ns.packet_socket();
     let tap = ns.open_tap();
     let mut w = Worker::start(2, Some(&ns));
