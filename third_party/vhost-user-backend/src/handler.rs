@@ -811,10 +811,7 @@ where
         // We need to duplicate the uffd fd because we need both
         // to return File with fd and store fd inside uffd.
         //
-        // SAFETY:
-        // We know that uffd is correctly created.
-        // This means fd inside uffd is also a valid fd.
-        // Duplicating a valid fd is safe.
+        // SAFETY: uffd was correctly created, so its fd is valid; duplicating a valid fd is safe.
         let uffd_dup = unsafe { libc::dup(uffd.as_raw_fd()) };
         if uffd_dup < 0 {
             return Err(VhostUserError::ReqHandlerError(io::Error::last_os_error()));
@@ -983,7 +980,7 @@ mod tests {
 
         let (kick_consumer, notifier) =
             new_event_consumer_and_notifier(EventFlag::empty()).unwrap();
-        // Safety: we know kick_consumer is valid.
+        // SAFETY: kick_consumer is valid and gives up its fd to the File.
         let kick_consumer_file = unsafe { File::from_raw_fd(kick_consumer.into_raw_fd()) };
         handler
             .set_vring_kick(vring_index as u8, Some(kick_consumer_file))

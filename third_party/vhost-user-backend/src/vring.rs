@@ -238,10 +238,9 @@ impl<M: GuestAddressSpace> VringState<M> {
 
     /// Set `EventFd` for kick.
     fn set_kick(&mut self, file: Option<File>) {
-        // SAFETY:
-        // EventFd requires that it has sole ownership of its fd. So does File, so this is safe.
         // Ideally, we'd have a generic way to refer to a uniquely-owned fd, such as that proposed
         // by Rust RFC #3128.
+        // SAFETY: EventFd requires sole ownership of its fd. So does File, so this is safe.
         self.kick = file.map(|f| unsafe { EventConsumer::from_raw_fd(f.into_raw_fd()) });
     }
 
