@@ -594,6 +594,8 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
                 }
                 None => BlockReply::Error("not set up".into()),
             },
+            // No request is held yet: the `stop` action is not served by this blockd.
+            BlockRequest::Resume => BlockReply::Ok,
             BlockRequest::Quit => {
                 let _ = chan.reply(id, BlockReply::Ok, &[]);
                 log::info!("quit");

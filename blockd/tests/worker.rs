@@ -15,7 +15,8 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use bulkhead_ipc::messages::{
-    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, ImageFormat, ThrottleLimits,
+    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, ErrorPolicy, ImageFormat,
+    ThrottleLimits,
 };
 use bulkhead_ipc::{Channel, Frame, Role as IpcRole};
 use bulkhead_sandbox::launch::{Child, Command, IdMap};
@@ -213,6 +214,8 @@ fn setup(serial: &str, readonly: bool) -> BlockSetup {
         serial: serial.into(),
         num_queues: 1,
         backing_files: 0,
+        rerror: ErrorPolicy::Report,
+        werror: ErrorPolicy::Report,
     }
 }
 

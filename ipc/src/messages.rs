@@ -320,6 +320,85 @@ pub struct BlockSetup {
     pub num_queues: u16,
     /// Backing files of a qcow2 image, each an fd after the others, outermost first.
     pub backing_files: u32,
+    /// What a failed read does (`rerror`).
+    pub rerror: ErrorPolicy,
+    /// What a failed write, flush, discard or write-zeroes does (`werror`).
+    pub werror: ErrorPolicy,
+}
+
+/// QEMU's `BlockdevOnError` as `-drive werror=`/`rerror=` and `-device virtio-blk-*,werror=`
+/// spell it: what happens when a request fails on the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorPolicy {
+    /// Fail the request to the guest (`VIRTIO_BLK_S_IOERR`).
+    #[default]
+    Report,
+    /// Complete the request as if it had succeeded.
+    Ignore,
+    /// Hold the request and pause the VM; it is retried on [`BlockRequest::Resume`].
+    Stop,
+    /// `Stop` when the error is `ENOSPC`, `Report` otherwise.
+    Enospc,
+}
+
+impl ErrorPolicy {
+    /// QEMU's name (`report`, `ignore`, `stop`, `enospc`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorPolicy::Report => "report",
+            ErrorPolicy::Ignore => "ignore",
+            ErrorPolicy::Stop => "stop",
+            ErrorPolicy::Enospc => "enospc",
+        }
+    }
+
+    /// The policy QEMU spells `name`.
+    pub fn from_name(name: &str) -> Option<ErrorPolicy> {
+        Some(match name {
+            "report" => ErrorPolicy::Report,
+            "ignore" => ErrorPolicy::Ignore,
+            "stop" => ErrorPolicy::Stop,
+            "enospc" => ErrorPolicy::Enospc,
+            _ => return None,
+        })
+    }
+
+    /// The action taken for an error with errno `errno` (QEMU's `blk_get_error_action`).
+    pub fn action(self, errno: i32) -> ErrorAction {
+        match self {
+            ErrorPolicy::Report => ErrorAction::Report,
+            ErrorPolicy::Ignore => ErrorAction::Ignore,
+            ErrorPolicy::Stop => ErrorAction::Stop,
+            ErrorPolicy::Enospc if errno == ENOSPC => ErrorAction::Stop,
+            ErrorPolicy::Enospc => ErrorAction::Report,
+        }
+    }
+}
+
+/// `ENOSPC` on Linux (every architecture).
+const ENOSPC: i32 = 28;
+
+/// What blockd did about one failed request (QEMU's `BlockErrorAction`, the `action` of
+/// `BLOCK_IO_ERROR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorAction {
+    /// The guest got an error status.
+    Report,
+    /// The guest was told the request succeeded.
+    Ignore,
+    /// The request is held until [`BlockRequest::Resume`]; the monitor pauses the VM.
+    Stop,
+}
+
+impl ErrorAction {
+    /// QEMU's name (`report`, `ignore`, `stop`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorAction::Report => "report",
+            ErrorAction::Ignore => "ignore",
+            ErrorAction::Stop => "stop",
+        }
+    }
 }
 
 impl BlockSetup {
@@ -352,6 +431,9 @@ pub enum BlockRequest {
     /// `block-set-write-threshold`: report the first write (or write-zeroes) that ends beyond
     /// this guest offset with [`BlockEvent::WriteThreshold`], then stop watching; 0: off.
     SetWriteThreshold(u64),
+    /// The VM runs again (`cont`): retry every request held by an [`ErrorAction::Stop`], in
+    /// the order they failed, and serve the queues as before; answered with `Ok`.
+    Resume,
 }
 
 /// I/O limits of one disk, per second; 0 means no limit. `bps`/`iops` count reads and writes
@@ -458,6 +540,17 @@ pub enum BlockEvent {
         end: u64,
         /// The threshold it passed.
         threshold: u64,
+    },
+    /// A request failed on the host and `action` was taken (QEMU's `BLOCK_IO_ERROR`).
+    IoError {
+        /// A write, flush, discard or write-zeroes (`werror`) rather than a read (`rerror`).
+        write: bool,
+        /// What was done.
+        action: ErrorAction,
+        /// The error was `ENOSPC`.
+        nospace: bool,
+        /// `strerror` of the error, as QEMU's `reason`.
+        reason: String,
     },
 }
 

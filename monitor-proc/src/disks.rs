@@ -33,8 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_ipc::messages::{
-    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, BlockStats, ImageFormat,
-    SandboxReport, ThrottleLimits, VirtioDevice, VirtioKind,
+    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, BlockStats, ErrorPolicy,
+    ImageFormat, SandboxReport, ThrottleLimits, VirtioDevice, VirtioKind,
 };
 use bulkhead_ipc::{AsyncChannel, Role as IpcRole, RpcClient};
 use bulkhead_sandbox::seccomp::Violation;
@@ -962,6 +962,9 @@ impl Disks {
             serial: d.serial.clone().unwrap_or_default(),
             num_queues,
             backing_files: u32::try_from(chain.len()).unwrap_or(u32::MAX),
+            // QEMU's defaults for a device's BlockBackend (`blk_new`).
+            rerror: ErrorPolicy::Report,
+            werror: ErrorPolicy::Enospc,
         };
         let device = VirtioDevice {
             id: id.clone(),
