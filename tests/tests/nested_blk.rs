@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use bulkhead_tests::kit::{BLK_PATTERN_LEN, BLK_PATTERN_LINE, BLK_PATTERN_OFFSET};
+use bulkhead_tests::util::scaled;
 use bulkhead_tests::{
     boot_l1_for_bulkhead, spawn_l2_guest, L1Process, NestedOpts, NestedVm, L2_BOOT_TIMEOUT,
 };
+use serde_json::json;
 
 /// Disk size: 16 MiB of random data.
 const DISK_MIB: u64 = 16;
@@ -108,7 +110,9 @@ fn linux_guest_reads_and_writes_a_drive_served_by_blockd() -> Result<()> {
 }
 
 /// `-blockdev` (file + raw nodes) and `-device virtio-blk-pci` with two queues: the guest's
-/// driver uses both (one per vCPU) and the same checks hold.
+/// driver uses both (one per vCPU) and the same checks hold. Started with `-S`, a write
+/// threshold is set on the raw node first: the guest's pattern write passes it, so
+/// `BLOCK_WRITE_THRESHOLD` comes with QEMU's numbers and the threshold is then off.
 #[test]
 fn blockdev_and_device_with_two_queues() -> Result<()> {
     let vm = boot_l1_for_bulkhead("blk-blockdev-mq")?;
@@ -118,6 +122,7 @@ fn blockdev_and_device_with_two_queues() -> Result<()> {
         2,
         "blk",
         &[
+            "-S",
             "-blockdev",
             "driver=file,node-name=f0,filename=/tmp/mq.img",
             "-blockdev",
@@ -126,7 +131,49 @@ fn blockdev_and_device_with_two_queues() -> Result<()> {
             "virtio-blk-pci,drive=d0,id=vd0,num-queues=2,serial=BH-MQ",
         ],
     )?;
+    let mut qmp = vm.qmp(Duration::from_secs(30))?;
+    // One 4 KiB block into the pattern: its write ends at the pattern's end at the latest.
+    let threshold = BLK_PATTERN_OFFSET + 4096;
+    qmp.execute(
+        "block-set-write-threshold",
+        Some(json!({"node-name": "d0", "write-threshold": threshold})),
+    )?;
+    let nodes = qmp.execute("query-named-block-nodes", None)?;
+    let d0 = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == "d0"))
+        .context("d0 in query-named-block-nodes")?;
+    ensure!(
+        d0["write_threshold"] == threshold,
+        "write_threshold not shown: {d0}"
+    );
+    qmp.execute("cont", None)?;
+    let ev = qmp.wait_event("BLOCK_WRITE_THRESHOLD", scaled(DONE_TIMEOUT))?;
+    println!("event: {ev}");
+    let data = &ev["data"];
+    ensure!(data["node-name"] == "d0", "node-name: {ev}");
+    ensure!(
+        data["write-threshold"] == threshold,
+        "write-threshold: {ev}"
+    );
+    let exceeded = data["amount-exceeded"]
+        .as_u64()
+        .context("amount-exceeded")?;
+    ensure!(
+        exceeded > 0 && exceeded <= BLK_PATTERN_LEN as u64 - 4096,
+        "amount-exceeded {exceeded} does not fit a write inside the pattern"
+    );
     check_guest_run(&vm, &bh, &md5, "BH-MQ")?;
+    let nodes = qmp.execute("query-named-block-nodes", None)?;
+    let d0 = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == "d0"))
+        .context("d0 in query-named-block-nodes")?;
+    ensure!(
+        d0["write_threshold"] == 0,
+        "the threshold must be off after its event: {d0}"
+    );
+    drop(qmp);
     bh.wait_exit(Duration::from_secs(60))?;
     let out = vm.sh_ok("ls /sys/block/ 2>/dev/null; true", Duration::from_secs(10))?;
     println!("L1 block devices: {out}");
