@@ -25,6 +25,7 @@ pub mod cpio;
 pub mod kit;
 pub mod nested;
 pub mod qmp;
+pub mod tcg_frontend;
 pub mod util;
 
 pub use console::{ConsoleLog, Mark};

@@ -7,37 +7,17 @@
 //!
 //! Missing pieces (qemu, the blockd binary, the kit) fail the test; nothing is skipped.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use bulkhead_tests::kit::{self, GuestKit};
-use bulkhead_tests::util::workspace_root;
+use bulkhead_tests::tcg_frontend::{
+    marker, md5, scratch, wait_exit, wait_for_socket, Reaped, TcgGuest,
+};
 
 /// Image size: 8 MiB.
 const IMAGE_SIZE: usize = 8 << 20;
-
-/// Kills and reaps a child on drop.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn scratch(name: &str) -> Result<PathBuf> {
-    let d = workspace_root()
-        .join("target/test-scratch")
-        .join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-    Ok(d)
-}
 
 /// Deterministic, non-repeating image contents.
 fn image_bytes() -> Vec<u8> {
@@ -50,36 +30,6 @@ fn image_bytes() -> Vec<u8> {
             (x >> 24) as u8
         })
         .collect()
-}
-
-fn md5(path: &Path) -> Result<String> {
-    let out = Command::new("md5sum")
-        .arg(path)
-        .output()
-        .context("running md5sum")?;
-    ensure!(out.status.success(), "md5sum {} failed", path.display());
-    let s = String::from_utf8_lossy(&out.stdout);
-    Ok(s.split_whitespace().next().unwrap_or_default().to_owned())
-}
-
-fn marker<'a>(lines: &'a [String], key: &str) -> Option<&'a str> {
-    lines.iter().find_map(|l| l.trim().strip_prefix(key))
-}
-
-fn wait_for_socket(path: &Path, blockd: &mut Child) -> Result<()> {
-    let start = Instant::now();
-    while !path.exists() {
-        if let Some(st) = blockd.try_wait()? {
-            bail!("bulkhead-blockd exited early: {st}");
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(10),
-            "bulkhead-blockd did not create {} in 10 s",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 #[test]
@@ -123,78 +73,32 @@ fn linux_driver_reads_and_writes_through_blockd(cache: &str) -> Result<()> {
             .spawn()
             .with_context(|| format!("starting {}", blockd_bin.display()))?,
     );
-    wait_for_socket(&sock, &mut blockd.0)?;
+    let log_path = dir.join("blockd.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_for_socket(&sock, &mut blockd.0, "bulkhead-blockd", log)?;
 
-    let append = bulkhead_tests::l2_append("blk");
-    let mut qemu = Reaped(
-        Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nodefaults"])
-            .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-            .args(["-machine", "memory-backend=mem"])
-            .arg("-chardev")
-            .arg(format!("socket,id=c0,path={}", sock.display()))
-            .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
-            .arg("-kernel")
-            .arg(&kit.l2_bzimage)
-            .arg("-initrd")
-            .arg(&kit.l2_initrd)
-            .args(["-append", &append])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting qemu-system-x86_64")?,
-    );
-    let stdout = qemu.0.stdout.take().context("qemu stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut lines = Vec::new();
-    let mut done = false;
-    while Instant::now() < deadline {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) => {
-                eprintln!("[guest] {l}");
-                done |= l.contains("BULKHEAD-BLK-DONE");
-                lines.push(l);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-        if done {
-            break;
-        }
-        if let Some(st) = blockd.0.try_wait()? {
-            bail!(
-                "bulkhead-blockd exited during the boot ({st}): {}",
-                std::fs::read_to_string(dir.join("blockd.log")).unwrap_or_default()
-            );
-        }
-    }
+    let mut guest = TcgGuest::spawn(
+        &kit,
+        "blk",
+        &[
+            "-chardev".to_owned(),
+            format!("socket,id=c0,path={}", sock.display()),
+            "-device".to_owned(),
+            "vhost-user-blk-pci,chardev=c0,num-queues=2".to_owned(),
+        ],
+    )?;
+    let console = guest.run_until(
+        "BULKHEAD-BLK-DONE",
+        Duration::from_secs(90),
+        &mut blockd.0,
+        "bulkhead-blockd",
+        log,
+    )?;
+    let (lines, done) = (console.lines, console.done);
     // Let the guest power off, which closes the vhost-user connection.
-    let off = Instant::now();
-    while off.elapsed() < Duration::from_secs(15) && qemu.0.try_wait()?.is_none() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    guest.wait_exit(Duration::from_secs(15))?;
     // The front end is gone: blockd ends on its own, successfully.
-    let gone = Instant::now();
-    let mut blockd_status = None;
-    while gone.elapsed() < Duration::from_secs(10) {
-        blockd_status = blockd.0.try_wait()?;
-        if blockd_status.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let blockd_status = wait_exit(&mut blockd.0, Duration::from_secs(10))?;
     let blockd_log = std::fs::read_to_string(dir.join("blockd.log")).unwrap_or_default();
     eprintln!("[blockd log]\n{blockd_log}");
     ensure!(

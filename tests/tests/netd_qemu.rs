@@ -20,18 +20,19 @@
 //! fails the test; nothing is skipped.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use bulkhead_tests::kit::{self, GuestKit};
-use bulkhead_tests::util::workspace_root;
+use bulkhead_tests::tcg_frontend::{
+    marker, md5, scratch, wait_exit, wait_for_socket, PipeLog, Reaped, TcgGuest,
+};
 
 /// The blob the guest fetches: 2 MiB of random bytes.
 const BLOB_SIZE: usize = 2 << 20;
@@ -43,16 +44,6 @@ const CHILD_TAP_FD: i32 = 100;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`.
 const TAP_FLAGS: u16 = 0x0002 | 0x1000 | 0x4000;
-
-/// Kills and reaps a child on drop.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -142,15 +133,6 @@ impl Drop for Netns {
     }
 }
 
-fn scratch(name: &str) -> Result<PathBuf> {
-    let d = workspace_root()
-        .join("target/test-scratch")
-        .join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-    Ok(d)
-}
-
 /// Random bytes from the kernel.
 fn random_blob() -> Result<Vec<u8>> {
     let mut v = vec![0u8; BLOB_SIZE];
@@ -158,20 +140,6 @@ fn random_blob() -> Result<Vec<u8>> {
         .and_then(|mut f| f.read_exact(&mut v))
         .context("reading /dev/urandom")?;
     Ok(v)
-}
-
-fn md5(path: &Path) -> Result<String> {
-    let out = Command::new("md5sum")
-        .arg(path)
-        .output()
-        .context("running md5sum")?;
-    ensure!(out.status.success(), "md5sum {} failed", path.display());
-    let s = String::from_utf8_lossy(&out.stdout);
-    Ok(s.split_whitespace().next().unwrap_or_default().to_owned())
-}
-
-fn marker<'a>(lines: &'a [String], key: &str) -> Option<&'a str> {
-    lines.iter().find_map(|l| l.trim().strip_prefix(key))
 }
 
 /// `netd --tap-fd 100 ARGS` with `tap` duplicated to fd 100 in the child only; stderr piped
@@ -195,41 +163,6 @@ fn spawn_with_tap(exe: &Path, tap: &OwnedFd, args: &[&str]) -> Result<Child> {
     }
     c.spawn()
         .with_context(|| format!("starting {}", exe.display()))
-}
-
-/// Collects a pipe's lines into a shared string on a thread of its own.
-fn collect(r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let out = Arc::new(Mutex::new(String::new()));
-    let o = out.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            let mut g = o.lock().unwrap_or_else(|e| e.into_inner());
-            g.push_str(&line);
-            g.push('\n');
-        }
-    });
-    out
-}
-
-fn text(s: &Arc<Mutex<String>>) -> String {
-    s.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-fn wait_for_socket(path: &Path, netd: &mut Child, log: &Arc<Mutex<String>>) -> Result<()> {
-    let start = Instant::now();
-    while !path.exists() {
-        if let Some(st) = netd.try_wait()? {
-            bail!("bulkhead-netd exited early ({st}): {}", text(log));
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(10),
-            "bulkhead-netd did not create {} in 10 s",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 /// The counter `name=N` from netd's exit line.
@@ -323,94 +256,39 @@ fn linux_virtio_net_through_netd_pings_and_fetches() -> Result<()> {
         ],
     )?);
     drop(tap);
-    let netd_log = collect(netd.0.stderr.take().context("netd stderr")?);
-    wait_for_socket(&sock, &mut netd.0, &netd_log)?;
+    let netd_log = PipeLog::collect(netd.0.stderr.take().context("netd stderr")?);
+    let log = || netd_log.text();
+    wait_for_socket(&sock, &mut netd.0, "bulkhead-netd", log)?;
 
-    let append = bulkhead_tests::l2_append("net");
-    let mut qemu = Reaped(
-        Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nodefaults"])
-            .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-            .args(["-machine", "memory-backend=mem"])
-            .arg("-chardev")
-            .arg(format!("socket,id=c0,path={}", sock.display()))
-            .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
-            .arg("-device")
-            .arg(format!(
-                "virtio-net-pci,netdev=n0,mac={GUEST_MAC},vectors=0"
-            ))
-            .arg("-kernel")
-            .arg(&kit.l2_bzimage)
-            .arg("-initrd")
-            .arg(&kit.l2_initrd)
-            .args(["-append", &append])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting qemu-system-x86_64")?,
-    );
-    let qemu_err = collect(qemu.0.stderr.take().context("qemu stderr")?);
-    let stdout = qemu.0.stdout.take().context("qemu stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut lines = Vec::new();
-    let mut done = false;
-    while Instant::now() < deadline && !done {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) => {
-                eprintln!("[guest] {l}");
-                done |= l.contains("BULKHEAD-NET-DONE");
-                lines.push(l);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-        if let Some(st) = netd.0.try_wait()? {
-            if !done {
-                bail!(
-                    "bulkhead-netd exited during the boot ({st}): {}\nconsole:\n{}",
-                    text(&netd_log),
-                    lines.join("\n")
-                );
-            }
-        }
-    }
+    let mut guest = TcgGuest::spawn(
+        &kit,
+        "net",
+        &[
+            "-chardev".to_owned(),
+            format!("socket,id=c0,path={}", sock.display()),
+            "-netdev".to_owned(),
+            "vhost-user,id=n0,chardev=c0".to_owned(),
+            "-device".to_owned(),
+            format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC},vectors=0"),
+        ],
+    )?;
+    let console = guest.run_until(
+        "BULKHEAD-NET-DONE",
+        Duration::from_secs(120),
+        &mut netd.0,
+        "bulkhead-netd",
+        log,
+    )?;
+    let (lines, done) = (console.lines, console.done);
     // The guest powers off, which closes the vhost-user connection.
-    let off = Instant::now();
-    let mut qemu_status = None;
-    while off.elapsed() < Duration::from_secs(15) {
-        qemu_status = qemu.0.try_wait()?;
-        if qemu_status.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let qemu_status = guest.wait_exit(Duration::from_secs(15))?;
     // The front end is gone: netd ends on its own, successfully.
-    let gone = Instant::now();
-    let mut netd_status = None;
-    while gone.elapsed() < Duration::from_secs(10) {
-        netd_status = netd.0.try_wait()?;
-        if netd_status.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let netd_status = wait_exit(&mut netd.0, Duration::from_secs(10))?;
     // The reader threads see end of file once the processes are gone.
     std::thread::sleep(Duration::from_millis(100));
-    let netd_log = text(&netd_log);
+    let netd_log = netd_log.text();
     eprintln!("[netd log]\n{netd_log}");
-    let qemu_err = text(&qemu_err);
+    let qemu_err = guest.stderr.text();
     if !qemu_err.trim().is_empty() {
         eprintln!("[qemu stderr]\n{qemu_err}");
     }
