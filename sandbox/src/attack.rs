@@ -1231,6 +1231,75 @@ pub fn prove_standalone(
     }
 }
 
+/// Test side, the whole proof against a standalone worker binary (blockd, netd) with the hook:
+/// for every attempt, a fresh `worker` started with `service(attempt)` (what it serves: socket,
+/// image or tap; made unique per attempt by the caller) plus `--sandbox on --attack NAME
+/// --attack-target ...` and the extra hook arguments, stdin `/dev/null`, stdout a pipe the
+/// result is read from, the caller's stderr, and a sealed 1 MiB memfd as fd 5 in place of the
+/// guest memory a front end would send ([`prove_standalone`] decides). The target is this test
+/// process: a canary buffer that must not change, a listening TCP port, and `scratch/mnt` as
+/// the mount point (a standalone worker shares the host's mounts).
+pub fn prove_standalone_worker(
+    role: Role,
+    worker: &std::path::Path,
+    doc: &std::path::Path,
+    scratch: &std::path::Path,
+    mut service: impl FnMut(Attack) -> Vec<String>,
+) -> std::result::Result<(), String> {
+    use std::os::fd::AsFd as _;
+    let mnt = scratch.join("mnt");
+    std::fs::create_dir_all(&mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let canary: &'static mut [u8; 64] = Box::leak(Box::new([0x11u8; 64]));
+    let target = Target {
+        monitor_pid: std::process::id() as i32,
+        monitor_addr: canary.as_ptr() as u64,
+        port,
+        mount_point: mnt.display().to_string(),
+    };
+    let mem = sealed_memfd();
+    let t = target.to_arg();
+    let proved = prove_standalone(role, doc, |a, extra| {
+        let (out_r, out_w) = pipe();
+        let devnull = std::fs::File::open("/dev/null").expect("/dev/null");
+        let mut cmd = crate::launch::Command::new(worker).expect("command");
+        let args = service(a);
+        let hook = [
+            "--sandbox",
+            "on",
+            "--attack",
+            a.name(),
+            "--attack-target",
+            &t,
+        ];
+        for x in args
+            .iter()
+            .map(String::as_str)
+            .chain(hook)
+            .chain(extra.iter().copied())
+        {
+            cmd.arg(x).expect("arg");
+        }
+        cmd.fd(devnull.as_fd(), 0).expect("fd");
+        cmd.fd(out_w.as_fd(), 1).expect("fd");
+        cmd.fd(std::io::stderr().as_fd(), 2).expect("fd");
+        cmd.fd(mem.as_fd(), 5).expect("fd");
+        cmd.report_pipe(true);
+        let child = cmd.spawn().expect("spawn");
+        drop(out_w);
+        observe(child, out_r, a, std::time::Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}"))
+    });
+    // SAFETY: a volatile read of our own live buffer (another process may have written it).
+    let seen = unsafe { std::ptr::read_volatile(&*canary) };
+    drop(listener);
+    if seen != [0x11u8; 64] {
+        return Err("the monitor's memory was written".into());
+    }
+    proved
+}
+
 /// A close-on-exec pipe, for the tests that run attempts (the worker's output, triggers).
 pub fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
     use std::os::fd::FromRawFd;
