@@ -25,7 +25,12 @@
 //!   vhost-user sockets kept open (never spoken to), those of `AddDevice` too (logged with
 //!   `(added)`); `ConfigChanged` is logged
 //!   (`config changed ID`) and answered Ok, `SetLink` too (`link ID up|down`), `RemoveDevice`
-//!   (`device ID removed`) before the first `Run` only.
+//!   (`device ID removed`) at once before the first `Run`; after it, as a guest with ACPI PCI
+//!   hot-plug: `device ID eject requested`, then 200 ms later `VcpuEvent::DeviceEjected`
+//!   (`device ID ejected`), unless `fake.no-eject` (a guest that never ejects: a `Reset` then
+//!   carries the ejects out, as the real worker's reset does);
+//! - `PowerButton` is logged (`power button`); with `fake.poweroff-on-button` the guest powers
+//!   off 100 ms later (`VcpuEvent::Shutdown(GuestShutdown)`, then exit 0).
 //!
 //! It is launched like the real worker (in its namespaces unless `--sandbox off`) but does not
 //! confine itself; the pid it logs is its pid as the monitor sees it (not 1, its pid inside its
@@ -204,6 +209,8 @@ fn main() {
     let mut cpus: Vec<CpuInfo> = Vec::new();
     // The devices' vhost-user sockets: kept open (a back end whose front end hangs up exits).
     let mut devices: Vec<OwnedFd> = Vec::new();
+    // Ejects asked for under fake.no-eject (carried out by a Reset).
+    let mut ejecting: Vec<String> = Vec::new();
     loop {
         let (frame, fds) = match chan.recv() {
             Ok(v) => v,
@@ -285,7 +292,14 @@ fn main() {
                 VcpuReply::Ok
             }
             VcpuRequest::Pause if has_word(&cmdline, "fake.hang-pause") => continue,
-            VcpuRequest::Pause | VcpuRequest::Reset => VcpuReply::Ok,
+            VcpuRequest::Reset => {
+                for dev in ejecting.drain(..) {
+                    log_line(&log, &format!("device {dev} ejected"));
+                    let _ = chan.send_event(VcpuEvent::DeviceEjected { id: dev });
+                }
+                VcpuReply::Ok
+            }
+            VcpuRequest::Pause => VcpuReply::Ok,
             VcpuRequest::QueryCpus => VcpuReply::Cpus(cpus.clone()),
             // It does not confine itself: it says so, as the real worker would without `enter`.
             VcpuRequest::QuerySandbox => VcpuReply::Sandbox(SandboxReport {
@@ -328,11 +342,31 @@ fn main() {
                 log_line(&log, &format!("device {dev} removed"));
                 VcpuReply::Ok
             }
-            VcpuRequest::RemoveDevice { .. } => {
-                VcpuReply::Error("the guest has run: no PCI hot-unplug".into())
+            VcpuRequest::RemoveDevice { id: dev } => {
+                log_line(&log, &format!("device {dev} eject requested"));
+                if has_word(&cmdline, "fake.no-eject") {
+                    ejecting.push(dev);
+                } else {
+                    let (c, log) = (chan.clone(), log.clone());
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(200));
+                        log_line(&log, &format!("device {dev} ejected"));
+                        let _ = c.send_event(VcpuEvent::DeviceEjected { id: dev });
+                    });
+                }
+                VcpuReply::Ok
             }
             VcpuRequest::PowerButton => {
                 log_line(&log, "power button");
+                if has_word(&cmdline, "fake.poweroff-on-button") {
+                    let c = chan.clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(100));
+                        let _ = c.send_event(VcpuEvent::Shutdown(ShutdownCause::GuestShutdown));
+                        std::thread::sleep(Duration::from_millis(50));
+                        std::process::exit(0);
+                    });
+                }
                 VcpuReply::Ok
             }
         };

@@ -1021,11 +1021,14 @@ impl Builder {
             .iter()
             .any(|d| d.backend == backend || self.cfg.backends[d.backend].node == node);
         if in_use {
-            return Err(bad(
-                opt,
-                whole,
-                format!("{} can't take value '{drive}', it's in use", prop("drive")),
-            ));
+            // QEMU 7.2's words for a -drive another device has (`blk_attach_dev`); a node is
+            // refused by its permissions there, in a text naming both devices.
+            let text = if self.cfg.backends[backend].name == drive {
+                format!("Drive '{drive}' is already in use by another device")
+            } else {
+                format!("{} can't take value '{drive}', it's in use", prop("drive"))
+            };
+            return Err(bad(opt, whole, text));
         }
         dev.backend = backend;
         self.cfg.devices.push(dev);
@@ -1192,13 +1195,13 @@ pub fn add_device(
     Ok(dev)
 }
 
-/// Removes device `dev` (`device_del`) and the anonymous backend it had, as QEMU drops a
-/// device's implicit BlockBackend with it.
+/// Removes device `dev` (`device_del`) and its BlockBackend, as QEMU 7.2 drops a device's
+/// implicit BlockBackend with it and deletes a `-drive`'s (`blockdev_auto_del`); the nodes of a
+/// `-drive` are then unused (the caller closes them), a `-blockdev` node stays.
 pub fn remove_device(cfg: &mut BlockConfig, dev: usize) {
     let d = cfg.devices.remove(dev);
     let b = d.backend;
-    let anonymous = cfg.backends.get(b).is_some_and(|x| x.name.is_empty());
-    if anonymous && !cfg.devices.iter().any(|x| x.backend == b) {
+    if b < cfg.backends.len() && !cfg.devices.iter().any(|x| x.backend == b) {
         cfg.backends.remove(b);
         for x in &mut cfg.devices {
             if x.backend > b {

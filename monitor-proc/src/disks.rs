@@ -1474,7 +1474,8 @@ pub struct MachineCtx<'a> {
     pub rpc: Option<&'a RpcClient<bulkhead_ipc::messages::VcpuProtocol>>,
     /// There is a guest (not `-M none`).
     pub guest: bool,
-    /// The guest has run (devices can no longer be plugged: no PCI hot-plug yet).
+    /// The guest has run since the machine worker started: plugging is ACPI hot-plug, and
+    /// `device_del` asks the guest to eject.
     pub ran: bool,
     /// Guest RAM size.
     pub mem_bytes: u64,
@@ -1486,13 +1487,8 @@ pub struct MachineCtx<'a> {
     pub id_is_nic: bool,
     /// Where `DEVICE_DELETED` goes.
     pub bus: &'a crate::qmp::events::EventBus,
-}
-
-fn hotplug_refused(what: &str) -> QmpError {
-    QmpError::generic(format!(
-        "{what}: bulkhead has no PCI hot-plug yet: virtio-blk-pci devices can be added and \
-         removed only before the guest first runs (-S, before the first 'cont')"
-    ))
+    /// The unplugs waiting for the guest's eject.
+    pub unplugs: &'a mut Unplugs,
 }
 
 /// QEMU's text for an image it could not open: `Could not open 'PATH': <strerror>`.
@@ -1510,8 +1506,8 @@ fn open_error(e: &DisksError) -> String {
     }
 }
 
+use crate::hotplug::{self, Unplugs};
 use crate::qmp::protocol::QmpError;
-use bulkhead_ipc::messages::{VcpuReply, VcpuRequest};
 
 impl Disks {
     /// Where blockd's events go as QMP events.
@@ -1585,13 +1581,13 @@ impl Disks {
     pub async fn handle(
         &mut self,
         op: BlockOp,
-        m: MachineCtx<'_>,
+        mut m: MachineCtx<'_>,
     ) -> Result<BlockAnswer, QmpError> {
         match op {
             BlockOp::BlockdevAdd(args) => self.blockdev_add(&args).map_err(QmpError::generic)?,
             BlockOp::BlockdevDel(name) => self.blockdev_del(&name).map_err(QmpError::generic)?,
             BlockOp::DeviceAdd(pairs) => self.device_add(&pairs, &m).await?,
-            BlockOp::DeviceDel(id) => return self.device_del(&id, &m).await,
+            BlockOp::DeviceDel(id) => return self.device_del(&id, &mut m).await,
             BlockOp::WriteThreshold(node, t) => self
                 .set_write_threshold(&node, t)
                 .await
@@ -1666,8 +1662,9 @@ impl Disks {
         Ok(())
     }
 
-    /// `device_add` of a `virtio-blk-pci` before the guest first runs: its blockd starts and
-    /// the machine worker plugs it (`AddDevice` with the front end's socket).
+    /// `device_add` of a `virtio-blk-pci`: its blockd starts and the machine worker plugs it
+    /// (`AddDevice` with the front end's socket; ACPI hot-plug once the guest has run). Any
+    /// failure takes back what was done: the blockd is killed and the configuration restored.
     async fn device_add(
         &mut self,
         pairs: &[(String, String)],
@@ -1677,9 +1674,6 @@ impl Disks {
             return Err(QmpError::generic(
                 "No 'PCI' bus found for device 'virtio-blk-pci'",
             ));
-        }
-        if m.ran {
-            return Err(hotplug_refused("device_add"));
         }
         let mut cfg = self.resolved.config.clone();
         let ids: Vec<String> = if m.id_is_nic {
@@ -1718,32 +1712,29 @@ impl Disks {
                 return Err(QmpError::generic(e.to_string()));
             }
         };
-        let r = tokio::time::timeout(
-            CALL_TIMEOUT,
-            rpc.call(VcpuRequest::AddDevice(desc.clone()), &[sock.as_fd()]),
-        )
-        .await;
-        let err = match r {
-            Ok(Ok((VcpuReply::Ok, _))) => None,
-            Ok(Ok((VcpuReply::Error(e), _))) => Some(e),
-            Ok(Ok((other, _))) => Some(format!("unexpected reply {other:?}")),
-            Ok(Err(e)) => Some(format!("the vCPU worker is gone: {e}")),
-            Err(_) => Some("the vCPU worker did not answer".into()),
-        };
-        if let Some(e) = err {
+        if let Err(e) = hotplug::plug(rpc, &desc, &sock).await {
             rollback(self);
             return Err(QmpError::generic(format!(
                 "plugging virtio-blk-pci into the machine: {e}"
             )));
         }
-        log::info!("{}: virtio-blk-pci added (slot {})", desc.id, desc.slot);
+        log::info!(
+            "{}: virtio-blk-pci {} (slot {})",
+            desc.id,
+            if m.ran { "hot-plugged" } else { "added" },
+            desc.slot
+        );
         Ok(())
     }
 
-    /// `device_del` of a `virtio-blk-pci` (by its `id`) before the guest first runs: the
-    /// machine worker unplugs it, its blockd quits, and `DEVICE_DELETED` follows as QEMU sends
-    /// it (the virtio backend's path first, then the device with its id).
-    async fn device_del(&mut self, id: &str, m: &MachineCtx<'_>) -> Result<BlockAnswer, QmpError> {
+    /// `device_del` of a `virtio-blk-pci` (by its `id`). Before the guest first runs (or with
+    /// no machine worker) the device goes at once; after, the guest is asked to eject it and
+    /// the command returns: [`Disks::finish_unplug`] removes it when the guest has.
+    async fn device_del(
+        &mut self,
+        id: &str,
+        m: &mut MachineCtx<'_>,
+    ) -> Result<BlockAnswer, QmpError> {
         let cfg = &self.resolved.config;
         let Some(dev) = cfg.devices.iter().position(|d| d.id.as_deref() == Some(id)) else {
             if cfg.vhost_user.iter().any(|d| d.id.as_deref() == Some(id)) {
@@ -1753,30 +1744,46 @@ impl Disks {
             }
             return Ok(BlockAnswer::NotMine);
         };
-        if m.ran {
-            return Err(hotplug_refused("device_del"));
-        }
         let vcpu_id = cfg.device_id(dev);
+        if m.unplugs.is_pending(&vcpu_id) {
+            return Err(QmpError::generic(hotplug::already_unplugging(id)));
+        }
         if let Some(rpc) = m.rpc {
-            let req = VcpuRequest::RemoveDevice {
-                id: vcpu_id.clone(),
-            };
-            match tokio::time::timeout(CALL_TIMEOUT, rpc.call(req, &[])).await {
-                Ok(Ok((VcpuReply::Ok, _))) => {}
-                Ok(Ok((other, _))) => {
-                    return Err(QmpError::generic(format!(
-                        "unplugging {id} from the machine: {other:?}"
-                    )))
-                }
-                Ok(Err(e)) => {
-                    return Err(QmpError::generic(format!(
-                        "unplugging {id}: the vCPU worker is gone: {e}"
-                    )))
-                }
-                Err(_) => return Err(QmpError::generic("the vCPU worker did not answer")),
+            hotplug::unplug(rpc, &vcpu_id)
+                .await
+                .map_err(|e| QmpError::generic(format!("unplugging {id} from the machine: {e}")))?;
+            if m.ran {
+                m.unplugs.begin(&vcpu_id);
+                log::info!("{id}: the guest is asked to eject the virtio-blk-pci");
+                return Ok(BlockAnswer::Done);
             }
         }
+        for ev in self.remove_now(dev).await {
+            m.bus.emit(&ev);
+        }
+        Ok(BlockAnswer::Done)
+    }
+
+    /// The guest ejected the device the machine worker knows as `vcpu_id` (or a reset carried
+    /// out its pending unplug): the device goes now. Returns its `DEVICE_DELETED` events, or
+    /// `None` when no disk has that id.
+    pub async fn finish_unplug(&mut self, vcpu_id: &str) -> Option<Vec<crate::qmp::events::Event>> {
+        let cfg = &self.resolved.config;
+        let dev = (0..cfg.devices.len()).find(|&d| cfg.device_id(d) == vcpu_id)?;
+        Some(self.remove_now(dev).await)
+    }
+
+    /// Removes device `dev`: its blockd quits, its BlockBackend goes with it as in QEMU (a
+    /// `-drive`'s with its nodes, an implicit one over a `-blockdev` node; the node stays), and
+    /// the `DEVICE_DELETED` events to send are returned.
+    async fn remove_now(&mut self, dev: usize) -> Vec<crate::qmp::events::Event> {
+        let cfg = &self.resolved.config;
+        let id = cfg.devices[dev].id.clone();
         let qdev = cfg.qdev(dev);
+        let path = qdev
+            .strip_suffix("/virtio-backend")
+            .unwrap_or(&qdev)
+            .to_string();
         if let Some(w) = self.workers.remove(dev) {
             let _ =
                 tokio::time::timeout(Duration::from_secs(2), w.rpc.call(BlockRequest::Quit, &[]))
@@ -1784,17 +1791,33 @@ impl Disks {
         }
         self.throttles.remove(dev);
         crate::block::remove_device(&mut self.resolved.config, dev);
-        use crate::qmp::events::Event;
-        m.bus.emit(&Event::DeviceDeleted {
-            device: None,
-            path: qdev,
-        });
-        m.bus.emit(&Event::DeviceDeleted {
-            device: Some(id.to_string()),
-            path: format!("/machine/peripheral/{id}"),
-        });
-        log::info!("{id}: virtio-blk-pci removed");
-        Ok(BlockAnswer::Done)
+        self.drop_orphan_nodes();
+        log::info!("{path}: virtio-blk-pci removed");
+        hotplug::deleted_events(id.as_deref(), &path)
+    }
+
+    /// Closes the nodes nothing uses any more that the monitor does not own (a `-drive`'s
+    /// nodes after its BlockBackend went with its device).
+    fn drop_orphan_nodes(&mut self) {
+        loop {
+            let cfg = &self.resolved.config;
+            let orphan = cfg.nodes.iter().position(|n| {
+                !n.owned
+                    && !cfg.backends.iter().any(|b| b.node == n.name)
+                    && !cfg
+                        .nodes
+                        .iter()
+                        .any(|p| p.file.as_deref() == Some(n.name.as_str()))
+            });
+            let Some(i) = orphan else { break };
+            log::info!("node {} closed", cfg.nodes[i].name);
+            self.resolved.config.nodes.remove(i);
+            self.images.remove(i);
+            self.formats.remove(i);
+            self.sizes.remove(i);
+            self.chains.remove(i);
+            self.qcow2.remove(i);
+        }
     }
 }
 

@@ -4,6 +4,8 @@
 //! - [`block`]: `-drive`, `-blockdev` and `-device virtio-blk-pci` resolved into the block graph;
 //! - [`disks`]: the images the monitor opens and the `bulkhead-blockd` serving each disk;
 //! - [`nics`]: `-netdev tap` / `-device virtio-net-pci`, the taps, and the `bulkhead-netd` serving each NIC;
+//! - [`hotplug`]: the device life cycle disks and NICs share (plug, eject request, pending
+//!   unplugs, `DEVICE_DELETED`);
 //! - [`daemon`]: `-daemonize` and `-pidfile`;
 //! - [`memory`]: guest RAM as a sealed memfd;
 //! - [`fds`]: fds passed in by clients (per-session `getfd` names, shared `add-fd` sets);
@@ -24,6 +26,7 @@ pub mod confine;
 pub mod daemon;
 pub mod disks;
 pub mod fds;
+pub mod hotplug;
 pub mod info;
 pub mod inspect;
 pub mod launcher;

@@ -53,6 +53,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cli::{parse_opts, CliError};
+use crate::hotplug::{self, Unplugs};
 use crate::qmp::protocol::{ErrorClass, QmpError};
 use crate::worker::{self, SandboxConfig, WorkerError};
 
@@ -693,7 +694,8 @@ pub struct VcpuCtx<'a> {
     pub rpc: Option<&'a RpcClient<VcpuProtocol>>,
     /// The machine has a guest (not `-M none`).
     pub guest: bool,
-    /// The guest has run since the worker started (no more device plugging).
+    /// The guest has run since the worker started: plugging is ACPI hot-plug, and
+    /// `device_del` asks the guest to eject.
     pub ran: bool,
     /// Guest RAM bytes.
     pub mem_bytes: u64,
@@ -701,6 +703,10 @@ pub struct VcpuCtx<'a> {
     pub block_slots: Vec<u8>,
     /// The disks' device ids.
     pub block_ids: Vec<String>,
+    /// The unplugs waiting for the guest's eject.
+    pub unplugs: &'a mut Unplugs,
+    /// Where `DEVICE_DELETED` goes.
+    pub bus: &'a crate::qmp::events::EventBus,
 }
 
 /// A tap netdev as QMP `netdev_add` gives it.
@@ -1114,7 +1120,11 @@ impl Nics {
     }
 
     /// Executes a QMP request.
-    pub async fn handle(&mut self, op: NetOp, vcpu: VcpuCtx<'_>) -> Result<NetAnswer, QmpError> {
+    pub async fn handle(
+        &mut self,
+        op: NetOp,
+        mut vcpu: VcpuCtx<'_>,
+    ) -> Result<NetAnswer, QmpError> {
         match op {
             NetOp::NetdevAdd(n) => self.netdev_add(n).map(|_| NetAnswer::Done),
             NetOp::NetdevDel(id) => self.netdev_del(&id, &vcpu).await.map(|_| NetAnswer::Done),
@@ -1122,7 +1132,10 @@ impl Nics {
                 .device_add(&pairs, &vcpu)
                 .await
                 .map(|_| NetAnswer::Done),
-            NetOp::DeviceDel(id) => self.device_del(&id, &vcpu).await.map(|_| NetAnswer::Done),
+            NetOp::DeviceDel(id) => self
+                .device_del(&id, &mut vcpu)
+                .await
+                .map(|_| NetAnswer::Done),
             NetOp::SetLink { name, up } => self
                 .set_link(&name, up, &vcpu)
                 .await
@@ -1205,9 +1218,6 @@ impl Nics {
                 "No 'PCI' bus found for device 'virtio-net-pci'",
             ));
         }
-        if vcpu.ran {
-            return Err(hotplug_refused("device_add"));
-        }
         let mut spec = nic_from_pairs(pairs, &|r| r).map_err(QmpError::generic)?;
         if let Some(id) = &spec.id {
             if vcpu.block_ids.contains(id) || self.nics.iter().any(|n| n.name == *id) {
@@ -1225,8 +1235,9 @@ impl Nics {
             .iter()
             .any(|n| n.netdev.as_deref() == Some(spec.netdev.as_str()))
         {
+            // QEMU 7.2 names the property of the virtio-net-pci's inner device.
             return Err(QmpError::generic(format!(
-                "Property 'virtio-net-pci.netdev' can't take value '{}', it's in use",
+                "Property 'virtio-net-device.netdev' can't take value '{}', it's in use",
                 spec.netdev
             )));
         }
@@ -1262,29 +1273,25 @@ impl Nics {
                 return Err(QmpError::generic(e.to_string()));
             }
         };
-        let r = tokio::time::timeout(
-            CALL_TIMEOUT,
-            rpc.call(VcpuRequest::AddDevice(dev), &[sock.as_fd()]),
-        )
-        .await;
-        let err = match r {
-            Ok(Ok((VcpuReply::Ok, _))) => None,
-            Ok(Ok((VcpuReply::Error(e), _))) => Some(e),
-            Ok(Ok((other, _))) => Some(format!("unexpected reply {other:?}")),
-            Ok(Err(e)) => Some(format!("the vCPU worker is gone: {e}")),
-            Err(_) => Some("the vCPU worker did not answer".into()),
-        };
-        if let Some(e) = err {
+        if let Err(e) = hotplug::plug(rpc, &dev, &sock).await {
+            // Dropping the NIC kills the netd just started.
             self.nics.pop();
             return Err(QmpError::generic(format!(
                 "plugging virtio-net-pci into the machine: {e}"
             )));
         }
-        log::info!("{}: virtio-net-pci added", self.nics[i].name);
+        log::info!(
+            "{}: virtio-net-pci {}",
+            self.nics[i].name,
+            if vcpu.ran { "hot-plugged" } else { "added" }
+        );
         Ok(())
     }
 
-    async fn device_del(&mut self, id: &str, vcpu: &VcpuCtx<'_>) -> Result<(), QmpError> {
+    /// `device_del` of a NIC: at once before the guest first runs (or with no machine worker);
+    /// after, the guest is asked to eject it and [`Nics::finish_unplug`] removes it when the
+    /// guest has.
+    async fn device_del(&mut self, id: &str, vcpu: &mut VcpuCtx<'_>) -> Result<(), QmpError> {
         let Some(i) = self
             .nics
             .iter()
@@ -1292,40 +1299,53 @@ impl Nics {
         else {
             if vcpu.block_ids.iter().any(|b| b == id) {
                 return Err(QmpError::generic(format!(
-                    "device_del {id}: bulkhead cannot remove a virtio-blk-pci device yet"
+                    "device_del {id}: bulkhead cannot remove this block device"
                 )));
             }
             return Err(not_found(id));
         };
-        if vcpu.ran {
-            return Err(hotplug_refused("device_del"));
+        let name = self.nics[i].name.clone();
+        if vcpu.unplugs.is_pending(&name) {
+            return Err(QmpError::generic(hotplug::already_unplugging(id)));
         }
         if let (Some(rpc), Some(_)) = (vcpu.rpc, self.nics[i].worker.as_ref()) {
-            let req = VcpuRequest::RemoveDevice {
-                id: self.nics[i].name.clone(),
-            };
-            match tokio::time::timeout(CALL_TIMEOUT, rpc.call(req, &[])).await {
-                Ok(Ok((VcpuReply::Ok, _))) => {}
-                Ok(Ok((other, _))) => {
-                    return Err(QmpError::generic(format!(
-                        "unplugging {id} from the machine: {other:?}"
-                    )))
-                }
-                Ok(Err(e)) => {
-                    return Err(QmpError::generic(format!(
-                        "unplugging {id}: the vCPU worker is gone: {e}"
-                    )))
-                }
-                Err(_) => return Err(QmpError::generic("the vCPU worker did not answer")),
+            hotplug::unplug(rpc, &name)
+                .await
+                .map_err(|e| QmpError::generic(format!("unplugging {id} from the machine: {e}")))?;
+            if vcpu.ran {
+                vcpu.unplugs.begin(&name);
+                log::info!("{id}: the guest is asked to eject the virtio-net-pci");
+                return Ok(());
             }
         }
+        // With no netd (no machine worker, or its netdev deleted) the machine worker does not
+        // have the device either.
+        for ev in self.remove_now(i).await {
+            vcpu.bus.emit(&ev);
+        }
+        Ok(())
+    }
+
+    /// The guest ejected the NIC the machine worker knows as `name` (or a reset carried out its
+    /// pending unplug): it goes now, its netd quits and its netdev is free again (QEMU keeps
+    /// the netdev). Returns its `DEVICE_DELETED` events, or `None` when no NIC has that name.
+    pub async fn finish_unplug(&mut self, name: &str) -> Option<Vec<crate::qmp::events::Event>> {
+        let i = self.nics.iter().position(|n| n.name == name)?;
+        Some(self.remove_now(i).await)
+    }
+
+    async fn remove_now(&mut self, i: usize) -> Vec<crate::qmp::events::Event> {
         let nic = self.nics.remove(i);
         if let Some(w) = nic.worker {
             let _ = tokio::time::timeout(Duration::from_secs(2), w.rpc.call(NetRequest::Quit, &[]))
                 .await;
         }
-        log::info!("{id}: virtio-net-pci removed");
-        Ok(())
+        log::info!("{}: virtio-net-pci removed", nic.name);
+        let path = match &nic.qdev_id {
+            Some(id) => format!("/machine/peripheral/{id}"),
+            None => format!("/machine/peripheral-anon/{}", nic.name),
+        };
+        hotplug::deleted_events(nic.qdev_id.as_deref(), &path)
     }
 
     async fn set_link(&mut self, name: &str, up: bool, vcpu: &VcpuCtx<'_>) -> Result<(), QmpError> {
@@ -1488,13 +1508,6 @@ fn rx_filter(name: &str, mac: &[u8; 6]) -> Value {
         ("unicast-table", json!([])),
         ("multicast-table", json!([])),
     ])
-}
-
-fn hotplug_refused(what: &str) -> QmpError {
-    QmpError::generic(format!(
-        "{what}: bulkhead has no PCI hot-plug yet: virtio-net-pci devices can be added and \
-         removed only before the guest first runs (-S, before the first 'cont')"
-    ))
 }
 
 async fn call(rpc: &RpcClient<NetProtocol>, req: NetRequest) -> Result<NetReply, String> {

@@ -21,7 +21,10 @@
 //! | SIGINT/SIGTERM/SIGHUP | SHUTDOWN(host-signal), then the monitor exits 0                     |
 //! | guest poweroff        | SHUTDOWN(guest-shutdown), exit 0; under `-no-shutdown`: STOP and    |
 //! |                       | state shutdown                                                      |
-//! | guest reset           | RESET(guest-reset)                                                  |
+//! | guest reset           | RESET(guest-reset), then the unplugs the guest had not done yet     |
+//! | `system_powerdown`    | the guest's ACPI power button; POWERDOWN after the reply (any state)|
+//! | `device_del` (has run)| an eject request to the guest; DEVICE_DELETED when it ejects (or at |
+//! |                       | the next reset / new machine worker), see [`crate::hotplug`]        |
 //! | worker internal error | STOP (if running), internal-error                                   |
 //! | worker death          | logged with its status or signal (and the refused system call after |
 //! |                       | a seccomp kill); X_WORKER_EXITED; STOP (if running), internal-error |
@@ -44,6 +47,7 @@ use tokio::time::Instant;
 
 use crate::chardev::{reopen_readonly, SerialHost};
 use crate::disks::{BlockView, BlockdExit, Disks, DisksError, ThrottleArgs};
+use crate::hotplug::Unplugs;
 use crate::memory::GuestMemory;
 use crate::nics::{NetAnswer, NetOp, NetdExit, Nics, NicsError, VcpuCtx};
 use crate::qmp::events::{Event, EventBus, ShutdownCause, WorkerExit};
@@ -300,6 +304,7 @@ enum Request {
     Stop(Reply<()>),
     Cont(Reply<()>),
     Reset(Reply<()>),
+    Powerdown(Reply<()>),
     Quit(Reply<()>),
     QueryCpus {
         fresh: bool,
@@ -333,6 +338,7 @@ impl std::fmt::Debug for Request {
             Request::Stop(_) => "Stop",
             Request::Cont(_) => "Cont",
             Request::Reset(_) => "Reset",
+            Request::Powerdown(_) => "Powerdown",
             Request::Quit(_) => "Quit",
             Request::QueryCpus { .. } => "QueryCpus",
             Request::Sandbox(_) => "Sandbox",
@@ -381,6 +387,12 @@ impl VmHandle {
     /// `system_reset`.
     pub async fn reset(&self) -> Result<(), QmpError> {
         self.ask(Request::Reset).await
+    }
+
+    /// `system_powerdown`: presses the guest's ACPI power button (when a machine worker runs;
+    /// as QEMU, nothing else happens otherwise). The caller emits POWERDOWN after its reply.
+    pub async fn powerdown(&self) -> Result<(), QmpError> {
+        self.ask(Request::Powerdown).await
     }
 
     /// `quit`: emits SHUTDOWN; the caller then asks the monitor to exit.
@@ -494,8 +506,11 @@ pub struct Vm {
     worker: Option<Worker>,
     disks: Disks,
     nics: Nics,
-    /// The guest has run since the machine worker started (devices can no longer be plugged).
+    /// The guest has run since the machine worker started (devices are hot-plugged, and
+    /// unplugging waits for the guest).
     ran: bool,
+    /// `device_del`s waiting for the guest's eject.
+    unplugs: Unplugs,
     no_shutdown: bool,
     exit: ExitRequest,
     rx: mpsc::Receiver<Request>,
@@ -529,6 +544,7 @@ impl Vm {
                 disks: Disks::empty(),
                 nics: Nics::empty(),
                 ran: false,
+                unplugs: Unplugs::default(),
                 no_shutdown,
                 exit,
                 rx,
@@ -624,7 +640,7 @@ impl Vm {
                     break;
                 }
                 Input::Req(Some(r)) => self.handle(r).await,
-                Input::Event(Ok(ev)) => self.on_event(ev),
+                Input::Event(Ok(ev)) => self.on_event(ev).await,
                 Input::Event(Err(e)) => self.on_channel_closed(e),
                 Input::Exit(status) => self.on_exit(status),
                 Input::Blockd(e) => self.on_blockd_exit(e),
@@ -658,6 +674,13 @@ impl Vm {
             }
             Request::Reset(tx) => {
                 let r = self.reset().await;
+                let _ = tx.send(r);
+            }
+            Request::Powerdown(tx) => {
+                let r = match self.worker.is_some() {
+                    true => self.call(VcpuRequest::PowerButton).await,
+                    false => Ok(()),
+                };
                 let _ = tx.send(r);
             }
             Request::QueryCpus { fresh, reply } => {
@@ -699,6 +722,7 @@ impl Vm {
                         .new_device_id()
                         .is_some_and(|id| self.nics.has_device(id)),
                     bus: &self.bus,
+                    unplugs: &mut self.unplugs,
                 };
                 let r = self.disks.handle(op, m).await;
                 let _ = reply.send(r);
@@ -711,6 +735,8 @@ impl Vm {
                     mem_bytes: self.guest.as_ref().map_or(0, |g| g.memory.size()),
                     block_slots: self.disks.config().used_slots(),
                     block_ids: self.disks.config().device_ids(),
+                    unplugs: &mut self.unplugs,
+                    bus: &self.bus,
                 };
                 let r = self.nics.handle(op, ctx).await;
                 let _ = reply.send(r);
@@ -988,10 +1014,18 @@ impl Vm {
     }
 
     async fn reset(&mut self) -> Result<(), QmpError> {
-        if let Some(guest) = &self.guest {
+        // QEMU's reset carries out the unplugs the guest had not done (the machine worker's
+        // reset ejects those devices too); their DEVICE_DELETED follow RESET, as in QEMU.
+        let mut deleted = Vec::new();
+        if self.guest.is_some() {
             if self.worker.is_some() {
                 self.call(VcpuRequest::Reset).await?;
+                deleted = self.finish_pending_unplugs().await;
             } else {
+                deleted = self.finish_pending_unplugs().await;
+                let Some(guest) = &self.guest else {
+                    return Ok(());
+                };
                 // The worker is gone (died, or exited after a guest poweroff under
                 // -no-shutdown): a reset builds the machine afresh in a new worker.
                 match start_worker(guest, &mut self.disks, &mut self.nics).await {
@@ -1012,13 +1046,39 @@ impl Vm {
         }
         self.bus
             .emit(&Event::Reset(ShutdownCause::HostQmpSystemReset));
+        for ev in deleted {
+            self.bus.emit(&ev);
+        }
         if self.state != RunState::Running {
             self.state = RunState::Prelaunch;
         }
         Ok(())
     }
 
-    fn on_event(&mut self, ev: VcpuEvent) {
+    /// Removes every device whose unplug waits for the guest (a reset or a new machine worker
+    /// carries it out) and returns their DEVICE_DELETED events.
+    async fn finish_pending_unplugs(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        for id in self.unplugs.take_all() {
+            out.extend(self.remove_ejected(&id).await);
+        }
+        out
+    }
+
+    /// The device the machine worker knows as `id` is gone from the machine: remove it from
+    /// the disks or the NICs and return its DEVICE_DELETED events.
+    async fn remove_ejected(&mut self, id: &str) -> Vec<Event> {
+        if let Some(ev) = self.disks.finish_unplug(id).await {
+            return ev;
+        }
+        if let Some(ev) = self.nics.finish_unplug(id).await {
+            return ev;
+        }
+        log::warn!("device {id} was unplugged, but no disk or NIC has that id");
+        Vec::new()
+    }
+
+    async fn on_event(&mut self, ev: VcpuEvent) {
         match ev {
             VcpuEvent::Shutdown(cause) => {
                 let cause = match cause {
@@ -1050,10 +1110,17 @@ impl Vm {
                 log::error!("the vCPU worker stopped the VM: {msg}");
                 self.enter_internal_error();
             }
-            // Only after a RemoveDevice on a guest that has run, which the monitor does not send
-            // yet (device_del is refused then): log it so it is not lost.
+            // After a device_del on a guest that has run: the device goes now.
             VcpuEvent::DeviceEjected { id } => {
-                log::info!("the guest ejected device {id}");
+                if self.unplugs.finish(&id) {
+                    log::info!("the guest ejected device {id}");
+                    for ev in self.remove_ejected(&id).await {
+                        self.bus.emit(&ev);
+                    }
+                } else {
+                    // Already carried out (a host reset removed it first).
+                    log::debug!("device {id} ejected, already removed");
+                }
             }
         }
     }

@@ -6,7 +6,8 @@
 //! keeps running. A `vhost-user-blk-pci` on a `-chardev socket` gets the connection to an outside
 //! server (the host's `qemu-storage-daemon`) handed to the machine worker, and no blockd.
 //! `blockdev-add` / `blockdev-del` and `device_add` / `device_del` of a `virtio-blk-pci` work
-//! before the guest first runs and are refused after.
+//! before the guest first runs (cold plug) and after (ACPI hot-plug: `device_del` waits for the
+//! guest's eject, or a reset).
 //!
 //! Needs `bulkhead-blockd` built next to `bulkhead` (`cargo build -p bulkhead-blockd-proc`);
 //! the tests fail, naming it, when it is missing.
@@ -978,8 +979,8 @@ fn vhost_user_blk_pci_hands_an_outside_back_end_to_the_machine_worker() {
 /// a path any more, and says so in QEMU's words), `device_add` of a `virtio-blk-pci` on it (its
 /// blockd starts, the machine worker gets `AddDevice`), the node busy while the device uses it,
 /// `device_del` (the machine worker removes it, the blockd goes, two `DEVICE_DELETED` as QEMU
-/// sends them), `blockdev-del` and `x-blockdev-del` with QEMU's errors; after `cont` both device
-/// commands are refused (no PCI hot-plug yet).
+/// sends them), `blockdev-del` and `x-blockdev-del` with QEMU's errors; after `cont` the same
+/// node is hot-plugged and hot-unplugged (the fake guest ejects it).
 #[test]
 fn blockdev_add_and_device_add_before_the_guest_first_runs() {
     use std::os::fd::AsRawFd;
@@ -1109,20 +1110,142 @@ fn blockdev_add_and_device_add_before_the_guest_first_runs() {
         "Failed to find node with node-name='d0'"
     );
 
-    // Once the guest has run, no more plugging.
+    // Once the guest has run: ACPI hot-plug. device_add plugs at once; device_del asks the
+    // guest (the fake ejects 200 ms later), a second one meanwhile gets QEMU's error, and the
+    // device, its blockd and its implicit BlockBackend go when the guest has ejected it.
     assert_eq!(q.raw(add), json!({"return": {}}));
-    assert_eq!(q.raw(dev), json!({"return": {}}));
     assert_eq!(q.cmd("cont"), json!({"return": {}}));
     let late = r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","drive":"d0","id":"vd1"}}"#;
-    for cmd in [late, del_dev] {
-        let e = q.raw(cmd);
-        assert!(
-            e["error"]["desc"]
-                .as_str()
-                .is_some_and(|d| d.contains("no PCI hot-plug yet")),
-            "{e}"
-        );
-    }
+    assert_eq!(q.raw(late), json!({"return": {}}), "{}", m.stderr());
+    log_has(&s, "device vd1 Block slot 1 queues 1 size 256 (added)");
+    assert_eq!(blockds(&mut q).len(), 1);
+    let del_late = r#"{"execute":"device_del","arguments":{"id":"vd1"}}"#;
+    assert_eq!(q.raw(del_late), json!({"return": {}}));
+    assert_eq!(
+        q.raw(del_late)["error"],
+        json!({"class": "GenericError", "desc": "Device vd1 is already in the process of unplug"})
+    );
+    log_has(&s, "device vd1 eject requested");
+    let first = q.event("DEVICE_DELETED");
+    assert_eq!(
+        first["data"],
+        json!({"path": "/machine/peripheral/vd1/virtio-backend"})
+    );
+    let second = q.event("DEVICE_DELETED");
+    assert_eq!(
+        second["data"],
+        json!({"device": "vd1", "path": "/machine/peripheral/vd1"})
+    );
+    log_has(&s, "device vd1 ejected");
+    assert!(blockds(&mut q).is_empty());
+    assert_eq!(q.cmd("query-block"), json!({"return": []}));
+    // The -blockdev node stays and can be plugged again.
+    assert_eq!(q.raw(late), json!({"return": {}}));
+    assert_eq!(blockds(&mut q).len(), 1);
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success(), "{}", m.stderr());
+}
+
+/// Hot-unplug of a `-drive` disk from a guest that never ejects (`fake.no-eject`): the
+/// command returns, nothing goes until `system_reset` carries the unplug out (as QEMU's reset
+/// does), RESET comes first and then the two `DEVICE_DELETED`; the `-drive`'s BlockBackend
+/// goes with its device as in QEMU 7.2 (`device_add drive=` no longer finds it). Then
+/// `system_powerdown` presses the power button (POWERDOWN after the reply) and the fake guest
+/// powers off: SHUTDOWN, and with `-no-shutdown` the machine stays in `shutdown`.
+#[test]
+fn hot_unplug_waits_for_the_guest_and_a_reset_carries_it_out() {
+    let s = Scratch::new("blk-hot-unplug");
+    let a = image(&s, "a.raw", MIB);
+    link_blockd(&s);
+    let drive = format!("file={a},format=raw,if=none,id=d1");
+    let (mut m, sock) = fake_guest(
+        &s,
+        "fake.no-eject fake.poweroff-on-button",
+        &[
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=d1,id=vd0",
+            "-no-shutdown",
+        ],
+    );
+    let mut q = Qmp::unix(&sock);
+    q.negotiate();
+    assert_eq!(q.status(), "running");
+    assert_eq!(
+        q.raw(r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","drive":"d1","id":"vd9"}}"#)["error"]["desc"],
+        "Drive 'd1' is already in use by another device"
+    );
+    let del = r#"{"execute":"device_del","arguments":{"id":"vd0"}}"#;
+    assert_eq!(q.raw(del), json!({"return": {}}));
+    log_has(&s, "device vd0 eject requested");
+    std::thread::sleep(Duration::from_millis(500));
+    // Still there: the guest has not ejected it.
+    assert_eq!(blockds(&mut q).len(), 1);
+    assert_eq!(q.cmd("query-block")["return"][0]["device"], "d1");
+    assert!(q.events.iter().all(|e| e["event"] != "DEVICE_DELETED"));
+    assert_eq!(
+        q.raw(del)["error"]["desc"],
+        "Device vd0 is already in the process of unplug"
+    );
+    assert_eq!(q.cmd("system_reset"), json!({"return": {}}));
+    // Bulkhead sends the three events before the reply (QEMU right after it), in QEMU's order.
+    let all: Vec<(String, Value)> = q
+        .events
+        .drain(..)
+        .map(|v| {
+            (
+                v["event"].as_str().unwrap_or("").to_string(),
+                v["data"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        all,
+        vec![
+            (
+                "RESET".to_string(),
+                json!({"guest": false, "reason": "host-qmp-system-reset"})
+            ),
+            (
+                "DEVICE_DELETED".to_string(),
+                json!({"path": "/machine/peripheral/vd0/virtio-backend"})
+            ),
+            (
+                "DEVICE_DELETED".to_string(),
+                json!({"device": "vd0", "path": "/machine/peripheral/vd0"})
+            ),
+        ]
+    );
+    assert!(blockds(&mut q).is_empty());
+    assert_eq!(q.cmd("query-block"), json!({"return": []}));
+    assert_eq!(
+        q.raw(r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","drive":"d1","id":"vd1"}}"#)["error"]["desc"],
+        "Property 'virtio-blk-pci.drive' can't find value 'd1'"
+    );
+    assert_eq!(
+        q.raw(del)["error"],
+        json!({"class": "DeviceNotFound", "desc": "Device 'vd0' not found"})
+    );
+
+    // The power button: the reply, then POWERDOWN; the fake guest powers off.
+    q.send_raw("{\"execute\":\"system_powerdown\"}\n");
+    let reply: Value = serde_json::from_str(&q.read_line().expect("reply")).expect("json");
+    assert_eq!(reply, json!({"return": {}}));
+    let ev: Value = serde_json::from_str(&q.read_line().expect("event")).expect("json");
+    assert_eq!(ev["event"], "POWERDOWN", "{ev}");
+    assert!(ev.get("data").is_none(), "{ev}");
+    log_has(&s, "power button");
+    let shut = q.event("SHUTDOWN");
+    assert_eq!(
+        shut["data"],
+        json!({"guest": true, "reason": "guest-shutdown"})
+    );
+    q.event("STOP");
+    assert_eq!(q.status(), "shutdown");
+    // With no machine worker the command still answers and POWERDOWN still comes, as QEMU.
+    assert_eq!(q.cmd("system_powerdown"), json!({"return": {}}));
+    q.event("POWERDOWN");
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success(), "{}", m.stderr());
 }

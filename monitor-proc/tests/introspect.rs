@@ -143,6 +143,7 @@ fn none_machine_answers_every_query() {
         [
             "BLOCK_WRITE_THRESHOLD",
             "DEVICE_DELETED",
+            "POWERDOWN",
             "RESET",
             "RESUME",
             "SHUTDOWN",

@@ -251,7 +251,7 @@ fn nics_get_a_sandboxed_netd_each_and_the_queries_describe_them() {
 }
 
 #[test]
-fn netdev_add_takes_a_getfd_tap_and_devices_plug_only_before_the_guest_runs() {
+fn netdev_add_takes_a_getfd_tap_and_devices_plug_cold_and_hot() {
     let s = Scratch::new("net-qmp");
     let (mut m, mut q) = start(&s, &["-S"], &[]);
     let t = tap(&format!("bhnq{}", std::process::id() % 100_000));
@@ -346,7 +346,7 @@ fn netdev_add_takes_a_getfd_tap_and_devices_plug_only_before_the_guest_runs() {
             "device_add",
             json!({"driver": "virtio-net-pci", "netdev": "n0"})
         ),
-        "Property 'virtio-net-pci.netdev' can't take value 'n0', it's in use"
+        "Property 'virtio-net-device.netdev' can't take value 'n0', it's in use"
     );
     // set_link reaches the new netd.
     assert_eq!(
@@ -359,13 +359,41 @@ fn netdev_add_takes_a_getfd_tap_and_devices_plug_only_before_the_guest_runs() {
     assert_eq!(exec(&mut q, "device_del", json!({"id": "nic0"})), ok);
     log_has(&s, "device nic0 removed");
     assert_eq!(netds(&mut q).len(), 0);
+    // QEMU 7.2's two events: the virtio back end, then the device with its id.
+    assert_eq!(
+        q.event("DEVICE_DELETED")["data"],
+        json!({"path": "/machine/peripheral/nic0/virtio-backend"})
+    );
+    assert_eq!(
+        q.event("DEVICE_DELETED")["data"],
+        json!({"device": "nic0", "path": "/machine/peripheral/nic0"})
+    );
     assert_eq!(exec(&mut q, "device_add", add.clone()), ok);
     assert_eq!(netds(&mut q).len(), 1);
     assert!(hmp(&mut q, "info network").starts_with("nic0: index=0,type=nic"));
 
-    // Once the guest has run: no hot-plug yet.
+    // Once the guest has run: ACPI hot-plug. device_del asks the guest, which ejects 200 ms
+    // later (the fake); a second device_del meanwhile gets QEMU's error; then the NIC and its
+    // netd go, the netdev stays free for a new NIC (hot-plugged).
     assert_eq!(q.cmd("cont"), ok);
-    assert!(e(&mut q, "device_del", json!({"id": "nic0"})).contains("no PCI hot-plug yet"));
+    assert_eq!(exec(&mut q, "device_del", json!({"id": "nic0"})), ok);
+    assert_eq!(
+        e(&mut q, "device_del", json!({"id": "nic0"})),
+        "Device nic0 is already in the process of unplug"
+    );
+    log_has(&s, "device nic0 eject requested");
+    assert_eq!(
+        q.event("DEVICE_DELETED")["data"],
+        json!({"path": "/machine/peripheral/nic0/virtio-backend"})
+    );
+    assert_eq!(
+        q.event("DEVICE_DELETED")["data"],
+        json!({"device": "nic0", "path": "/machine/peripheral/nic0"})
+    );
+    log_has(&s, "device nic0 ejected");
+    assert_eq!(netds(&mut q).len(), 0);
+    assert_eq!(exec(&mut q, "device_add", add.clone()), ok);
+    assert_eq!(netds(&mut q).len(), 1);
     assert_eq!(exec(&mut q, "netdev_del", json!({"id": "n0"})), ok);
     let r = exec(&mut q, "netdev_del", json!({"id": "n0"}));
     assert_eq!(error_class(&r), "DeviceNotFound");

@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 8;
+const KIT_FORMAT: u32 = 9;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -65,6 +65,11 @@ const L2_BLK_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
 /// Modules shipped in the L2 initramfs (with dependencies) and loaded by `bulkhead.test=net`:
 /// virtio-net (with failover and net_failover) on virtio-pci.
 const L2_NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+
+/// Modules shipped in the L2 initramfs (with dependencies, beyond the blk and net ones) and
+/// loaded by `bulkhead.test=hotplug`: the ACPI power button driver and evdev, whose event device
+/// the guest's init watches (PCI hot-plug itself, acpiphp, is built into the cloud kernel).
+const L2_HOTPLUG_MODULES: &[&str] = &["button", "evdev"];
 
 /// The guest's address in `bulkhead.test=net` (eth0, /24).
 pub const NET_GUEST_ADDR: &str = "10.77.0.2";
@@ -100,6 +105,15 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///     forever, printing `BULKHEAD-NET-FETCH <n> OK <md5> carrier=<0|1>` or
 ///     `BULKHEAD-NET-FETCH <n> FAIL carrier=<0|1>` (each fetch given at most 10 s), so a test can
 ///     take the link down and up and watch.
+///   * `hotplug`: loads the blk, net and hotplug modules (virtio, the ACPI button, evdev),
+///     starts one watcher per "Power Button" input device (`BULKHEAD-HP-BUTTONS=<n>`), each of
+///     which prints `BULKHEAD-POWER-BUTTON` and runs `poweroff -f` on the first event, prints
+///     `BULKHEAD-HP-READY`, then every half second compares the `vd*` disks and `eth*`
+///     interfaces with the last look: a new disk prints `BULKHEAD-HP-BLK-ADDED <vdX>
+///     size=<sectors> md5=<md5 of the whole disk>`, a new interface gets [`NET_GUEST_ADDR`]/24,
+///     pings [`NET_PEER_ADDR`] and prints `BULKHEAD-HP-NET-ADDED <ethN> ping=<ok|fail>
+///     mac=<mac>`, and one that went prints `BULKHEAD-HP-BLK-GONE <vdX>` /
+///     `BULKHEAD-HP-NET-GONE <ethN>`.
 ///
 /// If `poweroff -f`/`reboot -f` returns, it prints `BULKHEAD-POWEROFF-RETURNED` /
 /// `BULKHEAD-REBOOT-RETURNED` and idles, so that a VMM that ignores the request is visible.
@@ -150,6 +164,57 @@ case "$mode" in
         fi
         echo BULKHEAD-BLK-DONE
         poweroff -f
+        ;;
+    hotplug)
+        for m in $(cat /etc/bulkhead/blk-modules /etc/bulkhead/net-modules /etc/bulkhead/hotplug-modules); do
+            name=$(echo "${m%.ko}" | tr - _)
+            grep -q "^$name " /proc/modules && continue
+            insmod "/lib/modules/$m" || echo "BULKHEAD-HP-FAIL insmod $m"
+        done
+        sleep 1
+        buttons=0
+        for d in /sys/class/input/event*; do
+            if grep -q "Power Button" "$d/device/name" 2>/dev/null; then
+                ev=/dev/input/${d##*/}
+                (dd if="$ev" bs=24 count=1 >/dev/null 2>&1 && echo BULKHEAD-POWER-BUTTON && poweroff -f) &
+                buttons=$((buttons + 1))
+            fi
+        done
+        echo "BULKHEAD-HP-BUTTONS=$buttons"
+        echo BULKHEAD-HP-READY
+        blks=""
+        nets=""
+        while true; do
+            now=$(cd /sys/block && ls -d vd* 2>/dev/null | tr '\n' ' ')
+            for n in $now; do
+                case " $blks " in
+                    *" $n "*) ;;
+                    *) echo "BULKHEAD-HP-BLK-ADDED $n size=$(cat /sys/block/$n/size) md5=$(md5sum < /dev/$n | cut -d' ' -f1)" ;;
+                esac
+            done
+            for n in $blks; do
+                case " $now " in *" $n "*) ;; *) echo "BULKHEAD-HP-BLK-GONE $n" ;; esac
+            done
+            blks=$now
+            now=$(cd /sys/class/net && ls -d eth* 2>/dev/null | tr '\n' ' ')
+            for n in $now; do
+                case " $nets " in
+                    *" $n "*) ;;
+                    *)
+                        ip addr add 10.77.0.2/24 dev "$n"
+                        ip link set "$n" up
+                        sleep 1
+                        if ping -c 3 -W 10 10.77.0.1 >/dev/null; then p=ok; else p=fail; fi
+                        echo "BULKHEAD-HP-NET-ADDED $n ping=$p mac=$(cat /sys/class/net/$n/address)"
+                        ;;
+                esac
+            done
+            for n in $nets; do
+                case " $now " in *" $n "*) ;; *) echo "BULKHEAD-HP-NET-GONE $n" ;; esac
+            done
+            nets=$now
+            sleep 0.5
+        done
         ;;
     net|netloop)
         for m in $(cat /etc/bulkhead/net-modules); do
@@ -935,6 +1000,25 @@ fn build_kit(root: &Path, scratch: &Path) -> Result<()> {
             net_order.push('\n');
         }
         cpio.file("etc/bulkhead/net-modules", 0o644, net_order.as_bytes())?;
+        // The ACPI button and evdev for bulkhead.test=hotplug: the files not already added.
+        let mut hp_order = String::new();
+        for rel in ModuleDeps::load(&moddir)?.closure(L2_HOTPLUG_MODULES)? {
+            let plain = plain_module_path(&rel);
+            let name = Path::new(&plain)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| anyhow!("module path {plain} has no file name"))?;
+            if have.insert(name.clone()) {
+                cpio.file(
+                    &format!("lib/modules/{name}"),
+                    0o644,
+                    &read_module(&moddir.join(&rel))?,
+                )?;
+            }
+            hp_order.push_str(&name);
+            hp_order.push('\n');
+        }
+        cpio.file("etc/bulkhead/hotplug-modules", 0o644, hp_order.as_bytes())?;
         cpio.finish()?;
     }
 

@@ -103,6 +103,8 @@ pub enum Event {
         /// The threshold.
         threshold: u64,
     },
+    /// `system_powerdown` pressed the guest's power button.
+    Powerdown,
     /// A device is gone (`device_del`): its `id` if it has one, and its QOM path.
     DeviceDeleted {
         /// The device's id.
@@ -122,13 +124,14 @@ impl Event {
             Event::Shutdown(_) => "SHUTDOWN",
             Event::WorkerExited(_) => "X_WORKER_EXITED",
             Event::DeviceDeleted { .. } => "DEVICE_DELETED",
+            Event::Powerdown => "POWERDOWN",
             Event::BlockWriteThreshold { .. } => "BLOCK_WRITE_THRESHOLD",
         }
     }
 
     fn data(&self) -> Option<Value> {
         match self {
-            Event::Stop | Event::Resume => None,
+            Event::Stop | Event::Resume | Event::Powerdown => None,
             Event::Reset(c) | Event::Shutdown(c) => {
                 let mut m = serde_json::Map::new();
                 m.insert("guest".into(), Value::Bool(c.is_guest()));

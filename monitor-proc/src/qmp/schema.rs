@@ -135,6 +135,7 @@ pub const RETURNS: &[(&str, &str)] = &[
     ("remove-fd", EMPTY),
     ("set_link", EMPTY),
     ("stop", EMPTY),
+    ("system_powerdown", EMPTY),
     ("system_reset", EMPTY),
     ("x-blockdev-del", EMPTY),
     ("x-query-sandbox", "XSandboxInfo"),
@@ -145,6 +146,7 @@ pub const RETURNS: &[(&str, &str)] = &[
 pub const EVENTS: &[(&str, &str)] = &[
     ("BLOCK_WRITE_THRESHOLD", "q_obj_BLOCK_WRITE_THRESHOLD-arg"),
     ("DEVICE_DELETED", "q_obj_DEVICE_DELETED-arg"),
+    ("POWERDOWN", EMPTY),
     ("RESET", "q_obj_RESET-arg"),
     ("RESUME", EMPTY),
     ("SHUTDOWN", "q_obj_SHUTDOWN-arg"),
@@ -1174,6 +1176,7 @@ mod tests {
                 amount_exceeded: 1,
                 threshold: 1,
             },
+            Event::Powerdown,
         ];
         for e in &all {
             match e {
@@ -1183,7 +1186,8 @@ mod tests {
                 | Event::Shutdown(_)
                 | Event::WorkerExited(_)
                 | Event::DeviceDeleted { .. }
-                | Event::BlockWriteThreshold { .. } => {}
+                | Event::BlockWriteThreshold { .. }
+                | Event::Powerdown => {}
             }
         }
         all

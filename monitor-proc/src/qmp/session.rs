@@ -382,6 +382,7 @@ fn answer(
             shared.bus.set_negotiated(sink.id());
         }
         Some(PostAction::Exit) => shared.exit.request(0),
+        Some(PostAction::Emit(ev)) => shared.bus.emit(&ev),
         None => {}
     }
 }

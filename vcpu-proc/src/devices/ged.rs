@@ -104,9 +104,16 @@ impl Ged {
         self.raise(&mut st, EVENT_POWER_BUTTON);
     }
 
-    /// Machine reset: nothing pending (devices present at reset are found by enumeration).
+    /// Machine reset: nothing pending (devices present at reset are found by enumeration),
+    /// and the ejects the guest was asked for and did not do are carried out now, as QEMU's
+    /// reset executes pending removals (`acpi_pcihp_update_hotplug_bus`).
     pub fn reset(&self) {
-        *self.lock() = State::default();
+        let asked = std::mem::take(&mut *self.lock()).asked;
+        for slot in 0..32u8 {
+            if asked & slot_bit(slot) != 0 {
+                (self.eject)(slot);
+            }
+        }
     }
 
     /// The MMIO face.
@@ -205,6 +212,13 @@ mod tests {
         assert_eq!(ejected.lock().expect("lock").len(), 1);
         ged.power_button();
         assert_eq!(rd(&mut r, EVENT_OFFSET), EVENT_POWER_BUTTON);
+        // A reset carries out the ejects asked for and not done, once.
+        ged.request_eject(5);
+        ged.reset();
+        assert_eq!(*ejected.lock().expect("lock"), vec![3, 5]);
+        assert!(!ged.eject_pending(5));
+        ged.reset();
+        assert_eq!(ejected.lock().expect("lock").len(), 2);
         // Odd accesses.
         let mut b = [0u8; 2];
         r.read(PCIU_OFFSET, &mut b);

@@ -1,5 +1,5 @@
 //! The core commands: negotiation, run state and version (`qmp_capabilities`, `query-status`,
-//! `query-version`, `stop`, `cont`, `system_reset`, `quit`).
+//! `query-version`, `stop`, `cont`, `system_reset`, `system_powerdown`, `quit`).
 
 use serde_json::{Map, Value};
 
@@ -45,6 +45,11 @@ pub(super) static COMMANDS: &[Command] = &[
         name: "system_reset",
         args: &[],
         handler: system_reset,
+    },
+    Command {
+        name: "system_powerdown",
+        args: &[],
+        handler: system_powerdown,
     },
     Command {
         name: "quit",
@@ -108,6 +113,18 @@ fn system_reset(ctx: Context, _args: Map<String, Value>) -> HandlerFuture {
     Box::pin(async move {
         ctx.shared.vm.reset().await?;
         Ok(Outcome::empty())
+    })
+}
+
+/// `system_powerdown`: the guest's ACPI power button, then POWERDOWN after the reply (QEMU
+/// 7.2 emits it from its main loop once the command has answered, in every run state).
+fn system_powerdown(ctx: Context, _args: Map<String, Value>) -> HandlerFuture {
+    Box::pin(async move {
+        ctx.shared.vm.powerdown().await?;
+        Ok(Outcome {
+            value: Value::Object(Map::new()),
+            post: Some(PostAction::Emit(crate::qmp::events::Event::Powerdown)),
+        })
     })
 }
 

@@ -88,12 +88,14 @@ pub struct ArgSpec {
 }
 
 /// What the session does after queuing a successful reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PostAction {
     /// Leave capabilities negotiation: the session gets events from now on.
     EnterCommandMode,
     /// Ask the monitor to exit (after `quit`).
     Exit,
+    /// Emit an event once the reply is out (`system_powerdown`'s POWERDOWN).
+    Emit(crate::qmp::events::Event),
 }
 
 /// A successful handler result.

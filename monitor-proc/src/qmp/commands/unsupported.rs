@@ -225,10 +225,6 @@ pub const UNSUPPORTED: &[(&str, &str)] = &[
     ("send-key", INPUT),
     ("set_password", DISPLAY),
     (
-        "system_powerdown",
-        "not implemented yet: Bulkhead's ACPI has no power button",
-    ),
-    (
         "system_wakeup",
         "Bulkhead's guests cannot suspend (its ACPI offers no S3), so there is nothing to wake up",
     ),
