@@ -1055,6 +1055,11 @@ impl Vm {
             VcpuEvent::DeviceEjected { id } => {
                 log::info!("the guest ejected device {id}");
             }
+            VcpuEvent::RxFilterChanged { id, filter, reset } => {
+                if let Some((name, path)) = self.nics.on_rx_filter(&id, filter, reset) {
+                    self.bus.emit(&Event::NicRxFilterChanged { name, path });
+                }
+            }
         }
     }
 

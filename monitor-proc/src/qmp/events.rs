@@ -110,6 +110,14 @@ pub enum Event {
         /// Its QOM path.
         path: String,
     },
+    /// A NIC's guest changed its receive filter (sent once, then not again for that NIC until
+    /// `query-rx-filter` has been asked about it, as QEMU).
+    NicRxFilterChanged {
+        /// The NIC's `id=`, if it has one (QEMU's `netclient_name`).
+        name: Option<String>,
+        /// The QOM path of its virtio-net device.
+        path: String,
+    },
 }
 
 impl Event {
@@ -123,6 +131,7 @@ impl Event {
             Event::WorkerExited(_) => "X_WORKER_EXITED",
             Event::DeviceDeleted { .. } => "DEVICE_DELETED",
             Event::BlockWriteThreshold { .. } => "BLOCK_WRITE_THRESHOLD",
+            Event::NicRxFilterChanged { .. } => "NIC_RX_FILTER_CHANGED",
         }
     }
 
@@ -172,6 +181,14 @@ impl Event {
                 let mut m = Vec::new();
                 if let Some(d) = device {
                     m.push(("device", Value::from(d.as_str())));
+                }
+                m.push(("path", Value::from(path.as_str())));
+                Some(super::qdict::object(m))
+            }
+            Event::NicRxFilterChanged { name, path } => {
+                let mut m = Vec::new();
+                if let Some(n) = name {
+                    m.push(("name", Value::from(n.as_str())));
                 }
                 m.push(("path", Value::from(path.as_str())));
                 Some(super::qdict::object(m))

@@ -145,6 +145,7 @@ pub const RETURNS: &[(&str, &str)] = &[
 pub const EVENTS: &[(&str, &str)] = &[
     ("BLOCK_WRITE_THRESHOLD", "q_obj_BLOCK_WRITE_THRESHOLD-arg"),
     ("DEVICE_DELETED", "q_obj_DEVICE_DELETED-arg"),
+    ("NIC_RX_FILTER_CHANGED", "q_obj_NIC_RX_FILTER_CHANGED-arg"),
     ("RESET", "q_obj_RESET-arg"),
     ("RESUME", EMPTY),
     ("SHUTDOWN", "q_obj_SHUTDOWN-arg"),
@@ -591,6 +592,10 @@ pub const TYPES: &[(&str, TypeDef)] = &[
     (
         "q_obj_DEVICE_DELETED-arg",
         object(&[opt("device", "str"), req("path", "str")]),
+    ),
+    (
+        "q_obj_NIC_RX_FILTER_CHANGED-arg",
+        object(&[opt("name", "str"), req("path", "str")]),
     ),
     // A Bulkhead extension (qmp/events.rs WorkerExit).
     (
@@ -1174,6 +1179,10 @@ mod tests {
                 amount_exceeded: 1,
                 threshold: 1,
             },
+            Event::NicRxFilterChanged {
+                name: Some("net0".into()),
+                path: "/machine/peripheral/net0/virtio-backend".into(),
+            },
         ];
         for e in &all {
             match e {
@@ -1183,7 +1192,8 @@ mod tests {
                 | Event::Shutdown(_)
                 | Event::WorkerExited(_)
                 | Event::DeviceDeleted { .. }
-                | Event::BlockWriteThreshold { .. } => {}
+                | Event::BlockWriteThreshold { .. }
+                | Event::NicRxFilterChanged { .. } => {}
             }
         }
         all
