@@ -1501,7 +1501,9 @@ impl Nics {
             let mut text = format!(
                 "{}: index=0,type=nic,model=virtio-net-pci,macaddr={}\n",
                 n.name,
-                mac_string(&n.mac)
+                // The guest's current MAC, as QEMU's qemu_format_nic_info_str after
+                // VIRTIO_NET_CTRL_MAC_ADDR_SET.
+                mac_string(&n.rx_filter.mac)
             );
             if let Some(d) = n.netdev.as_deref().and_then(|d| self.netdev(d)) {
                 text.push_str(&format!(" \\ {}: index=0,type=tap,{}\n", d.id, d.info));
@@ -1721,6 +1723,73 @@ mod tests {
         assert_eq!(parse_mac("52-54-00-12-34-56"), Some(a));
         assert_eq!(parse_mac("52:54:00:12:34"), None);
         assert_eq!(parse_mac("52:54:00:12:34:567"), None);
+    }
+
+    #[test]
+    fn a_programmed_filter_reads_as_qemu_s_and_the_event_waits_for_a_query() {
+        let mut n = Nics::empty();
+        let spec = |id: Option<&str>| NicSpec {
+            id: id.map(str::to_string),
+            netdev: "n".into(),
+            mac: None,
+            slot: Some(3),
+        };
+        n.add_nic(&spec(Some("nic0")));
+        n.add_nic(&spec(None));
+        let mut f = RxFilter::reset(n.nics[0].mac);
+        f.promisc = false;
+        f.nouni = true;
+        f.allmulti = true;
+        f.nobcast = true;
+        f.mac = [2, 0, 0, 0, 0, 0x77];
+        f.unicast = vec![[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]];
+        f.multicast = vec![[1, 0, 0x5e, 0, 0, 1]];
+        f.vlan_filtering = true;
+        f.vlans = vec![5, 100];
+        let path = "/machine/peripheral/nic0/virtio-backend".to_string();
+        assert_eq!(
+            n.on_rx_filter("nic0", f.clone(), false),
+            Some((Some("nic0".into()), path.clone()))
+        );
+        // Not again until a query; never for a reset.
+        assert_eq!(n.on_rx_filter("nic0", f.clone(), false), None);
+        let v = match n.query_rx_filter(Some("nic0")) {
+            Ok(NetAnswer::Value(v)) => v,
+            _ => panic!("query"),
+        };
+        assert_eq!(v[0]["promiscuous"], false);
+        assert_eq!(v[0]["unicast"], "none");
+        assert_eq!(v[0]["multicast"], "all");
+        assert_eq!(v[0]["broadcast-allowed"], true);
+        assert_eq!(v[0]["main-mac"], "02:00:00:00:00:77");
+        assert_eq!(
+            v[0]["unicast-table"],
+            json!(["02:00:00:00:00:02", "02:00:00:00:00:01"])
+        );
+        assert_eq!(v[0]["multicast-table"], json!(["01:00:5e:00:00:01"]));
+        assert_eq!(
+            (&v[0]["vlan"], &v[0]["vlan-table"]),
+            (&json!("normal"), &json!([100, 5]))
+        );
+        assert!(n.info_network().contains("macaddr=02:00:00:00:00:77"));
+        assert_eq!(n.on_rx_filter("nic0", f.clone(), true), None);
+        assert_eq!(
+            n.on_rx_filter("nic0", f.clone(), false),
+            Some((Some("nic0".into()), path))
+        );
+        // A NIC without id=: no name, an anonymous path; an unknown id: nothing.
+        let anon = n.on_rx_filter("virtio-net-pci.1", f.clone(), false);
+        assert_eq!(
+            anon,
+            Some((
+                None,
+                "/machine/peripheral-anon/device[0]/virtio-backend".to_string()
+            ))
+        );
+        assert_eq!(n.on_rx_filter("nope", f, false), None);
+        let mut empty = RxFilter::reset([2, 0, 0, 0, 0, 1]);
+        empty.vlan_filtering = true;
+        assert_eq!(rx_filter("x", &empty)["vlan"], "none");
     }
 
     #[test]
