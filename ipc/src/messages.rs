@@ -78,7 +78,9 @@ pub struct VirtioDevice {
     pub kind: VirtioKind,
     /// PCI slot on bus 0 (1..=31; slot 0 is the host bridge).
     pub slot: u8,
-    /// Number of virtqueues the front end offers (capped by what the back end supports).
+    /// Number of virtqueues the front end offers (capped by what the back end supports). For
+    /// virtio-net: two per queue pair on the back end (more than one pair offers
+    /// `VIRTIO_NET_F_MQ`); the control virtqueue the front end adds and serves itself.
     pub num_queues: u16,
     /// Largest queue size the guest may choose (a power of two, at most 32768).
     pub queue_size: u16,
@@ -259,9 +261,76 @@ pub enum VcpuEvent {
         /// The device id.
         id: String,
     },
+    /// A virtio-net guest driver changed its receive filter through the control virtqueue (rx
+    /// mode, MAC tables, MAC address or VLAN table), or a device reset put it back; `filter` is
+    /// the whole new state. Sent on every change: the monitor decides when QMP hears of it
+    /// (`NIC_RX_FILTER_CHANGED`, never for a reset, as QEMU).
+    RxFilterChanged {
+        /// The device id.
+        id: String,
+        /// The filter now.
+        filter: RxFilter,
+        /// A device reset changed it, not a guest command.
+        reset: bool,
+    },
 }
 
 impl Wire for VcpuEvent {}
+
+/// A virtio-net device's receive filter as its guest driver set it through the control
+/// virtqueue (QEMU's `VirtIONet` rx state, which `query-rx-filter` reports). The values after a
+/// device reset are [`RxFilter::reset`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RxFilter {
+    /// Every frame is received (`VIRTIO_NET_CTRL_RX_PROMISC`; on after reset).
+    pub promisc: bool,
+    /// Every multicast frame is received (`ALLMULTI`).
+    pub allmulti: bool,
+    /// Every unicast frame is received (`ALLUNI`).
+    pub alluni: bool,
+    /// No multicast frame is received (`NOMULTI`).
+    pub nomulti: bool,
+    /// No unicast frame is received (`NOUNI`).
+    pub nouni: bool,
+    /// No broadcast frame is received (`NOBCAST`).
+    pub nobcast: bool,
+    /// The device's MAC address (`VIRTIO_NET_CTRL_MAC_ADDR_SET`; the configured one after reset).
+    pub mac: [u8; 6],
+    /// Extra unicast addresses (`VIRTIO_NET_CTRL_MAC_TABLE_SET`), in the guest's order.
+    pub unicast: Vec<[u8; 6]>,
+    /// Multicast addresses, in the guest's order.
+    pub multicast: Vec<[u8; 6]>,
+    /// The guest's unicast list did not fit the table (64 entries in all).
+    pub unicast_overflow: bool,
+    /// The guest's multicast list did not fit the table.
+    pub multicast_overflow: bool,
+    /// The driver negotiated `VIRTIO_NET_F_CTRL_VLAN`: only the VLANs in `vlans` pass.
+    pub vlan_filtering: bool,
+    /// The VLAN ids the guest added (ascending), when `vlan_filtering`.
+    pub vlans: Vec<u16>,
+}
+
+impl RxFilter {
+    /// The state after a device reset (QEMU's `virtio_net_reset`): promiscuous, no tables,
+    /// the configured MAC.
+    pub fn reset(mac: [u8; 6]) -> RxFilter {
+        RxFilter {
+            promisc: true,
+            allmulti: false,
+            alluni: false,
+            nomulti: false,
+            nouni: false,
+            nobcast: false,
+            mac,
+            unicast: Vec::new(),
+            multicast: Vec::new(),
+            unicast_overflow: false,
+            multicast_overflow: false,
+            vlan_filtering: false,
+            vlans: Vec::new(),
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // monitor ↔ bulkhead-blockd

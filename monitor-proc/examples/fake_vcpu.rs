@@ -9,6 +9,10 @@
 //! - `fake.echo`: copy serial input back to serial output;
 //! - `fake.shutdown-after=MS`, `fake.reset-after=MS`, `fake.internal-error-after=MS`,
 //!   `fake.exit-after=MS` (exit status 3): guest/worker behaviour MS ms after the first `Run`;
+//! - `fake.rx-filter-after=MS`: a guest driver programming each net device's rx filter:
+//!   MS ms after the first `Run` two `RxFilterChanged` (promiscuous off; then also multicast
+//!   01:00:5e:00:00:01 and MAC 02:00:00:00:00:99), at 2*MS a reset (`reset: true`, the
+//!   configured MAC) followed by a third (`NOBCAST` on);
 //! - `fake.hang-pause`: never answer `Pause`;
 //! - `QuerySandbox` answers that it did not enter a sandbox (`entered: false`, the mode it was
 //!   given);
@@ -48,7 +52,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_ipc::messages::{
-    CpuInfo, SandboxReport, ShutdownCause, VcpuEvent, VcpuProtocol, VcpuReply, VcpuRequest,
+    CpuInfo, RxFilter, SandboxReport, ShutdownCause, VcpuEvent, VcpuProtocol, VcpuReply,
+    VcpuRequest, VirtioKind,
 };
 use bulkhead_ipc::{Channel, Frame, Role};
 
@@ -211,6 +216,8 @@ fn main() {
     let mut devices: Vec<OwnedFd> = Vec::new();
     // Ejects asked for under fake.no-eject (carried out by a Reset).
     let mut ejecting: Vec<String> = Vec::new();
+    // The net devices of the setup: id and MAC.
+    let mut net_devices: Vec<(String, [u8; 6])> = Vec::new();
     loop {
         let (frame, fds) = match chan.recv() {
             Ok(v) => v,
@@ -246,6 +253,10 @@ fn main() {
                     serial_out = it.next().map(|f| Arc::new(File::from(f)));
                 }
                 devices = it.collect();
+                net_devices.extend(setup.devices.iter().filter_map(|d| match d.kind {
+                    VirtioKind::Net { mac, .. } => Some((d.id.clone(), mac)),
+                    VirtioKind::Block => None,
+                }));
                 for d in &setup.devices {
                     log_line(
                         &log,
@@ -288,6 +299,7 @@ fn main() {
                         }
                     }
                     spawn_timers(&cmdline, chan.clone());
+                    spawn_rx_filters(&cmdline, chan.clone(), &net_devices);
                 }
                 VcpuReply::Ok
             }
@@ -410,6 +422,43 @@ fn spawn_vcpu_threads(setup: &bulkhead_ipc::messages::VmSetup) -> Vec<CpuInfo> {
         });
     }
     out
+}
+
+/// `fake.rx-filter-after=MS` (see the module docs).
+fn spawn_rx_filters(
+    cmdline: &str,
+    chan: Arc<Channel<VcpuProtocol>>,
+    devices: &[(String, [u8; 6])],
+) {
+    let Some(ms) = word_value(cmdline, "fake.rx-filter-after").and_then(|v| v.parse().ok()) else {
+        return;
+    };
+    let devices = devices.to_vec();
+    std::thread::spawn(move || {
+        let send = |id: &str, filter: &RxFilter, reset: bool| {
+            let _ = chan.send_event(VcpuEvent::RxFilterChanged {
+                id: id.to_owned(),
+                filter: filter.clone(),
+                reset,
+            });
+        };
+        std::thread::sleep(Duration::from_millis(ms));
+        for (id, mac) in &devices {
+            let mut f = RxFilter::reset(*mac);
+            f.promisc = false;
+            send(id, &f, false);
+            f.multicast = vec![[1, 0, 0x5e, 0, 0, 1]];
+            f.mac = [2, 0, 0, 0, 0, 0x99];
+            send(id, &f, false);
+        }
+        std::thread::sleep(Duration::from_millis(ms));
+        for (id, mac) in &devices {
+            let mut f = RxFilter::reset(*mac);
+            send(id, &f, true);
+            f.nobcast = true;
+            send(id, &f, false);
+        }
+    });
 }
 
 fn spawn_timers(cmdline: &str, chan: Arc<Channel<VcpuProtocol>>) {

@@ -31,11 +31,13 @@
 //! netdev's and its NIC's. The guest sees the NIC's (vcpu-proc's link status bit, with a
 //! configuration interrupt); netd moves frames only while both are up.
 //!
-//! The rx filter: bulkhead's virtio-net has no control virtqueue (`VIRTIO_NET_F_CTRL_VQ` is
-//! not offered), so the guest cannot change it: the NIC is promiscuous, takes every unicast,
-//! multicast and broadcast frame and every VLAN, and `query-rx-filter` reports what QEMU
-//! reports for a virtio-net device in that state. For the same reason `NIC_RX_FILTER_CHANGED`
-//! can never happen and is never emitted.
+//! The rx filter: the guest sets it through the control virtqueue, which vcpu-proc serves
+//! (`vcpu-proc/src/virtio/net_ctrl.rs`) and reports with `VcpuEvent::RxFilterChanged`
+//! ([`Nics::on_rx_filter`]). The NIC keeps the last state for `query-rx-filter` and emits
+//! `NIC_RX_FILTER_CHANGED` as QEMU does: once, then not again for that NIC until
+//! `query-rx-filter` has reported it (a device reset changes the state silently). As with
+//! QEMU's vhost-user-net, the filter is not enforced on the data path: netd delivers every
+//! frame the tap gives it and the guest's driver drops what it did not ask for.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -44,8 +46,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bulkhead_ipc::messages::{
-    NetProtocol, NetReply, NetRequest, NetSetup, NetStats, SandboxReport, VcpuProtocol, VcpuReply,
-    VcpuRequest, VirtioDevice, VirtioKind,
+    NetProtocol, NetReply, NetRequest, NetSetup, NetStats, RxFilter, SandboxReport, VcpuProtocol,
+    VcpuReply, VcpuRequest, VirtioDevice, VirtioKind,
 };
 use bulkhead_ipc::{AsyncChannel, Role as IpcRole, RpcClient};
 use bulkhead_sandbox::seccomp::Violation;
@@ -671,6 +673,10 @@ struct Nic {
     slot: u8,
     link_down: bool,
     worker: Option<Netd>,
+    /// The rx filter as the guest last set it.
+    rx_filter: RxFilter,
+    /// `NIC_RX_FILTER_CHANGED` may be sent (QEMU's `rxfilter_notify_enabled`).
+    rx_notify: bool,
 }
 
 /// A netd's end, as its supervisor saw it.
@@ -876,7 +882,49 @@ impl Nics {
             slot: spec.slot.unwrap_or(0),
             link_down: false,
             worker: None,
+            rx_filter: RxFilter::reset(mac),
+            rx_notify: true,
         });
+    }
+
+    /// A NIC's QOM path as `NIC_RX_FILTER_CHANGED` gives it: its virtio-net device inside the
+    /// PCI proxy, `/machine/peripheral/ID/virtio-backend`, or under `peripheral-anon` for a NIC
+    /// without `id=` (numbered among the anonymous NICs).
+    fn qom_path(&self, i: usize) -> String {
+        match &self.nics[i].qdev_id {
+            Some(id) => format!("/machine/peripheral/{id}/virtio-backend"),
+            None => {
+                let n = self.nics[..i]
+                    .iter()
+                    .filter(|n| n.qdev_id.is_none())
+                    .count();
+                format!("/machine/peripheral-anon/device[{n}]/virtio-backend")
+            }
+        }
+    }
+
+    /// The machine worker reports NIC `id`'s new rx filter. Returns the `NIC_RX_FILTER_CHANGED`
+    /// to emit (`name`, `path`), if one is due: not for a reset, and only once until
+    /// `query-rx-filter` re-arms it.
+    pub fn on_rx_filter(
+        &mut self,
+        id: &str,
+        filter: RxFilter,
+        reset: bool,
+    ) -> Option<(Option<String>, String)> {
+        let Some(i) = self.nics.iter().position(|n| n.name == id) else {
+            log::warn!("rx filter of an unknown NIC {id}");
+            return None;
+        };
+        log::debug!("{id}: rx filter {filter:?}");
+        let nic = &mut self.nics[i];
+        nic.rx_filter = filter;
+        if reset || !nic.rx_notify {
+            return None;
+        }
+        nic.rx_notify = false;
+        let name = nic.qdev_id.clone();
+        Some((name, self.qom_path(i)))
     }
 
     /// The NICs' PCI slots.
@@ -929,6 +977,8 @@ impl Nics {
         i: usize,
         mem_bytes: u64,
     ) -> Result<(VirtioDevice, OwnedFd), NicsError> {
+        // A new machine worker starts the device from reset.
+        self.nics[i].rx_filter = RxFilter::reset(self.nics[i].mac);
         let nic = &self.nics[i];
         let name = nic.name.clone();
         let nd_id = nic.netdev.clone().unwrap_or_default();
@@ -1437,7 +1487,7 @@ impl Nics {
         Ok(())
     }
 
-    fn query_rx_filter(&self, name: Option<&str>) -> Result<NetAnswer, QmpError> {
+    fn query_rx_filter(&mut self, name: Option<&str>) -> Result<NetAnswer, QmpError> {
         if let Some(name) = name {
             if self.netdevs.iter().any(|d| d.id == name) {
                 return Err(QmpError::generic(format!("net client({name}) isn't a NIC")));
@@ -1448,12 +1498,16 @@ impl Nics {
                 )));
             }
         }
-        let list: Vec<Value> = self
+        let mut list = Vec::new();
+        for n in self
             .nics
-            .iter()
+            .iter_mut()
             .filter(|n| name.is_none_or(|x| x == n.name))
-            .map(|n| rx_filter(&n.name, &n.mac))
-            .collect();
+        {
+            list.push(rx_filter(&n.name, &n.rx_filter));
+            // As QEMU: reporting a NIC's filter re-arms its NIC_RX_FILTER_CHANGED.
+            n.rx_notify = true;
+        }
         Ok(NetAnswer::Value(Value::Array(list)))
     }
 
@@ -1467,7 +1521,9 @@ impl Nics {
             let mut text = format!(
                 "{}: index=0,type=nic,model=virtio-net-pci,macaddr={}\n",
                 n.name,
-                mac_string(&n.mac)
+                // The guest's current MAC, as QEMU's qemu_format_nic_info_str after
+                // VIRTIO_NET_CTRL_MAC_ADDR_SET.
+                mac_string(&n.rx_filter.mac)
             );
             if let Some(d) = n.netdev.as_deref().and_then(|d| self.netdev(d)) {
                 text.push_str(&format!(" \\ {}: index=0,type=tap,{}\n", d.id, d.info));
@@ -1488,25 +1544,43 @@ impl Nics {
     }
 }
 
-/// QEMU's `RxFilterInfo` for a virtio-net device whose guest cannot change its filter (no
-/// control virtqueue): promiscuous, every unicast, multicast and VLAN frame, no MAC tables.
-/// As QEMU 7.2 for a device without `VIRTIO_NET_F_CTRL_VLAN`, the VLAN table lists every VLAN
-/// id (all pass), from 4095 down to 0; `broadcast-allowed` is QEMU's `nobcast` flag (false:
-/// QEMU reports it inverted, and a client comparing with QEMU sees the same value).
-fn rx_filter(name: &str, mac: &[u8; 6]) -> Value {
+/// QEMU 7.2's `RxFilterInfo` (`virtio_net_query_rxfilter`) for a virtio-net device's filter:
+/// `unicast`/`multicast` are `none` (NOUNI/NOMULTI), `all` (ALLUNI/ALLMULTI) or `normal`; the
+/// MAC tables list the guest's addresses last first and the VLAN table its VLAN ids from high
+/// to low, as QEMU builds its lists. Without `VIRTIO_NET_F_CTRL_VLAN` every VLAN passes
+/// (`vlan` `all`, the table 4095 down to 0); with it, `none` while the table is empty.
+/// `broadcast-allowed` is QEMU's `nobcast` flag (QEMU reports it inverted, and a client
+/// comparing with QEMU sees the same value).
+fn rx_filter(name: &str, f: &RxFilter) -> Value {
+    let mode = |none: bool, all: bool| match (none, all) {
+        (true, _) => "none",
+        (false, true) => "all",
+        (false, false) => "normal",
+    };
+    let macs = |l: &[[u8; 6]]| l.iter().rev().map(mac_string).collect::<Vec<_>>();
+    let (vlan, vlans): (&str, Vec<u32>) = if !f.vlan_filtering {
+        ("all", (0..4096u32).rev().collect())
+    } else if f.vlans.is_empty() {
+        ("none", Vec::new())
+    } else {
+        (
+            "normal",
+            f.vlans.iter().rev().map(|v| u32::from(*v)).collect(),
+        )
+    };
     crate::qmp::qdict::object([
         ("name", json!(name)),
-        ("promiscuous", json!(true)),
-        ("multicast", json!("normal")),
-        ("unicast", json!("normal")),
-        ("vlan", json!("all")),
-        ("broadcast-allowed", json!(false)),
-        ("multicast-overflow", json!(false)),
-        ("unicast-overflow", json!(false)),
-        ("main-mac", json!(mac_string(mac))),
-        ("vlan-table", json!((0..4096u32).rev().collect::<Vec<_>>())),
-        ("unicast-table", json!([])),
-        ("multicast-table", json!([])),
+        ("promiscuous", json!(f.promisc)),
+        ("multicast", json!(mode(f.nomulti, f.allmulti))),
+        ("unicast", json!(mode(f.nouni, f.alluni))),
+        ("vlan", json!(vlan)),
+        ("broadcast-allowed", json!(f.nobcast)),
+        ("multicast-overflow", json!(f.multicast_overflow)),
+        ("unicast-overflow", json!(f.unicast_overflow)),
+        ("main-mac", json!(mac_string(&f.mac))),
+        ("vlan-table", json!(vlans)),
+        ("unicast-table", json!(macs(&f.unicast))),
+        ("multicast-table", json!(macs(&f.multicast))),
     ])
 }
 
@@ -1665,8 +1739,75 @@ mod tests {
     }
 
     #[test]
+    fn a_programmed_filter_reads_as_qemu_s_and_the_event_waits_for_a_query() {
+        let mut n = Nics::empty();
+        let spec = |id: Option<&str>| NicSpec {
+            id: id.map(str::to_string),
+            netdev: "n".into(),
+            mac: None,
+            slot: Some(3),
+        };
+        n.add_nic(&spec(Some("nic0")));
+        n.add_nic(&spec(None));
+        let mut f = RxFilter::reset(n.nics[0].mac);
+        f.promisc = false;
+        f.nouni = true;
+        f.allmulti = true;
+        f.nobcast = true;
+        f.mac = [2, 0, 0, 0, 0, 0x77];
+        f.unicast = vec![[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]];
+        f.multicast = vec![[1, 0, 0x5e, 0, 0, 1]];
+        f.vlan_filtering = true;
+        f.vlans = vec![5, 100];
+        let path = "/machine/peripheral/nic0/virtio-backend".to_string();
+        assert_eq!(
+            n.on_rx_filter("nic0", f.clone(), false),
+            Some((Some("nic0".into()), path.clone()))
+        );
+        // Not again until a query; never for a reset.
+        assert_eq!(n.on_rx_filter("nic0", f.clone(), false), None);
+        let v = match n.query_rx_filter(Some("nic0")) {
+            Ok(NetAnswer::Value(v)) => v,
+            _ => panic!("query"),
+        };
+        assert_eq!(v[0]["promiscuous"], false);
+        assert_eq!(v[0]["unicast"], "none");
+        assert_eq!(v[0]["multicast"], "all");
+        assert_eq!(v[0]["broadcast-allowed"], true);
+        assert_eq!(v[0]["main-mac"], "02:00:00:00:00:77");
+        assert_eq!(
+            v[0]["unicast-table"],
+            json!(["02:00:00:00:00:02", "02:00:00:00:00:01"])
+        );
+        assert_eq!(v[0]["multicast-table"], json!(["01:00:5e:00:00:01"]));
+        assert_eq!(
+            (&v[0]["vlan"], &v[0]["vlan-table"]),
+            (&json!("normal"), &json!([100, 5]))
+        );
+        assert!(n.info_network().contains("macaddr=02:00:00:00:00:77"));
+        assert_eq!(n.on_rx_filter("nic0", f.clone(), true), None);
+        assert_eq!(
+            n.on_rx_filter("nic0", f.clone(), false),
+            Some((Some("nic0".into()), path))
+        );
+        // A NIC without id=: no name, an anonymous path; an unknown id: nothing.
+        let anon = n.on_rx_filter("virtio-net-pci.1", f.clone(), false);
+        assert_eq!(
+            anon,
+            Some((
+                None,
+                "/machine/peripheral-anon/device[0]/virtio-backend".to_string()
+            ))
+        );
+        assert_eq!(n.on_rx_filter("nope", f, false), None);
+        let mut empty = RxFilter::reset([2, 0, 0, 0, 0, 1]);
+        empty.vlan_filtering = true;
+        assert_eq!(rx_filter("x", &empty)["vlan"], "none");
+    }
+
+    #[test]
     fn rx_filter_has_qemu_s_members_in_order() {
-        let v = rx_filter("nic0", &[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        let v = rx_filter("nic0", &RxFilter::reset([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
         let keys: Vec<&str> = v
             .as_object()
             .expect("object")

@@ -1122,6 +1122,11 @@ impl Vm {
                     log::debug!("device {id} ejected, already removed");
                 }
             }
+            VcpuEvent::RxFilterChanged { id, filter, reset } => {
+                if let Some((name, path)) = self.nics.on_rx_filter(&id, filter, reset) {
+                    self.bus.emit(&Event::NicRxFilterChanged { name, path });
+                }
+            }
         }
     }
 

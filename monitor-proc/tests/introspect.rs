@@ -143,6 +143,7 @@ fn none_machine_answers_every_query() {
         [
             "BLOCK_WRITE_THRESHOLD",
             "DEVICE_DELETED",
+            "NIC_RX_FILTER_CHANGED",
             "POWERDOWN",
             "RESET",
             "RESUME",

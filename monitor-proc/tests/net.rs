@@ -88,12 +88,17 @@ fn netds(q: &mut Qmp) -> Vec<Value> {
 
 /// The fake guest (as `common::fake_guest`) with inherited fds.
 fn start(s: &Scratch, extra: &[&str], fds: &[(i32, i32)]) -> (Monitor, Qmp) {
+    start_with(s, "", extra, fds)
+}
+
+/// [`start`] with more `fake.*` words for the fake machine worker.
+fn start_with(s: &Scratch, words: &str, extra: &[&str], fds: &[(i32, i32)]) -> (Monitor, Qmp) {
     let wd = link_netd(s);
     let sock = s.s("qmp.sock");
     let kernel = s.path("vmlinux");
     std::fs::write(&kernel, b"\x7fELF fake kernel").expect("kernel");
     let spec = format!("unix:{sock},server=on,wait=off");
-    let append = format!("fake.log={}", s.s("worker.log"));
+    let append = format!("fake.log={} {words}", s.s("worker.log"));
     let kernel = kernel.to_str().expect("utf8").to_string();
     let mut args = vec![
         "-kernel",
@@ -248,6 +253,99 @@ fn nics_get_a_sandboxed_netd_each_and_the_queries_describe_them() {
     assert_eq!(q.cmd("quit"), json!({"return": {}}));
     assert!(m.wait(T).success(), "{}", m.stderr());
     assert!(!Path::new(&format!("/proc/{left}")).exists(), "netd left");
+}
+
+/// The `NIC_RX_FILTER_CHANGED` events seen so far, for the NIC whose event `name` is `name`
+/// (`None`: the NIC without `id=`).
+fn rx_events(q: &Qmp, name: Option<&str>) -> usize {
+    q.events
+        .iter()
+        .filter(|e| e["event"] == "NIC_RX_FILTER_CHANGED")
+        .filter(|e| e["data"].get("name").and_then(Value::as_str) == name)
+        .count()
+}
+
+#[test]
+fn rx_filter_changes_emit_one_event_until_queried_and_the_query_shows_them() {
+    let s = Scratch::new("net-rxfilter");
+    let a = tap(&format!("bhra{}", std::process::id() % 100_000));
+    let b = tap(&format!("bhrb{}", std::process::id() % 100_000));
+    // The fake guest programs each NIC's filter at 1.5 s (two changes) and at 3 s (a reset,
+    // which QEMU does not report, then one change).
+    let (mut m, mut q) = start_with(
+        &s,
+        "fake.rx-filter-after=1500",
+        &[
+            "-netdev",
+            "tap,id=n0,fd=10",
+            "-device",
+            "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:aa:bb:01",
+            "-netdev",
+            "tap,id=n1,fd=11",
+            "-device",
+            "virtio-net-pci,netdev=n1",
+        ],
+        &[(a.as_raw_fd(), 10), (b.as_raw_fd(), 11)],
+    );
+    drop((a, b));
+    // Before any change: the reset state.
+    let r = exec(&mut q, "query-rx-filter", json!({"name": "nic0"}));
+    assert_eq!(r["return"][0]["promiscuous"], true, "{r}");
+    // One event per NIC for the first two changes, as QEMU words it: `name` is the NIC's id
+    // (absent without one), `path` its virtio-net device.
+    let ev = q.event("NIC_RX_FILTER_CHANGED");
+    let ev2 = q.event("NIC_RX_FILTER_CHANGED");
+    let mut datas = vec![ev["data"].clone(), ev2["data"].clone()];
+    datas.sort_by_key(|d| d.to_string());
+    assert_eq!(
+        datas,
+        vec![
+            json!({"name": "nic0", "path": "/machine/peripheral/nic0/virtio-backend"}),
+            json!({"path": "/machine/peripheral-anon/device[0]/virtio-backend"}),
+        ]
+    );
+    // The query shows the second change: it was handled before the reply, and it brought no
+    // second event.
+    let r = exec(&mut q, "query-rx-filter", json!({"name": "nic0"}));
+    let f = &r["return"][0];
+    assert_eq!(f["promiscuous"], false, "{r}");
+    assert_eq!(f["main-mac"], "02:00:00:00:00:99", "{r}");
+    assert_eq!(f["multicast-table"], json!(["01:00:5e:00:00:01"]), "{r}");
+    assert_eq!(f["broadcast-allowed"], false, "{r}");
+    assert_eq!(
+        rx_events(&q, Some("nic0")) + rx_events(&q, None),
+        0,
+        "{:?}",
+        q.events
+    );
+    // The query re-armed nic0 only: the third change brings one event for nic0 and none for
+    // the other NIC; the reset before it none at all.
+    let ev = q.event("NIC_RX_FILTER_CHANGED");
+    assert_eq!(ev["data"]["name"], "nic0", "{ev}");
+    let deadline = Instant::now() + T;
+    let other = loop {
+        let r = exec(
+            &mut q,
+            "query-rx-filter",
+            json!({"name": "virtio-net-pci.1"}),
+        );
+        if r["return"][0]["broadcast-allowed"] == true {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the third change never came: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let f = &other["return"][0];
+    assert_eq!(f["promiscuous"], true, "reset: {other}");
+    assert_eq!(f["main-mac"], "52:54:00:12:34:56", "reset: {other}");
+    assert_eq!(f["multicast-table"], json!([]), "reset: {other}");
+    assert_eq!(rx_events(&q, None), 0, "{:?}", q.events);
+    assert_eq!(rx_events(&q, Some("nic0")), 0, "{:?}", q.events);
+    assert_eq!(q.cmd("quit"), json!({"return": {}}));
+    assert!(m.wait(T).success(), "{}", m.stderr());
 }
 
 #[test]

@@ -467,6 +467,7 @@ fn introspection_and_hmp_answer_like_qemu_7_2() {
         [
             "BLOCK_WRITE_THRESHOLD",
             "DEVICE_DELETED",
+            "NIC_RX_FILTER_CHANGED",
             "POWERDOWN",
             "RESET",
             "RESUME",

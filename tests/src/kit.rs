@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 9;
+const KIT_FORMAT: u32 = 10;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -76,6 +76,8 @@ pub const NET_GUEST_ADDR: &str = "10.77.0.2";
 /// The peer `bulkhead.test=net` pings and fetches `http://<peer>:8080/blob` from.
 pub const NET_PEER_ADDR: &str = "10.77.0.1";
 
+/// The MAC address `bulkhead.test=netctrl` gives eth0 through the control virtqueue.
+pub const NET_CTRL_MAC: &str = "02:00:00:00:00:77";
 /// Offset in bytes at which `bulkhead.test=blk` writes its pattern.
 pub const BLK_PATTERN_OFFSET: u64 = 1 << 20;
 /// Length in bytes of that pattern: [`BLK_PATTERN_LINE`] repeated, cut to this length.
@@ -114,6 +116,12 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///     pings [`NET_PEER_ADDR`] and prints `BULKHEAD-HP-NET-ADDED <ethN> ping=<ok|fail>
 ///     mac=<mac>`, and one that went prints `BULKHEAD-HP-BLK-GONE <vdX>` /
 ///     `BULKHEAD-HP-NET-GONE <ethN>`.
+///   * `netctrl`: as `net` up to `BULKHEAD-NET-DONE`, then drives the control virtqueue one step
+///     at a time, each step started by the test making `http://peer:8080/go-<step>` exist (the
+///     guest polls it every half second): `promisc` (`ip link set eth0 promisc on`, then
+///     `BULKHEAD-NET-PROMISC-ON`), `mac` (`ip link set eth0 address` [`NET_CTRL_MAC`], then
+///     `BULKHEAD-NET-MAC-SET=<address>`, a ping of the peer from the new address and
+///     `BULKHEAD-NET-PING2-OK`); then `BULKHEAD-NET-CTRL-DONE` and idles.
 ///
 /// If `poweroff -f`/`reboot -f` returns, it prints `BULKHEAD-POWEROFF-RETURNED` /
 /// `BULKHEAD-REBOOT-RETURNED` and idles, so that a VMM that ignores the request is visible.
@@ -216,7 +224,7 @@ case "$mode" in
             sleep 0.5
         done
         ;;
-    net|netloop)
+    net|netloop|netctrl)
         for m in $(cat /etc/bulkhead/net-modules); do
             name=$(echo "${m%.ko}" | tr - _)
             grep -q "^$name " /proc/modules && continue
@@ -239,6 +247,30 @@ case "$mode" in
         timeout 60 wget -q -O /tmp/blob http://10.77.0.1:8080/blob || echo "BULKHEAD-NET-FAIL wget"
         echo "BULKHEAD-NET-MD5=$(md5sum < /tmp/blob | cut -d' ' -f1)"
         echo BULKHEAD-NET-DONE
+        step() {
+            n=0
+            until wget -q -O /dev/null "http://10.77.0.1:8080/go-$1" 2>/dev/null; do
+                n=$((n + 1))
+                [ $n -gt 600 ] && { echo "BULKHEAD-NET-FAIL step $1 never came"; return 1; }
+                sleep 0.5
+            done
+        }
+        if [ "$mode" = netctrl ]; then
+            step promisc
+            ip link set eth0 promisc on && echo BULKHEAD-NET-PROMISC-ON \
+                || echo "BULKHEAD-NET-FAIL promisc"
+            step mac
+            ip link set eth0 address 02:00:00:00:00:77 \
+                && echo "BULKHEAD-NET-MAC-SET=$(cat /sys/class/net/eth0/address)" \
+                || echo "BULKHEAD-NET-FAIL address"
+            if ping -c 3 -W 10 10.77.0.1 >/dev/null; then
+                echo BULKHEAD-NET-PING2-OK
+            else
+                echo "BULKHEAD-NET-FAIL ping after the MAC change"
+            fi
+            echo BULKHEAD-NET-CTRL-DONE
+            while true; do sleep 5; done
+        fi
         n=0
         while [ "$mode" = netloop ]; do
             rm -f /tmp/b

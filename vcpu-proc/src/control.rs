@@ -119,6 +119,13 @@ pub fn serve(chan: Channel<VcpuProtocol>) -> Result<Exit, Error> {
                 for id in m.take_ejected() {
                     chan.send_event(VcpuEvent::DeviceEjected { id })?;
                 }
+                for u in m.take_rx_filters() {
+                    chan.send_event(VcpuEvent::RxFilterChanged {
+                        id: u.id,
+                        filter: u.filter,
+                        reset: u.reset,
+                    })?;
+                }
             }
             Msg::MonitorGone(why) => {
                 if let Some(why) = why {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use std::collections::BTreeMap;
 
-use bulkhead_ipc::messages::{CpuInfo, ShutdownCause, VirtioDevice, VmSetup};
+use bulkhead_ipc::messages::{CpuInfo, RxFilter, ShutdownCause, VirtioDevice, VmSetup};
 use kvm_bindings::{
     kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -27,7 +27,7 @@ use crate::memory::{self, GuestMem};
 use crate::pci::msix::IrqRouter;
 use crate::pci::{self, ConfigIo, Ecam, MmioWindow, PciRoot, SharedPciRoot};
 use crate::vcpu::{self, ExitContext, InitialState, Shared, VcpuSlot};
-use crate::virtio::pci::VirtioPciDevice;
+use crate::virtio::pci::{RxFilterSink, VirtioPciDevice};
 use crate::{acpi, boot, cpuid};
 
 /// How long a pause may take before it is reported as failed.
@@ -155,6 +155,21 @@ impl SetupFds {
 type DeviceMap = BTreeMap<String, (u8, Arc<Mutex<VirtioPciDevice>>)>;
 type SharedDevices = Arc<Mutex<DeviceMap>>;
 
+/// One rx-filter change of a net device (see [`Machine::take_rx_filters`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RxFilterUpdate {
+    /// The device id.
+    pub id: String,
+    /// The filter now.
+    pub filter: RxFilter,
+    /// A device reset changed it, not a guest command.
+    pub reset: bool,
+}
+
+fn lock_device(d: &Arc<Mutex<VirtioPciDevice>>) -> std::sync::MutexGuard<'_, VirtioPciDevice> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn lock_devices(d: &SharedDevices) -> std::sync::MutexGuard<'_, DeviceMap> {
     d.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -172,6 +187,8 @@ pub struct Machine {
     virtio: SharedDevices,
     ged: Arc<Ged>,
     ejected: Arc<Mutex<Vec<String>>>,
+    rx_filters: Arc<Mutex<Vec<RxFilterUpdate>>>,
+    rx_sink: RxFilterSink,
     started: bool,
     mem: GuestMem,
     kernel: File,
@@ -307,9 +324,26 @@ impl Machine {
                 fds.devices.len()
             )));
         }
+        // Net devices' rx-filter changes (on a vCPU thread) wait here for the control loop.
+        let rx_filters: Arc<Mutex<Vec<RxFilterUpdate>>> = Arc::new(Mutex::new(Vec::new()));
+        let rx_sink: RxFilterSink = {
+            let (rx_filters, notify) = (rx_filters.clone(), notify.clone());
+            Arc::new(move |id: &str, filter: RxFilter, reset: bool| {
+                rx_filters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(RxFilterUpdate {
+                        id: id.to_owned(),
+                        filter,
+                        reset,
+                    });
+                notify();
+            })
+        };
         let mut map = BTreeMap::new();
         for (desc, sock) in setup.devices.iter().zip(fds.devices) {
             let (slot, dev) = plug(&pci, &router, &mem, &map, desc, sock)?;
+            lock_device(&dev).set_rx_filter_sink(rx_sink.clone());
             map.insert(desc.id.clone(), (slot, dev));
         }
         let virtio: SharedDevices = Arc::new(Mutex::new(map));
@@ -447,6 +481,8 @@ impl Machine {
             virtio,
             ged,
             ejected,
+            rx_filters,
+            rx_sink,
             started: false,
             mem,
             kernel,
@@ -562,6 +598,7 @@ impl Machine {
     pub fn add_device(&mut self, desc: &VirtioDevice, sock: OwnedFd) -> Result<(), Error> {
         let mut map = lock_devices(&self.virtio);
         let (slot, dev) = plug(&self.pci, &self.router, &self.mem, &map, desc, sock)?;
+        lock_device(&dev).set_rx_filter_sink(self.rx_sink.clone());
         map.insert(desc.id.clone(), (slot, dev));
         drop(map);
         if self.started {
@@ -596,6 +633,11 @@ impl Machine {
     /// Devices the guest ejected since the last call.
     pub fn take_ejected(&mut self) -> Vec<String> {
         std::mem::take(&mut *self.ejected.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Net devices' rx-filter changes since the last call, oldest first.
+    pub fn take_rx_filters(&mut self) -> Vec<RxFilterUpdate> {
+        std::mem::take(&mut *self.rx_filters.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Presses the ACPI power button (`system_powerdown`).

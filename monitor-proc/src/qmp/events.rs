@@ -112,6 +112,14 @@ pub enum Event {
         /// Its QOM path.
         path: String,
     },
+    /// A NIC's guest changed its receive filter (sent once, then not again for that NIC until
+    /// `query-rx-filter` has been asked about it, as QEMU).
+    NicRxFilterChanged {
+        /// The NIC's `id=`, if it has one (QEMU's `netclient_name`).
+        name: Option<String>,
+        /// The QOM path of its virtio-net device.
+        path: String,
+    },
 }
 
 impl Event {
@@ -126,6 +134,7 @@ impl Event {
             Event::DeviceDeleted { .. } => "DEVICE_DELETED",
             Event::Powerdown => "POWERDOWN",
             Event::BlockWriteThreshold { .. } => "BLOCK_WRITE_THRESHOLD",
+            Event::NicRxFilterChanged { .. } => "NIC_RX_FILTER_CHANGED",
         }
     }
 
@@ -175,6 +184,14 @@ impl Event {
                 let mut m = Vec::new();
                 if let Some(d) = device {
                     m.push(("device", Value::from(d.as_str())));
+                }
+                m.push(("path", Value::from(path.as_str())));
+                Some(super::qdict::object(m))
+            }
+            Event::NicRxFilterChanged { name, path } => {
+                let mut m = Vec::new();
+                if let Some(n) = name {
+                    m.push(("name", Value::from(n.as_str())));
                 }
                 m.push(("path", Value::from(path.as_str())));
                 Some(super::qdict::object(m))

@@ -146,6 +146,7 @@ pub const RETURNS: &[(&str, &str)] = &[
 pub const EVENTS: &[(&str, &str)] = &[
     ("BLOCK_WRITE_THRESHOLD", "q_obj_BLOCK_WRITE_THRESHOLD-arg"),
     ("DEVICE_DELETED", "q_obj_DEVICE_DELETED-arg"),
+    ("NIC_RX_FILTER_CHANGED", "q_obj_NIC_RX_FILTER_CHANGED-arg"),
     ("POWERDOWN", EMPTY),
     ("RESET", "q_obj_RESET-arg"),
     ("RESUME", EMPTY),
@@ -593,6 +594,10 @@ pub const TYPES: &[(&str, TypeDef)] = &[
     (
         "q_obj_DEVICE_DELETED-arg",
         object(&[opt("device", "str"), req("path", "str")]),
+    ),
+    (
+        "q_obj_NIC_RX_FILTER_CHANGED-arg",
+        object(&[opt("name", "str"), req("path", "str")]),
     ),
     // A Bulkhead extension (qmp/events.rs WorkerExit).
     (
@@ -1177,6 +1182,10 @@ mod tests {
                 threshold: 1,
             },
             Event::Powerdown,
+            Event::NicRxFilterChanged {
+                name: Some("net0".into()),
+                path: "/machine/peripheral/net0/virtio-backend".into(),
+            },
         ];
         for e in &all {
             match e {
@@ -1187,7 +1196,8 @@ mod tests {
                 | Event::WorkerExited(_)
                 | Event::DeviceDeleted { .. }
                 | Event::BlockWriteThreshold { .. }
-                | Event::Powerdown => {}
+                | Event::Powerdown
+                | Event::NicRxFilterChanged { .. } => {}
             }
         }
         all

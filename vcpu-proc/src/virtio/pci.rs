@@ -5,14 +5,23 @@
 //! queue's MSI-X vector a KVM irqfd on its call eventfd, so the data path never enters this
 //! process. Everything the guest writes is checked against what the device offered; a driver
 //! that sets up nonsense gets `DEVICE_NEEDS_RESET`, never a crash.
+//!
+//! virtio-net is the one exception to "the back end serves every queue": its control
+//! virtqueue (the last queue, or queue 2 without `VIRTIO_NET_F_MQ`) gets no ioeventfd, so the
+//! driver's notify traps here and [`super::net_ctrl`] answers it on the vCPU thread; the rx
+//! filter it sets is reported through the [`RxFilterSink`], the MAC address it sets appears in
+//! the configuration space, and `VQ_PAIRS_SET` enables or disables the back end's queue pairs
+//! (`SET_VRING_ENABLE`), as QEMU's virtio-net does with a vhost-user back end.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use bulkhead_ipc::messages::{VirtioDevice, VirtioKind};
+use bulkhead_ipc::messages::{RxFilter, VirtioDevice, VirtioKind};
 use kvm_ioctls::{IoEventAddress, NoDatamatch};
+use virtio_queue::{Queue as VirtQueue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::net_ctrl::{self, NetCtrl};
 use super::vhost::{Backend, RingSetup};
 use crate::memory::GuestMem;
 use crate::pci::config::{Header, PciConfig, CONFIG_SIZE};
@@ -67,13 +76,35 @@ const TRANSPORT_FEATURES: u64 = F_INDIRECT_DESC | F_EVENT_IDX | F_VERSION_1;
 const DEVICE_FEATURES: u64 = (1 << 24) - 1;
 
 // virtio-net bits the front end owns or refuses.
+const NET_F_CTRL_GUEST_OFFLOADS: u64 = 1 << 2;
 const NET_F_MAC: u64 = 1 << 5;
 const NET_F_STATUS: u64 = 1 << 16;
-/// Control queue and everything that needs it (ctrl rx/vlan, announce, mq, ctrl mac).
-const NET_F_NEEDS_CTRL_VQ: u64 =
-    (1 << 17) | (1 << 18) | (1 << 19) | (1 << 21) | (1 << 22) | (1 << 23);
+const NET_F_CTRL_VQ: u64 = 1 << 17;
+const NET_F_CTRL_RX: u64 = 1 << 18;
+const NET_F_CTRL_VLAN: u64 = 1 << 19;
+const NET_F_CTRL_RX_EXTRA: u64 = 1 << 20;
+const NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
+const NET_F_MQ: u64 = 1 << 22;
+const NET_F_CTRL_MAC_ADDR: u64 = 1 << 23;
+/// Everything that lives on the control queue: the front end's, whatever the back end offers.
+const NET_F_CTRL_FAMILY: u64 = NET_F_CTRL_GUEST_OFFLOADS
+    | NET_F_CTRL_VQ
+    | NET_F_CTRL_RX
+    | NET_F_CTRL_VLAN
+    | NET_F_CTRL_RX_EXTRA
+    | NET_F_GUEST_ANNOUNCE
+    | NET_F_MQ
+    | NET_F_CTRL_MAC_ADDR;
+/// What the front end's control queue serves. `GUEST_ANNOUNCE` is left out: the device would
+/// only ask for an announcement after a migration, which bulkhead does not do.
+const NET_F_CTRL_SERVED: u64 =
+    NET_F_CTRL_VQ | NET_F_CTRL_RX | NET_F_CTRL_VLAN | NET_F_CTRL_RX_EXTRA | NET_F_CTRL_MAC_ADDR;
 const NET_S_LINK_UP: u16 = 1;
 const NET_CONFIG_LEN: usize = 12;
+const NET_MAX_PAIRS_OFFSET: usize = 8;
+/// Most queue pairs a net device may have (QEMU's `VIRTIO_QUEUE_MAX` / 2 - 1 is 511; the
+/// transport's 64 queues make it 31 here).
+pub const NET_MAX_PAIRS: u16 = 31;
 /// virtio-blk: `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding.
 const BLK_CONFIG_LEN: usize = 60;
 const BLK_F_MQ: u64 = 1 << 12;
@@ -81,6 +112,19 @@ const BLK_NUM_QUEUES_OFFSET: usize = 34;
 
 /// Largest queue size the transport accepts.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Told of every rx-filter change of a net device: its id, the new filter, and whether a
+/// device reset (rather than a guest command) changed it.
+pub type RxFilterSink = Arc<dyn Fn(&str, RxFilter, bool) + Send + Sync>;
+
+/// What a net device keeps for its control queue.
+struct NetState {
+    ctrl: NetCtrl,
+    max_pairs: u16,
+    /// The control queue while the device runs: its index and its ring.
+    vq: Option<(usize, VirtQueue)>,
+    sink: Option<RxFilterSink>,
+}
 
 /// Errors creating a device.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +210,7 @@ pub struct VirtioPciDevice {
     isr: u8,
     device_config: Vec<u8>,
     link_up: bool,
+    net: Option<NetState>,
 }
 
 fn le(data: &[u8]) -> u64 {
@@ -214,9 +259,17 @@ impl VirtioPciDevice {
                 desc.queue_size
             )));
         }
+        // A net device has `num_queues / 2` queue pairs on the back end, plus the control
+        // queue here.
+        let pairs = (desc.num_queues / 2).max(1);
+        if matches!(desc.kind, VirtioKind::Net { .. }) && pairs > NET_MAX_PAIRS {
+            return Err(invalid(format!(
+                "{pairs} queue pairs (at most {NET_MAX_PAIRS})"
+            )));
+        }
         let wanted = match desc.kind {
             VirtioKind::Block => usize::from(desc.num_queues.max(1)),
-            VirtioKind::Net { .. } => 2,
+            VirtioKind::Net { .. } => 2 * usize::from(pairs),
         };
         if wanted > 64 {
             return Err(invalid(format!("{wanted} queues (at most 64)")));
@@ -228,17 +281,25 @@ impl VirtioPciDevice {
         let nq = match desc.kind {
             VirtioKind::Block => backend.max_queues.min(wanted),
             VirtioKind::Net { .. } => {
-                if backend.max_queues < 2 {
-                    return Err(invalid("the back end serves fewer than 2 queues".into()));
+                if backend.max_queues < wanted {
+                    return Err(invalid(format!(
+                        "the back end serves {} queues, fewer than the {wanted} of {pairs} \
+                         queue pair(s)",
+                        backend.max_queues
+                    )));
                 }
-                2
+                wanted + 1
             }
         };
         let mut offered = backend.features & (DEVICE_FEATURES | TRANSPORT_FEATURES);
         let (dev_type, class, config_len) = match desc.kind {
             VirtioKind::Block => (TYPE_BLOCK, 0x01_8000, BLK_CONFIG_LEN),
             VirtioKind::Net { .. } => {
-                offered = (offered & !NET_F_NEEDS_CTRL_VQ) | NET_F_MAC | NET_F_STATUS;
+                offered = (offered & !NET_F_CTRL_FAMILY)
+                    | NET_F_MAC
+                    | NET_F_STATUS
+                    | NET_F_CTRL_SERVED
+                    | if pairs > 1 { NET_F_MQ } else { 0 };
                 (TYPE_NET, 0x02_0000, NET_CONFIG_LEN)
             }
         };
@@ -290,9 +351,18 @@ impl VirtioPciDevice {
             kicks.push(ev()?);
             calls.push(ev()?);
         }
-        let (link_up, kind) = match &desc.kind {
-            VirtioKind::Net { link_up, .. } => (*link_up, desc.kind.clone()),
-            VirtioKind::Block => (true, VirtioKind::Block),
+        let (link_up, kind, net) = match &desc.kind {
+            VirtioKind::Net { link_up, mac } => (
+                *link_up,
+                desc.kind.clone(),
+                Some(NetState {
+                    ctrl: NetCtrl::new(*mac, pairs),
+                    max_pairs: pairs,
+                    vq: None,
+                    sink: None,
+                }),
+            ),
+            VirtioKind::Block => (true, VirtioKind::Block, None),
         };
         let mut dev = VirtioPciDevice {
             id: desc.id.clone(),
@@ -325,6 +395,7 @@ impl VirtioPciDevice {
             isr: 0,
             device_config,
             link_up,
+            net,
         };
         dev.fix_config();
         Ok(dev)
@@ -335,13 +406,31 @@ impl VirtioPciDevice {
         &self.id
     }
 
+    /// Where a net device's rx-filter changes go (the machine's control loop).
+    pub fn set_rx_filter_sink(&mut self, sink: RxFilterSink) {
+        if let Some(net) = self.net.as_mut() {
+            net.sink = Some(sink);
+        }
+    }
+
+    /// A net device's rx filter as the guest set it.
+    pub fn rx_filter(&self) -> Option<RxFilter> {
+        self.net.as_ref().map(|n| n.ctrl.filter())
+    }
+
     /// Overlays what the front end owns on the back end's configuration space.
     fn fix_config(&mut self) {
         match &self.kind {
             VirtioKind::Net { mac, .. } => {
                 let status = if self.link_up { NET_S_LINK_UP } else { 0 };
-                self.device_config[..6].copy_from_slice(mac);
+                let (mac, pairs) = match &self.net {
+                    Some(n) => (n.ctrl.mac(), n.max_pairs),
+                    None => (*mac, 1),
+                };
+                self.device_config[..6].copy_from_slice(&mac);
                 self.device_config[6..8].copy_from_slice(&status.to_le_bytes());
+                self.device_config[NET_MAX_PAIRS_OFFSET..NET_MAX_PAIRS_OFFSET + 2]
+                    .copy_from_slice(&pairs.to_le_bytes());
             }
             VirtioKind::Block => {
                 if self.offered & BLK_F_MQ != 0 {
@@ -475,8 +564,10 @@ impl VirtioPciDevice {
         }
         self.unregister_ioevents();
         if let Some(base) = want {
+            let ctrl = self.ctrl_index();
             for (q, kick) in self.kicks.iter().enumerate() {
-                if !self.queues[q].enabled {
+                // The control queue's notify must trap: this process serves it.
+                if !self.queues[q].enabled || Some(q) == ctrl {
                     continue;
                 }
                 let addr = IoEventAddress::Mmio(base + NOTIFY + q as u64 * NOTIFY_MULTIPLIER);
@@ -488,14 +579,140 @@ impl VirtioPciDevice {
         }
     }
 
+    /// A net device's control queue index while the driver uses one: the last queue with
+    /// `VIRTIO_NET_F_MQ`, queue 2 without (virtio 1.2, 5.1.2).
+    fn ctrl_index(&self) -> Option<usize> {
+        let net = self.net.as_ref()?;
+        if self.driver_features & NET_F_CTRL_VQ == 0 {
+            return None;
+        }
+        Some(if self.driver_features & NET_F_MQ != 0 {
+            2 * usize::from(net.max_pairs)
+        } else {
+            2
+        })
+    }
+
+    /// Builds the control queue's ring from the driver's registers; `false` if it is unusable.
+    fn start_ctrl_queue(&mut self) -> bool {
+        let Some(q) = self.ctrl_index() else {
+            return true;
+        };
+        let event_idx = self.driver_features & F_EVENT_IDX != 0;
+        let features = self.driver_features;
+        let Some(setup) = self.queues.get(q).copied() else {
+            return false;
+        };
+        let Some(net) = self.net.as_mut() else {
+            return true;
+        };
+        net.ctrl.set_features(features);
+        if !setup.enabled {
+            // A driver that negotiated the control queue but did not set it up sends nothing.
+            return true;
+        }
+        let Ok(mut vq) = VirtQueue::new(setup.size) else {
+            return false;
+        };
+        vq.set_size(setup.size);
+        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+        let (lo, hi) = split(setup.desc);
+        vq.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(setup.avail);
+        vq.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(setup.used);
+        vq.set_used_ring_address(lo, hi);
+        vq.set_event_idx(event_idx);
+        vq.set_ready(true);
+        if !vq.is_valid(&self.mem) {
+            return false;
+        }
+        net.vq = Some((q, vq));
+        true
+    }
+
+    /// Answers what the driver put on the control queue (its notify trapped here).
+    fn process_ctrl(&mut self) {
+        let Some(net) = self.net.as_mut() else {
+            return;
+        };
+        let Some((q, vq)) = net.vq.as_mut() else {
+            return;
+        };
+        let q = *q;
+        let done = net_ctrl::process(vq, &self.mem, &mut net.ctrl);
+        if done.malformed > 0 {
+            log::warn!(
+                "{}: {} malformed control-queue chain(s) returned unanswered",
+                self.id,
+                done.malformed
+            );
+        }
+        if let Some(pairs) = done.pairs {
+            self.apply_pairs(pairs);
+        }
+        if done.filter_changed {
+            // The MAC address may have changed: the configuration space shows the current one.
+            self.fix_config();
+            self.report_filter(false);
+        }
+        if done.notify {
+            if let Some(c) = self.calls.get(q) {
+                let _ = c.write(1);
+            }
+        }
+    }
+
+    fn report_filter(&self, reset: bool) {
+        if let Some(net) = &self.net {
+            let filter = net.ctrl.filter();
+            log::debug!("{}: rx filter now {filter:?}", self.id);
+            if let Some(sink) = &net.sink {
+                sink(&self.id, filter, reset);
+            }
+        }
+    }
+
+    /// Enables the back end's first `pairs` queue pairs and disables the others.
+    fn apply_pairs(&mut self, pairs: u16) {
+        let Some(max) = self.net.as_ref().map(|n| n.max_pairs) else {
+            return;
+        };
+        for p in 0..usize::from(max) {
+            let on = p < usize::from(pairs);
+            for q in [2 * p, 2 * p + 1] {
+                if let Err(e) = self.backend.set_vring_enable(q, on) {
+                    self.fail(&e.to_string());
+                    return;
+                }
+            }
+        }
+        log::info!("{}: {pairs} of {max} queue pair(s) active", self.id);
+    }
+
     fn activate(&mut self) {
         if self.broken {
             self.status |= STATUS_NEEDS_RESET;
             return;
         }
+        if !self.start_ctrl_queue() {
+            self.fail("the control virtqueue's rings are not in guest RAM");
+            return;
+        }
+        // The back end gets the data queues: a net device's pairs (without MQ only the first),
+        // never the control queue.
+        let data_queues = match &self.net {
+            Some(n) if self.driver_features & NET_F_MQ != 0 => 2 * usize::from(n.max_pairs),
+            Some(_) => 2,
+            None => self.queues.len(),
+        };
+        let enabled_below = match &self.net {
+            Some(n) => 2 * usize::from(n.ctrl.curr_pairs()),
+            None => usize::MAX,
+        };
         let mut rings = Vec::new();
         for (q, queue) in self.queues.iter().enumerate() {
-            if !queue.enabled {
+            if !queue.enabled || q >= data_queues {
                 continue;
             }
             rings.push((
@@ -514,11 +731,13 @@ impl VirtioPciDevice {
             .collect();
         let res = self
             .backend
-            .start(self.driver_features, &self.mem, &with_fds);
+            .start(self.driver_features, &self.mem, &with_fds, enabled_below);
         match res {
             Ok(()) => {
                 self.active = true;
                 self.sync_ioevents();
+                // Commands the driver queued before DRIVER_OK.
+                self.process_ctrl();
                 log::info!(
                     "{}: started, {} queue(s), features {:#x}",
                     self.id,
@@ -551,6 +770,17 @@ impl VirtioPciDevice {
         self.queue_select = 0;
         self.isr = 0;
         self.queues = vec![Queue::new(self.max_queue_size); self.queues.len()];
+        let mut filter_was_set = false;
+        if let Some(net) = self.net.as_mut() {
+            let before = net.ctrl.filter();
+            net.ctrl.reset();
+            net.vq = None;
+            filter_was_set = before != net.ctrl.filter();
+        }
+        if filter_was_set {
+            self.fix_config();
+            self.report_filter(true);
+        }
         for c in &self.calls {
             let _ = c.read();
         }
@@ -793,7 +1023,9 @@ impl PciDevice for VirtioPciDevice {
             // has nothing to start; the kick is replayed once the rings run.
             o if (NOTIFY..NOTIFY + NOTIFY_LEN).contains(&o) => {
                 let q = ((o - NOTIFY) / NOTIFY_MULTIPLIER) as usize;
-                if let Some(k) = self.kicks.get(q) {
+                if self.active && Some(q) == self.ctrl_index() {
+                    self.process_ctrl();
+                } else if let Some(k) = self.kicks.get(q) {
                     let _ = k.write(1);
                 }
             }

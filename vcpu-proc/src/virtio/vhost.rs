@@ -276,14 +276,30 @@ impl Backend {
     }
 
     /// Starts the device the way the driver set it up: acked features, guest memory, and each
-    /// ring with its kick (ioeventfd) and call (irqfd) eventfds.
+    /// ring with its kick (ioeventfd) and call (irqfd) eventfds. Rings with an index below
+    /// `enabled_below` are enabled (`SET_VRING_ENABLE`); the others are set up but stay
+    /// disabled until [`Backend::set_vring_enable`] (virtio-net's queue pairs beyond the active
+    /// ones, as QEMU's vhost-user-net).
     pub fn start(
         &mut self,
         acked: u64,
         mem: &GuestMem,
         rings: &[(usize, RingSetup, &EventFd, &EventFd)],
+        enabled_below: usize,
     ) -> Result<(), Error> {
-        self.guarded(|b| b.start_unguarded(acked, mem, rings))
+        self.guarded(|b| b.start_unguarded(acked, mem, rings, enabled_below))
+    }
+
+    /// Enables or disables one started ring (`SET_VRING_ENABLE`); a no-op without protocol
+    /// features (rings are enabled when started then).
+    pub fn set_vring_enable(&mut self, queue: usize, on: bool) -> Result<(), Error> {
+        if self.protocol.is_empty() || !self.started.get(queue).copied().unwrap_or(false) {
+            return Ok(());
+        }
+        self.guarded(|b| {
+            b.fe.set_vring_enable(queue, on)
+                .map_err(proto("SET_VRING_ENABLE"))
+        })
     }
 
     fn start_unguarded(
@@ -291,6 +307,7 @@ impl Backend {
         acked: u64,
         mem: &GuestMem,
         rings: &[(usize, RingSetup, &EventFd, &EventFd)],
+        enabled_below: usize,
     ) -> Result<(), Error> {
         let mut features = acked & self.features;
         if !self.protocol.is_empty() {
@@ -354,7 +371,7 @@ impl Backend {
             }
         }
         if !self.protocol.is_empty() {
-            for (q, ..) in rings {
+            for (q, ..) in rings.iter().filter(|(q, ..)| *q < enabled_below) {
                 self.fe
                     .set_vring_enable(*q, true)
                     .map_err(proto("SET_VRING_ENABLE"))?;
