@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 9;
+const KIT_FORMAT: u32 = 10;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -97,7 +97,7 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///   * `blkerr`: loads virtio-pci and virtio-blk, waits for `/dev/vda`, makes
 ///     [`BLKERR_LEN`] bytes of [`BLK_PATTERN_LINE`] lines, prints `BULKHEAD-BLKERR-WROTE=<md5>`
 ///     and `BULKHEAD-BLKERR-WRITING`, writes them at offset 0 with `dd bs=64k oflag=direct
-///     conv=fsync`, then prints `BULKHEAD-BLKERR-DD=<exit status> <dd's last line>` and
+///     conv=fsync`, then prints `BULKHEAD-BLKERR-DD=<exit status> <dd's first error line, else its last>` and
 ///     `BULKHEAD-BLKERR-DONE` and idles (ticks) so the test can still query the VM. For host
 ///     I/O errors (`werror`/`rerror`): the test makes the image's file system run out of space.
 ///   * `net`: loads virtio-pci and virtio-net, waits for `eth0`, gives it [`NET_GUEST_ADDR`]/24,
@@ -170,7 +170,7 @@ case "$mode" in
         echo BULKHEAD-BLKERR-WRITING
         dd if=/tmp/pattern of=/dev/vda bs=65536 oflag=direct conv=notrunc,fsync 2>/tmp/dd.err
         rc=$?
-        echo "BULKHEAD-BLKERR-DD=$rc $(tail -n 1 /tmp/dd.err)"
+        echo "BULKHEAD-BLKERR-DD=$rc $(grep -m 1 error /tmp/dd.err || tail -n 1 /tmp/dd.err)"
         echo BULKHEAD-BLKERR-DONE
         ;;
     net|netloop)

@@ -71,20 +71,23 @@ fn check_event(ev: &Value, action: &str) -> Result<()> {
     ensure!(d["action"] == action, "{ev}");
     ensure!(d["nospace"] == json!(true), "{ev}");
     ensure!(d["reason"] == "No space left on device", "{ev}");
-    let keys: Vec<&str> = d
+    // The members (this client's JSON maps sort them; their order on the wire is checked by
+    // the monitor's unit test of the event line).
+    let mut keys: Vec<&str> = d
         .as_object()
         .map(|m| m.keys().map(String::as_str).collect())
         .unwrap_or_default();
+    keys.sort_unstable();
     ensure!(
         keys == [
+            "action",
             "device",
-            "nospace",
             "node-name",
-            "reason",
+            "nospace",
             "operation",
-            "action"
+            "reason"
         ],
-        "members or their order differ from QEMU 7.2's: {keys:?}"
+        "members differ from QEMU 7.2's: {keys:?}"
     );
     Ok(())
 }
@@ -186,7 +189,7 @@ fn werror_stop_pauses_and_cont_completes_the_write_werror_report_fails_it() -> R
         "the guest's dd succeeded on a full disk: {dd}"
     );
     ensure!(
-        dd.contains("I/O error"),
+        dd.contains("Input/output error"),
         "dd did not fail with an I/O error: {dd}"
     );
     ensure!(qmp.query_status()? == ("running".to_owned(), true));
