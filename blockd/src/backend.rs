@@ -7,12 +7,21 @@
 //! indirect tables and reads outside guest memory), turn it into [`request::Desc`]s, serve it
 //! ([`request::serve`]), and put it on the used ring; with `VIRTIO_RING_F_EVENT_IDX` the guest is
 //! interrupted only when it asked to be.
+//!
+//! A request the host fails goes to the disk's error policy ([`crate::errors`]): completed with
+//! an error or as a success, or held (`stop`): then no queue takes a new request until
+//! [`BlockBackend::resume`] has retried the held ones, in failure order. Each queue thread also
+//! listens on a wake eventfd of its own ([`BlockBackend::attach`]) through which `resume` makes
+//! it serve what was kicked while the device was stopped.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bulkhead_ipc::messages::ErrorAction;
+
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -25,9 +34,11 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::EventFd;
 
+use crate::errors::{ErrorState, Policies};
 use crate::format::DiskImage;
-use crate::request::{self, Desc, Device};
+use crate::request::{self, Desc, Device, Served};
 
 /// Queue size offered to the front end.
 pub const QUEUE_SIZE: usize = 256;
@@ -48,24 +59,117 @@ pub struct BlockBackend {
     block_size: u32,
     mem: Mutex<Option<GuestMem>>,
     event_idx: AtomicBool,
+    /// `rerror`/`werror` and the requests a `stop` holds.
+    errors: ErrorState<Held>,
+    /// One per queue thread: written to make it serve its queue (after a resume).
+    wakers: Vec<EventFd>,
+}
+
+/// A request held by a `stop` action, to be retried on resume.
+pub struct Held {
+    vring: VringRwLock,
+    head: u16,
+    descs: Vec<Desc>,
 }
 
 impl BlockBackend {
-    /// A back end for `disk` with `num_queues` queues (1..=[`MAX_QUEUES`]).
+    /// A back end for `disk` with `num_queues` queues (1..=[`MAX_QUEUES`]) and the error
+    /// policies `policies`.
     pub fn new(
         disk: Arc<dyn DiskImage>,
         serial: Vec<u8>,
         num_queues: usize,
         block_size: u32,
-    ) -> BlockBackend {
-        BlockBackend {
+        policies: Policies,
+    ) -> std::io::Result<BlockBackend> {
+        let num_queues = num_queues.clamp(1, MAX_QUEUES);
+        let wakers = (0..num_queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(BlockBackend {
             disk,
             serial,
-            num_queues: num_queues.clamp(1, MAX_QUEUES),
+            num_queues,
             block_size,
             mem: Mutex::new(None),
             event_idx: AtomicBool::new(false),
+            errors: ErrorState::new(policies),
+            wakers,
+        })
+    }
+
+    /// The error policy's state (events go where [`ErrorState::set_events`] says).
+    pub fn errors(&self) -> &ErrorState<Held> {
+        &self.errors
+    }
+
+    /// Registers each queue thread's wake eventfd with its epoll handler (the daemon's
+    /// `get_epoll_handlers()`, one per queue, in queue order). Call before serving.
+    pub fn attach(
+        &self,
+        handlers: &[Arc<VringEpollHandler<Arc<BlockBackend>>>],
+    ) -> std::io::Result<()> {
+        for (h, w) in handlers.iter().zip(&self.wakers) {
+            h.register_listener(w.as_raw_fd(), EventSet::IN, self.wake_event())?;
         }
+        Ok(())
+    }
+
+    /// The epoll data of the wake eventfd (past the queues and the framework's own event).
+    fn wake_event(&self) -> u64 {
+        self.num_queues as u64 + 1
+    }
+
+    /// The VM runs again: retries the held requests in failure order (each under the policy
+    /// again: one that stops again keeps the device stopped, with the rest held behind it),
+    /// then, if none is left, lets every queue take requests again and wakes each queue thread
+    /// to serve what was kicked meanwhile. Returns the number of requests still held.
+    pub fn resume(&self) -> usize {
+        let mem = self.mem.lock().ok().and_then(|m| m.clone());
+        while let Some(h) = self.errors.take_held() {
+            let Some(mem) = &mem else {
+                log::warn!("a held request dropped: no guest memory");
+                continue;
+            };
+            let mem = mem.memory();
+            if !h.vring.get_ref().get_queue().ready() {
+                log::warn!("a held request dropped: its queue was reset");
+                continue;
+            }
+            let dev = Device {
+                disk: &*self.disk,
+                serial: &self.serial,
+            };
+            let done = match request::serve(&*mem, &h.descs, &dev) {
+                Served::Done(c) => c,
+                Served::Failed(e) => {
+                    let (vring, head, descs) = (h.vring.clone(), h.head, h.descs.clone());
+                    match self.errors.fail(&e, true, || h) {
+                        ErrorAction::Stop => break,
+                        ErrorAction::Report => request::finish(&*mem, &descs, request::S_IOERR, 0),
+                        ErrorAction::Ignore => {
+                            request::finish(&*mem, &descs, request::S_OK, e.ignored_len)
+                        }
+                    }
+                    .complete_on(
+                        &vring,
+                        head,
+                        self.event_idx.load(Ordering::Relaxed),
+                    );
+                    continue;
+                }
+            };
+            done.complete_on(&h.vring, h.head, self.event_idx.load(Ordering::Relaxed));
+        }
+        if !self.errors.resume_done() {
+            return self.errors.held_count();
+        }
+        for w in &self.wakers {
+            if let Err(e) = w.write(1) {
+                log::warn!("waking a queue thread: {e}");
+            }
+        }
+        0
     }
 
     /// The virtio-blk config space (virtio 1.2, 5.2.4), 60 bytes, little endian.
@@ -89,8 +193,12 @@ impl BlockBackend {
         c
     }
 
-    /// Pops and serves every available request of `vring`; returns whether any was served.
+    /// Pops and serves every available request of `vring` (none while the device is stopped
+    /// by a held request); returns whether any was served.
     fn process_queue(&self, vring: &VringRwLock) -> bool {
+        if self.errors.stopped() {
+            return false;
+        }
         let Some(mem) = self.mem.lock().ok().and_then(|m| m.clone()) else {
             return false;
         };
@@ -101,7 +209,10 @@ impl BlockBackend {
         };
         let mut served = false;
         let mut state = vring.get_mut();
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+        while !self.errors.stopped() {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+                break;
+            };
             let head = chain.head_index();
             let desc = |d: virtio_queue::desc::split::Descriptor| Desc {
                 addr: d.addr(),
@@ -115,7 +226,24 @@ impl BlockBackend {
             if let Some(last) = chain.last() {
                 descs.push(last);
             }
-            let done = request::serve(&*mem, &descs, &dev);
+            let done = match request::serve(&*mem, &descs, &dev) {
+                Served::Done(c) => c,
+                Served::Failed(e) => {
+                    let action = self.errors.fail(&e, false, || Held {
+                        vring: vring.clone(),
+                        head,
+                        descs: descs.clone(),
+                    });
+                    match action {
+                        // Held: not on the used ring; the loop ends (stopped).
+                        ErrorAction::Stop => continue,
+                        ErrorAction::Report => request::finish(&*mem, &descs, request::S_IOERR, 0),
+                        ErrorAction::Ignore => {
+                            request::finish(&*mem, &descs, request::S_OK, e.ignored_len)
+                        }
+                    }
+                }
+            };
             if let Err(e) = state.add_used(head, done.used_len) {
                 log::warn!("add_used: {e}");
                 break;
@@ -126,6 +254,18 @@ impl BlockBackend {
             signal(&mut state, self.event_idx.load(Ordering::Relaxed));
         }
         served
+    }
+}
+
+impl request::Completion {
+    /// Puts this request (`head`) on `vring`'s used ring and signals the guest if it asked.
+    fn complete_on(&self, vring: &VringRwLock, head: u16, event_idx: bool) {
+        let mut state = vring.get_mut();
+        if let Err(e) = state.add_used(head, self.used_len) {
+            log::warn!("add_used: {e}");
+            return;
+        }
+        signal(&mut state, event_idx);
     }
 }
 
@@ -220,13 +360,22 @@ impl VhostUserBackend for BlockBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> std::io::Result<()> {
         if !evset.contains(EventSet::IN) {
             // An error return would end this queue's worker thread: log and carry on.
             log::warn!("queue event without IN: {evset:?}");
             return Ok(());
         }
+        let device_event = if u64::from(device_event) == self.wake_event() {
+            // resume() wakes this queue's thread: consume the eventfd, serve the queue.
+            if let Some(w) = self.wakers.get(thread_id) {
+                let _ = w.read();
+            }
+            0
+        } else {
+            device_event
+        };
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             log::warn!("event {device_event} for no queue of this thread");
             return Ok(());
@@ -236,6 +385,11 @@ impl VhostUserBackend for BlockBackend {
             loop {
                 let _ = vring.disable_notification();
                 self.process_queue(vring);
+                if self.errors.stopped() {
+                    // Held: what is left waits for resume(), which wakes this thread.
+                    let _ = vring.enable_notification();
+                    break;
+                }
                 match vring.enable_notification() {
                     Ok(true) => continue,
                     _ => break,

@@ -5,12 +5,15 @@
 //! * [`qcow2`]: the qcow2 format (read, write, backing image);
 //! * [`request`]: one virtio-blk request, from a descriptor chain to a status byte, with every
 //!   guest-supplied address, length and direction checked;
+//! * [`errors`]: the `rerror`/`werror` policy: what a request the host failed does (report,
+//!   ignore, or held until the VM resumes), and the `BLOCK_IO_ERROR` events, bounded;
 //! * [`backend`]: the vhost-user back end (rust-vmm's `vhost-user-backend` framework): features,
 //!   config space, one worker thread per queue;
 //! * [`options`]: the standalone command line;
 //! * [`worker`]: worker mode, as the monitor launches it (ipc, handed fds, I/O counters);
 
 pub mod backend;
+pub mod errors;
 pub mod format;
 pub mod options;
 pub mod qcow2;
@@ -44,6 +47,22 @@ pub enum Error {
     /// Bad command line.
     #[error("{0}")]
     Usage(String),
+}
+
+impl Error {
+    /// The errno this error stands for when a request fails on it (the error policy's input,
+    /// as QEMU's negative return codes): a system call's own errno, `ENOMEM` for a buffer that
+    /// cannot be had, `EIO` for corrupt or poisoned state, `ENOTSUP` for a feature the image
+    /// needs and this back end lacks, `EPERM` for a write to a read-only image.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io(_, e) | Error::Open(_, e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Error::ReadOnly => libc::EPERM,
+            Error::TooLarge(_) => libc::ENOMEM,
+            Error::Unsupported(_) => libc::ENOTSUP,
+            Error::Poisoned | Error::Corrupt(_) | Error::Usage(_) => libc::EIO,
+        }
+    }
 }
 
 /// Result with [`Error`].

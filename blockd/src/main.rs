@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use bulkhead_blockd::backend::BlockBackend;
+use bulkhead_blockd::errors::Policies;
 use bulkhead_blockd::format::{open_image, Cache, DiskImage, DIRECT_ALIGN};
 use bulkhead_blockd::options::Options;
 use bulkhead_blockd::worker;
@@ -73,12 +74,17 @@ fn run() -> Result<()> {
     eprintln!("bulkhead-blockd: {report}");
 
     let block_size = if direct { DIRECT_ALIGN as u32 } else { 512 };
-    let backend = Arc::new(BlockBackend::new(
-        disk,
-        o.serial.into_bytes(),
-        o.num_queues,
-        block_size,
-    ));
+    // No monitor to resume a stopped device: both policies are `report`.
+    let backend = Arc::new(
+        BlockBackend::new(
+            disk,
+            o.serial.into_bytes(),
+            o.num_queues,
+            block_size,
+            Policies::default(),
+        )
+        .context("creating the back end")?,
+    );
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     // Tests only: the attempt runs here, confined, holding everything it holds in service
     // (the listening socket and the image fds), instead of starting the daemon's threads and
@@ -93,8 +99,11 @@ fn run() -> Result<()> {
         );
         std::process::exit(0);
     }
-    let mut daemon = VhostUserDaemon::new("bulkhead-blockd".into(), backend, mem)
+    let mut daemon = VhostUserDaemon::new("bulkhead-blockd".into(), backend.clone(), mem)
         .map_err(|e| anyhow!("creating the vhost-user daemon: {e}"))?;
+    backend
+        .attach(&daemon.get_epoll_handlers())
+        .context("registering the queue threads' wake events")?;
     eprintln!("bulkhead-blockd: listening on {}", o.socket);
     daemon
         .start(&mut listener)

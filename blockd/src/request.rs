@@ -68,22 +68,47 @@ pub struct Device<'a> {
     pub serial: &'a [u8],
 }
 
-/// Why a request failed (logged, then turned into a status).
+/// Why a request failed (logged, then turned into a status or handed to the error policy).
 #[derive(Debug, PartialEq, Eq)]
 enum Fail {
-    /// `S_IOERR`.
+    /// The guest's fault (bad descriptors, range, direction, a write to a read-only disk):
+    /// `S_IOERR`, never the error policy.
     Io(&'static str),
     /// `S_UNSUPP`.
     Unsupported(&'static str),
+    /// The host failed the operation with this errno: the error policy decides.
+    Host(i32),
 }
 
 impl Fail {
     fn status(&self) -> u8 {
         match self {
-            Fail::Io(_) => S_IOERR,
+            Fail::Io(_) | Fail::Host(_) => S_IOERR,
             Fail::Unsupported(_) => S_UNSUPP,
         }
     }
+}
+
+/// A request the host failed (QEMU: an error `rerror`/`werror` applies to). Nothing has been
+/// written to the status byte yet: the caller completes it ([`finish`]) or holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError {
+    /// The errno (positive).
+    pub errno: i32,
+    /// A write, flush, discard or write-zeroes (`werror`), rather than a read (`rerror`).
+    pub write: bool,
+    /// Data bytes the used ring reports if the failure is ignored (a read's whole buffer, as
+    /// QEMU completes an ignored read).
+    pub ignored_len: u32,
+}
+
+/// What serving a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Completed: status written (or dropped), ready for the used ring.
+    Done(Completion),
+    /// Failed on the host: for the error policy to complete or hold.
+    Failed(HostError),
 }
 
 /// What serving a request produced.
@@ -95,21 +120,64 @@ pub struct Completion {
     pub status: Option<u8>,
 }
 
-/// Serves the request made of `descs` (in chain order) and writes its status.
-pub fn serve<M: GuestMemory>(mem: &M, descs: &[Desc], dev: &Device<'_>) -> Completion {
-    let Some(status_desc) = descs.last().filter(|d| d.write_only && d.len >= 1) else {
+/// Serves the request made of `descs` (in chain order): a request that completes (well, or with
+/// a guest error) gets its status written; one the host failed is returned as
+/// [`Served::Failed`] with nothing written.
+pub fn serve<M: GuestMemory>(mem: &M, descs: &[Desc], dev: &Device<'_>) -> Served {
+    if !has_status(descs) {
         log::debug!("request dropped: no writable status descriptor at the end");
+        return Served::Done(Completion {
+            used_len: 0,
+            status: None,
+        });
+    }
+    match execute(mem, descs, dev) {
+        Ok(n) => Served::Done(finish(mem, descs, S_OK, n)),
+        Err(Fail::Host(errno)) => {
+            let write = request_kind(mem, descs) != Some(T_IN);
+            let ignored_len = if write { 0 } else { data_len(descs) };
+            Served::Failed(HostError {
+                errno,
+                write,
+                ignored_len,
+            })
+        }
+        Err(f) => {
+            log::debug!("request failed: {f:?}");
+            Served::Done(finish(mem, descs, f.status(), 0))
+        }
+    }
+}
+
+fn has_status(descs: &[Desc]) -> bool {
+    descs.last().is_some_and(|d| d.write_only && d.len >= 1)
+}
+
+/// The request's type as its header says (`None`: no readable header).
+fn request_kind<M: GuestMemory>(mem: &M, descs: &[Desc]) -> Option<u32> {
+    read_header(mem, descs.first()?).ok().map(|h| h.kind)
+}
+
+/// Bytes of the data descriptors (between header and status), capped at `u32::MAX`.
+fn data_len(descs: &[Desc]) -> u32 {
+    let data = descs.get(1..descs.len().saturating_sub(1)).unwrap_or(&[]);
+    let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
+    u32::try_from(total).unwrap_or(u32::MAX)
+}
+
+/// Writes `status` into the request's status byte; `data_written`: data bytes the used ring
+/// reports. Returns the used-ring entry (dropped if the status byte cannot be written).
+pub fn finish<M: GuestMemory>(
+    mem: &M,
+    descs: &[Desc],
+    status: u8,
+    data_written: u32,
+) -> Completion {
+    let Some(status_desc) = descs.last().filter(|d| d.write_only && d.len >= 1) else {
         return Completion {
             used_len: 0,
             status: None,
         };
-    };
-    let (status, data_written) = match execute(mem, descs, dev) {
-        Ok(n) => (S_OK, n),
-        Err(f) => {
-            log::debug!("request failed: {f:?}");
-            (f.status(), 0)
-        }
     };
     // The status byte sits at the end of the last descriptor (a driver may put data in front).
     let at = status_desc
@@ -180,17 +248,17 @@ fn execute<M: GuestMemory>(mem: &M, descs: &[Desc], dev: &Device<'_>) -> Result<
             with_data_buffer(total as usize, |buf| {
                 if writing {
                     gather(mem, data, buf)?;
-                    disk.write_at(buf, offset).map_err(|e| log_io("write", e))?;
+                    disk.write_at(buf, offset).map_err(|e| host("write", e))?;
                     Ok(0)
                 } else {
-                    disk.read_at(buf, offset).map_err(|e| log_io("read", e))?;
+                    disk.read_at(buf, offset).map_err(|e| host("read", e))?;
                     scatter(mem, data, buf)?;
                     Ok(total as u32)
                 }
             })
         }
         T_FLUSH => {
-            disk.flush().map_err(|e| log_io("flush", e))?;
+            disk.flush().map_err(|e| host("flush", e))?;
             Ok(0)
         }
         T_GET_ID => {
@@ -235,7 +303,7 @@ fn execute<M: GuestMemory>(mem: &M, descs: &[Desc], dev: &Device<'_>) -> Result<
                 } else {
                     disk.discard(offset, len)
                 };
-                r.map_err(|e| log_io("discard/write-zeroes", e))?;
+                r.map_err(|e| host("discard/write-zeroes", e))?;
             }
             Ok(0)
         }
@@ -260,8 +328,12 @@ fn with_data_buffer<R>(
     len: usize,
     f: impl FnOnce(&mut [u8]) -> Result<R, Fail>,
 ) -> Result<R, Fail> {
-    let alloc =
-        |n: usize| AlignedBuf::new(n).map_err(|_| Fail::Io("no memory for the data buffer"));
+    let alloc = |n: usize| {
+        AlignedBuf::new(n).map_err(|_| {
+            log::warn!("no memory for a data buffer of {n} bytes");
+            Fail::Host(libc::ENOMEM)
+        })
+    };
     if len > KEPT_BUFFER {
         let mut own = alloc(len)?;
         return f(&mut own.as_mut_slice()[..len]);
@@ -275,9 +347,10 @@ fn with_data_buffer<R>(
     })
 }
 
-fn log_io(what: &'static str, e: crate::Error) -> Fail {
+/// A failure of the image: the host's, with its errno (the error policy applies).
+fn host(what: &'static str, e: crate::Error) -> Fail {
     log::warn!("{what} failed: {e}");
-    Fail::Io("image I/O failed")
+    Fail::Host(e.errno())
 }
 
 /// Byte offset of `sector` if `[sector, +len)` lies inside a disk of `size` bytes.
@@ -397,14 +470,17 @@ mod tests {
     }
 
     fn run(mem: &GuestMemoryMmap, disk: &Mem, descs: &[Desc]) -> Completion {
-        serve(
+        match serve(
             mem,
             descs,
             &Device {
                 disk,
                 serial: b"bulkhead-serial",
             },
-        )
+        ) {
+            Served::Done(c) => c,
+            Served::Failed(e) => panic!("host error {e:?}"),
+        }
     }
 
     #[test]
@@ -484,6 +560,132 @@ mod tests {
         let v = disk.0.lock().expect("lock");
         assert!(v[512..1536].iter().all(|x| *x == 0));
         assert_eq!(v[1536], (1536 % 7) as u8);
+    }
+
+    /// A disk whose every operation fails on the host with `errno` (a pure-logic stand-in:
+    /// the real failing I/O is tests/worker.rs's full tmpfs).
+    struct Failing(i32, bool);
+
+    impl DiskImage for Failing {
+        fn size(&self) -> u64 {
+            8192
+        }
+        fn read_only(&self) -> bool {
+            self.1
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> crate::Result<()> {
+            Err(crate::Error::Io(
+                "pread",
+                std::io::Error::from_raw_os_error(self.0),
+            ))
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> crate::Result<()> {
+            Err(crate::Error::Io(
+                "pwrite",
+                std::io::Error::from_raw_os_error(self.0),
+            ))
+        }
+        fn flush(&self) -> crate::Result<()> {
+            Err(crate::Error::Io(
+                "fdatasync",
+                std::io::Error::from_raw_os_error(self.0),
+            ))
+        }
+        fn discard(&self, _: u64, _: u64) -> crate::Result<()> {
+            self.flush()
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> crate::Result<()> {
+            self.flush()
+        }
+    }
+
+    #[test]
+    fn host_failures_go_to_the_policy_and_guest_errors_keep_their_status() {
+        let (mem, _) = setup();
+        let dev = |disk: &Failing| {
+            let device = Device {
+                disk: disk as &dyn DiskImage,
+                serial: b"",
+            };
+            let mut seg = [0u8; 16];
+            seg[8..12].copy_from_slice(&2u32.to_le_bytes());
+            mem.write_slice(&seg, GuestAddress(DATA + 0x1000))
+                .expect("seg");
+            let mut out = Vec::new();
+            for (kind, data) in [
+                (T_IN, d(DATA, 1024, true)),
+                (T_OUT, d(DATA, 1024, false)),
+                (T_FLUSH, d(DATA, 0, false)),
+                (T_DISCARD, d(DATA + 0x1000, 16, false)),
+                (T_WRITE_ZEROES, d(DATA + 0x1000, 16, false)),
+            ] {
+                header(&mem, kind, 0);
+                mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
+                let descs = if data.len == 0 {
+                    chain(&[])
+                } else {
+                    chain(&[data])
+                };
+                out.push(serve(&mem, &descs, &device));
+            }
+            out
+        };
+        let eio = Failing(libc::EIO, false);
+        let got = dev(&eio);
+        let failed = |write, ignored_len| {
+            Served::Failed(HostError {
+                errno: libc::EIO,
+                write,
+                ignored_len,
+            })
+        };
+        assert_eq!(
+            got,
+            vec![
+                failed(false, 1024),
+                failed(true, 0),
+                failed(true, 0),
+                failed(true, 0),
+                failed(true, 0),
+            ]
+        );
+        // Nothing was written to the status byte: the policy completes or holds the request.
+        let mut st = [0u8; 1];
+        mem.read_slice(&mut st, GuestAddress(STATUS))
+            .expect("status");
+        assert_eq!(st, [0xff]);
+        // finish() writes it as the policy says (an ignored read reports its whole buffer).
+        let descs = chain(&[d(DATA, 1024, true)]);
+        assert_eq!(
+            finish(&mem, &descs, S_OK, 1024),
+            Completion {
+                used_len: 1025,
+                status: Some(S_OK)
+            }
+        );
+        // Guest errors never reach the policy: a range past the end, a write to a read-only
+        // disk, a bad direction.
+        let ro = Failing(libc::EIO, true);
+        let d_ = Device {
+            disk: &ro,
+            serial: b"",
+        };
+        for (kind, sector, data) in [
+            (T_IN, 16, d(DATA, 512, true)),
+            (T_OUT, 0, d(DATA, 512, false)),
+            (T_IN, 0, d(DATA, 512, false)),
+        ] {
+            header(&mem, kind, sector);
+            let c = serve(&mem, &chain(&[data]), &d_);
+            assert_eq!(
+                c,
+                Served::Done(Completion {
+                    used_len: 1,
+                    status: Some(S_IOERR)
+                }),
+                "{kind} {sector}"
+            );
+        }
     }
 
     #[test]

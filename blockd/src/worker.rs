@@ -34,6 +34,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{BlockBackend, MAX_QUEUES};
+use crate::errors::Policies;
 use crate::format::{DiskImage, Raw, DIRECT_ALIGN};
 use crate::qcow2::{self, Qcow2};
 
@@ -474,6 +475,7 @@ fn is_direct(f: &File) -> bool {
 /// The running back end: the daemon's thread serves the front end.
 struct Serving {
     disk: Arc<Counted>,
+    backend: Arc<BlockBackend>,
 }
 
 fn start_serving(
@@ -485,15 +487,27 @@ fn start_serving(
     disk.set_events(chan.clone());
     let vhost = UnixStream::from(fds.remove(0));
     let block_size = if s.direct { DIRECT_ALIGN as u32 } else { 512 };
-    let backend = Arc::new(BlockBackend::new(
-        disk.clone(),
-        s.serial.clone().into_bytes(),
-        usize::from(s.num_queues),
-        block_size,
-    ));
+    let policies = Policies {
+        rerror: s.rerror,
+        werror: s.werror,
+    };
+    let backend = Arc::new(
+        BlockBackend::new(
+            disk.clone(),
+            s.serial.clone().into_bytes(),
+            usize::from(s.num_queues),
+            block_size,
+            policies,
+        )
+        .map_err(|e| format!("creating the back end: {e}"))?,
+    );
+    backend.errors().set_events(chan.clone());
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new("bulkhead-blockd".into(), backend, mem)
+    let mut daemon = VhostUserDaemon::new("bulkhead-blockd".into(), backend.clone(), mem)
         .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
+    backend
+        .attach(&daemon.get_epoll_handlers())
+        .map_err(|e| format!("registering the queue threads' wake events: {e}"))?;
     daemon
         .start_with_stream(vhost)
         .map_err(|e| format!("serving the front end: {e}"))?;
@@ -514,7 +528,7 @@ fn start_serving(
             std::process::exit(0);
         })
         .map_err(|e| format!("starting a thread: {e}"))?;
-    Ok(Serving { disk })
+    Ok(Serving { disk, backend })
 }
 
 /// Worker mode's `main`: confine, then serve the monitor's requests until it goes or says quit.
@@ -553,12 +567,14 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
                 Ok(sv) => {
                     let size = sv.disk.size();
                     log::info!(
-                        "{}: serving a {} image of {size} bytes{}{}, {} queue(s)",
+                        "{}: serving a {} image of {size} bytes{}{}, {} queue(s), rerror={} werror={}",
                         s.id,
                         s.format.name(),
                         if s.readonly { ", read-only" } else { "" },
                         if s.direct { ", cache=none" } else { "" },
-                        s.num_queues
+                        s.num_queues,
+                        s.rerror.name(),
+                        s.werror.name(),
                     );
                     serving = Some(sv);
                     BlockReply::Ready { size }
@@ -594,8 +610,14 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
                 }
                 None => BlockReply::Error("not set up".into()),
             },
-            // No request is held yet: the `stop` action is not served by this blockd.
-            BlockRequest::Resume => BlockReply::Ok,
+            BlockRequest::Resume => match &serving {
+                Some(sv) => {
+                    let held = sv.backend.resume();
+                    log::info!("resumed ({held} request(s) still held)");
+                    BlockReply::Ok
+                }
+                None => BlockReply::Ok,
+            },
             BlockRequest::Quit => {
                 let _ = chan.reply(id, BlockReply::Ok, &[]);
                 log::info!("quit");

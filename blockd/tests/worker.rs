@@ -15,8 +15,8 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use bulkhead_ipc::messages::{
-    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, ErrorPolicy, ImageFormat,
-    ThrottleLimits,
+    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, ErrorAction, ErrorPolicy,
+    ImageFormat, ThrottleLimits,
 };
 use bulkhead_ipc::{Channel, Frame, Role as IpcRole};
 use bulkhead_sandbox::launch::{Child, Command, IdMap};
@@ -72,6 +72,61 @@ impl Guest {
         self.desc_at(DESC, i, addr, len, flags, next);
     }
 
+    /// Makes one request available without waiting for it: descriptors `first`.. (header at
+    /// `hdr`, data at `data` if `len` > 0, status at `status`), then kicks.
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        kick: &EventFd,
+        first: u16,
+        kind: u32,
+        sector: u64,
+        (hdr, data, status): (u64, u64, u64),
+        len: u32,
+    ) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        self.write(hdr, &h);
+        self.desc(first, hdr, 16, F_NEXT, first + 1);
+        let last = if len > 0 {
+            let flags = if kind == 0 { F_WRITE } else { 0 };
+            self.desc(first + 1, data, len, flags | F_NEXT, first + 2);
+            first + 2
+        } else {
+            first + 1
+        };
+        self.desc(last, status, 1, F_WRITE, 0);
+        self.write(status, &[0xff]);
+        let slot = AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2;
+        self.write(slot, &first.to_le_bytes());
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        fence(Ordering::SeqCst);
+        kick.write(1).expect("kick");
+    }
+
+    /// The next used-ring entry (head, len) within `within`, or `None`.
+    fn next_used(&mut self, child: &mut Child, within: Duration) -> Option<(u16, u32)> {
+        let start = Instant::now();
+        while self.used_idx() == self.used_seen {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("bulkhead-blockd died: {st:?}");
+            }
+            if start.elapsed() >= within {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        fence(Ordering::SeqCst);
+        let e = self.read(USED + 4 + u64::from(self.used_seen % QSIZE) * 8, 8);
+        self.used_seen = self.used_seen.wrapping_add(1);
+        let id = u32::from_le_bytes(e[..4].try_into().expect("4"));
+        let len = u32::from_le_bytes(e[4..].try_into().expect("4"));
+        Some((u16::try_from(id).expect("head"), len))
+    }
+
     /// One request: header, one data descriptor (if `len` > 0), status; returns the status.
     fn request(
         &mut self,
@@ -121,6 +176,8 @@ struct Worker {
     child: Child,
     chan: Channel<BlockProtocol>,
     next_id: u64,
+    /// Events that came while waiting for a reply.
+    events: std::collections::VecDeque<BlockEvent>,
 }
 
 impl Worker {
@@ -159,6 +216,7 @@ impl Worker {
             child,
             chan: mine,
             next_id: 1,
+            events: Default::default(),
         }
     }
 
@@ -168,11 +226,40 @@ impl Worker {
         self.chan
             .send(&Frame::Request { id, body: req }, fds)
             .expect("send");
-        match self.chan.recv().expect("recv") {
-            (Frame::Reply { id: got, body }, _) => {
-                assert_eq!(got, id);
-                body
+        loop {
+            match self.recv_within(Duration::from_secs(10)) {
+                Some(Frame::Reply { id: got, body }) => {
+                    assert_eq!(got, id);
+                    return body;
+                }
+                // Events (I/O errors) may come before the reply: kept for next_event.
+                Some(Frame::Event(e)) => self.events.push_back(e),
+                other => panic!("unexpected frame {other:?}"),
             }
+        }
+    }
+
+    /// The next frame from blockd within `within` (`None`: nothing came).
+    fn recv_within(&mut self, within: Duration) -> Option<Frame<BlockProtocol>> {
+        let mut p = libc::pollfd {
+            fd: self.chan.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(within.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one pollfd on the stack, for the duration of the call.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+        (n > 0).then(|| self.chan.recv().expect("recv").0)
+    }
+
+    /// The next event from blockd within `within`.
+    fn next_event(&mut self, within: Duration) -> Option<BlockEvent> {
+        if let Some(e) = self.events.pop_front() {
+            return Some(e);
+        }
+        match self.recv_within(within)? {
+            Frame::Event(e) => Some(e),
             other => panic!("unexpected frame {other:?}"),
         }
     }
@@ -390,10 +477,10 @@ fn a_launched_blockd_is_confined_serves_the_handed_socket_and_answers_the_monito
 
     // The front end hangs up: blockd says so and exits 0, never having hit its filter.
     drop(fe);
-    match w.chan.recv().expect("event") {
-        (Frame::Event(BlockEvent::FrontEndGone), _) => {}
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        w.next_event(Duration::from_secs(10)),
+        Some(BlockEvent::FrontEndGone)
+    );
     let st = w.wait();
     assert_eq!(st.code(), Some(0), "{st:?}");
     assert!(w.child.violation().is_none());
@@ -534,5 +621,193 @@ fn a_qcow2_image_is_served_on_the_backing_file_the_monitor_opened() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("read 4096/4096"), "{text}");
     assert!(!text.contains("Pattern verification failed"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A tmpfs mounted on a directory (the test runs as root, as the suite does: without it this
+/// fails, it does not skip), lazily unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, kib: u64) -> Tmpfs {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount(8)");
+        assert!(st.success(), "mounting a tmpfs on {dir:?} (needs root)");
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn resize(&self, kib: u64) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={kib}k")])
+            .arg(&self.0)
+            .status()
+            .expect("mount(8)");
+        assert!(st.success(), "remounting {:?}", self.0);
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes `path` until its file system is full (ENOSPC).
+fn fill(path: &Path) {
+    let mut f = File::create(path).expect("filler");
+    let chunk = [0x11u8; 4096];
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling: {e}"),
+        }
+    }
+}
+
+/// A launched blockd serving the raw image at `path` with these policies, and its front end.
+fn serve_with(
+    path: &Path,
+    rerror: ErrorPolicy,
+    werror: ErrorPolicy,
+) -> (Worker, Guest, Frontend, EventFd) {
+    let image = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open image");
+    let mut w = Worker::launch(1);
+    let (fe_sock, be_sock) = UnixStream::pair().expect("socketpair");
+    let mut s = setup("errors", false);
+    s.rerror = rerror;
+    s.werror = werror;
+    assert_eq!(
+        w.call(BlockRequest::Setup(s), &[image.as_fd(), be_sock.as_fd()]),
+        BlockReply::Ready { size: IMAGE_SIZE }
+    );
+    drop(be_sock);
+    let g = Guest::new();
+    let (fe, kick, _call) = front_end(fe_sock, &g);
+    (w, g, fe, kick)
+}
+
+fn enospc(action: ErrorAction) -> BlockEvent {
+    BlockEvent::IoError {
+        write: true,
+        action,
+        nospace: true,
+        reason: "No space left on device".into(),
+    }
+}
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+
+/// Real failing I/O: a raw image on a full tmpfs makes writes fail with ENOSPC on the host.
+/// `report` fails the request (S_IOERR), `ignore` completes it, both with a BLOCK_IO_ERROR
+/// event; `stop` holds it off the used ring (and takes nothing else from the queue) until
+/// `Resume`, which retries it (still full: held again, another event), and once the tmpfs is
+/// bigger completes it with its data on disk, then serves what was kicked meanwhile. Guest
+/// errors (a read past the end) keep S_IOERR and send no event under any policy.
+#[test]
+fn host_io_errors_follow_werror_with_events_and_stop_holds_until_resume() {
+    let dir = scratch("ioerr");
+    let fs = Tmpfs::mount(&dir, 256);
+    let path = dir.join("disk.raw");
+    File::create(&path)
+        .and_then(|f| f.set_len(IMAGE_SIZE))
+        .expect("sparse image");
+    fill(&dir.join("filler"));
+    let quiet = Duration::from_millis(300);
+
+    for (werror, status, action) in [
+        (ErrorPolicy::Report, 1, ErrorAction::Report),
+        (ErrorPolicy::Ignore, 0, ErrorAction::Ignore),
+    ] {
+        let (mut w, mut g, fe, kick) = serve_with(&path, ErrorPolicy::Report, werror);
+        g.write(DATA, &[0xa5; 4096]);
+        assert_eq!(
+            g.request(&kick, &mut w.child, T_OUT, 8, 4096),
+            status,
+            "{werror:?}"
+        );
+        assert_eq!(
+            w.next_event(Duration::from_secs(5)),
+            Some(enospc(action)),
+            "{werror:?}"
+        );
+        assert_eq!(
+            g.request(&kick, &mut w.child, T_IN, IMAGE_SIZE / 512, 512),
+            1
+        );
+        assert_eq!(w.next_event(quiet), None, "a guest error is no I/O error");
+        match w.call(BlockRequest::QueryStats, &[]) {
+            BlockReply::Stats(s) => assert_eq!(s.failed_wr_operations, 1, "{s:?}"),
+            other => panic!("{other:?}"),
+        }
+        drop(fe);
+        assert_eq!(
+            w.next_event(Duration::from_secs(5)),
+            Some(BlockEvent::FrontEndGone)
+        );
+        assert_eq!(w.wait().code(), Some(0));
+    }
+
+    let (mut w, mut g, fe, kick) = serve_with(&path, ErrorPolicy::Report, ErrorPolicy::Stop);
+    assert_eq!(
+        g.request(&kick, &mut w.child, T_IN, IMAGE_SIZE / 512, 512),
+        1
+    );
+    assert_eq!(w.next_event(quiet), None);
+    // The write fails and is held: an event, nothing on the used ring, status untouched.
+    g.write(DATA, &[0xa5; 4096]);
+    g.submit(&kick, 0, T_OUT, 8, (HDR, DATA, STATUS), 4096);
+    assert_eq!(
+        w.next_event(Duration::from_secs(5)),
+        Some(enospc(ErrorAction::Stop))
+    );
+    assert_eq!(
+        g.next_used(&mut w.child, quiet),
+        None,
+        "held, not completed"
+    );
+    assert_eq!(g.read(STATUS, 1), vec![0xff]);
+    // A read kicked while stopped is not taken.
+    let (hdr2, data2, status2) = (HDR + 0x1000, DATA + 0x4000, STATUS + 0x1000);
+    g.write(data2, &[0; 4096]);
+    g.submit(&kick, 3, T_IN, 8, (hdr2, data2, status2), 4096);
+    assert_eq!(g.next_used(&mut w.child, quiet), None, "stopped");
+    // Resumed while the disk is still full: retried, held again, another event.
+    assert_eq!(w.call(BlockRequest::Resume, &[]), BlockReply::Ok);
+    assert_eq!(
+        w.next_event(Duration::from_secs(5)),
+        Some(enospc(ErrorAction::Stop))
+    );
+    assert_eq!(g.next_used(&mut w.child, quiet), None, "held again");
+    // Space made: the held write completes, then the read kicked meanwhile sees its data.
+    fs.resize(4096);
+    assert_eq!(w.call(BlockRequest::Resume, &[]), BlockReply::Ok);
+    let five = Duration::from_secs(5);
+    assert_eq!(g.next_used(&mut w.child, five), Some((0, 1)));
+    assert_eq!(g.read(STATUS, 1), vec![0]);
+    assert_eq!(g.next_used(&mut w.child, five), Some((3, 4097)));
+    assert_eq!(g.read(status2, 1), vec![0]);
+    assert_eq!(g.read(data2, 4096), vec![0xa5; 4096]);
+    assert_eq!(w.next_event(quiet), None);
+    // The queue is served as before.
+    assert_eq!(g.request(&kick, &mut w.child, 4, 0, 0), 0, "flush");
+    let on_disk = std::fs::read(&path).expect("image");
+    assert_eq!(&on_disk[4096..8192], &[0xa5; 4096][..]);
+    drop(fe);
+    assert_eq!(w.next_event(five), Some(BlockEvent::FrontEndGone));
+    assert_eq!(w.wait().code(), Some(0));
+    drop(fs);
     let _ = std::fs::remove_dir_all(&dir);
 }

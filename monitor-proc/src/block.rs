@@ -11,6 +11,7 @@
 //! Accepted forms (anything else is an error naming the key):
 //! - `-drive file=PATH[,format=raw|qcow2][,if=virtio|none][,id=ID][,node-name=N]
 //!   [,readonly=on|off][,cache=none|writeback][,serial=S][,media=disk]
+//!   [,werror=enospc|stop|report|ignore][,rerror=stop|report|ignore]
 //!   [,throttling.{bps,iops}-{total,read,write}=N]` (`serial=` as QEMU
 //!   before 3.0 took it; default `if=virtio`, since Bulkhead has no IDE; without `format=` the
 //!   format is probed like QEMU does, with its warning);
@@ -20,8 +21,9 @@
 //!   `...,file.driver=file,file.filename=PATH[,file.node-name=M][,file.cache.direct=...]`
 //!   (also as JSON: `-blockdev '{"driver":"raw","node-name":"n","file":{...}}'`);
 //! - `-device virtio-blk-pci,drive=NAME[,id=ID][,serial=S][,num-queues=N][,queue-size=N]
-//!   [,addr=SLOT[.0]][,bus=pci.0|pcie.0]` (`virtio-blk` is the same device); `NAME` is a
-//!   `-drive` id or a node name.
+//!   [,addr=SLOT[.0]][,bus=pci.0|pcie.0][,werror=P][,rerror=P]` (`virtio-blk` is the same
+//!   device; `P` is `auto`, the default, or a policy); `NAME` is a `-drive` id or a node name.
+//!   `werror`/`rerror` follow QEMU's rules and texts ([`crate::io_error`]).
 //!
 //! - `-chardev socket,id=C,path=PATH[,server=off]` (a client socket, connected at start-up, as
 //!   QEMU's vhost-user devices use them) and `-device vhost-user-blk-pci,chardev=C
@@ -31,11 +33,11 @@
 //!   backend, no blockd (QEMU's vhost-user-blk has no BlockBackend either).
 //!
 //! Paths may be `/dev/fdset/N` ([`crate::fds`]). Cache modes other than `none` (`O_DIRECT`,
-//! writeback) and `writeback` are refused, as are `werror`/`rerror` (not implemented yet).
+//! writeback) and `writeback` are refused.
 
 use std::collections::BTreeSet;
 
-use bulkhead_ipc::messages::{ImageFormat, ThrottleLimits};
+use bulkhead_ipc::messages::{ErrorPolicy, ImageFormat, ThrottleLimits};
 
 use crate::cli::{parse_opts, CliError};
 
@@ -94,6 +96,10 @@ pub struct BackendSpec {
     pub node: String,
     /// `-drive throttling.*`: the I/O limits its device starts with.
     pub throttle: ThrottleLimits,
+    /// `-drive rerror=` (QEMU's default `report`, also for an anonymous backend).
+    pub rerror: ErrorPolicy,
+    /// `-drive werror=` (QEMU's default `enospc`, also for an anonymous backend).
+    pub werror: ErrorPolicy,
 }
 
 /// One `virtio-blk-pci`.
@@ -111,6 +117,10 @@ pub struct DeviceSpec {
     pub queue_size: u16,
     /// `addr=` (`None`: the first free slot from 1).
     pub slot: Option<u8>,
+    /// `rerror=` (`None`: `auto`, the backend's).
+    pub rerror: Option<ErrorPolicy>,
+    /// `werror=` (`None`: `auto`, the backend's).
+    pub werror: Option<ErrorPolicy>,
 }
 
 /// A `-chardev socket,path=` in client mode: the socket of an outside vhost-user back end.
@@ -334,6 +344,7 @@ impl Builder {
         let mut direct = false;
         let mut serial = None;
         let mut throttle = ThrottleLimits::default();
+        let (mut rerror, mut werror) = crate::io_error::BACKEND_DEFAULT;
         for (k, v) in parse_opts(whole, None) {
             match k.as_str() {
                 "file" => file = Some(v),
@@ -379,12 +390,13 @@ impl Builder {
                         _ => t.iops_wr = n,
                     }
                 }
-                "werror" | "rerror" => {
-                    return Err(bad(
-                        opt,
-                        whole,
-                        format!("{k}= is not implemented by bulkhead yet"),
-                    ))
+                "werror" => {
+                    werror =
+                        crate::io_error::drive_policy(&v, false).map_err(|e| bad(opt, whole, e))?
+                }
+                "rerror" => {
+                    rerror =
+                        crate::io_error::drive_policy(&v, true).map_err(|e| bad(opt, whole, e))?
                 }
                 _ => {
                     return Err(bad(
@@ -478,6 +490,8 @@ impl Builder {
             name: id,
             node: top,
             throttle,
+            rerror,
+            werror,
         });
         if iface == "virtio" {
             self.cfg.devices.push(DeviceSpec {
@@ -487,6 +501,8 @@ impl Builder {
                 num_queues: None,
                 queue_size: 256,
                 slot: None,
+                rerror: None,
+                werror: None,
             });
         } else if serial.is_some() {
             return Err(bad(opt, whole, "serial= needs if=virtio (a device)"));
@@ -920,6 +936,8 @@ impl Builder {
             num_queues: None,
             queue_size: 256,
             slot: None,
+            rerror: None,
+            werror: None,
         };
         let prop = |k: &str| format!("Property 'virtio-blk-pci.{k}'");
         for (k, v) in &pairs {
@@ -980,6 +998,14 @@ impl Builder {
                     })?)
                 }
                 "bus" if v == "pci.0" || v == "pcie.0" => {}
+                "werror" => {
+                    dev.werror =
+                        crate::io_error::device_policy(k, v).map_err(|e| bad(opt, whole, e))?
+                }
+                "rerror" => {
+                    dev.rerror =
+                        crate::io_error::device_policy(k, v).map_err(|e| bad(opt, whole, e))?
+                }
                 _ => return Err(bad(opt, whole, format!("{} not found", prop(k)))),
             }
         }
@@ -999,10 +1025,13 @@ impl Builder {
         let backend = match self.cfg.backends.iter().position(|b| b.name == drive) {
             Some(i) => i,
             None if self.node_exists(&drive) => {
+                let (rerror, werror) = crate::io_error::BACKEND_DEFAULT;
                 self.cfg.backends.push(BackendSpec {
                     name: String::new(),
                     node: drive.clone(),
                     throttle: ThrottleLimits::default(),
+                    rerror,
+                    werror,
                 });
                 self.cfg.backends.len() - 1
             }
@@ -1317,6 +1346,20 @@ impl BlockConfig {
         }
     }
 
+    /// The (rerror, werror) policies device `device` applies: its own `rerror=`/`werror=`,
+    /// else its backend's (QEMU's `auto`).
+    pub fn error_policies(&self, device: usize) -> (ErrorPolicy, ErrorPolicy) {
+        let d = &self.devices[device];
+        let (br, bw) = self
+            .backends
+            .get(d.backend)
+            .map_or(crate::io_error::BACKEND_DEFAULT, |b| (b.rerror, b.werror));
+        (
+            crate::io_error::effective(br, d.rerror),
+            crate::io_error::effective(bw, d.werror),
+        )
+    }
+
     /// The device id vcpu-proc knows the device by (`-device id=`, else its qdev path).
     pub fn device_id(&self, device: usize) -> String {
         match &self.devices[device].id {
@@ -1483,7 +1526,16 @@ mod tests {
     fn errors_name_what_is_wrong() {
         assert!(err(&[(Drive, "file=/d,if=ide")]).contains("if=ide"));
         assert!(err(&[(Drive, "file=/d,cache=unsafe")]).contains("cache=unsafe"));
-        assert!(err(&[(Drive, "file=/d,werror=stop")]).contains("werror"));
+        assert_eq!(
+            err(&[(Drive, "file=/d,werror=auto")]),
+            "-drive file=/d,werror=auto: 'auto' invalid write error action"
+        );
+        assert!(err(&[(Drive, "file=/d,rerror=enospc")]).contains("'enospc' invalid read"));
+        assert!(err(&[
+            (Blockdev, "driver=file,node-name=a,filename=/d"),
+            (Device, "virtio-blk-pci,drive=a,werror=no")
+        ])
+        .contains("Parameter 'werror' does not accept value 'no'"));
         assert!(err(&[(Drive, "file=/d,bogus=1")]).contains("'bogus'"));
         assert!(err(&[(Drive, "format=raw")]).contains("file="));
         assert!(err(&[(Drive, "file=/d,format=vmdk")]).contains("vmdk"));
@@ -1538,5 +1590,39 @@ mod tests {
             (Device, "virtio-blk-pci,drive=a,logical_block_size=4096")
         ])
         .contains("logical_block_size"));
+    }
+
+    #[test]
+    fn error_policies_come_from_the_drive_unless_the_device_sets_them() {
+        use bulkhead_ipc::messages::ErrorPolicy::*;
+        // -drive if=virtio: the drive's own (defaults report/enospc).
+        let r = res(&[
+            (Drive, "file=/d"),
+            (Drive, "file=/e,werror=stop,rerror=ignore"),
+        ])
+        .expect("ok");
+        assert_eq!(r.config.error_policies(0), (Report, Enospc));
+        assert_eq!(r.config.error_policies(1), (Ignore, Stop));
+        // -drive if=none + -device: auto keeps the drive's, a value replaces it.
+        let r = res(&[
+            (Drive, "file=/d,if=none,id=d0,werror=report"),
+            (Drive, "file=/e,if=none,id=d1,werror=report,rerror=stop"),
+            (Device, "virtio-blk-pci,drive=d0,werror=auto,rerror=auto"),
+            (Device, "virtio-blk-pci,drive=d1,werror=ignore"),
+        ])
+        .expect("ok");
+        assert_eq!(r.config.error_policies(0), (Report, Report));
+        assert_eq!(r.config.error_policies(1), (Stop, Ignore));
+        // -blockdev + -device: the anonymous backend has blk_new's defaults; the device may
+        // say enospc for reads too (QEMU accepts it there).
+        let r = res(&[
+            (Blockdev, "driver=file,node-name=a,filename=/d"),
+            (Blockdev, "driver=file,node-name=b,filename=/e"),
+            (Device, "virtio-blk-pci,drive=a"),
+            (Device, "virtio-blk-pci,drive=b,rerror=enospc,werror=stop"),
+        ])
+        .expect("ok");
+        assert_eq!(r.config.error_policies(0), (Report, Enospc));
+        assert_eq!(r.config.error_policies(1), (Enospc, Stop));
     }
 }

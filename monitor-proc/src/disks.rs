@@ -18,12 +18,19 @@
 //! unexpected death: logged with its status or the refused system call, `X_WORKER_EXITED`. The
 //! VM keeps running (the guest sees a disk that stops answering).
 //!
+//! Each blockd gets its device's `rerror`/`werror` policy in `Setup`; the `BlockEvent::IoError`
+//! it sends for a failed request is passed to the VM actor ([`Disks::next_news`]), which
+//! records the backend's I/O status ([`Disks::on_io_error`]), sends `BLOCK_IO_ERROR` and, for
+//! the `stop` action, pauses the machine; `cont` clears the statuses and sends every blockd
+//! `Resume` ([`Disks::resume_all`]) so it retries what it held.
+//!
 //! A `vhost-user-blk-pci` has no blockd: its back end is an outside vhost-user-blk server. The
 //! monitor connects to the server's socket (its `-chardev socket,path=`) at start-up and hands
 //! the connected socket to vcpu-proc with the other devices. A later machine worker (after
 //! `system_reset` rebuilt a dead one) needs a fresh connection to the same path, which only an
 //! unconfined monitor (`--sandbox off`) can make: the confined one has no `socket`/`connect`.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -33,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bulkhead_ipc::messages::{
-    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, BlockStats, ErrorPolicy,
+    BlockEvent, BlockProtocol, BlockReply, BlockRequest, BlockSetup, BlockStats, ErrorAction,
     ImageFormat, SandboxReport, ThrottleLimits, VirtioDevice, VirtioKind,
 };
 use bulkhead_ipc::{AsyncChannel, Role as IpcRole, RpcClient};
@@ -42,6 +49,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::block::{BlockConfig, Driver, NodeSpec, Resolved};
 use crate::fds::{Access, DupLease, FdSets, OpenSpec};
+use crate::io_error::{BlockIoError, IoStatus};
 use crate::worker::{self, SandboxConfig, WorkerError};
 
 /// The blockd binary's file name.
@@ -412,6 +420,8 @@ pub struct BlockView {
     pub stats: Vec<Option<BlockStats>>,
     /// Per device: its I/O limits and their group.
     pub throttles: Vec<(ThrottleLimits, String)>,
+    /// Per device: its backend's I/O status (`query-block`'s `io-status`).
+    pub io_status: Vec<IoStatus>,
 }
 
 /// `block_set_io_throttle`'s arguments, as given.
@@ -503,6 +513,24 @@ pub struct BlockdExit {
     pub violation: Option<Violation>,
 }
 
+/// A blockd reported a failed request (`BlockEvent::IoError`), as its event task passes it on
+/// to the VM actor.
+#[derive(Debug, Clone)]
+pub struct BlockdIoError {
+    /// The blockd's pid (the device is looked up by it, as for exits).
+    pub pid: u32,
+    /// Which start of the machine it belonged to.
+    pub generation: u64,
+    /// A write, flush, discard or write-zeroes rather than a read.
+    pub write: bool,
+    /// What blockd did.
+    pub action: ErrorAction,
+    /// ENOSPC.
+    pub nospace: bool,
+    /// `strerror` of the error.
+    pub reason: String,
+}
+
 /// A running blockd.
 struct Blockd {
     rpc: RpcClient<BlockProtocol>,
@@ -538,6 +566,10 @@ pub struct Disks {
     sandbox: SandboxConfig,
     exits_tx: mpsc::UnboundedSender<BlockdExit>,
     exits_rx: mpsc::UnboundedReceiver<BlockdExit>,
+    /// Per device id: an I/O status other than `ok` (set by a `stop` action, cleared by `cont`).
+    io_status: BTreeMap<String, IoStatus>,
+    io_errors_tx: mpsc::UnboundedSender<BlockdIoError>,
+    io_errors_rx: mpsc::UnboundedReceiver<BlockdIoError>,
 }
 
 impl std::fmt::Debug for Disks {
@@ -632,6 +664,7 @@ impl Disks {
     /// No disks (`-M none` without block options, unit tests).
     pub fn empty() -> Disks {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let (io_errors_tx, io_errors_rx) = mpsc::unbounded_channel();
         Disks {
             resolved: Resolved::default(),
             images: Vec::new(),
@@ -650,6 +683,9 @@ impl Disks {
             sandbox: SandboxConfig::default(),
             exits_tx,
             exits_rx,
+            io_status: BTreeMap::new(),
+            io_errors_tx,
+            io_errors_rx,
         }
     }
 
@@ -953,6 +989,7 @@ impl Disks {
         };
         let read_only = img.read_only || cfg.nodes[top].read_only;
         let chain = &self.chains[top];
+        let (rerror, werror) = cfg.error_policies(dev);
         let setup = BlockSetup {
             id: id.clone(),
             format,
@@ -962,9 +999,8 @@ impl Disks {
             serial: d.serial.clone().unwrap_or_default(),
             num_queues,
             backing_files: u32::try_from(chain.len()).unwrap_or(u32::MAX),
-            // QEMU's defaults for a device's BlockBackend (`blk_new`).
-            rerror: ErrorPolicy::Report,
-            werror: ErrorPolicy::Enospc,
+            rerror,
+            werror,
         };
         let device = VirtioDevice {
             id: id.clone(),
@@ -1053,12 +1089,15 @@ impl Disks {
                 Err(e) => return Err(fail(e)),
             }
         }
-        // blockd's events: a passed write threshold becomes BLOCK_WRITE_THRESHOLD; the rest is
-        // logged (its exit is what matters, seen by the supervisor).
+        // blockd's events: a passed write threshold becomes BLOCK_WRITE_THRESHOLD; an I/O
+        // error goes to the VM actor (BLOCK_IO_ERROR, and the stop action's pause); the rest
+        // is logged (its exit is what matters, seen by the supervisor).
         {
             let id = id.clone();
             let thresholds = self.thresholds.clone();
             let bus = self.bus.clone();
+            let io_errors = self.io_errors_tx.clone();
+            let generation = self.generation;
             tokio::spawn(async move {
                 while let Some(Ok((ev, _))) = events.recv().await {
                     match ev {
@@ -1081,6 +1120,21 @@ impl Disks {
                                     threshold,
                                 });
                             }
+                        }
+                        BlockEvent::IoError {
+                            write,
+                            action,
+                            nospace,
+                            reason,
+                        } => {
+                            let _ = io_errors.send(BlockdIoError {
+                                pid,
+                                generation,
+                                write,
+                                action,
+                                nospace,
+                                reason,
+                            });
                         }
                         other => log::debug!("bulkhead-blockd for {id}: {other:?}"),
                     }
@@ -1151,6 +1205,71 @@ impl Disks {
         }
         let current = current.is_some();
         current && !e.status.is_some_and(|s| s.success())
+    }
+
+    /// The next I/O error a blockd reported, or the next blockd exit (pending forever when
+    /// none comes). One call for both so the VM actor's `select!` borrows the disks once.
+    pub async fn next_news(&mut self) -> Result<BlockdIoError, BlockdExit> {
+        // Both senders live in `self`, so neither channel closes: `recv` yields `Some`.
+        tokio::select! {
+            Some(e) = self.io_errors_rx.recv() => Ok(e),
+            Some(e) = self.exits_rx.recv() => Err(e),
+            else => std::future::pending().await,
+        }
+    }
+
+    /// Takes note of an I/O error: the device is found by the blockd's pid, its I/O status
+    /// set as QEMU sets it for the action, and the `BLOCK_IO_ERROR` to send returned. `None`
+    /// when the blockd is no longer the device's (it died, or the machine was rebuilt, before
+    /// its event was read): nothing it held can be resumed any more.
+    pub fn on_io_error(&mut self, e: BlockdIoError) -> Option<BlockIoError> {
+        if e.generation != self.generation {
+            return None;
+        }
+        let dev = self
+            .workers
+            .iter()
+            .position(|w| w.as_ref().is_some_and(|w| w.pid == e.pid))?;
+        let cfg = &self.resolved.config;
+        let backend = &cfg.backends[cfg.devices[dev].backend];
+        let status = self.io_status.entry(cfg.device_id(dev)).or_default();
+        *status = status.after_error(e.action, e.nospace);
+        Some(BlockIoError {
+            device: backend.name.clone(),
+            node_name: Some(backend.node.clone()),
+            write: e.write,
+            action: e.action,
+            nospace: e.nospace,
+            reason: e.reason,
+        })
+    }
+
+    /// `cont`: every backend's I/O status back to `ok`.
+    pub fn reset_io_status(&mut self) {
+        self.io_status.clear();
+    }
+
+    /// `cont`: every running blockd retries the requests it holds after a `stop` action and
+    /// serves its queues again. A blockd that does not answer is logged and passed over: one
+    /// that died took its held requests with it (its exit is reported on its own), and the
+    /// other disks must not stay stopped for it.
+    pub async fn resume_all(&mut self) {
+        for (dev, w) in self.workers.iter().enumerate() {
+            let Some(w) = w else { continue };
+            match call(&w.rpc, BlockRequest::Resume).await {
+                Ok(BlockReply::Ok) => {}
+                Ok(other) => log::warn!(
+                    "bulkhead-blockd for {} (pid {}) answered Resume with {other:?}",
+                    self.resolved.config.device_id(dev),
+                    w.pid
+                ),
+                Err(e) => log::warn!(
+                    "bulkhead-blockd for {} (pid {}): Resume: {e}",
+                    self.resolved.config.device_id(dev),
+                    w.pid
+                ),
+            }
+        }
     }
 
     /// The device (index) a blockd pid serves, and its id.
@@ -1286,6 +1405,14 @@ impl Disks {
             }
         }
         BlockView {
+            io_status: (0..cfg.devices.len())
+                .map(|d| {
+                    self.io_status
+                        .get(&cfg.device_id(d))
+                        .copied()
+                        .unwrap_or_default()
+                })
+                .collect(),
             throttles: self.throttles.clone(),
             config: cfg.clone(),
             nodes,
@@ -1779,6 +1906,7 @@ impl Disks {
     async fn remove_now(&mut self, dev: usize) -> Vec<crate::qmp::events::Event> {
         let cfg = &self.resolved.config;
         let id = cfg.devices[dev].id.clone();
+        let vcpu_id = cfg.device_id(dev);
         let qdev = cfg.qdev(dev);
         let path = qdev
             .strip_suffix("/virtio-backend")
@@ -1790,6 +1918,7 @@ impl Disks {
                     .await;
         }
         self.throttles.remove(dev);
+        self.io_status.remove(&vcpu_id);
         crate::block::remove_device(&mut self.resolved.config, dev);
         self.drop_orphan_nodes();
         log::info!("{path}: virtio-blk-pci removed");

@@ -3,6 +3,7 @@
 //! - [`cli`]: the QEMU-style command line;
 //! - [`block`]: `-drive`, `-blockdev` and `-device virtio-blk-pci` resolved into the block graph;
 //! - [`disks`]: the images the monitor opens and the `bulkhead-blockd` serving each disk;
+//! - [`io_error`]: `werror`/`rerror`, the disks' I/O status and `BLOCK_IO_ERROR`;
 //! - [`nics`]: `-netdev tap` / `-device virtio-net-pci`, the taps, and the `bulkhead-netd` serving each NIC;
 //! - [`hotplug`]: the device life cycle disks and NICs share (plug, eject request, pending
 //!   unplugs, `DEVICE_DELETED`);
@@ -29,6 +30,7 @@ pub mod fds;
 pub mod hotplug;
 pub mod info;
 pub mod inspect;
+pub mod io_error;
 pub mod launcher;
 pub mod logging;
 pub mod memory;

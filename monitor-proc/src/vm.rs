@@ -6,14 +6,16 @@
 //! worker is noticed at once, even while no command is in flight.
 //!
 //! States are QEMU's (`query-status`): `prelaunch` (`-S`, or after a reset of a stopped
-//! machine), `running`, `paused`, `shutdown` (guest poweroff under `-no-shutdown`) and
-//! `internal-error` (the worker died or reported an unrecoverable error). Transitions follow
+//! machine), `running`, `paused`, `shutdown` (guest poweroff under `-no-shutdown`),
+//! `internal-error` (the worker died or reported an unrecoverable error) and `io-error` (a disk
+//! request failed under the `stop` policy, [`crate::io_error`]). Transitions follow
 //! QEMU 7.2:
 //!
 //! | command / event       | effect                                                              |
 //! |-----------------------|---------------------------------------------------------------------|
 //! | `stop`                | running → paused + STOP; no-op in any other state                   |
-//! | `cont`                | prelaunch/paused → running + RESUME; no-op when running; error in  |
+//! | `cont`                | prelaunch/paused/io-error → running + RESUME (I/O statuses reset,   |
+//! |                       | blockds sent `Resume` first); no-op when running; error in        |
 //! |                       | shutdown/internal-error ("Resetting the Virtual Machine is required")|
 //! | `system_reset`        | RESET(host-qmp-system-reset); a machine that is not running ends up |
 //! |                       | in prelaunch; a dead worker is restarted (fresh setup)             |
@@ -26,6 +28,8 @@
 //! | `device_del` (has run)| an eject request to the guest; DEVICE_DELETED when it ejects (or at |
 //! |                       | the next reset / new machine worker), see [`crate::hotplug`]        |
 //! | worker internal error | STOP (if running), internal-error                                   |
+//! | disk I/O error        | BLOCK_IO_ERROR; action `stop` on a running VM: vCPUs paused, STOP,  |
+//! |                       | io-error (`cont` resumes the disks' held requests, then the vCPUs) |
 //! | worker death          | logged with its status or signal (and the refused system call after |
 //! |                       | a seccomp kill); X_WORKER_EXITED; STOP (if running), internal-error |
 //!
@@ -46,7 +50,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::chardev::{reopen_readonly, SerialHost};
-use crate::disks::{BlockView, BlockdExit, Disks, DisksError, ThrottleArgs};
+use crate::disks::{BlockView, BlockdExit, BlockdIoError, Disks, DisksError, ThrottleArgs};
 use crate::hotplug::Unplugs;
 use crate::memory::GuestMemory;
 use crate::nics::{NetAnswer, NetOp, NetdExit, Nics, NicsError, VcpuCtx};
@@ -78,6 +82,8 @@ pub enum RunState {
     Shutdown,
     /// The worker died or cannot continue.
     InternalError,
+    /// A disk's request failed under the `stop` policy (`werror`/`rerror`): paused until `cont`.
+    IoError,
 }
 
 impl RunState {
@@ -89,6 +95,7 @@ impl RunState {
             RunState::Paused => "paused",
             RunState::Shutdown => "shutdown",
             RunState::InternalError => "internal-error",
+            RunState::IoError => "io-error",
         }
     }
 }
@@ -522,7 +529,17 @@ enum Input {
     Exit(std::io::Result<std::process::ExitStatus>),
     KillTimer,
     Blockd(BlockdExit),
+    BlockdIoError(BlockdIoError),
     Netd(NetdExit),
+}
+
+impl From<Result<BlockdIoError, BlockdExit>> for Input {
+    fn from(news: Result<BlockdIoError, BlockdExit>) -> Input {
+        match news {
+            Ok(e) => Input::BlockdIoError(e),
+            Err(e) => Input::Blockd(e),
+        }
+    }
 }
 
 impl Vm {
@@ -622,13 +639,13 @@ impl Vm {
                         e = next_event(events) => Input::Event(e),
                         s = child.wait() => Input::Exit(s),
                         _ = sleep_until(kill_at) => Input::KillTimer,
-                        b = self.disks.next_exit() => Input::Blockd(b),
+                        b = self.disks.next_news() => Input::from(b),
                         n = self.nics.next_exit() => Input::Netd(n),
                     }
                 }
                 None => tokio::select! {
                     r = self.rx.recv() => Input::Req(r),
-                    b = self.disks.next_exit() => Input::Blockd(b),
+                    b = self.disks.next_news() => Input::from(b),
                     n = self.nics.next_exit() => Input::Netd(n),
                 },
             };
@@ -644,6 +661,7 @@ impl Vm {
                 Input::Event(Err(e)) => self.on_channel_closed(e),
                 Input::Exit(status) => self.on_exit(status),
                 Input::Blockd(e) => self.on_blockd_exit(e),
+                Input::BlockdIoError(e) => self.on_io_error(e).await,
                 Input::Netd(e) => self.on_netd_exit(e),
                 Input::KillTimer => {
                     if let Some(w) = self.worker.as_mut() {
@@ -889,6 +907,45 @@ impl Vm {
             .map_err(QmpError::generic)
     }
 
+    /// A disk's request failed (`werror`/`rerror`): the backend's I/O status, then
+    /// `BLOCK_IO_ERROR`, then for the `stop` action the pause (`io-error` and STOP), in QEMU's
+    /// order (`blk_error_action`). Only a running VM stops: in any other state (paused by
+    /// `stop`, already in `io-error` for another disk, prelaunch) the event is sent and the
+    /// state stays, as QEMU's `vm_stop` of a stopped VM does nothing; blockd holds the request
+    /// all the same and retries it on the next `cont`.
+    async fn on_io_error(&mut self, e: BlockdIoError) {
+        let pid = e.pid;
+        let Some(ev) = self.disks.on_io_error(e) else {
+            log::warn!(
+                "an I/O error event from bulkhead-blockd (pid {pid}), which no longer serves a                  device, was dropped"
+            );
+            return;
+        };
+        log::warn!(
+            "I/O error on '{}' (node {}): {} failed: {}; action {}",
+            ev.device,
+            ev.node_name.as_deref().unwrap_or("-"),
+            ev.operation(),
+            ev.reason,
+            ev.action.name()
+        );
+        let stop = ev.action == bulkhead_ipc::messages::ErrorAction::Stop;
+        self.bus.emit(&Event::BlockIoError(ev));
+        if !stop || self.state != RunState::Running {
+            return;
+        }
+        if self.guest.is_some() {
+            if let Err(e) = self.call(VcpuRequest::Pause).await {
+                // The worker is gone or was killed for not answering: its exit moves the VM to
+                // internal-error.
+                log::error!("cannot pause the VM after an I/O error: {}", e.desc);
+                return;
+            }
+        }
+        self.state = RunState::IoError;
+        self.bus.emit(&Event::Stop);
+    }
+
     fn on_blockd_exit(&mut self, e: BlockdExit) {
         let id = e.id.clone();
         if !self.disks.on_exit(&e) {
@@ -996,12 +1053,19 @@ impl Vm {
     }
 
     async fn cont(&mut self) -> Result<(), QmpError> {
-        match self.state {
-            RunState::Running => Ok(()),
-            RunState::Shutdown | RunState::InternalError => Err(QmpError::generic(
+        if matches!(self.state, RunState::Shutdown | RunState::InternalError) {
+            return Err(QmpError::generic(
                 "Resetting the Virtual Machine is required",
-            )),
-            RunState::Prelaunch | RunState::Paused => {
+            ));
+        }
+        // As QEMU's qmp_cont: every backend's I/O status is reset, even on a running VM.
+        self.disks.reset_io_status();
+        match self.state {
+            RunState::Running | RunState::Shutdown | RunState::InternalError => Ok(()),
+            RunState::Prelaunch | RunState::Paused | RunState::IoError => {
+                // The disks retry what they held after a `stop` action (QEMU restarts its
+                // virtio-blk requests when the VM runs again), then the vCPUs run.
+                self.disks.resume_all().await;
                 if self.guest.is_some() {
                     self.call(VcpuRequest::Run).await?;
                     self.ran = true;

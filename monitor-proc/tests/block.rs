@@ -1259,3 +1259,120 @@ fn nodes_named(q: &mut Qmp) -> Vec<String> {
         .filter_map(|n| n["node-name"].as_str().map(str::to_string))
         .collect()
 }
+
+/// `werror=`/`rerror=` on `-drive` and on `-device virtio-blk-pci` (and in `device_add`): the
+/// values QEMU 7.2 accepts are accepted, and a bad value is refused with QEMU's very text
+/// (compared with the real `qemu-system-x86_64`, its `-M pc` for devices).
+#[test]
+fn werror_and_rerror_are_checked_as_qemu_7_2_checks_them() {
+    let s = Scratch::new("blk-werror");
+    let a = image(&s, "a.raw", MIB);
+    let k = s.path("vmlinux");
+    std::fs::write(&k, b"kernel").expect("kernel");
+    let qemu_err = |machine: &[&str], args: &[String]| -> String {
+        let out = std::process::Command::new("qemu-system-x86_64")
+            .args(["-nodefaults", "-display", "none", "-S"])
+            .args(machine)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("qemu-system-x86_64 is required (Debian's qemu-system-x86)");
+        assert!(!out.status.success(), "QEMU accepted {args:?}");
+        let e = String::from_utf8_lossy(&out.stderr).to_string();
+        e.lines()
+            .find_map(|l| l.strip_prefix("qemu-system-x86_64: "))
+            .unwrap_or_else(|| panic!("QEMU said {e:?}"))
+            .to_string()
+    };
+    let drive = |extra: &str| format!("file={a},format=raw,if=none,id=d0{extra}");
+    let cases: Vec<(Vec<&str>, Vec<String>)> = vec![
+        (
+            vec!["-M", "none"],
+            vec!["-drive".into(), drive(",werror=foo")],
+        ),
+        (
+            vec!["-M", "none"],
+            vec!["-drive".into(), drive(",werror=auto")],
+        ),
+        (
+            vec!["-M", "none"],
+            vec!["-drive".into(), drive(",rerror=enospc")],
+        ),
+        (vec!["-M", "none"], vec!["-drive".into(), drive(",rerror=")]),
+        (
+            vec!["-M", "pc", "-accel", "tcg"],
+            vec![
+                "-drive".into(),
+                drive(""),
+                "-device".into(),
+                "virtio-blk-pci,drive=d0,werror=foo".into(),
+            ],
+        ),
+        (
+            vec!["-M", "pc", "-accel", "tcg"],
+            vec![
+                "-drive".into(),
+                drive(""),
+                "-device".into(),
+                "virtio-blk-pci,drive=d0,rerror=never".into(),
+            ],
+        ),
+    ];
+    for (machine, args) in &cases {
+        let theirs = qemu_err(machine, args);
+        let mut all = vec!["-kernel".to_string(), s.s("vmlinux")];
+        all.extend(args.iter().cloned());
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let (st, stderr) = run_to_end(&refs);
+        assert_eq!(st.code(), Some(1), "{args:?}: {stderr}");
+        let ours = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("bulkhead: "))
+            .unwrap_or_default();
+        assert_eq!(ours, theirs, "{args:?}");
+    }
+    // Every value QEMU accepts starts (blockd gets the policies in its Setup).
+    let b = image(&s, "b.raw", MIB);
+    let c = image(&s, "c.raw", MIB);
+    let d1 = format!("file={a},format=raw,if=virtio,werror=stop,rerror=stop");
+    let d2 = format!("file={b},format=raw,if=none,id=d2,werror=ignore,rerror=ignore");
+    let bd = format!("driver=raw,node-name=n3,file.driver=file,file.filename={c}");
+    let (_m, mut q) = start(
+        &s,
+        &[
+            "-S",
+            "-drive",
+            &d1,
+            "-drive",
+            &d2,
+            "-device",
+            "virtio-blk-pci,drive=d2,id=v2,werror=auto,rerror=report",
+            "-blockdev",
+            &bd,
+        ],
+    );
+    // device_add checks its values as -device does, with QEMU's text.
+    let r = q.raw(
+        r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","drive":"n3","id":"v3","werror":"sometimes"}}"#,
+    );
+    assert_eq!(
+        r["error"]["desc"], "Parameter 'werror' does not accept value 'sometimes'",
+        "{r}"
+    );
+    let r = q.raw(
+        r#"{"execute":"device_add","arguments":{"driver":"virtio-blk-pci","drive":"n3","id":"v3","werror":"enospc","rerror":"enospc"}}"#,
+    );
+    assert_eq!(r["return"], json!({}), "{r}");
+    // Each device's backend reports an I/O status, `ok` before any error.
+    let blocks = q.cmd("query-block");
+    let list = blocks["return"].as_array().expect("list");
+    assert_eq!(list.len(), 3, "{blocks}");
+    for b in list {
+        assert_eq!(b["io-status"], "ok", "{b}");
+    }
+    assert_eq!(
+        q.cmd("query-status")["return"]["status"],
+        "prelaunch",
+        "{blocks}"
+    );
+}

@@ -141,6 +141,7 @@ fn none_machine_answers_every_query() {
     assert_eq!(
         events,
         [
+            "BLOCK_IO_ERROR",
             "BLOCK_WRITE_THRESHOLD",
             "DEVICE_DELETED",
             "NIC_RX_FILTER_CHANGED",

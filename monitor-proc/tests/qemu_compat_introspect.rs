@@ -465,6 +465,7 @@ fn introspection_and_hmp_answer_like_qemu_7_2() {
     assert_eq!(
         names(&oc),
         [
+            "BLOCK_IO_ERROR",
             "BLOCK_WRITE_THRESHOLD",
             "DEVICE_DELETED",
             "NIC_RX_FILTER_CHANGED",
@@ -717,6 +718,8 @@ fn the_schema_describes_commands_and_events_as_qemu_7_2_does() {
         "serial",
         "num-queues",
         "queue-size",
+        "werror",
+        "rerror",
         "netdev",
         "mac",
     ];

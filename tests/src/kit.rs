@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 10;
+const KIT_FORMAT: u32 = 11;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -82,6 +82,8 @@ pub const NET_CTRL_MAC: &str = "02:00:00:00:00:77";
 pub const BLK_PATTERN_OFFSET: u64 = 1 << 20;
 /// Length in bytes of that pattern: [`BLK_PATTERN_LINE`] repeated, cut to this length.
 pub const BLK_PATTERN_LEN: usize = 65536;
+/// Bytes `bulkhead.test=blkerr` writes at the start of `/dev/vda` (4 MiB).
+pub const BLKERR_LEN: u64 = 4 << 20;
 /// The line `bulkhead.test=blk` repeats (busybox `yes`, so followed by a newline each time).
 pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 
@@ -99,6 +101,12 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///     [`BLK_PATTERN_OFFSET`], syncs, drops the page cache, prints `BULKHEAD-BLK-WROTE=<md5>` and
 ///     `BULKHEAD-BLK-READBACK=<md5 read back from the disk>`, then `BULKHEAD-BLK-DONE` and
 ///     `poweroff -f` (any failure prints `BULKHEAD-BLK-FAIL <what>` first).
+///   * `blkerr`: loads virtio-pci and virtio-blk, waits for `/dev/vda`, makes
+///     [`BLKERR_LEN`] bytes of [`BLK_PATTERN_LINE`] lines, prints `BULKHEAD-BLKERR-WROTE=<md5>`
+///     and `BULKHEAD-BLKERR-WRITING`, writes them at offset 0 with `dd bs=64k oflag=direct
+///     conv=fsync`, then prints `BULKHEAD-BLKERR-DD=<exit status> <dd's first error line, else its last>` and
+///     `BULKHEAD-BLKERR-DONE` and idles (ticks) so the test can still query the VM. For host
+///     I/O errors (`werror`/`rerror`): the test makes the image's file system run out of space.
 ///   * `net`: loads virtio-pci and virtio-net, waits for `eth0`, gives it [`NET_GUEST_ADDR`]/24,
 ///     prints `BULKHEAD-NET-MAC=<mac>` and `BULKHEAD-NET-CARRIER=<0|1>`, pings [`NET_PEER_ADDR`]
 ///     (`BULKHEAD-NET-PING-OK`), prints `BULKHEAD-NET-MD5=<md5 of http://peer:8080/blob>`, then
@@ -223,6 +231,20 @@ case "$mode" in
             nets=$now
             sleep 0.5
         done
+        ;;
+    blkerr)
+        for m in $(cat /etc/bulkhead/blk-modules); do
+            insmod "/lib/modules/$m" || echo "BULKHEAD-BLK-FAIL insmod $m"
+        done
+        n=0
+        while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n + 1)); done
+        yes BULKHEAD-BLK-PATTERN | head -c 4194304 > /tmp/pattern
+        echo "BULKHEAD-BLKERR-WROTE=$(md5sum < /tmp/pattern | cut -d' ' -f1)"
+        echo BULKHEAD-BLKERR-WRITING
+        dd if=/tmp/pattern of=/dev/vda bs=65536 oflag=direct conv=notrunc,fsync 2>/tmp/dd.err
+        rc=$?
+        echo "BULKHEAD-BLKERR-DD=$rc $(grep -m 1 error /tmp/dd.err || tail -n 1 /tmp/dd.err)"
+        echo BULKHEAD-BLKERR-DONE
         ;;
     net|netloop|netctrl)
         for m in $(cat /etc/bulkhead/net-modules); do

@@ -86,16 +86,28 @@ fn rig() -> Rig {
         .expect("open image");
     let _ = std::fs::remove_file(&path);
     let disk: Arc<dyn DiskImage> = Arc::new(Raw::new(file, false, false).expect("raw"));
-    let backend = Arc::new(BlockBackend::new(disk, b"TEST-SERIAL".to_vec(), 1, 512));
+    let backend = Arc::new(
+        BlockBackend::new(
+            disk,
+            b"TEST-SERIAL".to_vec(),
+            1,
+            512,
+            bulkhead_blockd::errors::Policies::default(),
+        )
+        .expect("back end"),
+    );
 
     let (front, back) = UnixStream::pair().expect("socketpair");
     let daemon = std::thread::spawn(move || {
         let mut d = VhostUserDaemon::new(
             "test-blockd".into(),
-            backend,
+            backend.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .expect("daemon");
+        backend
+            .attach(&d.get_epoll_handlers())
+            .expect("queue threads' events");
         d.start_with_stream(back).expect("serve");
         let _ = d.wait();
     });

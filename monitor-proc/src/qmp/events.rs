@@ -105,6 +105,9 @@ pub enum Event {
     },
     /// `system_powerdown` pressed the guest's power button.
     Powerdown,
+    /// A disk's request failed on the host and its `werror`/`rerror` action was taken; after
+    /// an action `stop`, STOP follows.
+    BlockIoError(crate::io_error::BlockIoError),
     /// A device is gone (`device_del`): its `id` if it has one, and its QOM path.
     DeviceDeleted {
         /// The device's id.
@@ -135,6 +138,7 @@ impl Event {
             Event::Powerdown => "POWERDOWN",
             Event::BlockWriteThreshold { .. } => "BLOCK_WRITE_THRESHOLD",
             Event::NicRxFilterChanged { .. } => "NIC_RX_FILTER_CHANGED",
+            Event::BlockIoError(_) => "BLOCK_IO_ERROR",
         }
     }
 
@@ -180,6 +184,18 @@ impl Event {
                 ("amount-exceeded", Value::from(*amount_exceeded)),
                 ("write-threshold", Value::from(*threshold)),
             ])),
+            Event::BlockIoError(e) => {
+                // QEMU 7.2's members in declaration order (qapi/block-core.json).
+                let mut m = vec![("device", Value::from(e.device.as_str()))];
+                if let Some(n) = &e.node_name {
+                    m.push(("node-name", Value::from(n.as_str())));
+                }
+                m.push(("operation", Value::from(e.operation())));
+                m.push(("action", Value::from(e.action.name())));
+                m.push(("nospace", Value::from(e.nospace)));
+                m.push(("reason", Value::from(e.reason.as_str())));
+                Some(super::qdict::object(m))
+            }
             Event::DeviceDeleted { device, path } => {
                 let mut m = Vec::new();
                 if let Some(d) = device {
@@ -428,6 +444,34 @@ mod tests {
             "{\"timestamp\": {\"seconds\": 1700000000, \"microseconds\": 123456}, \"event\": \"SHUTDOWN\", \
              \"data\": {\"guest\": true, \"reason\": \"guest-shutdown\"}}\r\n"
         );
+    }
+
+    #[test]
+    fn block_io_errors_carry_qemu_7_2_s_members_in_its_order() {
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 0);
+        let mut e = crate::io_error::BlockIoError {
+            device: "drive0".into(),
+            node_name: Some("#block123".into()),
+            write: true,
+            action: bulkhead_ipc::messages::ErrorAction::Stop,
+            nospace: true,
+            reason: "No space left on device".into(),
+        };
+        let line = Event::BlockIoError(e.clone()).to_line_at(t);
+        let data = line.split_once("\"data\": ").map(|(_, d)| d).expect("data");
+        assert_eq!(
+            data,
+            "{\"device\": \"drive0\", \"nospace\": true, \"node-name\": \"#block123\", \
+             \"reason\": \"No space left on device\", \"operation\": \"write\", \"action\": \"stop\"}}\r\n"
+        );
+        e.write = false;
+        e.node_name = None;
+        e.action = bulkhead_ipc::messages::ErrorAction::Report;
+        let v: Value = serde_json::from_str(&Event::BlockIoError(e).to_line_at(t)).expect("json");
+        assert_eq!(v["event"], "BLOCK_IO_ERROR");
+        assert_eq!(v["data"]["operation"], "read");
+        assert_eq!(v["data"]["action"], "report");
+        assert!(v["data"].get("node-name").is_none());
     }
 
     #[test]

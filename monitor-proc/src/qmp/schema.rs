@@ -16,7 +16,7 @@
 //! members carry `"default": null`; enums carry both `members` (7.2) and `values` (2.12).
 //!
 //! Enumerations list the values Bulkhead produces or accepts, not every value QEMU defines for
-//! the type (`RunState` lists the five states Bulkhead reaches, `SysEmuTarget` only `x86_64`);
+//! the type (`RunState` lists the six states Bulkhead reaches, `SysEmuTarget` only `x86_64`);
 //! the types describing the introspection format itself are QEMU's, complete. Where QEMU 2.12
 //! and 7.2 differ, Bulkhead answers both ways (`query-cpus-fast` carries 2.12's `arch`,
 //! deprecated, and 7.2's `target`), and the schema says so.
@@ -144,6 +144,7 @@ pub const RETURNS: &[(&str, &str)] = &[
 /// Every event the bus can emit, with its data type. Exactly the events of
 /// [`super::events::Event`].
 pub const EVENTS: &[(&str, &str)] = &[
+    ("BLOCK_IO_ERROR", "q_obj_BLOCK_IO_ERROR-arg"),
     ("BLOCK_WRITE_THRESHOLD", "q_obj_BLOCK_WRITE_THRESHOLD-arg"),
     ("DEVICE_DELETED", "q_obj_DEVICE_DELETED-arg"),
     ("NIC_RX_FILTER_CHANGED", "q_obj_NIC_RX_FILTER_CHANGED-arg"),
@@ -191,6 +192,7 @@ pub const TYPES: &[(&str, TypeDef)] = &[
         "RunState",
         TypeDef::Enum(&[
             "internal-error",
+            "io-error",
             "paused",
             "prelaunch",
             "running",
@@ -433,7 +435,10 @@ pub const TYPES: &[(&str, TypeDef)] = &[
             opt("io-status", "BlockDeviceIoStatus"),
         ]),
     ),
-    ("BlockDeviceIoStatus", TypeDef::Enum(&["ok"])),
+    (
+        "BlockDeviceIoStatus",
+        TypeDef::Enum(&["ok", "failed", "nospace"]),
+    ),
     (
         "BlockDeviceInfo",
         object(&[
@@ -590,6 +595,22 @@ pub const TYPES: &[(&str, TypeDef)] = &[
             req("amount-exceeded", "int"),
             req("write-threshold", "int"),
         ]),
+    ),
+    (
+        "q_obj_BLOCK_IO_ERROR-arg",
+        object(&[
+            req("device", "str"),
+            opt("node-name", "str"),
+            req("operation", "IoOperationType"),
+            req("action", "BlockErrorAction"),
+            opt("nospace", "bool"),
+            req("reason", "str"),
+        ]),
+    ),
+    ("IoOperationType", TypeDef::Enum(&["read", "write"])),
+    (
+        "BlockErrorAction",
+        TypeDef::Enum(&["ignore", "report", "stop"]),
     ),
     (
         "q_obj_DEVICE_DELETED-arg",
@@ -1186,6 +1207,14 @@ mod tests {
                 name: Some("net0".into()),
                 path: "/machine/peripheral/net0/virtio-backend".into(),
             },
+            Event::BlockIoError(crate::io_error::BlockIoError {
+                device: "d".into(),
+                node_name: None,
+                write: true,
+                action: bulkhead_ipc::messages::ErrorAction::Stop,
+                nospace: true,
+                reason: "No space left on device".into(),
+            }),
         ];
         for e in &all {
             match e {
@@ -1197,7 +1226,8 @@ mod tests {
                 | Event::DeviceDeleted { .. }
                 | Event::BlockWriteThreshold { .. }
                 | Event::Powerdown
-                | Event::NicRxFilterChanged { .. } => {}
+                | Event::NicRxFilterChanged { .. }
+                | Event::BlockIoError(_) => {}
             }
         }
         all
@@ -1227,10 +1257,10 @@ mod tests {
     /// Every run state, the same way.
     fn every_state() -> Vec<RunState> {
         use RunState::*;
-        let all = vec![Prelaunch, Running, Paused, Shutdown, InternalError];
+        let all = vec![Prelaunch, Running, Paused, Shutdown, InternalError, IoError];
         for s in &all {
             match s {
-                Prelaunch | Running | Paused | Shutdown | InternalError => {}
+                Prelaunch | Running | Paused | Shutdown | InternalError | IoError => {}
             }
         }
         all

@@ -486,9 +486,10 @@ pub fn query_block_value(v: &BlockView) -> Value {
                     device_info(v, n, dev.and_then(|d| v.throttles.get(d))),
                 ),
             ]);
-            if dev.is_some() {
+            if let Some(d) = dev {
                 // virtio-blk keeps an I/O status (QEMU reports it for such devices).
-                m.push(("io-status", Value::from("ok")));
+                let status = v.io_status.get(d).copied().unwrap_or_default();
+                m.push(("io-status", Value::from(status.as_str())));
             }
             Some(qdict::object(m))
         })

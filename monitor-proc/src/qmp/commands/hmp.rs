@@ -468,6 +468,12 @@ fn print(out: &mut String, how: Print, v: &Value, current: i64) {
                 if let Some(q) = b.get("qdev").and_then(Value::as_str) {
                     out.push_str(&format!("    Attached to:      {q}\n"));
                 }
+                match b.get("io-status").and_then(Value::as_str) {
+                    Some(st) if st != "ok" => {
+                        out.push_str(&format!("    I/O status:       {st}\n"));
+                    }
+                    _ => {}
+                }
                 if bool_of(b, "removable") {
                     out.push_str(&format!(
                         "    Removable device: {}locked, tray {}\n",

@@ -60,6 +60,8 @@ pub(super) static COMMANDS: &[Command] = &[
             arg("serial", ArgType::Str, true),
             arg("num-queues", ArgType::Any, true),
             arg("queue-size", ArgType::Any, true),
+            arg("werror", ArgType::Any, true),
+            arg("rerror", ArgType::Any, true),
         ],
         handler: device_add,
     },
