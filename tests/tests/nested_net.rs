@@ -55,6 +55,7 @@ rm -f /run/bhpeer.holder
 nsenter --net="$ns" sh -c 'echo $$ > /run/bhpeer.holder; exec sleep 60' </dev/null >/dev/null 2>&1 &
 n=0
 while [ ! -s /run/bhpeer.holder ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+[ -s /run/bhpeer.holder ] || { echo "no process entered $ns in 10 s"; exit 1; }
 holder=$(cat /run/bhpeer.holder)
 ip link set bhtap0 netns "$holder"
 kill "$holder"
