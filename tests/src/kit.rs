@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 11;
+const KIT_FORMAT: u32 = 12;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -71,10 +71,17 @@ const L2_NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
 /// the guest's init watches (PCI hot-plug itself, acpiphp, is built into the cloud kernel).
 const L2_HOTPLUG_MODULES: &[&str] = &["button", "evdev"];
 
-/// The guest's address in `bulkhead.test=net` (eth0, /24).
+/// The static address `bulkhead.test=hotplug` gives a new interface (/24).
 pub const NET_GUEST_ADDR: &str = "10.77.0.2";
-/// The peer `bulkhead.test=net` pings and fetches `http://<peer>:8080/blob` from.
+/// The peer on the tap's far side: the address `bulkhead.test=hotplug` pings, and what the
+/// tests' DHCP server ([`crate::dhcp`]) hands out as the router, which `bulkhead.test=net`
+/// pings and fetches `http://<router>:8080/blob` from.
 pub const NET_PEER_ADDR: &str = "10.77.0.1";
+/// The L2 guest's udhcpc script, `/etc/udhcpc/default.script` (busybox udhcpc's default path).
+/// It configures the interface from the lease, writes `/run/udhcpc.<interface>` (shell
+/// assignments `dhcp_ip`, `dhcp_mask`, `dhcp_router`, `dhcp_server`) and prints a
+/// `BULKHEAD-DHCP-EVENT <event> <interface> ip=.. mask=.. router=.. server=..` line per event.
+pub const L2_UDHCPC_SCRIPT: &str = include_str!("kit/udhcpc-default.script");
 
 /// The MAC address `bulkhead.test=netctrl` gives eth0 through the control virtqueue.
 pub const NET_CTRL_MAC: &str = "02:00:00:00:00:77";
@@ -107,10 +114,14 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///     conv=fsync`, then prints `BULKHEAD-BLKERR-DD=<exit status> <dd's first error line, else its last>` and
 ///     `BULKHEAD-BLKERR-DONE` and idles (ticks) so the test can still query the VM. For host
 ///     I/O errors (`werror`/`rerror`): the test makes the image's file system run out of space.
-///   * `net`: loads virtio-pci and virtio-net, waits for `eth0`, gives it [`NET_GUEST_ADDR`]/24,
-///     prints `BULKHEAD-NET-MAC=<mac>` and `BULKHEAD-NET-CARRIER=<0|1>`, pings [`NET_PEER_ADDR`]
-///     (`BULKHEAD-NET-PING-OK`), prints `BULKHEAD-NET-MD5=<md5 of http://peer:8080/blob>`, then
-///     `BULKHEAD-NET-DONE` and `poweroff -f` (failures print `BULKHEAD-NET-FAIL <what>`).
+///   * `net`: loads virtio-pci and virtio-net, waits for `eth0`, brings it up and asks for an
+///     address by DHCP (`udhcpc -i eth0 -q`, with [`L2_UDHCPC_SCRIPT`]), prints
+///     `BULKHEAD-NET-DHCP=<leased ip>`, `BULKHEAD-NET-ROUTER=<router>`,
+///     `BULKHEAD-NET-ADDR=<ip/prefix on eth0>`, `BULKHEAD-NET-MAC=<mac>` and
+///     `BULKHEAD-NET-CARRIER=<0|1>`, pings the router (`BULKHEAD-NET-PING-OK`), prints
+///     `BULKHEAD-NET-MD5=<md5 of http://router:8080/blob>`, then `BULKHEAD-NET-DONE` and
+///     `poweroff -f` (failures print `BULKHEAD-NET-FAIL <what>`, no lease `BULKHEAD-NET-FAIL
+///     dhcp`).
 ///   * `netloop`: as `net`, but after `BULKHEAD-NET-DONE` it fetches the blob again every second,
 ///     forever, printing `BULKHEAD-NET-FETCH <n> OK <md5> carrier=<0|1>` or
 ///     `BULKHEAD-NET-FETCH <n> FAIL carrier=<0|1>` (each fetch given at most 10 s), so a test can
@@ -124,8 +135,9 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///     pings [`NET_PEER_ADDR`] and prints `BULKHEAD-HP-NET-ADDED <ethN> ping=<ok|fail>
 ///     mac=<mac>`, and one that went prints `BULKHEAD-HP-BLK-GONE <vdX>` /
 ///     `BULKHEAD-HP-NET-GONE <ethN>`.
-///   * `netctrl`: as `net` up to `BULKHEAD-NET-DONE`, then drives the control virtqueue one step
-///     at a time, each step started by the test making `http://peer:8080/go-<step>` exist (the
+///   * `netctrl`: as `net` up to `BULKHEAD-NET-DONE` but with the static address
+///     [`NET_GUEST_ADDR`]/24 and [`NET_PEER_ADDR`] as the peer (no DHCP server on that far
+///     side), then drives the control virtqueue one step at a time, each step started by the test making `http://peer:8080/go-<step>` exist (the
 ///     guest polls it every half second): `promisc` (`ip link set eth0 promisc on`, then
 ///     `BULKHEAD-NET-PROMISC-ON`), `mac` (`ip link set eth0 address` [`NET_CTRL_MAC`], then
 ///     `BULKHEAD-NET-MAC-SET=<address>`, a ping of the peer from the new address and
@@ -255,18 +267,32 @@ case "$mode" in
         n=0
         while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n + 1)); done
         ip link set lo up
-        ip addr add 10.77.0.2/24 dev eth0 || echo "BULKHEAD-NET-FAIL ip addr"
         ip link set eth0 up || echo "BULKHEAD-NET-FAIL ip link"
-        sleep 1
+        dhcp_ip=""
+        dhcp_router=""
+        if [ "$mode" = netctrl ]; then
+            # The control-queue test's far side has no DHCP server: a static address.
+            ip addr add 10.77.0.2/24 dev eth0 || echo "BULKHEAD-NET-FAIL ip addr"
+            dhcp_router=10.77.0.1
+        else
+            # The address, prefix and router come from the far side's DHCP server: discover up
+            # to 10 times 2 s apart, exit once bound (-q) or without a lease (-n).
+            udhcpc -i eth0 -f -q -n -t 10 -T 2 || echo "BULKHEAD-NET-FAIL dhcp"
+            [ -s /run/udhcpc.eth0 ] && . /run/udhcpc.eth0
+        fi
+        echo "BULKHEAD-NET-DHCP=$dhcp_ip"
+        echo "BULKHEAD-NET-ROUTER=$dhcp_router"
+        echo "BULKHEAD-NET-ADDR=$(ip -o -4 addr show dev eth0 | awk '{print $4}')"
+        peer=${dhcp_router:-no-router}
         echo "BULKHEAD-NET-MAC=$(cat /sys/class/net/eth0/address)"
         echo "BULKHEAD-NET-CARRIER=$(cat /sys/class/net/eth0/carrier)"
-        if ping -c 3 -W 10 10.77.0.1 >/dev/null; then
+        if ping -c 3 -W 10 "$peer" >/dev/null; then
             echo BULKHEAD-NET-PING-OK
         else
-            echo "BULKHEAD-NET-FAIL ping"
+            echo "BULKHEAD-NET-FAIL ping $peer"
         fi
         # No `wget -T`: bookworm's busybox 1.35 wget dies of SIGSEGV parsing it.
-        timeout 60 wget -q -O /tmp/blob http://10.77.0.1:8080/blob || echo "BULKHEAD-NET-FAIL wget"
+        timeout 60 wget -q -O /tmp/blob "http://$peer:8080/blob" || echo "BULKHEAD-NET-FAIL wget"
         echo "BULKHEAD-NET-MD5=$(md5sum < /tmp/blob | cut -d' ' -f1)"
         echo BULKHEAD-NET-DONE
         step() {
@@ -297,7 +323,7 @@ case "$mode" in
         while [ "$mode" = netloop ]; do
             rm -f /tmp/b
             c=$(cat /sys/class/net/eth0/carrier)
-            if timeout 10 wget -q -O /tmp/b http://10.77.0.1:8080/blob 2>/dev/null; then
+            if timeout 10 wget -q -O /tmp/b "http://$peer:8080/blob" 2>/dev/null; then
                 echo "BULKHEAD-NET-FETCH $n OK $(md5sum < /tmp/b | cut -d' ' -f1) carrier=$c"
             else
                 echo "BULKHEAD-NET-FETCH $n FAIL carrier=$c"
@@ -1015,6 +1041,12 @@ fn build_kit(root: &Path, scratch: &Path) -> Result<()> {
         add_skeleton(&mut cpio)?;
         add_busybox(&mut cpio, &busybox)?;
         cpio.file("init", 0o755, L2_INIT.as_bytes())?;
+        cpio.dir("etc/udhcpc", 0o755)?;
+        cpio.file(
+            "etc/udhcpc/default.script",
+            0o755,
+            L2_UDHCPC_SCRIPT.as_bytes(),
+        )?;
         // virtio-pci + virtio-blk for bulkhead.test=blk, flat under /lib/modules, in load order.
         let moddir = l2_root.join("lib/modules").join(&l2_kver);
         let blk = ModuleDeps::load(&moddir)?.closure(L2_BLK_MODULES)?;

@@ -10,6 +10,7 @@
 //! * [`nested`] boots L1 and gives tests an agent (`sh` in L1), a stream of Bulkhead's output
 //!   (the L2 console) and a forwarded QMP port.
 //! * [`qmp`] is a small synchronous QMP client.
+//! * [`dhcp`] configures the far side's busybox `udhcpd` in the network tests and checks leases.
 //! * [`cpio`] writes newc archives; [`console`] captures serial output line by line.
 //!
 //! Tests that cannot run (no qemu-system-x86_64, kvm_amd does not load, Bulkhead binaries not
@@ -22,6 +23,7 @@
 
 pub mod console;
 pub mod cpio;
+pub mod dhcp;
 pub mod kit;
 pub mod nested;
 pub mod qmp;

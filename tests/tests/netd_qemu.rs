@@ -3,10 +3,13 @@
 //! `virtio-net-pci` device on `-netdev vhost-user` whose back end is the standalone netd
 //! (release build, `--sandbox on`). netd gets its tap as an fd (`--tap-fd`), opened by the test
 //! inside a network namespace the test makes (`ip netns add`), the way the VMM will hand it over.
-//! The tap's far side is that namespace's kernel stack: the peer address and a busybox `httpd`
-//! (the kit's busybox) serving a blob of random bytes. The guest (`bulkhead.test=net`) gives eth0
-//! a static address, pings the peer, fetches the blob and prints its md5, which must be the
-//! blob's. No traffic leaves the machine: both ends live in the test's namespace.
+//! The tap's far side is that namespace's kernel stack: the peer address, a busybox `udhcpd`
+//! (pool, /24 and the peer as router: [`bulkhead_tests::dhcp`]; its lease file in the test's
+//! scratch directory) and a busybox `httpd` serving a blob of random bytes (the kit's busybox
+//! for both). The guest (`bulkhead.test=net`) gets eth0's address by DHCP (busybox `udhcpc`),
+//! pings the router it was given, fetches the blob from it and prints its md5, which must be the
+//! blob's; its address must be from the pool, and the server's lease file (`dumpleases`) must bind
+//! it to the guest's MAC. No traffic leaves the machine: both ends live in the test's namespace.
 //!
 //! QEMU 7.2 needs two things here. (1) netd's relay (`netd/src/relay.rs`): QEMU sends
 //! `SET_VRING_ENABLE` before `SET_FEATURES`; the test checks netd says it held them. (2) The
@@ -29,6 +32,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
+use bulkhead_tests::dhcp::{self, GuestMarkers};
 use bulkhead_tests::kit::{self, GuestKit};
 use bulkhead_tests::tcg_frontend::{
     marker, md5, scratch, wait_exit, wait_for_socket, PipeLog, Reaped, TcgGuest,
@@ -165,6 +169,57 @@ fn spawn_with_tap(exe: &Path, tap: &OwnedFd, args: &[&str]) -> Result<Child> {
         .with_context(|| format!("starting {}", exe.display()))
 }
 
+/// Waits up to 10 s for `path` to be a non-empty file (a daemon's pid file).
+fn wait_for_file(path: &Path, what: &str, log: impl Fn() -> String) -> Result<String> {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if !text.trim().is_empty() {
+                return Ok(text);
+            }
+        }
+        ensure!(
+            Instant::now() < end,
+            "{what} did not write {} in 10 s: {}",
+            path.display(),
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The server's leases as `dumpleases` prints them, once they name `mac`: udhcpd writes its
+/// lease file when it gets `SIGUSR1`, so this asks, then reads (up to 10 s).
+fn leases_naming(busybox: &Path, udhcpd: u32, lease_file: &Path, mac: &str) -> Result<String> {
+    let pid = libc::pid_t::try_from(udhcpd).context("udhcpd's pid")?;
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: kill(2) takes no memory; the pid is udhcpd's (from its pid file), a child of
+        // ours that is reaped only when the test drops it, so the pid cannot be reused.
+        let r = unsafe { libc::kill(pid, libc::SIGUSR1) };
+        ensure!(
+            r == 0,
+            "kill -USR1 udhcpd: {}",
+            std::io::Error::last_os_error()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let out = Command::new(busybox)
+            .args(["dumpleases", "-f"])
+            .arg(lease_file)
+            .output()
+            .context("running busybox dumpleases")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.to_ascii_lowercase().contains(mac) {
+            return Ok(text);
+        }
+        ensure!(
+            Instant::now() < end,
+            "udhcpd's lease file never named {mac}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// The counter `name=N` from netd's exit line.
 fn counter(log: &str, name: &str) -> Option<u64> {
     let key = format!("{name}=");
@@ -214,6 +269,45 @@ fn linux_virtio_net_through_netd_pings_and_fetches() -> Result<()> {
         "dev",
         &tap_name,
     ])?;
+    // The DHCP server on the tap, in the namespace.
+    let dhcp_dir = dir.join("dhcp");
+    std::fs::create_dir_all(&dhcp_dir)?;
+    let (lease_file, pid_file, conf) = (
+        dhcp_dir.join("udhcpd.leases"),
+        dhcp_dir.join("udhcpd.pid"),
+        dhcp_dir.join("udhcpd.conf"),
+    );
+    File::create(&lease_file).context("creating the lease file")?;
+    std::fs::write(
+        &conf,
+        dhcp::udhcpd_conf(
+            &tap_name,
+            &lease_file.to_string_lossy(),
+            &pid_file.to_string_lossy(),
+        ),
+    )?;
+    let mut udhcpd = Reaped(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(&kit.busybox)
+            .args(["udhcpd", "-f"])
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting busybox udhcpd in the namespace")?,
+    );
+    let udhcpd_log = PipeLog::collect(udhcpd.0.stderr.take().context("udhcpd stderr")?);
+    let udhcpd_pid: u32 = wait_for_file(&pid_file, "udhcpd", || udhcpd_log.text())?
+        .trim()
+        .parse()
+        .context("udhcpd's pid file")?;
+    ensure!(
+        udhcpd.0.try_wait()?.is_none(),
+        "udhcpd exited: {}",
+        udhcpd_log.text()
+    );
     let peer: SocketAddr = format!("{}:8080", kit::NET_PEER_ADDR).parse()?;
     let _httpd = Reaped(
         Command::new("ip")
@@ -332,6 +426,28 @@ fn linux_virtio_net_through_netd_pings_and_fetches() -> Result<()> {
         "the guest's ping of {} did not succeed",
         kit::NET_PEER_ADDR
     );
+    // The address came from the server's pool, and the server leased it to the guest's MAC.
+    let guest_dhcp = GuestMarkers {
+        dhcp: marker(&lines, "BULKHEAD-NET-DHCP=")
+            .context("no DHCP marker")?
+            .to_owned(),
+        router: marker(&lines, "BULKHEAD-NET-ROUTER=")
+            .context("no router marker")?
+            .to_owned(),
+        addr: marker(&lines, "BULKHEAD-NET-ADDR=")
+            .context("no address marker")?
+            .to_owned(),
+    };
+    let leases = leases_naming(&kit.busybox, udhcpd_pid, &lease_file, GUEST_MAC)?;
+    let leased = dhcp::check_guest(&guest_dhcp, &leases, GUEST_MAC)
+        .with_context(|| format!("udhcpd log:\n{}", udhcpd_log.text()))?;
+    ensure!(
+        udhcpd_log
+            .text()
+            .contains(&format!("sending ACK to {leased}")),
+        "udhcpd did not log its ACK of {leased}: {}",
+        udhcpd_log.text()
+    );
     let got_md5 = marker(&lines, "BULKHEAD-NET-MD5=").context("no md5 marker")?;
     ensure!(
         got_md5 == want_md5,
@@ -346,8 +462,8 @@ fn linux_virtio_net_through_netd_pings_and_fetches() -> Result<()> {
         "netd counted rx_frames={rx} tx_frames={tx} for a {BLOB_SIZE}-byte fetch"
     );
     eprintln!(
-        "netd under QEMU/TCG: ping ok, {BLOB_SIZE}-byte fetch md5 {got_md5} matches \
-         (rx_frames={rx} tx_frames={tx}), {:.1} s",
+        "netd under QEMU/TCG: DHCP lease {leased} for {GUEST_MAC}, ping ok, {BLOB_SIZE}-byte \
+         fetch md5 {got_md5} matches (rx_frames={rx} tx_frames={tx}), {:.1} s",
         started.elapsed().as_secs_f64()
     );
     drop(ns);
