@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 12;
+const KIT_FORMAT: u32 = 13;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -58,7 +58,15 @@ const L1_BOOT_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
 /// Modules loaded by [`crate::nested::NestedVm::boot`] through the agent.
 const L1_KVM_MODULES: &[&str] = &["kvm_amd"];
 /// Modules shipped in L1 (with dependencies) but not loaded: available to tests via `modprobe`.
-const L1_EXTRA_MODULES: &[&str] = &["tun", "vhost_net", "vhost_vsock", "virtio_console"];
+/// `null_blk` (with `configfs`) gives memory-backed block devices whose `badblocks` fail reads
+/// and writes with EIO: the host I/O errors of `rerror`.
+const L1_EXTRA_MODULES: &[&str] = &[
+    "tun",
+    "vhost_net",
+    "vhost_vsock",
+    "virtio_console",
+    "null_blk",
+];
 /// Modules shipped in the L2 initramfs (with dependencies) and loaded by `bulkhead.test=blk`:
 /// the cloud kernel has virtio-pci and virtio-blk as modules.
 const L2_BLK_MODULES: &[&str] = &["virtio_pci", "virtio_blk"];
@@ -89,7 +97,8 @@ pub const NET_CTRL_MAC: &str = "02:00:00:00:00:77";
 pub const BLK_PATTERN_OFFSET: u64 = 1 << 20;
 /// Length in bytes of that pattern: [`BLK_PATTERN_LINE`] repeated, cut to this length.
 pub const BLK_PATTERN_LEN: usize = 65536;
-/// Bytes `bulkhead.test=blkerr` writes at the start of `/dev/vda` (4 MiB).
+/// Bytes `bulkhead.test=blkerr` writes at the start of `/dev/vda`, and `bulkhead.test=blkread`
+/// reads there (4 MiB).
 pub const BLKERR_LEN: u64 = 4 << 20;
 /// The line `bulkhead.test=blk` repeats (busybox `yes`, so followed by a newline each time).
 pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
@@ -113,7 +122,13 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///     and `BULKHEAD-BLKERR-WRITING`, writes them at offset 0 with `dd bs=64k oflag=direct
 ///     conv=fsync`, then prints `BULKHEAD-BLKERR-DD=<exit status> <dd's first error line, else its last>` and
 ///     `BULKHEAD-BLKERR-DONE` and idles (ticks) so the test can still query the VM. For host
-///     I/O errors (`werror`/`rerror`): the test makes the image's file system run out of space.
+///     write errors (`werror`): the test makes the image's file system run out of space.
+///   * `blkread`: loads virtio-pci and virtio-blk, waits for `/dev/vda`, prints
+///     `BULKHEAD-BLKREAD-READING`, reads [`BLKERR_LEN`] bytes at offset 0 with `dd bs=64k
+///     iflag=direct` into a file, then prints `BULKHEAD-BLKREAD-DD=<exit status> <dd's first
+///     error line, else its last>`, `BULKHEAD-BLKREAD-MD5=<md5 of what dd read>` and
+///     `BULKHEAD-BLKREAD-DONE` and idles (ticks). For host read errors (`rerror`): the test
+///     gives the disk sectors that fail to read.
 ///   * `net`: loads virtio-pci and virtio-net, waits for `eth0`, brings it up and asks for an
 ///     address by DHCP (`udhcpc -i eth0 -q`, with [`L2_UDHCPC_SCRIPT`]), prints
 ///     `BULKHEAD-NET-DHCP=<leased ip>`, `BULKHEAD-NET-ROUTER=<router>`,
@@ -257,6 +272,19 @@ case "$mode" in
         rc=$?
         echo "BULKHEAD-BLKERR-DD=$rc $(grep -m 1 error /tmp/dd.err || tail -n 1 /tmp/dd.err)"
         echo BULKHEAD-BLKERR-DONE
+        ;;
+    blkread)
+        for m in $(cat /etc/bulkhead/blk-modules); do
+            insmod "/lib/modules/$m" || echo "BULKHEAD-BLK-FAIL insmod $m"
+        done
+        n=0
+        while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n + 1)); done
+        echo BULKHEAD-BLKREAD-READING
+        dd if=/dev/vda of=/tmp/read bs=65536 count=64 iflag=direct 2>/tmp/dd.err
+        rc=$?
+        echo "BULKHEAD-BLKREAD-DD=$rc $(grep -m 1 error /tmp/dd.err || tail -n 1 /tmp/dd.err)"
+        echo "BULKHEAD-BLKREAD-MD5=$(md5sum < /tmp/read | cut -d' ' -f1)"
+        echo BULKHEAD-BLKREAD-DONE
         ;;
     net|netloop|netctrl)
         for m in $(cat /etc/bulkhead/net-modules); do
