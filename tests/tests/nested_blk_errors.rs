@@ -353,6 +353,16 @@ fn rerror_stop(vm: &NestedVm, dev: &str, expected: &str) -> Result<()> {
     qmp.wait_event("STOP", scaled(EVENT_TIMEOUT))?;
     ensure!(qmp.query_status()? == ("io-error".to_owned(), false));
     ensure!(io_status(&mut qmp, "disk0")? == "failed");
+    // The monitor sized the block device (by seeking to its end), as QEMU's host_device does.
+    let list = qmp.execute("query-block", None)?;
+    let size = list
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["device"] == "disk0"))
+        .map(|b| b["inserted"]["image"]["virtual-size"].clone());
+    ensure!(
+        size == Some(json!(NULLB_MIB << 20)),
+        "query-block's virtual-size of {dev} is not {NULLB_MIB} MiB: {list}"
+    );
     std::thread::sleep(Duration::from_secs(2));
     ensure!(
         !bh.output_lines()
