@@ -15,6 +15,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::iov::{self, GuestIov};
 use crate::qcow2::{self, Qcow2};
 use crate::{Error, Result};
 
@@ -54,6 +55,16 @@ pub trait DiskImage: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Fills the guest buffers `iov` from `offset` (by default through a bounce buffer and
+    /// [`DiskImage::read_at`]; [`Raw`] reads straight into them).
+    fn read_vectored(&self, iov: &GuestIov<'_>, offset: u64) -> Result<()> {
+        iov::bounce_read(self, iov, offset)
+    }
+    /// Writes the guest buffers `iov` at `offset` (by default through a bounce buffer and
+    /// [`DiskImage::write_at`]; [`Raw`] writes straight from them).
+    fn write_vectored(&self, iov: &GuestIov<'_>, offset: u64) -> Result<()> {
+        iov::bounce_write(self, iov, offset)
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
     /// Deallocates `len` bytes at `offset` (their contents become zeroes for raw).
@@ -300,6 +311,28 @@ impl DiskImage for Raw {
         } else {
             self.write_all_at(buf, offset)
         }
+    }
+
+    fn read_vectored(&self, v: &GuestIov<'_>, offset: u64) -> Result<()> {
+        let a = DIRECT_ALIGN as u64;
+        if !self.direct || (offset % a == 0 && v.aligned(DIRECT_ALIGN)) {
+            return iov::preadv_full(&self.file, v, offset).map_err(io("preadv"));
+        }
+        // O_DIRECT cannot take these guest buffers: through the aligned bounce buffer.
+        iov::bounce_read(self, v, offset)
+    }
+
+    fn write_vectored(&self, v: &GuestIov<'_>, offset: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let a = DIRECT_ALIGN as u64;
+        let end = offset.saturating_add(v.total() as u64);
+        if !self.direct || (offset % a == 0 && v.aligned(DIRECT_ALIGN) && end <= self.size) {
+            return iov::pwritev_all(&self.file, v, offset).map_err(io("pwritev"));
+        }
+        // Unaligned, or a partial block at the end of the file: the bounce path handles both.
+        iov::bounce_write(self, v, offset)
     }
 
     fn flush(&self) -> Result<()> {

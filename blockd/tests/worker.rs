@@ -382,7 +382,7 @@ fn a_launched_blockd_is_confined_serves_the_handed_socket_and_answers_the_monito
         .lines()
         .find(|l| l.starts_with("Max processes"))
         .expect("nproc");
-    assert!(nproc.split_whitespace().nth(2) == Some("5"), "{nproc}");
+    assert!(nproc.split_whitespace().nth(2) == Some("37"), "{nproc}");
     for ns in ["mnt", "pid", "net", "user"] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("ns");
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("ns");
@@ -526,7 +526,7 @@ fn a_read_only_disk_refuses_resize_and_quit_ends_the_worker() {
     assert!(
         limits
             .lines()
-            .any(|l| l.starts_with("Max processes") && l.split_whitespace().nth(2) == Some("6")),
+            .any(|l| l.starts_with("Max processes") && l.split_whitespace().nth(2) == Some("38")),
         "{limits}"
     );
     assert_eq!(w.call(BlockRequest::Quit, &[]), BlockReply::Ok);
