@@ -271,6 +271,30 @@ impl BlockBackend {
             }
             return;
         }
+        // Transfers the page cache completes at once are served here too: handing them to an
+        // I/O thread would cost more than they do.
+        if self.disk.nowait() {
+            let dev = Device {
+                disk: &*self.disk,
+                serial: &self.serial,
+            };
+            let mut done = false;
+            popped.retain(|(head, descs)| {
+                let Some(served) = request::serve_nowait(&*mem, descs, &dev) else {
+                    return true;
+                };
+                if let Some(c) = self.settle(vring, &mem, *head, descs.clone(), served) {
+                    match state.add_used(*head, c.used_len) {
+                        Ok(()) => done = true,
+                        Err(e) => log::warn!("add_used: {e}"),
+                    }
+                }
+                false
+            });
+            if done {
+                signal(&mut state, self.event_idx.load(Ordering::Relaxed));
+            }
+        }
         drop(state);
         in_flight.fetch_add(popped.len(), Ordering::Relaxed);
         for (head, descs) in popped {

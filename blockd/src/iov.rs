@@ -204,6 +204,50 @@ pub fn pwritev_all(file: &File, iov: &GuestIov<'_>, offset: u64) -> std::io::Res
     Ok(())
 }
 
+/// What a [`try_nowait`] came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoWait {
+    /// The whole transfer was done.
+    Done,
+    /// Not done (it would block, it was short, or it failed): do it the blocking way, which
+    /// reports errors.
+    NotNow,
+    /// The file system does not do `RWF_NOWAIT` for this direction (`EOPNOTSUPP`): stop trying.
+    Unsupported,
+}
+
+/// One `preadv2`/`pwritev2` with `RWF_NOWAIT`: the whole transfer if it can be done without
+/// blocking (a read's data in the page cache, a write the page cache takes at once).
+pub fn try_nowait(file: &File, iov: &GuestIov<'_>, offset: u64, write: bool) -> NoWait {
+    if iov.iov.len() > IOV_MAX || iov.total == 0 {
+        return NoWait::NotNow;
+    }
+    let Ok(o) = off(offset, 0) else {
+        return NoWait::NotNow;
+    };
+    let count = iov.iov.len() as libc::c_int;
+    let fd = file.as_raw_fd();
+    let n = if write {
+        // SAFETY: `iov.iov` holds `count` iovecs into the guest memory `iov` borrows
+        // (readable guest buffers from vm-memory's checked slices), alive for this call.
+        unsafe { libc::pwritev2(fd, iov.iov.as_ptr(), count, o, libc::RWF_NOWAIT) }
+    } else {
+        // SAFETY: as above, writable guest buffers.
+        unsafe { libc::preadv2(fd, iov.iov.as_ptr(), count, o, libc::RWF_NOWAIT) }
+    };
+    if n < 0 {
+        return match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EOPNOTSUPP) => NoWait::Unsupported,
+            _ => NoWait::NotNow,
+        };
+    }
+    if n as usize == iov.total {
+        NoWait::Done
+    } else {
+        NoWait::NotNow
+    }
+}
+
 /// Largest buffer a thread keeps between bounced transfers (larger ones, up to
 /// `request::MAX_DATA`, get a buffer of their own). Every I/O thread may keep one.
 const KEPT_BUFFER: usize = 1 << 20;

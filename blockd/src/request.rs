@@ -148,6 +148,49 @@ pub fn serve<M: GuestMemory>(mem: &M, descs: &[Desc], dev: &Device<'_>) -> Serve
     }
 }
 
+/// Largest transfer [`serve_nowait`] tries: larger page-cache copies are better spread over the
+/// I/O threads (1 MiB reads at queue depth 8 ran at a third of qemu-storage-daemon's rate when
+/// the queue thread copied them all itself).
+pub const NOWAIT_MAX: u64 = 64 << 10;
+
+/// Serves the request right here if that cannot block: a read or write of at most
+/// [`NOWAIT_MAX`] bytes, of a disk that can say so ([`DiskImage::nowait`]), whose transfer the
+/// page cache completes at once. `None`: anything
+/// else (other types, guest errors, a transfer that would block): serve it with [`serve`], on
+/// an I/O thread.
+pub fn serve_nowait<M: GuestMemory>(mem: &M, descs: &[Desc], dev: &Device<'_>) -> Option<Served> {
+    let disk = dev.disk;
+    if !disk.nowait() || !has_status(descs) || descs.len() < 3 || descs.len() > MAX_DESCRIPTORS {
+        return None;
+    }
+    let hdr = read_header(mem, &descs[0]).ok()?;
+    let writing = match hdr.kind {
+        T_IN => false,
+        T_OUT if !disk.read_only() => true,
+        _ => return None,
+    };
+    let data = &descs[1..descs.len() - 1];
+    if data.iter().any(|d| d.write_only == writing) {
+        return None;
+    }
+    let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
+    if total > NOWAIT_MAX || total % SECTOR != 0 {
+        return None;
+    }
+    let offset = range(hdr.sector, total, disk.size()).ok()?;
+    let access = if writing {
+        Permissions::Read
+    } else {
+        Permissions::Write
+    };
+    let iov = GuestIov::from_guest(mem, data.iter().map(|d| (d.addr, d.len)), access).ok()?;
+    if !disk.try_vectored(&iov, offset, writing) {
+        return None;
+    }
+    let written = if writing { 0 } else { total as u32 };
+    Some(Served::Done(finish(mem, descs, S_OK, written)))
+}
+
 fn has_status(descs: &[Desc]) -> bool {
     descs.last().is_some_and(|d| d.write_only && d.len >= 1)
 }

@@ -356,6 +356,38 @@ impl DiskImage for Counted {
         r
     }
 
+    fn nowait(&self) -> bool {
+        self.inner.nowait()
+    }
+
+    fn try_vectored(&self, iov: &GuestIov<'_>, offset: u64, write: bool) -> bool {
+        // A throttled disk waits for its buckets: never on a queue thread.
+        if self
+            .throttle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+        {
+            return false;
+        }
+        let len = iov.total() as u64;
+        if write {
+            self.check_threshold(offset, len);
+        }
+        let t = Instant::now();
+        if !self.inner.try_vectored(iov, offset, write) {
+            return false;
+        }
+        let op = if write { Op::Write } else { Op::Read };
+        self.count(op, len, t, &Ok(()));
+        if write {
+            let end = offset.saturating_add(len);
+            let mut c = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+            c.s.wr_highest_offset = c.s.wr_highest_offset.max(end);
+        }
+        true
+    }
+
     fn write_vectored(&self, iov: &GuestIov<'_>, offset: u64) -> crate::Result<()> {
         let len = iov.total() as u64;
         self.check_threshold(offset, len);

@@ -324,6 +324,12 @@ macro_rules! paste_nr {
     (pwritev) => {
         libc::SYS_pwritev
     };
+    (preadv2) => {
+        libc::SYS_preadv2
+    };
+    (pwritev2) => {
+        libc::SYS_pwritev2
+    };
     (lseek) => {
         libc::SYS_lseek
     };
@@ -626,7 +632,7 @@ const VHOST_USER: &[Allowed] = &[
 /// (`pread64`/`pwrite64`, and `preadv`/`pwritev` straight between the image and guest memory),
 /// flush (`fdatasync`), discard and write-zeroes (`fallocate`), the framework closing its
 /// connection (`shutdown`). The block ioctls are for an image that is a block device handed
-/// over after `enter` (its size). No `lseek`, `fsync`, `preadv2`/`pwritev2`.
+/// over after `enter` (its size), and `preadv2`/`pwritev2` with `RWF_NOWAIT`. No `lseek`, `fsync`.
 const BLOCKD_EXTRA: &[Allowed] = &[
     // `block_resize` of a raw image (a launched blockd, asked over ipc)
     sys!(ftruncate),
@@ -634,6 +640,9 @@ const BLOCKD_EXTRA: &[Allowed] = &[
     sys!(pwrite64),
     sys!(preadv),
     sys!(pwritev),
+    // RWF_NOWAIT attempts: a transfer the page cache completes at once stays on the queue thread
+    sys!(preadv2),
+    sys!(pwritev2),
     sys!(fdatasync),
     sys!(fallocate),
     sys!(shutdown),
