@@ -108,6 +108,41 @@ impl<'m> GuestIov<'m> {
         }
     }
 
+    /// The bytes `[at, at + len)` of the transfer (clamped to it), as buffers of their own.
+    pub fn slice(&self, at: usize, len: usize) -> GuestIov<'m> {
+        let mut iov = Vec::new();
+        let mut skip = at;
+        let mut want = len.min(self.total.saturating_sub(at));
+        let total = want;
+        for v in &self.iov {
+            if want == 0 {
+                break;
+            }
+            if skip >= v.iov_len {
+                skip -= v.iov_len;
+                continue;
+            }
+            let n = (v.iov_len - skip).min(want);
+            iov.push(libc::iovec {
+                // Pointer arithmetic only, inside this buffer (skip < iov_len).
+                iov_base: v.iov_base.cast::<u8>().wrapping_add(skip).cast(),
+                iov_len: n,
+            });
+            want -= n;
+            skip = 0;
+        }
+        GuestIov {
+            iov,
+            total,
+            _mem: PhantomData,
+        }
+    }
+
+    /// Fills the guest buffers with zeroes.
+    pub fn zero(&self) {
+        self.zero_from(0);
+    }
+
     /// Zeroes the guest buffers from byte `from` of the transfer on.
     fn zero_from(&self, from: usize) {
         let mut skip = from;
@@ -375,6 +410,38 @@ mod tests {
         let mut g = vec![0u8; 0xa00];
         iov.gather(&mut g);
         assert_eq!(g, back);
+    }
+
+    #[test]
+    fn slices_cut_across_buffers() {
+        let m = mem();
+        let bufs = [
+            (GuestAddress(0x100), 0x100u32),
+            (GuestAddress(0x3f80), 0x100),
+        ];
+        let iov = GuestIov::from_guest(&m, bufs, Permissions::Write).unwrap();
+        let s = iov.slice(0xc0, 0x80);
+        assert_eq!(s.total(), 0x80);
+        let got: Vec<(usize, usize)> = s
+            .iov
+            .iter()
+            .map(|v| {
+                (
+                    v.iov_base as usize - iov.iov[0].iov_base as usize,
+                    v.iov_len,
+                )
+            })
+            .collect();
+        assert_eq!(got[0], (0xc0, 0x40), "the end of the first buffer");
+        assert_eq!(s.iov.len(), 2);
+        assert_eq!(s.iov[1].iov_len, 0x40);
+        assert_eq!(iov.slice(0x1f0, 0x100).total(), 0x10, "clamped");
+        m.write_slice(&[9; 0x100], GuestAddress(0x100)).unwrap();
+        iov.slice(0x80, 0x10).zero();
+        let mut b = [0u8; 0x100];
+        m.read_slice(&mut b, GuestAddress(0x100)).unwrap();
+        assert!(b[..0x80].iter().all(|x| *x == 9) && b[0x80..0x90].iter().all(|x| *x == 0));
+        assert!(b[0x90..].iter().all(|x| *x == 9));
     }
 
     #[test]
