@@ -15,7 +15,7 @@
 //! it serve what was kicked while the device was stopped.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bulkhead_ipc::messages::ErrorAction;
@@ -38,6 +38,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::errors::{ErrorState, Policies};
 use crate::format::DiskImage;
+use crate::pool::{Job, Pool};
 use crate::request::{self, Desc, Device, Served};
 
 /// Queue size offered to the front end.
@@ -46,6 +47,8 @@ pub const QUEUE_SIZE: usize = 256;
 pub const MAX_QUEUES: usize = 16;
 /// `seg_max` in the config space: data descriptors per request the driver may use.
 pub const SEG_MAX: u32 = 128;
+/// Most I/O threads per disk (the sandbox's thread budget counts them).
+pub const IO_THREADS: usize = bulkhead_sandbox::policy::BLOCKD_IO_THREADS as usize;
 
 /// Guest memory as the framework hands it over.
 pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -63,6 +66,19 @@ pub struct BlockBackend {
     errors: ErrorState<Held>,
     /// One per queue thread: written to make it serve its queue (after a resume).
     wakers: Vec<EventFd>,
+    /// The I/O threads.
+    pool: Pool,
+    /// Requests of each queue handed to the pool and not completed yet.
+    in_flight: Vec<AtomicUsize>,
+}
+
+/// The pool size: [`IO_THREADS`], or fewer if `BULKHEAD_BLOCKD_IO_THREADS` says so (for
+/// measurements).
+fn io_threads() -> usize {
+    std::env::var("BULKHEAD_BLOCKD_IO_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(IO_THREADS, |n| n.clamp(1, IO_THREADS))
 }
 
 /// A request held by a `stop` action, to be retried on resume.
@@ -73,8 +89,8 @@ pub struct Held {
 }
 
 impl BlockBackend {
-    /// A back end for `disk` with `num_queues` queues (1..=[`MAX_QUEUES`]) and the error
-    /// policies `policies`.
+    /// A back end for `disk` with `num_queues` queues (1..=[`MAX_QUEUES`]), the error
+    /// policies `policies` and up to [`IO_THREADS`] I/O threads.
     pub fn new(
         disk: Arc<dyn DiskImage>,
         serial: Vec<u8>,
@@ -86,7 +102,10 @@ impl BlockBackend {
         let wakers = (0..num_queues)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<std::io::Result<Vec<_>>>()?;
+        let pool = Pool::new(disk.clone(), serial.clone(), num_queues, io_threads())?;
         Ok(BlockBackend {
+            in_flight: (0..num_queues).map(|_| AtomicUsize::new(0)).collect(),
+            pool,
             disk,
             serial,
             num_queues,
@@ -109,8 +128,11 @@ impl BlockBackend {
         &self,
         handlers: &[Arc<VringEpollHandler<Arc<BlockBackend>>>],
     ) -> std::io::Result<()> {
-        for (h, w) in handlers.iter().zip(&self.wakers) {
+        for (q, (h, w)) in handlers.iter().zip(&self.wakers).enumerate() {
             h.register_listener(w.as_raw_fd(), EventSet::IN, self.wake_event())?;
+            if let Some(done) = self.pool.completion_fd(q) {
+                h.register_listener(done.as_raw_fd(), EventSet::IN, self.done_event())?;
+            }
         }
         Ok(())
     }
@@ -118,6 +140,11 @@ impl BlockBackend {
     /// The epoll data of the wake eventfd (past the queues and the framework's own event).
     fn wake_event(&self) -> u64 {
         self.num_queues as u64 + 1
+    }
+
+    /// The epoll data of the I/O threads' completion eventfd.
+    fn done_event(&self) -> u64 {
+        self.num_queues as u64 + 2
     }
 
     /// The VM runs again: retries the held requests in failure order (each under the policy
@@ -193,22 +220,19 @@ impl BlockBackend {
         c
     }
 
-    /// Pops and serves every available request of `vring` (none while the device is stopped
-    /// by a held request); returns whether any was served.
-    fn process_queue(&self, vring: &VringRwLock) -> bool {
+    /// Pops every available request of queue `q` (none while the device is stopped by a held
+    /// request) and serves them: a request alone, with none of the queue's in flight, right
+    /// here (a hand-off would only add latency), otherwise on the I/O threads, several at once.
+    fn process_queue(&self, q: usize, vring: &VringRwLock) {
         if self.errors.stopped() {
-            return false;
+            return;
         }
         let Some(mem) = self.mem.lock().ok().and_then(|m| m.clone()) else {
-            return false;
+            return;
         };
-        let mem = mem.memory();
-        let dev = Device {
-            disk: &*self.disk,
-            serial: &self.serial,
-        };
-        let mut served = false;
+        let mem = mem.memory().into_inner();
         let mut state = vring.get_mut();
+        let mut popped: Vec<(u16, Vec<Desc>)> = Vec::new();
         while !self.errors.stopped() {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
                 break;
@@ -226,34 +250,111 @@ impl BlockBackend {
             if let Some(last) = chain.last() {
                 descs.push(last);
             }
-            let done = match request::serve(&*mem, &descs, &dev) {
-                Served::Done(c) => c,
-                Served::Failed(e) => {
-                    let action = self.errors.fail(&e, false, || Held {
-                        vring: vring.clone(),
-                        head,
-                        descs: descs.clone(),
-                    });
-                    match action {
-                        // Held: not on the used ring; the loop ends (stopped).
-                        ErrorAction::Stop => continue,
-                        ErrorAction::Report => request::finish(&*mem, &descs, request::S_IOERR, 0),
-                        ErrorAction::Ignore => {
-                            request::finish(&*mem, &descs, request::S_OK, e.ignored_len)
-                        }
+            popped.push((head, descs));
+        }
+        let in_flight = &self.in_flight[q];
+        if popped.len() == 1 && in_flight.load(Ordering::Relaxed) == 0 {
+            let Some((head, descs)) = popped.pop() else {
+                return;
+            };
+            let dev = Device {
+                disk: &*self.disk,
+                serial: &self.serial,
+            };
+            let served = request::serve(&*mem, &descs, &dev);
+            if let Some(c) = self.settle(vring, &mem, head, descs, served) {
+                if let Err(e) = state.add_used(head, c.used_len) {
+                    log::warn!("add_used: {e}");
+                    return;
+                }
+                signal(&mut state, self.event_idx.load(Ordering::Relaxed));
+            }
+            return;
+        }
+        // Transfers the page cache completes at once are served here too: handing them to an
+        // I/O thread would cost more than they do.
+        if self.disk.nowait() {
+            let dev = Device {
+                disk: &*self.disk,
+                serial: &self.serial,
+            };
+            let mut done = false;
+            popped.retain(|(head, descs)| {
+                let Some(served) = request::serve_nowait(&*mem, descs, &dev) else {
+                    return true;
+                };
+                if let Some(c) = self.settle(vring, &mem, *head, descs.clone(), served) {
+                    match state.add_used(*head, c.used_len) {
+                        Ok(()) => done = true,
+                        Err(e) => log::warn!("add_used: {e}"),
                     }
                 }
-            };
-            if let Err(e) = state.add_used(head, done.used_len) {
-                log::warn!("add_used: {e}");
-                break;
+                false
+            });
+            if done {
+                signal(&mut state, self.event_idx.load(Ordering::Relaxed));
             }
-            served = true;
         }
-        if served {
+        drop(state);
+        in_flight.fetch_add(popped.len(), Ordering::Relaxed);
+        for (head, descs) in popped {
+            self.pool.submit(Job {
+                queue: q,
+                head,
+                descs,
+                mem: mem.clone(),
+            });
+        }
+    }
+
+    /// Queue `q`'s completions from the I/O threads onto its used ring, then one signal.
+    fn complete(&self, q: usize, vring: &VringRwLock) {
+        let done = self.pool.take_done(q);
+        if done.is_empty() {
+            return;
+        }
+        self.in_flight[q].fetch_sub(done.len(), Ordering::Relaxed);
+        let mut state = vring.get_mut();
+        let mut any = false;
+        for d in done {
+            let Some(c) = self.settle(vring, &d.mem, d.head, d.descs, d.served) else {
+                continue;
+            };
+            if let Err(e) = state.add_used(d.head, c.used_len) {
+                log::warn!("add_used: {e}");
+                continue;
+            }
+            any = true;
+        }
+        if any {
             signal(&mut state, self.event_idx.load(Ordering::Relaxed));
         }
-        served
+    }
+
+    /// The used-ring entry of a served request; a request the host failed goes through the
+    /// error policy first (`None`: held by a `stop` action, not completed).
+    fn settle(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        descs: Vec<Desc>,
+        served: Served,
+    ) -> Option<request::Completion> {
+        let e = match served {
+            Served::Done(c) => return Some(c),
+            Served::Failed(e) => e,
+        };
+        let (status, len) = match self.errors.fail(&e, false, || Held {
+            vring: vring.clone(),
+            head,
+            descs: descs.clone(),
+        }) {
+            ErrorAction::Stop => return None,
+            ErrorAction::Report => (request::S_IOERR, 0),
+            ErrorAction::Ignore => (request::S_OK, e.ignored_len),
+        };
+        Some(request::finish(mem, &descs, status, len))
     }
 }
 
@@ -367,24 +468,31 @@ impl VhostUserBackend for BlockBackend {
             log::warn!("queue event without IN: {evset:?}");
             return Ok(());
         }
-        let device_event = if u64::from(device_event) == self.wake_event() {
-            // resume() wakes this queue's thread: consume the eventfd, serve the queue.
-            if let Some(w) = self.wakers.get(thread_id) {
-                let _ = w.read();
-            }
-            0
-        } else {
-            device_event
-        };
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            log::warn!("event {device_event} for no queue of this thread");
+        let Some(vring) = vrings.first() else {
+            log::warn!("event {device_event} for a thread without a queue");
             return Ok(());
         };
+        // One queue per thread: the thread's index is the queue's.
+        let q = thread_id;
+        let ev = u64::from(device_event);
+        if ev == self.done_event() {
+            self.complete(q, vring);
+            return Ok(());
+        }
+        if ev == self.wake_event() {
+            // resume() wakes this queue's thread: consume the eventfd, serve the queue.
+            if let Some(w) = self.wakers.get(q) {
+                let _ = w.read();
+            }
+        } else if device_event != 0 {
+            log::warn!("event {device_event} for no queue of this thread");
+            return Ok(());
+        }
         if self.event_idx.load(Ordering::Relaxed) {
             // Serve, re-enable notifications, and serve again what slipped in meanwhile.
             loop {
                 let _ = vring.disable_notification();
-                self.process_queue(vring);
+                self.process_queue(q, vring);
                 if self.errors.stopped() {
                     // Held: what is left waits for resume(), which wakes this thread.
                     let _ = vring.enable_notification();
@@ -396,7 +504,7 @@ impl VhostUserBackend for BlockBackend {
                 }
             }
         } else {
-            self.process_queue(vring);
+            self.process_queue(q, vring);
         }
         Ok(())
     }

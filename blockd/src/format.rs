@@ -13,8 +13,10 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use crate::iov::{self, GuestIov};
 use crate::qcow2::{self, Qcow2};
 use crate::{Error, Result};
 
@@ -54,6 +56,27 @@ pub trait DiskImage: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Fills the guest buffers `iov` from `offset` (by default through a bounce buffer and
+    /// [`DiskImage::read_at`]; [`Raw`] reads straight into them).
+    fn read_vectored(&self, iov: &GuestIov<'_>, offset: u64) -> Result<()> {
+        iov::bounce_read(self, iov, offset)
+    }
+    /// Writes the guest buffers `iov` at `offset` (by default through a bounce buffer and
+    /// [`DiskImage::write_at`]; [`Raw`] writes straight from them).
+    fn write_vectored(&self, iov: &GuestIov<'_>, offset: u64) -> Result<()> {
+        iov::bounce_write(self, iov, offset)
+    }
+    /// Whether [`DiskImage::try_vectored`] may succeed (a buffered raw image), so a caller
+    /// knows when not to bother.
+    fn nowait(&self) -> bool {
+        false
+    }
+    /// Does a read (or `write`) of `iov` at `offset` only if it completes without blocking
+    /// (the page cache has the data, or takes the write at once): `true` if it was done,
+    /// `false` if it was not (nothing to report: do it the blocking way).
+    fn try_vectored(&self, _iov: &GuestIov<'_>, _offset: u64, _write: bool) -> bool {
+        false
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
     /// Deallocates `len` bytes at `offset` (their contents become zeroes for raw).
@@ -115,6 +138,9 @@ pub struct Raw {
     direct: bool,
     /// Serialises read-modify-write cycles of unaligned `O_DIRECT` writes.
     rmw: Mutex<()>,
+    /// Whether reads, writes may still be tried with `RWF_NOWAIT` (cleared when the file
+    /// system says it does not do it).
+    nowait: [AtomicBool; 2],
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -132,6 +158,7 @@ impl Raw {
             read_only,
             direct,
             rmw: Mutex::new(()),
+            nowait: [AtomicBool::new(true), AtomicBool::new(true)],
         })
     }
 
@@ -300,6 +327,48 @@ impl DiskImage for Raw {
         } else {
             self.write_all_at(buf, offset)
         }
+    }
+
+    fn read_vectored(&self, v: &GuestIov<'_>, offset: u64) -> Result<()> {
+        let a = DIRECT_ALIGN as u64;
+        if !self.direct || (offset % a == 0 && v.aligned(DIRECT_ALIGN)) {
+            return iov::preadv_full(&self.file, v, offset).map_err(io("preadv"));
+        }
+        // O_DIRECT cannot take these guest buffers: through the aligned bounce buffer.
+        iov::bounce_read(self, v, offset)
+    }
+
+    fn nowait(&self) -> bool {
+        !self.direct
+            && (self.nowait[0].load(Ordering::Relaxed) || self.nowait[1].load(Ordering::Relaxed))
+    }
+
+    fn try_vectored(&self, v: &GuestIov<'_>, offset: u64, write: bool) -> bool {
+        let can = &self.nowait[usize::from(write)];
+        if self.direct || (write && self.read_only) || !can.load(Ordering::Relaxed) {
+            return false;
+        }
+        match iov::try_nowait(&self.file, v, offset, write) {
+            iov::NoWait::Done => true,
+            iov::NoWait::NotNow => false,
+            iov::NoWait::Unsupported => {
+                can.store(false, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    fn write_vectored(&self, v: &GuestIov<'_>, offset: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let a = DIRECT_ALIGN as u64;
+        let end = offset.saturating_add(v.total() as u64);
+        if !self.direct || (offset % a == 0 && v.aligned(DIRECT_ALIGN) && end <= self.size) {
+            return iov::pwritev_all(&self.file, v, offset).map_err(io("pwritev"));
+        }
+        // Unaligned, or a partial block at the end of the file: the bounce path handles both.
+        iov::bounce_write(self, v, offset)
     }
 
     fn flush(&self) -> Result<()> {
@@ -555,6 +624,59 @@ mod tests {
             Err(e) => panic!("open: {e}"),
         };
         Raw::new(f, ro, direct).expect("raw")
+    }
+
+    /// Vectored transfers straight between the file and guest memory in both cache modes
+    /// (O_DIRECT with aligned guest buffers, the bounce with unaligned ones), and the
+    /// `RWF_NOWAIT` attempt: a buffered read of cached data is done at once; a direction the
+    /// file system cannot do without blocking is given up after the first `EOPNOTSUPP`.
+    #[test]
+    fn vectored_transfers_and_nowait_attempts() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, Permissions};
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).expect("mem");
+        for direct in [false, true] {
+            let (_d, p) = temp_image(64 * 1024);
+            let raw = open(&p, direct, false);
+            for (addr, at) in [(0x1000u64, 8192u64), (0x1200, 16384 + 512)] {
+                let bufs = [(GuestAddress(addr), 4096u32)];
+                let iov = GuestIov::from_guest(&mem, bufs, Permissions::Write).expect("iov");
+                raw.read_vectored(&iov, at).expect("read");
+                let mut b = vec![0u8; 4096];
+                mem.read_slice(&mut b, GuestAddress(addr)).expect("mem");
+                assert!(
+                    b.iter()
+                        .enumerate()
+                        .all(|(i, v)| *v == ((i + at as usize) % 251) as u8),
+                    "direct {direct} at {at}"
+                );
+                mem.write_slice(&[0x3c; 4096], GuestAddress(addr))
+                    .expect("mem");
+                let iov = GuestIov::from_guest(&mem, bufs, Permissions::Read).expect("iov");
+                raw.write_vectored(&iov, at).expect("write");
+                let mut back = vec![0u8; 4096];
+                raw.read_at(&mut back, at).expect("read back");
+                assert_eq!(back, vec![0x3c; 4096], "direct {direct} at {at}");
+            }
+            let iov = GuestIov::from_guest(&mem, [(GuestAddress(0), 4096u32)], Permissions::Write)
+                .expect("iov");
+            if direct {
+                assert!(!raw.nowait());
+                assert!(!raw.try_vectored(&iov, 0, false));
+                continue;
+            }
+            // Just written through the page cache: cached, so done at once.
+            assert!(raw.try_vectored(&iov, 8192, false), "cached read");
+            let mut b = vec![0u8; 4096];
+            mem.read_slice(&mut b, GuestAddress(0)).expect("mem");
+            assert_eq!(b, vec![0x3c; 4096]);
+            // Writes: done, or (ext4 here) EOPNOTSUPP once and never tried again.
+            let w = GuestIov::from_guest(&mem, [(GuestAddress(0), 4096u32)], Permissions::Read)
+                .expect("iov");
+            if !raw.try_vectored(&w, 0, true) {
+                assert!(!raw.try_vectored(&w, 0, true));
+            }
+            assert!(raw.nowait(), "reads still tried");
+        }
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! * [`format`]: the image format layer ([`format::DiskImage`], raw, opening an image and its
 //!   backing chain);
 //! * [`qcow2`]: the qcow2 format (read, write, backing image);
+//! * [`iov`]: a request's guest buffers as `iovec`s (`preadv`/`pwritev` straight into guest
+//!   memory) and the bounce-buffer fallback;
 //! * [`request`]: one virtio-blk request, from a descriptor chain to a status byte, with every
 //!   guest-supplied address, length and direction checked;
 //! * [`errors`]: the `rerror`/`werror` policy: what a request the host failed does (report,
 //!   ignore, or held until the VM resumes), and the `BLOCK_IO_ERROR` events, bounded;
+//! * [`pool`]: a disk's I/O threads (several requests of a queue in flight);
 //! * [`backend`]: the vhost-user back end (rust-vmm's `vhost-user-backend` framework): features,
 //!   config space, one worker thread per queue;
 //! * [`options`]: the standalone command line;
@@ -15,7 +18,9 @@
 pub mod backend;
 pub mod errors;
 pub mod format;
+pub mod iov;
 pub mod options;
+pub mod pool;
 pub mod qcow2;
 pub mod request;
 pub mod worker;

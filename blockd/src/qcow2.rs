@@ -59,6 +59,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
 use crate::format::{AlignedBuf, DiskImage, DIRECT_ALIGN};
+use crate::iov::{self, GuestIov};
 use crate::{Error, Result};
 
 /// `QFI\xfb`.
@@ -435,6 +436,33 @@ struct Io {
 impl Io {
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         read_any(&self.file, self.direct, buf, offset)
+    }
+
+    /// A read straight into guest buffers (through a bounce buffer only under `O_DIRECT` with
+    /// an unaligned offset or guest buffer).
+    fn read_vectored(&self, v: &GuestIov<'_>, offset: u64) -> Result<()> {
+        if !self.direct || (offset % DIRECT_ALIGN as u64 == 0 && v.aligned(DIRECT_ALIGN)) {
+            return iov::preadv_full(&self.file, v, offset).map_err(|e| Error::Io("preadv", e));
+        }
+        iov::with_buffer(v.total(), |buf| {
+            self.read(buf, offset)?;
+            v.scatter(buf);
+            Ok(())
+        })
+    }
+
+    /// A write straight from guest buffers (bounced as [`Io::read_vectored`] says).
+    fn write_vectored(&self, v: &GuestIov<'_>, offset: u64) -> Result<()> {
+        let end = offset + v.total() as u64;
+        if !self.direct || (offset % DIRECT_ALIGN as u64 == 0 && v.aligned(DIRECT_ALIGN)) {
+            iov::pwritev_all(&self.file, v, offset).map_err(|e| Error::Io("pwritev", e))?;
+            self.len.fetch_max(end, Ordering::SeqCst);
+            return Ok(());
+        }
+        iov::with_buffer(v.total(), |buf| {
+            v.gather(buf);
+            self.write(buf, offset)
+        })
     }
 
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -962,6 +990,75 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// [`Qcow2::read_backing`] into guest buffers.
+    fn read_backing_vectored(&self, v: &GuestIov<'_>, offset: u64) -> Result<()> {
+        let Some(b) = &self.backing else {
+            v.zero();
+            return Ok(());
+        };
+        let n = b.size().saturating_sub(offset).min(v.total() as u64) as usize;
+        if n > 0 {
+            b.read_vectored(&v.slice(0, n), offset)?;
+        }
+        if n < v.total() {
+            v.slice(n, v.total() - n).zero();
+        }
+        Ok(())
+    }
+
+    /// Where the guest bytes `[offset, offset + len)` come from, translated under the metadata
+    /// lock and merged into contiguous runs: `(at, len, source)` in order. The caller holds
+    /// the gate (shared) until the I/O is done.
+    fn read_plan(&self, offset: u64, len: usize) -> Result<Vec<(usize, usize, Src)>> {
+        let cs = self.geo.cs;
+        let mut plan: Vec<(usize, usize, Src)> = Vec::new();
+        let mut m = self.meta()?;
+        for p in pieces(offset, len, cs) {
+            let src = match self.lookup(&mut m, p.gc)? {
+                Map::Unallocated if self.backing.is_some() => {
+                    Src::Backing(p.gc * cs + p.in_off as u64)
+                }
+                Map::Unallocated | Map::Zero(_) => Src::Zero,
+                Map::Data(host, _) => Src::Host(host + p.in_off as u64),
+                Map::Compressed(_) => {
+                    return Err(unsupported(format!(
+                    "guest cluster {} is compressed: reading compressed clusters is not supported",
+                    p.gc
+                )))
+                }
+            };
+            if let Some((at, len, last)) = plan.last_mut() {
+                let merged = match (&*last, &src) {
+                    (Src::Zero, Src::Zero) => true,
+                    (Src::Backing(a), Src::Backing(b)) | (Src::Host(a), Src::Host(b)) => {
+                        a + *len as u64 == *b
+                    }
+                    _ => false,
+                };
+                if merged && *at + *len == p.at {
+                    *len += p.len;
+                    continue;
+                }
+            }
+            plan.push((p.at, p.len, src));
+        }
+        Ok(plan)
+    }
+
+    /// The host offset of each cluster piece of `[offset, offset + len)` if every one is
+    /// allocated and writable in place; empty otherwise. The caller holds the gate (shared).
+    fn in_place_plan(&self, offset: u64, len: usize) -> Result<Vec<(Piece, u64)>> {
+        let mut plan = Vec::new();
+        let mut m = self.meta()?;
+        for p in pieces(offset, len, self.geo.cs) {
+            match self.lookup(&mut m, p.gc)? {
+                Map::Data(host, true) => plan.push((p, host)),
+                _ => return Ok(Vec::new()),
+            }
+        }
+        Ok(plan)
+    }
+
     /// Whether the cluster mapped as `m` reads as all zeroes.
     fn reads_zero(&self, m: Map) -> bool {
         match m {
@@ -1446,42 +1543,7 @@ impl DiskImage for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let _g = self.gate.read().map_err(|_| Error::Poisoned)?;
-        let cs = self.geo.cs;
-        // Translate under the metadata lock, merging contiguous runs; then the I/O without it.
-        let mut plan: Vec<(usize, usize, Src)> = Vec::new();
-        {
-            let mut m = self.meta()?;
-            for p in pieces(offset, buf.len(), cs) {
-                let src = match self.lookup(&mut m, p.gc)? {
-                    Map::Unallocated if self.backing.is_some() => {
-                        Src::Backing(p.gc * cs + p.in_off as u64)
-                    }
-                    Map::Unallocated | Map::Zero(_) => Src::Zero,
-                    Map::Data(host, _) => Src::Host(host + p.in_off as u64),
-                    Map::Compressed(_) => {
-                        return Err(unsupported(format!(
-                            "guest cluster {} is compressed: reading compressed clusters is not supported",
-                            p.gc
-                        )))
-                    }
-                };
-                if let Some((at, len, last)) = plan.last_mut() {
-                    let merged = match (&*last, &src) {
-                        (Src::Zero, Src::Zero) => true,
-                        (Src::Backing(a), Src::Backing(b)) | (Src::Host(a), Src::Host(b)) => {
-                            a + *len as u64 == *b
-                        }
-                        _ => false,
-                    };
-                    if merged && *at + *len == p.at {
-                        *len += p.len;
-                        continue;
-                    }
-                }
-                plan.push((p.at, p.len, src));
-            }
-        }
-        for (at, len, src) in plan {
+        for (at, len, src) in self.read_plan(offset, buf.len())? {
             let b = &mut buf[at..at + len];
             match src {
                 Src::Zero => b.fill(0),
@@ -1492,6 +1554,41 @@ impl DiskImage for Qcow2 {
         Ok(())
     }
 
+    /// Per-cluster mapping straight into the guest buffers: each run of host clusters one
+    /// `preadv`, the backing image's parts through its own `read_vectored`, zeroes written.
+    fn read_vectored(&self, v: &GuestIov<'_>, offset: u64) -> Result<()> {
+        let _g = self.gate.read().map_err(|_| Error::Poisoned)?;
+        for (at, len, src) in self.read_plan(offset, v.total())? {
+            let part = v.slice(at, len);
+            match src {
+                Src::Zero => part.zero(),
+                Src::Backing(off) => self.read_backing_vectored(&part, off)?,
+                Src::Host(off) => self.io.read_vectored(&part, off)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// In-place writes (every cluster allocated and writable) straight from the guest buffers,
+    /// one `pwritev` per cluster; a write that allocates goes through `write_at`.
+    fn write_vectored(&self, v: &GuestIov<'_>, offset: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        {
+            let _g = self.gate.read().map_err(|_| Error::Poisoned)?;
+            let plan = self.in_place_plan(offset, v.total())?;
+            if !plan.is_empty() {
+                for (p, host) in plan {
+                    self.io
+                        .write_vectored(&v.slice(p.at, p.len), host + p.in_off as u64)?;
+                }
+                return Ok(());
+            }
+        }
+        iov::bounce_write(self, v, offset)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
@@ -1500,19 +1597,7 @@ impl DiskImage for Qcow2 {
         // Fast path: every cluster already allocated and writable in place.
         {
             let _g = self.gate.read().map_err(|_| Error::Poisoned)?;
-            let mut plan = Vec::new();
-            {
-                let mut m = self.meta()?;
-                for p in pieces(offset, buf.len(), cs) {
-                    match self.lookup(&mut m, p.gc)? {
-                        Map::Data(host, true) => plan.push((p, host)),
-                        _ => {
-                            plan.clear();
-                            break;
-                        }
-                    }
-                }
-            }
+            let plan = self.in_place_plan(offset, buf.len())?;
             if !plan.is_empty() {
                 for (p, host) in plan {
                     self.io

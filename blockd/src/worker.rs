@@ -36,6 +36,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::backend::{BlockBackend, MAX_QUEUES};
 use crate::errors::Policies;
 use crate::format::{DiskImage, Raw, DIRECT_ALIGN};
+use crate::iov::GuestIov;
 use crate::qcow2::{self, Qcow2};
 
 /// Usage of worker mode.
@@ -340,6 +341,62 @@ impl DiskImage for Counted {
         self.count(Op::Write, buf.len() as u64, t, &r);
         if r.is_ok() {
             let end = offset.saturating_add(buf.len() as u64);
+            let mut c = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+            c.s.wr_highest_offset = c.s.wr_highest_offset.max(end);
+        }
+        r
+    }
+
+    fn read_vectored(&self, iov: &GuestIov<'_>, offset: u64) -> crate::Result<()> {
+        let len = iov.total() as u64;
+        self.throttle(false, len);
+        let t = Instant::now();
+        let r = self.inner.read_vectored(iov, offset);
+        self.count(Op::Read, len, t, &r);
+        r
+    }
+
+    fn nowait(&self) -> bool {
+        self.inner.nowait()
+    }
+
+    fn try_vectored(&self, iov: &GuestIov<'_>, offset: u64, write: bool) -> bool {
+        // A throttled disk waits for its buckets: never on a queue thread.
+        if self
+            .throttle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+        {
+            return false;
+        }
+        let len = iov.total() as u64;
+        if write {
+            self.check_threshold(offset, len);
+        }
+        let t = Instant::now();
+        if !self.inner.try_vectored(iov, offset, write) {
+            return false;
+        }
+        let op = if write { Op::Write } else { Op::Read };
+        self.count(op, len, t, &Ok(()));
+        if write {
+            let end = offset.saturating_add(len);
+            let mut c = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+            c.s.wr_highest_offset = c.s.wr_highest_offset.max(end);
+        }
+        true
+    }
+
+    fn write_vectored(&self, iov: &GuestIov<'_>, offset: u64) -> crate::Result<()> {
+        let len = iov.total() as u64;
+        self.check_threshold(offset, len);
+        self.throttle(true, len);
+        let t = Instant::now();
+        let r = self.inner.write_vectored(iov, offset);
+        self.count(Op::Write, len, t, &r);
+        if r.is_ok() {
+            let end = offset.saturating_add(len);
             let mut c = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
             c.s.wr_highest_offset = c.s.wr_highest_offset.max(end);
         }

@@ -382,7 +382,7 @@ fn a_launched_blockd_is_confined_serves_the_handed_socket_and_answers_the_monito
         .lines()
         .find(|l| l.starts_with("Max processes"))
         .expect("nproc");
-    assert!(nproc.split_whitespace().nth(2) == Some("5"), "{nproc}");
+    assert!(nproc.split_whitespace().nth(2) == Some("37"), "{nproc}");
     for ns in ["mnt", "pid", "net", "user"] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("ns");
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("ns");
@@ -526,7 +526,7 @@ fn a_read_only_disk_refuses_resize_and_quit_ends_the_worker() {
     assert!(
         limits
             .lines()
-            .any(|l| l.starts_with("Max processes") && l.split_whitespace().nth(2) == Some("6")),
+            .any(|l| l.starts_with("Max processes") && l.split_whitespace().nth(2) == Some("38")),
         "{limits}"
     );
     assert_eq!(w.call(BlockRequest::Quit, &[]), BlockReply::Ok);
@@ -807,6 +807,89 @@ fn host_io_errors_follow_werror_with_events_and_stop_holds_until_resume() {
     assert_eq!(&on_disk[4096..8192], &[0xa5; 4096][..]);
     drop(fe);
     assert_eq!(w.next_event(five), Some(BlockEvent::FrontEndGone));
+    assert_eq!(w.wait().code(), Some(0));
+    drop(fs);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same with several requests in flight at once (they reach the I/O threads): four writes
+/// on a full tmpfs under `werror=stop` are all held, each with its event, none completed; after
+/// the tmpfs grows, one `Resume` completes all four with their data, and the queue serves on.
+#[test]
+fn concurrent_failed_writes_are_all_held_and_all_complete_on_resume() {
+    let dir = scratch("ioerr-qd");
+    let fs = Tmpfs::mount(&dir, 256);
+    let path = dir.join("disk.raw");
+    File::create(&path)
+        .and_then(|f| f.set_len(IMAGE_SIZE))
+        .expect("sparse image");
+    fill(&dir.join("filler"));
+    let (mut w, mut g, fe, kick) = serve_with(&path, ErrorPolicy::Report, ErrorPolicy::Stop);
+    // Four writes made available before one kick, so blockd pops them together.
+    let slot = |i: u64| (HDR + i * 0x100, DATA + i * 0x1000, STATUS + i * 0x10);
+    for i in 0..4u64 {
+        let (hdr, data, status) = slot(i);
+        g.write(data, &[0x40 + i as u8; 4096]);
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&T_OUT.to_le_bytes());
+        h[8..].copy_from_slice(&(8 * (i + 1)).to_le_bytes());
+        g.write(hdr, &h);
+        let first = (3 * i) as u16;
+        g.desc(first, hdr, 16, F_NEXT, first + 1);
+        g.desc(first + 1, data, 4096, F_NEXT, first + 2);
+        g.desc(first + 2, status, 1, F_WRITE, 0);
+        g.write(status, &[0xff]);
+        let s = AVAIL + 4 + u64::from(g.avail_idx % QSIZE) * 2;
+        g.write(s, &first.to_le_bytes());
+        g.avail_idx = g.avail_idx.wrapping_add(1);
+    }
+    fence(Ordering::SeqCst);
+    g.write(AVAIL + 2, &g.avail_idx.to_le_bytes());
+    fence(Ordering::SeqCst);
+    kick.write(1).expect("kick");
+    for _ in 0..4 {
+        assert_eq!(
+            w.next_event(Duration::from_secs(5)),
+            Some(enospc(ErrorAction::Stop))
+        );
+    }
+    let quiet = Duration::from_millis(300);
+    assert_eq!(w.next_event(quiet), None);
+    assert_eq!(g.next_used(&mut w.child, quiet), None, "all held");
+    fs.resize(4096);
+    assert_eq!(w.call(BlockRequest::Resume, &[]), BlockReply::Ok);
+    let mut heads = Vec::new();
+    for _ in 0..4 {
+        let (head, len) = g
+            .next_used(&mut w.child, Duration::from_secs(5))
+            .expect("completed");
+        assert_eq!(len, 1);
+        heads.push(head);
+    }
+    heads.sort_unstable();
+    assert_eq!(heads, vec![0, 3, 6, 9]);
+    for i in 0..4u64 {
+        assert_eq!(g.read(slot(i).2, 1), vec![0], "status {i}");
+    }
+    let on_disk = std::fs::read(&path).expect("image");
+    for i in 0..4u64 {
+        let at = (4096 * (i + 1)) as usize;
+        assert_eq!(
+            &on_disk[at..at + 4096],
+            &[0x40 + i as u8; 4096][..],
+            "write {i}"
+        );
+    }
+    match w.call(BlockRequest::QueryStats, &[]) {
+        BlockReply::Stats(s) => assert_eq!(s.wr_operations, 4, "{s:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(g.request(&kick, &mut w.child, 4, 0, 0), 0, "flush");
+    drop(fe);
+    assert_eq!(
+        w.next_event(Duration::from_secs(5)),
+        Some(BlockEvent::FrontEndGone)
+    );
     assert_eq!(w.wait().code(), Some(0));
     drop(fs);
     let _ = std::fs::remove_dir_all(&dir);

@@ -142,14 +142,16 @@ fn disks_get_a_sandboxed_blockd_each_and_the_queries_describe_them() {
         assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
         let nspid = status_field(pid, "NSpid");
         assert!(nspid.ends_with("\t1"), "{nspid}");
-        // RLIMIT_NPROC grows with the queues (2 and 3 queues: 6 and 7).
+        // RLIMIT_NPROC grows with the queues (2 and 3 queues: 6 and 7, plus the I/O threads).
         let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
         let nproc = limits
             .lines()
             .find(|l| l.starts_with("Max processes"))
             .expect("nproc");
+        let io = bulkhead_sandbox::policy::BLOCKD_IO_THREADS;
         assert!(
-            ["6", "7"].contains(&nproc.split_whitespace().nth(2).unwrap_or("")),
+            [(6 + io).to_string(), (7 + io).to_string()]
+                .contains(&nproc.split_whitespace().nth(2).unwrap_or("").to_string()),
             "{nproc}"
         );
         // It holds no path: no fd of it is an image path outside what it was handed, and its

@@ -324,6 +324,12 @@ macro_rules! paste_nr {
     (pwritev) => {
         libc::SYS_pwritev
     };
+    (preadv2) => {
+        libc::SYS_preadv2
+    };
+    (pwritev2) => {
+        libc::SYS_pwritev2
+    };
     (lseek) => {
         libc::SYS_lseek
     };
@@ -623,14 +629,20 @@ const VHOST_USER: &[Allowed] = &[
 
 /// `bulkhead-blockd` on top of [`RUNTIME`] and [`VHOST_USER`], as traced (`strace -f`) under its
 /// tests (QEMU/TCG boots in both cache modes, the vhost-user front-end tests): image I/O by offset
-/// (`pread64`/`pwrite64`), flush (`fdatasync`), discard and write-zeroes (`fallocate`), the
-/// framework closing its connection (`shutdown`). The block ioctls are for an image that is a
-/// block device handed over after `enter` (its size). No `lseek`, `fsync`, `preadv`/`pwritev`.
+/// (`pread64`/`pwrite64`, and `preadv`/`pwritev` straight between the image and guest memory),
+/// flush (`fdatasync`), discard and write-zeroes (`fallocate`), the framework closing its
+/// connection (`shutdown`). The block ioctls are for an image that is a block device handed
+/// over after `enter` (its size), and `preadv2`/`pwritev2` with `RWF_NOWAIT`. No `lseek`, `fsync`.
 const BLOCKD_EXTRA: &[Allowed] = &[
     // `block_resize` of a raw image (a launched blockd, asked over ipc)
     sys!(ftruncate),
     sys!(pread64),
     sys!(pwrite64),
+    sys!(preadv),
+    sys!(pwritev),
+    // RWF_NOWAIT attempts: a transfer the page cache completes at once stays on the queue thread
+    sys!(preadv2),
+    sys!(pwritev2),
     sys!(fdatasync),
     sys!(fallocate),
     sys!(shutdown),
@@ -749,13 +761,18 @@ fn vcpu_rlimits(p: &Params) -> Vec<Rlimit> {
     ]
 }
 
+/// Most I/O threads a blockd starts per disk (`bulkhead_blockd::pool`): enough for a guest's
+/// queue depth of 32 to reach the image at once, as qemu-storage-daemon's thread pool does.
+pub const BLOCKD_IO_THREADS: u64 = 32;
+
 /// blockd: writes its image (FSIZE unlimited), maps guest RAM. Threads: main (the ipc loop when
 /// launched, the accepting thread standalone), the vhost-user request thread, the thread that
-/// waits for the front end to hang up, one per queue, and one spare.
+/// waits for the front end to hang up, one per queue, the I/O threads
+/// ([`BLOCKD_IO_THREADS`]), and one spare.
 fn blockd_rlimits(p: &Params) -> Vec<Rlimit> {
     let queues = u64::from(p.queues.max(1));
     vec![
-        fixed(Resource::Nproc, queues + 4),
+        fixed(Resource::Nproc, queues + 4 + BLOCKD_IO_THREADS),
         nofile(64),
         fixed(Resource::As, p.mem_bytes.saturating_add(512 * MIB)),
         fixed(Resource::Core, 0),
@@ -975,7 +992,7 @@ mod tests {
             get(&NETD.rlimits(&Params::default()), Resource::Fsize),
             Some(0)
         );
-        // blockd: a thread per queue.
+        // blockd: a thread per queue and its I/O threads.
         let blockd = |queues| {
             get(
                 &BLOCKD.rlimits(&Params {
@@ -985,8 +1002,8 @@ mod tests {
                 Resource::Nproc,
             )
         };
-        assert_eq!(blockd(1), Some(5));
-        assert_eq!(blockd(16), Some(20));
+        assert_eq!(blockd(1), Some(5 + BLOCKD_IO_THREADS));
+        assert_eq!(blockd(16), Some(20 + BLOCKD_IO_THREADS));
         // netd: a thread per queue pair.
         let netd = |queues| {
             get(
