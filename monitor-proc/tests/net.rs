@@ -47,7 +47,7 @@ fn tap(name: &str) -> OwnedFd {
         euid, 0,
         "the NIC tests need root to make taps; CI runs as root"
     );
-    bulkhead_monitor::nics::open_tap(name).unwrap_or_else(|e| panic!("tap {name}: {e}"))
+    bulkhead_monitor::nics::open_tap(name, false).unwrap_or_else(|e| panic!("tap {name}: {e}"))
 }
 
 fn log_has(s: &Scratch, text: &str) -> String {

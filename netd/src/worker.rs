@@ -36,18 +36,18 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::backend::{NetBackend, NUM_QUEUES, TAP_EVENT};
+use crate::backend::{tap_event, NetBackend, MAX_PAIRS, NUM_QUEUES};
 use crate::tap::Tap;
 
 /// Usage of worker mode.
 pub const USAGE: &str = "usage: bulkhead-netd --ipc-fd N [--sandbox on|off|allow-weak] \
-[--mem-bytes N] [--queues N (virtqueues, 2 per queue pair; at most 2)] \
+[--mem-bytes N] [--queues N (virtqueues, 2 per queue pair; at most 16)] \
 (launched by the bulkhead monitor)";
 
 /// Worker mode is selected by `--ipc-fd` as the first argument ([`WorkerArgs::parse`], with
 /// `--queues` up to [`NUM_QUEUES`]); `None` otherwise (the standalone command line).
 pub fn parse_args(args: &[String]) -> Option<Result<WorkerArgs, WorkerError>> {
-    WorkerArgs::parse(args, NUM_QUEUES as u32).map(|r| {
+    WorkerArgs::parse(args, (NUM_QUEUES * MAX_PAIRS) as u32).map(|r| {
         r.map_err(|message| WorkerError::Usage {
             message,
             usage: USAGE,
@@ -115,9 +115,11 @@ fn net_stats(b: &NetBackend) -> NetStats {
 
 /// Checks a setup before anything is started.
 fn check_setup(s: &NetSetup) -> Result<(), String> {
-    if usize::from(s.num_queues) != NUM_QUEUES {
+    let n = usize::from(s.num_queues);
+    if n == 0 || n % NUM_QUEUES != 0 || n / NUM_QUEUES > MAX_PAIRS {
         return Err(format!(
-            "{} virtqueues: netd serves one queue pair ({NUM_QUEUES} virtqueues)",
+            "{} virtqueues: netd serves 1 to {MAX_PAIRS} queue pairs ({NUM_QUEUES} virtqueues \
+             each)",
             s.num_queues
         ));
     }
@@ -139,35 +141,50 @@ fn start_serving(
     chan: &Arc<Channel<NetProtocol>>,
 ) -> Result<Serving, String> {
     check_setup(s)?;
-    let [tap, vhost]: [OwnedFd; 2] = fds
-        .try_into()
-        .map_err(|_| "the setup lacks its fds".to_string())?;
-    let tap = Tap::from_monitor(tap).map_err(|e| format!("tap: {e}"))?;
+    let pairs = usize::from(s.num_queues) / NUM_QUEUES;
+    if fds.len() != s.fd_count() {
+        return Err(format!(
+            "the setup carries {} fds, not {} (a tap queue per pair and the socket)",
+            fds.len(),
+            s.fd_count()
+        ));
+    }
+    let mut fds = fds;
+    let Some(vhost) = fds.pop() else {
+        return Err("the setup lacks its fds".into());
+    };
+    let taps = fds
+        .into_iter()
+        .enumerate()
+        .map(|(i, fd)| Tap::from_monitor(fd).map_err(|e| format!("tap queue {i}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
     let vhost = UnixStream::from(vhost);
-    let backend = Arc::new(NetBackend::new(tap, s.mac));
+    let backend = Arc::new(NetBackend::with_queues(taps, s.mac));
     backend.set_link(s.link_up);
-    let tap_fd = backend.tap_fd();
+    let tap_fds = backend.tap_fds();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("bulkhead-netd".into(), backend.clone(), mem)
         .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
-    let handler = daemon
-        .get_epoll_handlers()
-        .into_iter()
-        .next()
-        .ok_or("the daemon has no worker thread")?;
-    handler
-        .register_listener(
-            tap_fd,
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-            u64::from(TAP_EVENT),
-        )
-        .map_err(|e| format!("watching the tap: {e}"))?;
+    let handlers = daemon.get_epoll_handlers();
+    if handlers.len() != pairs {
+        return Err("the daemon has no worker thread per queue pair".into());
+    }
+    // Pair i's tap queue is watched by pair i's worker thread.
+    for (handler, fd) in handlers.iter().zip(&tap_fds) {
+        handler
+            .register_listener(
+                *fd,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                u64::from(tap_event(pairs)),
+            )
+            .map_err(|e| format!("watching the tap: {e}"))?;
+    }
     daemon
         .start_with_stream(vhost)
         .map_err(|e| format!("serving the front end: {e}"))?;
     let chan = chan.clone();
     let id = s.id.clone();
-    let stats = backend.stats.clone();
+    let logged = backend.clone();
     std::thread::Builder::new()
         .name("frontend-wait".into())
         .spawn(move || {
@@ -177,6 +194,7 @@ fn start_serving(
             }
             // Dropping the daemon joins its worker thread: the counters below are final.
             drop(daemon);
+            let stats = logged.stats_line();
             match r.map_err(|e| e.to_string()) {
                 Err(e) if !e.contains("disconnect") && !e.contains("partial") => {
                     log::warn!("{id}: the front end session ended: {e}; {stats}")
@@ -234,7 +252,8 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
                 Ok(sv) => {
                     let m = s.mac;
                     log::info!(
-                        "{}: serving MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, link {}",
+                        "{}: serving MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, link {}, {} \
+                         queue pair(s)",
                         s.id,
                         m[0],
                         m[1],
@@ -242,7 +261,8 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
                         m[3],
                         m[4],
                         m[5],
-                        if s.link_up { "up" } else { "down" }
+                        if s.link_up { "up" } else { "down" },
+                        usize::from(s.num_queues) / NUM_QUEUES
                     );
                     serving = Some(sv);
                     NetReply::Ok
@@ -265,7 +285,10 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
             NetRequest::QuerySandbox => NetReply::Sandbox(sandbox_report()),
             NetRequest::Quit => {
                 let _ = chan.reply(id, NetReply::Ok, &[]);
-                log::info!("quit");
+                match &serving {
+                    Some(sv) => log::info!("{}: quit; {}", sv.id, sv.backend.stats_line()),
+                    None => log::info!("quit"),
+                }
                 std::process::exit(0);
             }
         };

@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 11;
+const KIT_FORMAT: u32 = 12;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -130,6 +130,10 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///     `BULKHEAD-NET-PROMISC-ON`), `mac` (`ip link set eth0 address` [`NET_CTRL_MAC`], then
 ///     `BULKHEAD-NET-MAC-SET=<address>`, a ping of the peer from the new address and
 ///     `BULKHEAD-NET-PING2-OK`); then `BULKHEAD-NET-CTRL-DONE` and idles.
+///   * `netmq`: as `net` up to `BULKHEAD-NET-DONE`, then `BULKHEAD-NET-QUEUES=<rx> <tx>` (eth0's
+///     queues in use, from sysfs), three rounds of eight parallel fetches of the blob, one
+///     `BULKHEAD-NET-IRQ <line>` per virtio input/output vector of `/proc/interrupts`, then
+///     `BULKHEAD-NET-MQ-DONE` and idles.
 ///
 /// If `poweroff -f`/`reboot -f` returns, it prints `BULKHEAD-POWEROFF-RETURNED` /
 /// `BULKHEAD-REBOOT-RETURNED` and idles, so that a VMM that ignores the request is visible.
@@ -246,7 +250,7 @@ case "$mode" in
         echo "BULKHEAD-BLKERR-DD=$rc $(grep -m 1 error /tmp/dd.err || tail -n 1 /tmp/dd.err)"
         echo BULKHEAD-BLKERR-DONE
         ;;
-    net|netloop|netctrl)
+    net|netloop|netctrl|netmq)
         for m in $(cat /etc/bulkhead/net-modules); do
             name=$(echo "${m%.ko}" | tr - _)
             grep -q "^$name " /proc/modules && continue
@@ -277,6 +281,25 @@ case "$mode" in
                 sleep 0.5
             done
         }
+        if [ "$mode" = netmq ]; then
+            # Multiqueue: the driver's queue pairs in use, then parallel fetches (their flows
+            # spread over both CPUs' transmit queues, the replies over the tap's queues), then
+            # the per-queue interrupt counts.
+            echo "BULKHEAD-NET-QUEUES=$(ls -d /sys/class/net/eth0/queues/rx-* | wc -l) $(ls -d /sys/class/net/eth0/queues/tx-* | wc -l)"
+            i=0
+            while [ $i -lt 3 ]; do
+                for j in 1 2 3 4 5 6 7 8; do
+                    timeout 60 wget -q -O /dev/null http://10.77.0.1:8080/blob \
+                        || echo "BULKHEAD-NET-FAIL parallel wget" &
+                done
+                wait
+                i=$((i + 1))
+            done
+            grep -E 'virtio[0-9]+-(input|output)' /proc/interrupts | tr -s ' ' \
+                | sed 's/^/BULKHEAD-NET-IRQ /'
+            echo BULKHEAD-NET-MQ-DONE
+            while true; do sleep 5; done
+        fi
         if [ "$mode" = netctrl ]; then
             step promisc
             ip link set eth0 promisc on && echo BULKHEAD-NET-PROMISC-ON \
