@@ -597,7 +597,12 @@ fn parse_request(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Request, String> {
             if role == Role::Blockd && (b == 0 || b > u32::from(crate::block::MAX_QUEUES)) {
                 return Err(format!("{b} queues"));
             }
-            if role == Role::Netd && b != u32::from(crate::nics::NET_QUEUES) {
+            // netd: two virtqueues per queue pair, one pair per tap queue.
+            if role == Role::Netd
+                && (b == 0
+                    || b % u32::from(crate::nics::NET_QUEUES) != 0
+                    || b > u32::from(crate::nics::NET_QUEUES) * crate::nics::MAX_TAP_QUEUES as u32)
+            {
                 return Err(format!("{b} netd queues"));
             }
             let want = if role == Role::Netd { 2 } else { 1 };
