@@ -686,7 +686,13 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+        let f = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
+        if self.pairs.len() > 1 {
+            // GET_QUEUE_NUM: the front end learns how many queues (2 per pair) netd serves.
+            f | VhostUserProtocolFeatures::MQ
+        } else {
+            f
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {
