@@ -856,7 +856,7 @@ mod tests {
         assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 0, 0), vec![sock()]).contains("queues"));
         assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 17, 0), vec![sock()]).contains("queues"));
         assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 1, 0), vec![]).contains("fds"));
-        // Net back ends: exactly one queue pair.
+        // Net back ends: one to MAX_TAP_QUEUES queue pairs (two virtqueues each).
         assert!(bad(&req(SPAWN_NETD, 1 << 28, 2, 0), vec![sock()]).contains("want 2"));
         let file: OwnedFd = std::fs::File::open("/dev/null").expect("null").into();
         assert!(bad(&req(SPAWN_NETD, 1 << 28, 2, 0), vec![sock(), file]).contains("log fd"));
@@ -867,6 +867,13 @@ mod tests {
             }
             _ => panic!("not a netd spawn"),
         }
-        assert!(bad(&req(SPAWN_NETD, 1 << 28, 4, 0), vec![sock(), sock()]).contains("queues"));
+        match parse_request(&req(SPAWN_NETD, 1 << 28, 4, 0), vec![sock(), sock()]) {
+            Ok(Request::Spawn { params, .. }) => assert_eq!(params.queues, 4),
+            _ => panic!("not a two-pair netd spawn"),
+        }
+        let max = 2 * crate::nics::MAX_TAP_QUEUES as u32;
+        for q in [0, 3, max + 2] {
+            assert!(bad(&req(SPAWN_NETD, 1 << 28, q, 0), vec![sock(), sock()]).contains("queues"));
+        }
     }
 }
