@@ -175,14 +175,23 @@ mod tests {
         assert_eq!(o.tap, TapSource::Name("tap0".into(), 1));
         assert_eq!(o.mac, [2, 0, 0, 0, 0, 1]);
         assert_eq!(o.sandbox, "on");
+        assert_eq!(o.max_guest_mem, 4 << 30);
         let o = parse("--socket=/s --tap-fd=5 --sandbox off --max-guest-mem-mib 128").expect("p");
         assert_eq!(o.tap, TapSource::Fds(vec![5]));
+        assert_eq!(o.sandbox, "off");
+        assert_eq!(o.mac, DEFAULT_MAC);
+        assert_eq!(o.max_guest_mem, 128 << 20);
         let o = parse("--socket /s --tap t --queues 4").expect("parse");
         assert_eq!(o.tap, TapSource::Name("t".into(), 4));
         let o = parse("--socket /s --tap-fd 5 --tap-fd=6").expect("parse");
         assert_eq!(o.tap, TapSource::Fds(vec![5, 6]));
-        assert_eq!(o.mac, DEFAULT_MAC);
-        assert_eq!(o.max_guest_mem, 128 << 20);
+        assert_eq!(o.max_guest_mem, 4 << 30);
+        let eight = (5..13)
+            .map(|n| format!("--tap-fd {n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let o = parse(&format!("--socket /s {eight}")).expect("parse");
+        assert_eq!(o.tap, TapSource::Fds((5..13).collect()));
     }
 
     #[test]
@@ -196,6 +205,9 @@ mod tests {
             "--socket /s --tap-fd 5 --queues 2",
             "--socket /s --tap a --queues 0",
             "--socket /s --tap a --queues 9",
+            "--socket /s --tap-fd 5 --tap-fd 6 --tap-fd 7 --tap-fd 8 --tap-fd 9 --tap-fd 10 \
+             --tap-fd 11 --tap-fd 12 --tap-fd 13",
+            "--socket /s --queues 2 --tap a --tap b",
             "--socket /s --tap-fd 1",
             "--socket /s --tap a --mac 01:00:00:00:00:01",
             "--socket /s --tap a --mac 02:00:00:00:00",
