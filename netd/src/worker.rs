@@ -41,18 +41,38 @@ use crate::tap::Tap;
 
 /// Usage of worker mode.
 pub const USAGE: &str = "usage: bulkhead-netd --ipc-fd N [--sandbox on|off|allow-weak] \
-[--mem-bytes N] [--queues N (virtqueues, 2 per queue pair; at most 16)] \
+[--mem-bytes N] [--queues N (virtqueues: 2 per queue pair, 2 to 16, even)] \
 (launched by the bulkhead monitor)";
 
 /// Worker mode is selected by `--ipc-fd` as the first argument ([`WorkerArgs::parse`], with
-/// `--queues` up to [`NUM_QUEUES`]); `None` otherwise (the standalone command line).
+/// `--queues` a whole number of queue pairs: 2 to `NUM_QUEUES * MAX_PAIRS` virtqueues, even, as
+/// the monitor's launcher allows); `None` otherwise (the standalone command line).
 pub fn parse_args(args: &[String]) -> Option<Result<WorkerArgs, WorkerError>> {
+    let explicit_queues = args.iter().any(|a| a == "--queues");
     WorkerArgs::parse(args, (NUM_QUEUES * MAX_PAIRS) as u32).map(|r| {
-        r.map_err(|message| WorkerError::Usage {
-            message,
-            usage: USAGE,
-        })
+        r.map_err(|e| e.0)
+            .and_then(|a| {
+                // Without --queues the sandbox is sized for one pair (the default 1).
+                if explicit_queues && a.params.queues as usize % NUM_QUEUES != 0 {
+                    return Err(format!(
+                        "--queues {}: virtqueues come in queue pairs ({NUM_QUEUES} each, at \
+                         most {MAX_PAIRS} pairs)",
+                        a.params.queues
+                    ));
+                }
+                Ok(a)
+            })
+            .map_err(|m| WorkerError::Usage {
+                message: bulkhead_worker::args::ArgsError(m),
+                usage: USAGE,
+            })
     })
+}
+
+/// The queue pairs a netd launched with `--queues virtqueues` was sized for (its
+/// `RLIMIT_NPROC`; as the sandbox policy counts them).
+fn launched_pairs(virtqueues: u32) -> usize {
+    (virtqueues.max(1) as usize).div_ceil(NUM_QUEUES)
 }
 
 /// The interfaces other than `lo` in this process's network namespace, from the
@@ -139,9 +159,17 @@ fn start_serving(
     s: &NetSetup,
     fds: Vec<OwnedFd>,
     chan: &Arc<Channel<NetProtocol>>,
+    launched: usize,
 ) -> Result<Serving, String> {
     check_setup(s)?;
     let pairs = usize::from(s.num_queues) / NUM_QUEUES;
+    if pairs > launched {
+        // Its sandbox (RLIMIT_NPROC: a thread per pair) was sized for `launched` pairs.
+        return Err(format!(
+            "{} virtqueues: this netd was launched for {launched} queue pair(s)",
+            s.num_queues
+        ));
+    }
     if fds.len() != s.fd_count() {
         return Err(format!(
             "the setup carries {} fds, not {} (a tap queue per pair and the socket)",
@@ -228,6 +256,7 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
     let sock = unsafe { OwnedFd::from_raw_fd(a.ipc_fd) };
     let chan = Arc::new(Channel::<NetProtocol>::from_fd(sock));
     chan.handshake(IpcRole::Net, IpcRole::Monitor)?;
+    let launched = launched_pairs(a.params.queues);
     let mut serving: Option<Serving> = None;
     loop {
         let (frame, fds) = match chan.recv() {
@@ -248,10 +277,11 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
             }
         };
         let reply = match req {
-            NetRequest::Setup(s) if serving.is_none() => match start_serving(&s, fds, &chan) {
-                Ok(sv) => {
-                    let m = s.mac;
-                    log::info!(
+            NetRequest::Setup(s) if serving.is_none() => {
+                match start_serving(&s, fds, &chan, launched) {
+                    Ok(sv) => {
+                        let m = s.mac;
+                        log::info!(
                         "{}: serving MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, link {}, {} \
                          queue pair(s)",
                         s.id,
@@ -264,11 +294,12 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
                         if s.link_up { "up" } else { "down" },
                         usize::from(s.num_queues) / NUM_QUEUES
                     );
-                    serving = Some(sv);
-                    NetReply::Ok
+                        serving = Some(sv);
+                        NetReply::Ok
+                    }
+                    Err(e) => NetReply::Error(e),
                 }
-                Err(e) => NetReply::Error(e),
-            },
+            }
             NetRequest::Setup(_) => NetReply::Error("already set up".into()),
             NetRequest::QueryStats => match &serving {
                 Some(sv) => NetReply::Stats(net_stats(&sv.backend)),
@@ -321,7 +352,19 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((a.ipc_fd, a.mode, a.params.queues), (3, Mode::AllowWeak, 2));
-        for bad in ["--ipc-fd 3 --queues 3", "--ipc-fd 3 --tap t"] {
+        let a = args("--ipc-fd 3 --queues 16").unwrap().unwrap();
+        assert_eq!((a.params.queues, launched_pairs(a.params.queues)), (16, 8));
+        // Without --queues: sized for one pair, as before multiqueue.
+        let a = args("--ipc-fd 3").unwrap().unwrap();
+        assert_eq!(launched_pairs(a.params.queues), 1);
+        // Virtqueues come in pairs (as the launcher spawns netd), at most 8 pairs.
+        for bad in [
+            "--ipc-fd 3 --queues 1",
+            "--ipc-fd 3 --queues 3",
+            "--ipc-fd 3 --queues 0",
+            "--ipc-fd 3 --queues 18",
+            "--ipc-fd 3 --tap t",
+        ] {
             assert!(
                 matches!(args(bad), Some(Err(WorkerError::Usage { .. }))),
                 "{bad}"
@@ -338,9 +381,20 @@ mod tests {
             link_up: true,
         };
         assert!(check_setup(&ok).is_ok());
-        let mut s = ok.clone();
-        s.num_queues = 4;
-        assert!(check_setup(&s).unwrap_err().contains("one queue pair"));
+        // Multiqueue: 1 to MAX_PAIRS queue pairs, two virtqueues each.
+        for n in [4, 2 * MAX_PAIRS as u16] {
+            let mut s = ok.clone();
+            s.num_queues = n;
+            assert!(check_setup(&s).is_ok(), "{n}");
+        }
+        for n in [0, 1, 3, 2 * MAX_PAIRS as u16 + 2] {
+            let mut s = ok.clone();
+            s.num_queues = n;
+            assert!(
+                check_setup(&s).unwrap_err().contains("1 to 8 queue pairs"),
+                "{n}"
+            );
+        }
         let mut s = ok;
         s.mac[0] = 1;
         assert!(check_setup(&s).unwrap_err().contains("multicast"));
