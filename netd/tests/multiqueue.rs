@@ -259,11 +259,20 @@ fn inbound(
     }
 }
 
+/// The tap's MAC address. Through `ip netns exec`, which mounts a sysfs of the namespace: a
+/// thread that only joined the namespace (`Netns::within`) still sees the host's /sys/class/net.
 fn tap_mac(ns: &Netns) -> [u8; 6] {
-    let tap = ns.tap.clone();
-    let s = ns.within(move || {
-        std::fs::read_to_string(format!("/sys/class/net/{tap}/address")).expect("tap address")
-    });
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "cat"])
+        .arg(format!("/sys/class/net/{}/address", ns.tap))
+        .output()
+        .expect("ip netns exec");
+    assert!(
+        out.status.success(),
+        "tap address: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8(out.stdout).expect("utf-8");
     let mut m = [0u8; 6];
     for (b, p) in m.iter_mut().zip(s.trim().split(':')) {
         *b = u8::from_str_radix(p, 16).expect("mac");
