@@ -55,6 +55,9 @@ pub(super) static COMMANDS: &[Command] = &[
             arg("netdev", ArgType::Str, true),
             arg("mac", ArgType::Str, true),
             arg("addr", ArgType::Any, true),
+            // virtio-net-pci multiqueue (QEMU 7.2 takes "on"/"off" or a boolean for mq)
+            arg("mq", ArgType::Any, true),
+            arg("vectors", ArgType::Any, true),
             // virtio-blk-pci (super::block)
             arg("drive", ArgType::Str, true),
             arg("serial", ArgType::Str, true),
