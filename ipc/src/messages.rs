@@ -657,9 +657,10 @@ pub struct NetSetup {
 }
 
 impl NetSetup {
-    /// Number of fds that accompany this setup.
+    /// Number of fds that accompany this setup: one tap queue fd per queue pair (in pair
+    /// order), then the vhost-user socket.
     pub fn fd_count(&self) -> usize {
-        2
+        usize::from(self.num_queues / 2).max(1) + 1
     }
 }
 

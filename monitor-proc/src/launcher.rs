@@ -597,7 +597,12 @@ fn parse_request(buf: &[u8], mut fds: Vec<OwnedFd>) -> Result<Request, String> {
             if role == Role::Blockd && (b == 0 || b > u32::from(crate::block::MAX_QUEUES)) {
                 return Err(format!("{b} queues"));
             }
-            if role == Role::Netd && b != u32::from(crate::nics::NET_QUEUES) {
+            // netd: two virtqueues per queue pair, one pair per tap queue.
+            if role == Role::Netd
+                && (b == 0
+                    || b % u32::from(crate::nics::NET_QUEUES) != 0
+                    || b > u32::from(crate::nics::NET_QUEUES) * crate::nics::MAX_TAP_QUEUES as u32)
+            {
                 return Err(format!("{b} netd queues"));
             }
             let want = if role == Role::Netd { 2 } else { 1 };
@@ -851,7 +856,7 @@ mod tests {
         assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 0, 0), vec![sock()]).contains("queues"));
         assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 17, 0), vec![sock()]).contains("queues"));
         assert!(bad(&req(SPAWN_BLOCKD, 1 << 28, 1, 0), vec![]).contains("fds"));
-        // Net back ends: exactly one queue pair.
+        // Net back ends: one to MAX_TAP_QUEUES queue pairs (two virtqueues each).
         assert!(bad(&req(SPAWN_NETD, 1 << 28, 2, 0), vec![sock()]).contains("want 2"));
         let file: OwnedFd = std::fs::File::open("/dev/null").expect("null").into();
         assert!(bad(&req(SPAWN_NETD, 1 << 28, 2, 0), vec![sock(), file]).contains("log fd"));
@@ -862,6 +867,13 @@ mod tests {
             }
             _ => panic!("not a netd spawn"),
         }
-        assert!(bad(&req(SPAWN_NETD, 1 << 28, 4, 0), vec![sock(), sock()]).contains("queues"));
+        match parse_request(&req(SPAWN_NETD, 1 << 28, 4, 0), vec![sock(), sock()]) {
+            Ok(Request::Spawn { params, .. }) => assert_eq!(params.queues, 4),
+            _ => panic!("not a two-pair netd spawn"),
+        }
+        let max = 2 * crate::nics::MAX_TAP_QUEUES as u32;
+        for q in [0, 3, max + 2] {
+            assert!(bad(&req(SPAWN_NETD, 1 << 28, q, 0), vec![sock(), sock()]).contains("queues"));
+        }
     }
 }

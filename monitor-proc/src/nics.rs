@@ -61,8 +61,10 @@ use crate::worker::{self, SandboxConfig, WorkerError};
 
 /// The netd binary's file name.
 pub const NETD_WORKER: &str = "bulkhead-netd";
-/// Virtqueues of a NIC: one queue pair.
+/// Virtqueues of one queue pair (receive, transmit).
 pub const NET_QUEUES: u16 = 2;
+/// Most queues of a tap netdev (queue pairs of a NIC): what `bulkhead-netd` serves.
+pub const MAX_TAP_QUEUES: usize = 8;
 /// How long netd has for the handshake and the setup.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long netd (or vcpu-proc) has to answer a request.
@@ -112,10 +114,14 @@ pub struct NetArgs {
 /// Where a netdev's tap comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TapSource {
-    /// An fd the monitor inherited (`fd=N`).
+    /// An fd the monitor inherited (`fd=N`; -1: a name, QMP's `getfd`).
     Fd(i32),
-    /// A tap the monitor opens by name (`ifname=`).
-    Ifname(String),
+    /// Several queues of a multiqueue tap (`fds=a:b:...`): fd numbers on the command line,
+    /// `getfd` names (or numbers, refused there) in `netdev_add`.
+    Fds(Vec<String>),
+    /// A tap the monitor opens by name (`ifname=`) this many times (`queues=`, with
+    /// `IFF_MULTI_QUEUE` when more than one).
+    Ifname(String, usize),
 }
 
 /// One `-netdev tap`.
@@ -138,6 +144,10 @@ pub struct NicSpec {
     pub mac: Option<[u8; 6]>,
     /// `addr=` (`None`: the first free slot).
     pub slot: Option<u8>,
+    /// `mq=on`: the NIC offers its netdev's queues as queue pairs (`VIRTIO_NET_F_MQ`).
+    pub mq: bool,
+    /// `vectors=` (`None`: QEMU's default, 2 per queue pair + 2).
+    pub vectors: Option<u32>,
 }
 
 /// The configured network.
@@ -218,6 +228,8 @@ fn netdev_from_pairs(
     let mut ty = None;
     let mut id = None;
     let mut fd = None;
+    let mut fds = None;
+    let mut queues = None;
     let mut ifname = None;
     let (mut script, mut downscript) = (None, None);
     for (k, v) in pairs {
@@ -225,6 +237,8 @@ fn netdev_from_pairs(
             "type" => ty = Some(v.clone()),
             "id" => id = Some(v.clone()),
             "fd" => fd = Some(v.clone()),
+            "fds" => fds = Some(v.clone()),
+            "queues" => queues = Some(v.clone()),
             "ifname" => ifname = Some(v.clone()),
             "script" => script = Some(v.clone()),
             "downscript" => downscript = Some(v.clone()),
@@ -240,10 +254,10 @@ fn netdev_from_pairs(
                     "{k}={v}: vhost-net is not supported: bulkhead-netd is the NIC's back end"
                 )))
             }
-            "fds" | "vhostfd" | "vhostfds" | "queues" | "br" | "helper" | "sndbuf" | "poll-us" => {
+            "vhostfd" | "vhostfds" | "br" | "helper" | "sndbuf" | "poll-us" => {
                 return Err(err(format!(
-                    "'{k}' is not supported by bulkhead's tap netdev (it takes id, fd or \
-                     ifname with script=no,downscript=no)"
+                    "'{k}' is not supported by bulkhead's tap netdev (it takes id, fd, fds \
+                     or ifname with script=no,downscript=no and queues)"
                 )))
             }
             other => return Err(err(format!("Invalid parameter '{other}'"))),
@@ -262,13 +276,59 @@ fn netdev_from_pairs(
     if !id_ok(&id) {
         return Err(err("Parameter 'id' expects an identifier".into()));
     }
-    if fd.is_some() && (ifname.is_some() || script.is_some() || downscript.is_some()) {
+    if fd.is_some()
+        && (ifname.is_some()
+            || script.is_some()
+            || downscript.is_some()
+            || queues.is_some()
+            || fds.is_some())
+    {
         return Err(err(
             "ifname=, script=, downscript=, vnet_hdr=, helper=, queues=, fds=, and vhostfds= \
              are invalid with fd="
                 .into(),
         ));
     }
+    if let Some(list) = fds {
+        // QEMU 7.2's text (vnet_hdr= on is accepted: bulkhead's taps always have it).
+        if ifname.is_some() || script.is_some() || downscript.is_some() || queues.is_some() {
+            return Err(err(
+                "ifname=, script=, downscript=, vnet_hdr=, helper=, queues=, and vhostfd= \
+                 are invalid with fds="
+                    .into(),
+            ));
+        }
+        let items: Vec<String> = list.split(':').map(str::to_string).collect();
+        if items.iter().any(|i| i.is_empty()) {
+            return Err(err(format!("fds={list}: an empty fd in the list")));
+        }
+        if items.len() > MAX_TAP_QUEUES {
+            return Err(err(format!(
+                "fds={list}: {} queues; bulkhead-netd serves at most {MAX_TAP_QUEUES}",
+                items.len()
+            )));
+        }
+        return Ok(NetdevSpec {
+            id,
+            source: TapSource::Fds(items),
+        });
+    }
+    let queues = match queues {
+        None => 1,
+        Some(q) => match q.parse::<usize>() {
+            Ok(n) if (1..=MAX_TAP_QUEUES).contains(&n) => n,
+            Ok(_) => {
+                return Err(err(format!(
+                    "queues={q}: bulkhead-netd serves 1 to {MAX_TAP_QUEUES} queues"
+                )))
+            }
+            Err(_) => {
+                return Err(err(format!(
+                    "Parameter 'queues' expects uint32_t (not '{q}')"
+                )))
+            }
+        },
+    };
     let source = match (fd, ifname) {
         (Some(fd), None) => TapSource::Fd(fd.parse().map_err(|_| fd.clone()).or_else(|name| {
             // A name (QMP's getfd): kept as -1 here; the QMP path resolves it.
@@ -289,7 +349,7 @@ fn netdev_from_pairs(
             if name.is_empty() || name.len() >= 16 || name.contains('/') {
                 return Err(err(format!("ifname={name}: not an interface name")));
             }
-            TapSource::Ifname(name)
+            TapSource::Ifname(name, queues)
         }
         (None, None) | (Some(_), Some(_)) => {
             return Err(err(
@@ -299,6 +359,43 @@ fn netdev_from_pairs(
         }
     };
     Ok(NetdevSpec { id, source })
+}
+
+impl TapSource {
+    /// The netdev's queues (one queue pair of its NIC each, with `mq=on`).
+    pub fn queues(&self) -> usize {
+        match self {
+            TapSource::Fd(_) => 1,
+            TapSource::Fds(l) => l.len(),
+            TapSource::Ifname(_, q) => *q,
+        }
+    }
+}
+
+/// The queue pairs a NIC offers on a netdev with `queues` queues: all of them with `mq=on`,
+/// else one (QEMU: without `VIRTIO_NET_F_MQ` the driver uses pair 0 only).
+pub fn nic_pairs(nic_mq: bool, queues: usize) -> usize {
+    if nic_mq {
+        queues.max(1)
+    } else {
+        1
+    }
+}
+
+/// `vectors=`: bulkhead's virtio-net-pci has one MSI-X vector per virtqueue (two per queue pair
+/// and the control queue) and one for configuration changes, QEMU's default
+/// `2 * queues + 2`; another count is refused (QEMU would share or drop vectors).
+fn check_vectors(nic: &NicSpec, queues: usize) -> Result<(), String> {
+    let pairs = nic_pairs(nic.mq, queues);
+    let have = 2 * pairs as u32 + 2;
+    match nic.vectors {
+        Some(v) if v != have => Err(format!(
+            "vectors={v}: bulkhead's virtio-net-pci has {have} MSI-X vectors here (one per \
+             virtqueue of its {pairs} queue pair(s), one for the control queue and one for \
+             configuration changes); give vectors={have} or leave it out"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// `netdev_add`'s members as `key=value` strings: the netdev, with `fd` a name (`Fd(-1)`) or a
@@ -317,6 +414,8 @@ fn nic_from_pairs(
         netdev: String::new(),
         mac: None,
         slot: None,
+        mq: false,
+        vectors: None,
     };
     let prop = |k: &str, v: &str| format!("Property 'virtio-net-pci.{k}' doesn't take value '{v}'");
     for (k, v) in pairs {
@@ -343,8 +442,18 @@ fn nic_from_pairs(
             "addr" => nic.slot = Some(parse_slot(v).ok_or_else(|| err(prop("addr", v)))?),
             "bus" if matches!(v.as_str(), "pci.0" | "pcie.0") => {}
             "bus" => return Err(err(format!("Bus '{v}' not found"))),
-            "vhost" | "vectors" | "mq" | "rx_queue_size" | "tx_queue_size" | "host_mtu"
-            | "romfile" | "failover" | "speed" | "duplex" => {
+            "mq" => {
+                nic.mq = match v.as_str() {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    _ => return Err(err("Parameter 'mq' expects 'on' or 'off'".into())),
+                }
+            }
+            "vectors" => {
+                nic.vectors = Some(v.parse::<u32>().map_err(|_| err(prop("vectors", v)))?);
+            }
+            "vhost" | "rx_queue_size" | "tx_queue_size" | "host_mtu" | "romfile" | "failover"
+            | "speed" | "duplex" => {
                 return Err(err(format!(
                     "property '{k}' of virtio-net-pci is not supported by bulkhead"
                 )))
@@ -384,6 +493,14 @@ pub fn resolve(
                              QMP's getfd)"
                                 .into(),
                         ));
+                    }
+                    if let TapSource::Fds(list) = &spec.source {
+                        if let Some(x) = list.iter().find(|x| x.parse::<i32>().is_err()) {
+                            return Err(b(format!(
+                                "fds=: '{x}' is not an fd number (fd names come from QMP's \
+                                 getfd)"
+                            )));
+                        }
                     }
                     cfg.netdevs.push(spec);
                 }
@@ -468,6 +585,10 @@ pub fn resolve(
                  '{}', it's in use",
                 nic.netdev
             )));
+        }
+        if let Some(nd) = cfg.netdevs.iter().find(|d| d.id == nic.netdev) {
+            check_vectors(nic, nd.source.queues())
+                .map_err(|r| CliError::Conflict(format!("-device virtio-net-pci: {r}")))?;
         }
         if let Some(id) = &nic.id {
             if !dev_ids.insert(id.clone()) {
@@ -558,9 +679,11 @@ fn ifreq() -> IfReq {
     }
 }
 
+const IFF_MULTI_QUEUE: i16 = 0x0100;
+
 /// Opens `/dev/net/tun` and attaches to (or creates) tap `name` with
-/// `IFF_TAP|IFF_NO_PI|IFF_VNET_HDR`.
-pub fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
+/// `IFF_TAP|IFF_NO_PI|IFF_VNET_HDR` (and `IFF_MULTI_QUEUE` when `multi`: one queue per open).
+pub fn open_tap(name: &str, multi: bool) -> std::io::Result<OwnedFd> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -573,6 +696,9 @@ pub fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
     }
     req.name[..n.len()].copy_from_slice(n);
     req.flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    if multi {
+        req.flags |= IFF_MULTI_QUEUE;
+    }
     // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes), which `req` is.
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) } < 0 {
         return Err(std::io::Error::last_os_error());
@@ -582,6 +708,41 @@ pub fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
 
 /// Checks that `fd` is a tap set up as netd needs it; returns its interface name.
 pub fn check_tap(fd: BorrowedFd<'_>) -> Result<String, String> {
+    tap_info(fd).map(|(name, _)| name)
+}
+
+/// Checks that `fds` are queues of one tap set up as netd needs it (several: all
+/// `IFF_MULTI_QUEUE` queues of the same interface, with the same flags); returns its name.
+pub fn check_taps(fds: &[BorrowedFd<'_>]) -> Result<String, String> {
+    let mut first: Option<(String, i16)> = None;
+    for fd in fds {
+        let (name, flags) = tap_info(*fd)?;
+        if fds.len() > 1 && flags & IFF_MULTI_QUEUE == 0 {
+            return Err(format!(
+                "tap {name} is not a multiqueue tap (IFF_MULTI_QUEUE): several fds must be \
+                 queues of one"
+            ));
+        }
+        match &first {
+            None => first = Some((name, flags)),
+            Some((n, _)) if *n != name => {
+                return Err(format!(
+                    "the fds are queues of different taps ({n}, {name})"
+                ))
+            }
+            // QEMU 7.2's text.
+            Some((_, f)) if *f != flags => {
+                return Err("vnet_hdr not consistent across given tap fds".into())
+            }
+            Some(_) => {}
+        }
+    }
+    first
+        .map(|(n, _)| n)
+        .ok_or_else(|| "no tap file descriptor".into())
+}
+
+fn tap_info(fd: BorrowedFd<'_>) -> Result<(String, i16), String> {
     let mut req = ifreq();
     // SAFETY: TUNGETIFF writes a `struct ifreq` (40 bytes), which `req` is.
     if unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETIFF, &mut req as *mut IfReq) } < 0 {
@@ -599,7 +760,7 @@ pub fn check_tap(fd: BorrowedFd<'_>) -> Result<String, String> {
             req.flags
         ));
     }
-    Ok(name)
+    Ok((name, req.flags))
 }
 
 /// What can be checked of an fd with `fstat` alone (the confined monitor may not `ioctl` it):
@@ -646,9 +807,10 @@ struct Netdev {
     /// Creation order among netdevs and NICs (QEMU's `net_clients` order).
     seq: u64,
     id: String,
-    tap: OwnedFd,
-    /// `info network`'s text for it (QEMU's `info_str`).
-    info: String,
+    /// One fd per queue (a multiqueue tap's queues).
+    taps: Vec<OwnedFd>,
+    /// `info network`'s text for each queue (QEMU's `info_str`).
+    info: Vec<String>,
     link_down: bool,
 }
 
@@ -671,6 +833,8 @@ struct Nic {
     netdev: Option<String>,
     mac: [u8; 6],
     slot: u8,
+    /// `mq=on`.
+    mq: bool,
     link_down: bool,
     worker: Option<Netd>,
     /// The rx filter as the guest last set it.
@@ -720,8 +884,9 @@ pub struct VcpuCtx<'a> {
 pub struct NewNetdev {
     /// `id`.
     pub id: String,
-    /// The tap: received with `getfd` (and the `info network` text), or a name to open.
-    pub tap: Result<(OwnedFd, String), String>,
+    /// The tap's queues: received with `getfd` (each with its `info network` text), or a
+    /// name to open that many times.
+    pub tap: Result<Vec<(OwnedFd, String)>, (String, usize)>,
 }
 
 /// A QMP request for the network.
@@ -828,29 +993,46 @@ impl Nics {
                 id: d.id.clone(),
                 reason,
             };
-            let (tap, info) = match &d.source {
-                TapSource::Fd(fd) => {
-                    // SAFETY: F_GETFD on an integer; no memory involved.
-                    if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
-                        return Err(tap_err(format!("fd={fd}: not an open file descriptor")));
+            let mut taps = Vec::new();
+            let mut info = Vec::new();
+            match &d.source {
+                TapSource::Fd(_) | TapSource::Fds(_) => {
+                    let nums: Vec<i32> = match &d.source {
+                        TapSource::Fd(fd) => vec![*fd],
+                        TapSource::Fds(l) => l.iter().filter_map(|x| x.parse().ok()).collect(),
+                        TapSource::Ifname(..) => Vec::new(),
+                    };
+                    for fd in nums {
+                        if taps.iter().any(|t: &OwnedFd| t.as_raw_fd() == fd) {
+                            return Err(tap_err(format!("fd {fd} is given twice")));
+                        }
+                        // SAFETY: F_GETFD on an integer; no memory involved.
+                        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                            return Err(tap_err(format!("fd={fd}: not an open file descriptor")));
+                        }
+                        // SAFETY: the fd is open (checked above) and was inherited for this
+                        // netdev (each number once, checked above): nothing else in the
+                        // monitor owns it.
+                        taps.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                        info.push(format!("fd={fd}"));
                     }
-                    // SAFETY: the fd is open (checked above) and was inherited for this
-                    // netdev: nothing else in the monitor owns it.
-                    let tap = unsafe { OwnedFd::from_raw_fd(*fd) };
-                    (tap, format!("fd={fd}"))
                 }
-                TapSource::Ifname(name) => {
-                    let tap = open_tap(name)
-                        .map_err(|e| tap_err(format!("could not open tap {name}: {e}")))?;
-                    (tap, format!("ifname={name},script=no,downscript=no"))
+                TapSource::Ifname(name, queues) => {
+                    for _ in 0..*queues {
+                        let tap = open_tap(name, *queues > 1)
+                            .map_err(|e| tap_err(format!("could not open tap {name}: {e}")))?;
+                        taps.push(tap);
+                        info.push(format!("ifname={name},script=no,downscript=no"));
+                    }
                 }
             };
-            check_tap(tap.as_fd()).map_err(tap_err)?;
+            let borrowed: Vec<BorrowedFd<'_>> = taps.iter().map(|t| t.as_fd()).collect();
+            check_taps(&borrowed).map_err(tap_err)?;
             n.next_key += 1;
             n.netdevs.push(Netdev {
                 seq: n.next_key,
                 id: d.id.clone(),
-                tap,
+                taps,
                 info,
                 link_down: false,
             });
@@ -880,6 +1062,7 @@ impl Nics {
             netdev: Some(spec.netdev.clone()),
             mac,
             slot: spec.slot.unwrap_or(0),
+            mq: spec.mq,
             link_down: false,
             worker: None,
             rx_filter: RxFilter::reset(mac),
@@ -936,7 +1119,9 @@ impl Nics {
         self.netdevs.iter().find(|d| d.id == id)
     }
 
-    fn device(nic: &Nic) -> VirtioDevice {
+    /// The virtio device of `nic` on a netdev with `queues` queues.
+    fn device(nic: &Nic, queues: usize) -> VirtioDevice {
+        let pairs = u16::try_from(nic_pairs(nic.mq, queues)).unwrap_or(1);
         VirtioDevice {
             id: nic.name.clone(),
             kind: VirtioKind::Net {
@@ -944,7 +1129,7 @@ impl Nics {
                 link_up: !nic.link_down,
             },
             slot: nic.slot,
-            num_queues: NET_QUEUES,
+            num_queues: NET_QUEUES * pairs,
             queue_size: QUEUE_SIZE,
         }
     }
@@ -988,17 +1173,26 @@ impl Nics {
                 reason: "no such netdev".into(),
             });
         };
-        let tap = dup(nd.tap.as_fd()).map_err(|e| NicsError::Tap {
-            id: nd_id.clone(),
-            reason: format!("dup: {e}"),
-        })?;
+        // netd serves every queue of the tap (one pair each), also those a NIC without mq=on
+        // never enables: it detaches their tap queues, so the kernel steers no frame there.
+        let taps = nd
+            .taps
+            .iter()
+            .map(|t| dup(t.as_fd()))
+            .collect::<std::io::Result<Vec<OwnedFd>>>()
+            .map_err(|e| NicsError::Tap {
+                id: nd_id.clone(),
+                reason: format!("dup: {e}"),
+            })?;
+        let queues = taps.len();
+        let netd_queues = NET_QUEUES * u16::try_from(queues).unwrap_or(1);
         let setup = NetSetup {
             id: name.clone(),
             mac: nic.mac,
-            num_queues: NET_QUEUES,
+            num_queues: netd_queues,
             link_up: !(nic.link_down || nd.link_down),
         };
-        let device = Self::device(nic);
+        let device = Self::device(nic, queues);
         let path = self.netd_path.clone().ok_or(NicsError::NoNetd)?;
         let (front, back) =
             UnixStream::pair().map_err(|e| NicsError::Socket(name.clone(), e.to_string()))?;
@@ -1008,7 +1202,7 @@ impl Nics {
             // Old and new memory tables may be mapped at once.
             mem_bytes: mem_bytes.saturating_mul(2),
             vcpus: 1,
-            queues: u32::from(NET_QUEUES),
+            queues: u32::from(netd_queues),
         };
         // netd may not write a regular file (RLIMIT_FSIZE 0), which the monitor's stderr often
         // is: its stdout and stderr are a socket the monitor copies to its own stderr.
@@ -1049,11 +1243,12 @@ impl Nics {
             Err(_) => return Err(fail("no handshake within 10 s".into())),
         }
         let (rpc, mut events) = RpcClient::new(chan);
-        let fds: Vec<BorrowedFd<'_>> = vec![tap.as_fd(), back.as_fd()];
+        let mut fds: Vec<BorrowedFd<'_>> = taps.iter().map(|t| t.as_fd()).collect();
+        fds.push(back.as_fd());
         let r = tokio::time::timeout(START_TIMEOUT, rpc.call(NetRequest::Setup(setup), &fds)).await;
         drop(fds);
         drop(back);
-        drop(tap);
+        drop(taps);
         match r {
             Ok(Ok((NetReply::Ok, _))) => {}
             Ok(Ok((NetReply::Error(e), _))) => return Err(fail(e)),
@@ -1199,20 +1394,23 @@ impl Nics {
         if self.netdevs.iter().any(|d| d.id == n.id) {
             return Err(QmpError::generic(format!("Duplicate ID '{}'", n.id)));
         }
-        let (tap, info) = match n.tap {
-            Ok((fd, info)) => {
-                if !looks_like_tun(fd.as_fd()) {
-                    return Err(QmpError::generic(format!(
-                        "netdev {}: the file descriptor is not a tap (/dev/net/tun)",
-                        n.id
-                    )));
+        let (taps, info): (Vec<OwnedFd>, Vec<String>) = match n.tap {
+            Ok(queues) => {
+                for (fd, _) in &queues {
+                    if !looks_like_tun(fd.as_fd()) {
+                        return Err(QmpError::generic(format!(
+                            "netdev {}: the file descriptor is not a tap (/dev/net/tun)",
+                            n.id
+                        )));
+                    }
                 }
                 if !CONFINED.load(Ordering::SeqCst) {
-                    check_tap(fd.as_fd()).map_err(QmpError::generic)?;
+                    let b: Vec<BorrowedFd<'_>> = queues.iter().map(|(f, _)| f.as_fd()).collect();
+                    check_taps(&b).map_err(QmpError::generic)?;
                 }
-                (fd, info)
+                queues.into_iter().unzip()
             }
-            Err(ifname) => {
+            Err((ifname, queues)) => {
                 if CONFINED.load(Ordering::SeqCst) {
                     return Err(QmpError::generic(format!(
                         "netdev_add ifname={ifname}: the monitor cannot open /dev/net/tun once \
@@ -1221,17 +1419,22 @@ impl Nics {
                          -netdev on the command line"
                     )));
                 }
-                let fd = open_tap(&ifname)
-                    .map_err(|e| QmpError::generic(format!("could not open tap {ifname}: {e}")))?;
-                (fd, format!("ifname={ifname},script=no,downscript=no"))
+                let mut taps = Vec::new();
+                for _ in 0..queues {
+                    taps.push(open_tap(&ifname, queues > 1).map_err(|e| {
+                        QmpError::generic(format!("could not open tap {ifname}: {e}"))
+                    })?);
+                }
+                let info = vec![format!("ifname={ifname},script=no,downscript=no"); queues];
+                (taps, info)
             }
         };
-        log::info!("netdev {} added ({info})", n.id);
+        log::info!("netdev {} added ({})", n.id, info.join(" "));
         self.next_key += 1;
         self.netdevs.push(Netdev {
             seq: self.next_key,
             id: n.id,
-            tap,
+            taps,
             info,
             link_down: false,
         });
@@ -1274,12 +1477,13 @@ impl Nics {
                 return Err(QmpError::generic(format!("Duplicate device ID '{id}'")));
             }
         }
-        if self.netdev(&spec.netdev).is_none() {
+        let Some(nd) = self.netdev(&spec.netdev) else {
             return Err(QmpError::generic(format!(
                 "Property 'virtio-net-pci.netdev' can't find value '{}'",
                 spec.netdev
             )));
-        }
+        };
+        check_vectors(&spec, nd.taps.len()).map_err(QmpError::generic)?;
         if self
             .nics
             .iter()
@@ -1517,16 +1721,28 @@ impl Nics {
         // QEMU walks its clients in creation order: a NIC prints itself and its netdev, a
         // netdev with a NIC is skipped (printed with it), one without is printed alone.
         let mut entries: Vec<(u64, String)> = Vec::new();
+        // A NIC on a netdev with N queues is N clients (queue_index 0..N), the first with the
+        // model and MAC, each followed by the netdev's queue of the same index.
         for n in &self.nics {
-            let mut text = format!(
-                "{}: index=0,type=nic,model=virtio-net-pci,macaddr={}\n",
-                n.name,
-                // The guest's current MAC, as QEMU's qemu_format_nic_info_str after
-                // VIRTIO_NET_CTRL_MAC_ADDR_SET.
-                mac_string(&n.rx_filter.mac)
-            );
-            if let Some(d) = n.netdev.as_deref().and_then(|d| self.netdev(d)) {
-                text.push_str(&format!(" \\ {}: index=0,type=tap,{}\n", d.id, d.info));
+            let d = n.netdev.as_deref().and_then(|d| self.netdev(d));
+            let queues = d.map_or(1, |d| d.taps.len().max(1));
+            let mut text = String::new();
+            for q in 0..queues {
+                if q == 0 {
+                    text.push_str(&format!(
+                        "{}: index=0,type=nic,model=virtio-net-pci,macaddr={}\n",
+                        n.name,
+                        // The guest's current MAC, as QEMU's qemu_format_nic_info_str after
+                        // VIRTIO_NET_CTRL_MAC_ADDR_SET.
+                        mac_string(&n.rx_filter.mac)
+                    ));
+                } else {
+                    text.push_str(&format!("{}: index={q},type=nic,\n", n.name));
+                }
+                if let Some(d) = d {
+                    let info = d.info.get(q).map_or("", String::as_str);
+                    text.push_str(&format!(" \\ {}: index={q},type=tap,{info}\n", d.id));
+                }
             }
             entries.push((n.key, text));
         }
@@ -1536,7 +1752,13 @@ impl Nics {
                 .iter()
                 .any(|n| n.netdev.as_deref() == Some(d.id.as_str()))
             {
-                entries.push((d.seq, format!("{}: index=0,type=tap,{}\n", d.id, d.info)));
+                let text: String = d
+                    .info
+                    .iter()
+                    .enumerate()
+                    .map(|(q, info)| format!("{}: index={q},type=tap,{info}\n", d.id))
+                    .collect();
+                entries.push((d.seq, text));
             }
         }
         entries.sort_by_key(|(seq, _)| *seq);
@@ -1662,7 +1884,7 @@ mod tests {
         )
         .expect("resolves");
         assert_eq!(cfg.netdevs[0].source, TapSource::Fd(7));
-        assert_eq!(cfg.netdevs[1].source, TapSource::Ifname("tap9".into()));
+        assert_eq!(cfg.netdevs[1].source, TapSource::Ifname("tap9".into(), 1));
         assert_eq!(cfg.nics[0].mac, Some([2, 0, 0, 0, 0, 7]));
         assert_eq!(cfg.nics[0].slot, Some(4));
         assert_eq!(cfg.nics[1].slot, Some(2));
@@ -1681,11 +1903,73 @@ mod tests {
     }
 
     #[test]
+    fn multiqueue_spellings_resolve_with_qemu_s_rules() {
+        use NetOpt::*;
+        let cfg = resolve(
+            &args(&[
+                (Netdev, "tap,id=a,fds=7:8"),
+                (
+                    Netdev,
+                    "tap,id=b,ifname=mq0,queues=4,script=no,downscript=no",
+                ),
+                (Device, "virtio-net-pci,netdev=a,mq=on,vectors=6"),
+                (Device, "virtio-net-pci,netdev=b,mq=off"),
+            ]),
+            &[],
+            &[],
+        )
+        .expect("resolves");
+        assert_eq!(
+            cfg.netdevs[0].source,
+            TapSource::Fds(vec!["7".into(), "8".into()])
+        );
+        assert_eq!(cfg.netdevs[1].source, TapSource::Ifname("mq0".into(), 4));
+        assert!(cfg.nics[0].mq && !cfg.nics[1].mq);
+        assert_eq!(nic_pairs(true, 2), 2);
+        assert_eq!(nic_pairs(false, 4), 1);
+        // QEMU 7.2's texts.
+        assert!(err(&[(Netdev, "tap,id=t,fd=3,fds=4:5")])
+            .contains("queues=, fds=, and vhostfds= are invalid with fd="));
+        for bad in [
+            "tap,id=t,fds=4:5,queues=2",
+            "tap,id=t,fds=4:5,ifname=x",
+            "tap,id=t,fds=4,script=no",
+        ] {
+            assert!(
+                err(&[(Netdev, bad)])
+                    .contains("helper=, queues=, and vhostfd= are invalid with fds="),
+                "{bad}"
+            );
+        }
+        assert!(err(&[(Netdev, "tap,id=t,fds=4:abc")]).contains("'abc' is not an fd number"));
+        assert!(err(&[(Netdev, "tap,id=t,fds=4::5")]).contains("empty fd"));
+        assert!(err(&[(Netdev, "tap,id=t,fds=3:4:5:6:7:8:9:10:11")]).contains("at most 8"));
+        assert!(
+            err(&[(Netdev, "tap,id=t,ifname=x,queues=0,script=no,downscript=no")])
+                .contains("1 to 8")
+        );
+        assert!(
+            err(&[(Netdev, "tap,id=t,ifname=x,queues=z,script=no,downscript=no")])
+                .contains("expects uint32_t")
+        );
+        assert!(err(&[
+            (Netdev, "tap,id=t,fds=4:5"),
+            (Device, "virtio-net-pci,netdev=t,mq=on,vectors=4")
+        ])
+        .contains("vectors=6"));
+        assert!(err(&[
+            (Netdev, "tap,id=t,fds=4:5"),
+            (Device, "virtio-net-pci,netdev=t,mq=maybe")
+        ])
+        .contains("'mq' expects 'on' or 'off'"));
+    }
+
+    #[test]
     fn unsupported_forms_are_refused_naming_the_key() {
         use NetOpt::*;
         assert!(err(&[(Netdev, "user,id=u")]).contains("network backend 'user'"));
         assert!(err(&[(Netdev, "tap,id=t,fd=3,vhost=on")]).contains("vhost=on"));
-        assert!(err(&[(Netdev, "tap,id=t,fd=3,queues=2")]).contains("'queues'"));
+        assert!(err(&[(Netdev, "tap,id=t,fd=3,queues=2")]).contains("queues=, fds=, and"));
         assert!(err(&[(Netdev, "tap,id=t,fd=3,bogus=1")]).contains("'bogus'"));
         assert!(err(&[(Netdev, "tap,id=t,ifname=x")]).contains("script=no"));
         assert!(err(&[(Netdev, "tap,id=t")]).contains("fd=N"));
@@ -1746,6 +2030,8 @@ mod tests {
             netdev: "n".into(),
             mac: None,
             slot: Some(3),
+            mq: false,
+            vectors: None,
         };
         n.add_nic(&spec(Some("nic0")));
         n.add_nic(&spec(None));

@@ -47,7 +47,7 @@ fn tap(name: &str) -> OwnedFd {
         euid, 0,
         "the NIC tests need root to make taps; CI runs as root"
     );
-    bulkhead_monitor::nics::open_tap(name).unwrap_or_else(|e| panic!("tap {name}: {e}"))
+    bulkhead_monitor::nics::open_tap(name, false).unwrap_or_else(|e| panic!("tap {name}: {e}"))
 }
 
 fn log_has(s: &Scratch, text: &str) -> String {
@@ -417,12 +417,17 @@ fn netdev_add_takes_a_getfd_tap_and_devices_plug_cold_and_hot() {
         json!({"type": "tap", "id": "n1", "ifname": "bhx0", "script": "no", "downscript": "no"})
     )
     .contains("cannot open /dev/net/tun once it has confined itself"));
-    assert!(e(
-        &mut q,
-        "netdev_add",
-        json!({"type": "tap", "id": "n1", "fd": "x", "queues": 2})
-    )
-    .contains("'queues'"));
+    // queues= is no longer refused as unsupported (multiqueue taps with ifname=); with fd= it
+    // gets QEMU 7.2's text (net_init_tap, checked against qemu-system-x86_64 7.2).
+    assert_eq!(
+        e(
+            &mut q,
+            "netdev_add",
+            json!({"type": "tap", "id": "n1", "fd": "x", "queues": 2})
+        ),
+        "ifname=, script=, downscript=, vnet_hdr=, helper=, queues=, fds=, and vhostfds= are \
+         invalid with fd="
+    );
     assert!(e(&mut q, "device_add", json!({"driver": "e1000"})).contains("'e1000'"));
     assert_eq!(
         e(
@@ -508,6 +513,122 @@ fn netdev_add_takes_a_getfd_tap_and_devices_plug_cold_and_hot() {
     assert_eq!(
         hmp(&mut q, "info network"),
         "nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n"
+    );
+    assert_eq!(q.cmd("quit"), ok);
+    assert!(m.wait(T).success(), "{}", m.stderr());
+}
+
+/// `netdev_add` with `fds=` naming two `getfd` fds that are queues of one multiqueue tap: one
+/// netdev with two queues, consumed names, a NIC with `mq=on` gets two queue pairs and a netd
+/// serving both; the errors on the way leave the names in place.
+#[test]
+fn netdev_add_takes_the_queues_of_a_multiqueue_tap_from_getfd() {
+    let s = Scratch::new("net-mq-qmp");
+    let (mut m, mut q) = start(&s, &["-S"], &[]);
+    let name = format!("bhmq{}", std::process::id() % 100_000);
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the NIC tests need root");
+    let queue =
+        || bulkhead_monitor::nics::open_tap(&name, true).unwrap_or_else(|e| panic!("tap: {e}"));
+    let (t0, t1) = (queue(), queue());
+    for (fdname, t) in [("q0", &t0), ("q1", &t1)] {
+        let r = q.cmd_with_fds(
+            &format!(r#"{{"execute": "getfd", "arguments": {{"fdname": "{fdname}"}}}}"#),
+            &[t.as_raw_fd()],
+            FdsOn::Command,
+        );
+        assert_eq!(r, json!({"return": {}}));
+    }
+    // A single-queue tap, named too: it must survive the multiqueue netdev's consumption.
+    let single = tap(&format!("bhsq{}", std::process::id() % 100_000));
+    let r = q.cmd_with_fds(
+        r#"{"execute": "getfd", "arguments": {"fdname": "one"}}"#,
+        &[single.as_raw_fd()],
+        FdsOn::Command,
+    );
+    assert_eq!(r, json!({"return": {}}));
+    drop((t0, t1, single));
+    let ok = json!({"return": {}});
+    let e = |q: &mut Qmp, args: Value| error_desc(&exec(q, "netdev_add", args)).to_string();
+    // Errors first; none of them consumes a name.
+    assert_eq!(
+        e(&mut q, json!({"type": "tap", "id": "n0", "fds": "q0:nope"})),
+        "File descriptor named 'nope' has not been found"
+    );
+    assert_eq!(
+        e(&mut q, json!({"type": "tap", "id": "n0", "fds": "q0:q0"})),
+        "fds: 'q0' is given twice"
+    );
+    assert_eq!(
+        e(
+            &mut q,
+            json!({"type": "tap", "id": "n0", "fds": "q0:q1", "queues": 2})
+        ),
+        "ifname=, script=, downscript=, vnet_hdr=, helper=, queues=, and vhostfd= are invalid \
+         with fds="
+    );
+    // The two queues: one netdev.
+    assert_eq!(
+        exec(
+            &mut q,
+            "netdev_add",
+            json!({"type": "tap", "id": "n0", "fds": "q0:q1"})
+        ),
+        ok
+    );
+    stderr_has(&m, "netdev n0 added (fd=");
+    // As QEMU: the netdev consumed both names (the single-queue one is still there).
+    for gone in ["q0", "q1"] {
+        assert_eq!(
+            e(&mut q, json!({"type": "tap", "id": "n1", "fd": gone})),
+            format!("File descriptor named '{gone}' has not been found")
+        );
+    }
+    // A NIC with mq=on: two queue pairs (four virtqueues) to the machine, one netd for both.
+    assert_eq!(
+        exec(
+            &mut q,
+            "device_add",
+            json!({"driver": "virtio-net-pci", "netdev": "n0", "id": "nic0", "mq": "on",
+                   "vectors": 6})
+        ),
+        ok
+    );
+    let log = log_has(&s, "device nic0 Net");
+    assert!(log.contains("queues 4 "), "{log}");
+    let netd = netds(&mut q);
+    assert_eq!(netd.len(), 1, "{netd:?}");
+    // info network: a client per queue, as QEMU's multiqueue NIC and tap.
+    let info = hmp(&mut q, "info network");
+    // (QEMU formats the NIC's text on queue 0 only; each tap queue shows its own fd.)
+    let mut shape = String::new();
+    for line in info.split_inclusive("\r\n") {
+        match line.find(",fd=") {
+            Some(at) => {
+                assert!(line[at + 4..].trim_end().parse::<u32>().is_ok(), "{info}");
+                shape.push_str(&line[..at + 4]);
+                shape.push_str("N\r\n");
+            }
+            None => shape.push_str(line),
+        }
+    }
+    assert_eq!(
+        shape,
+        "nic0: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56\r\n \\ n0: \
+         index=0,type=tap,fd=N\r\nnic0: index=1,type=nic,\r\n \\ n0: index=1,type=tap,fd=N\r\n",
+        "{info}"
+    );
+    // The NIC and netdev go; the single-queue tap is still named.
+    assert_eq!(exec(&mut q, "device_del", json!({"id": "nic0"})), ok);
+    log_has(&s, "device nic0 removed");
+    assert_eq!(exec(&mut q, "netdev_del", json!({"id": "n0"})), ok);
+    assert_eq!(
+        exec(
+            &mut q,
+            "netdev_add",
+            json!({"type": "tap", "id": "n1", "fd": "one"})
+        ),
+        ok
     );
     assert_eq!(q.cmd("quit"), ok);
     assert!(m.wait(T).success(), "{}", m.stderr());

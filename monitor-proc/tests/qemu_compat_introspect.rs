@@ -722,6 +722,9 @@ fn the_schema_describes_commands_and_events_as_qemu_7_2_does() {
         "rerror",
         "netdev",
         "mac",
+        // virtio-net-pci's multiqueue properties (QEMU 7.2's device_add takes them too).
+        "mq",
+        "vectors",
     ];
     let only_ours: BTreeSet<String> = ours
         .entities()

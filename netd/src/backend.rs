@@ -1,7 +1,16 @@
 //! The vhost-user-net back end on rust-vmm's `vhost-user-backend` framework.
 //!
-//! One queue pair (rx = queue 0, tx = queue 1) served by one epoll worker thread, which also
-//! watches the tap fd (edge-triggered, event [`TAP_EVENT`]).
+//! N queue pairs (pair i: rx = queue 2i, tx = queue 2i+1), each on its own tap queue fd (one fd
+//! of a multiqueue tap per pair) and served by its own epoll worker thread, which also watches its
+//! tap fd (edge-triggered, event [`tap_event`]). A frame the guest sends on pair i goes out on tap
+//! queue i; the kernel spreads incoming frames over the tap's attached queues and each arrives on
+//! the pair of its queue.
+//!
+//! * **enable**: only pairs the front end enabled (`SET_VRING_ENABLE`) are served. On a
+//!   multiqueue tap, a pair found disabled has its tap queue detached (`TUNSETQUEUE`, so the
+//!   kernel steers its frames to the queues that are served rather than queueing them where nobody
+//!   reads); once enabled again (the framework then runs the pair's rx handler) it is attached
+//!   and served.
 //!
 //! * **tx**: a kick makes the worker pop every available chain, check it (readable descriptors
 //!   only, at most [`MAX_CHAIN_DESCS`] of them, at most [`MAX_FRAME`] bytes after the vnet header,
@@ -48,16 +57,22 @@ use vmm_sys_util::event::{
 
 use crate::tap::{self, Tap};
 
-/// The receive queue's index.
+/// The receive queue's index within a pair (and its event number in the pair's thread).
 pub const RX: usize = 0;
-/// The transmit queue's index.
+/// The transmit queue's index within a pair.
 pub const TX: usize = 1;
-/// Queues (one pair).
+/// Virtqueues of one pair.
 pub const NUM_QUEUES: usize = 2;
+/// Most queue pairs (one tap queue fd each).
+pub const MAX_PAIRS: usize = crate::tap::MAX_TAP_QUEUES;
 /// Queue size offered to the front end.
 pub const QUEUE_SIZE: usize = 256;
-/// The epoll event number of the tap fd (the framework reserves 0..=NUM_QUEUES).
-pub const TAP_EVENT: u16 = NUM_QUEUES as u16 + 1;
+
+/// The epoll event number of a pair's tap fd in its thread, for a back end with `pairs` pairs
+/// (the framework reserves 0..=virtqueues).
+pub fn tap_event(pairs: usize) -> u16 {
+    u16::try_from(2 * pairs + 1).unwrap_or(u16::MAX)
+}
 /// Largest frame after the vnet header: a 64 KiB GSO packet plus an Ethernet and a VLAN header.
 pub const MAX_FRAME: usize = 65535 + 14 + 4;
 /// The vnet header with `VERSION_1` or mergeable buffers (`struct virtio_net_hdr_mrg_rxbuf`).
@@ -126,15 +141,26 @@ enum Delivery {
     NoBuffers,
 }
 
-/// The virtio-net back end for one tap.
-pub struct NetBackend {
+/// One queue pair's tap queue and state.
+struct Pair {
     tap: Tap,
+    rx: Mutex<RxState>,
+    /// The tap queue is attached (multiqueue taps only detach).
+    attached: AtomicBool,
+    /// Frames this pair delivered to the guest / wrote to the tap.
+    rx_frames: AtomicU64,
+    tx_frames: AtomicU64,
+}
+
+/// The virtio-net back end for one tap (one queue fd per pair).
+pub struct NetBackend {
+    pairs: Vec<Pair>,
+    multiqueue: bool,
     mac: [u8; 6],
     link_up: AtomicBool,
     hdr_len: AtomicUsize,
     mrg_rxbuf: AtomicBool,
     mem: Mutex<Option<GuestMem>>,
-    rx: Mutex<RxState>,
     /// Counters.
     pub stats: Arc<Stats>,
 }
@@ -227,26 +253,99 @@ fn copy_into(mem: &GuestMemoryMmap, frame: &[u8], chains: &[RxChain]) -> Option<
 }
 
 impl NetBackend {
-    /// A back end on `tap` with the MAC address `mac`.
+    /// A back end on `tap` (one queue pair) with the MAC address `mac`.
     pub fn new(tap: Tap, mac: [u8; 6]) -> NetBackend {
+        Self::with_queues(vec![tap], mac)
+    }
+
+    /// A back end with one queue pair per tap queue fd in `taps` (1 to [`MAX_PAIRS`]; more than
+    /// one must be queues of one multiqueue tap). An empty list gets nothing to serve: callers
+    /// check the count first (see [`crate::worker`]).
+    pub fn with_queues(taps: Vec<Tap>, mac: [u8; 6]) -> NetBackend {
+        let multiqueue = taps.len() > 1;
         NetBackend {
-            tap,
+            pairs: taps
+                .into_iter()
+                .map(|tap| Pair {
+                    tap,
+                    rx: Mutex::new(RxState {
+                        buf: vec![0u8; HDR_LEN + MAX_FRAME],
+                        len: 0,
+                    }),
+                    attached: AtomicBool::new(true),
+                    rx_frames: AtomicU64::new(0),
+                    tx_frames: AtomicU64::new(0),
+                })
+                .collect(),
+            multiqueue,
             mac,
             link_up: AtomicBool::new(true),
             hdr_len: AtomicUsize::new(HDR_LEN),
             mrg_rxbuf: AtomicBool::new(false),
             mem: Mutex::new(None),
-            rx: Mutex::new(RxState {
-                buf: vec![0u8; HDR_LEN + MAX_FRAME],
-                len: 0,
-            }),
             stats: Arc::new(Stats::default()),
         }
     }
 
-    /// The tap fd, for the epoll handler.
+    /// Queue pairs.
+    pub fn pairs(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// The tap fd of pair 0, for the epoll handler (one pair).
     pub fn tap_fd(&self) -> std::os::fd::RawFd {
-        self.tap.raw_fd()
+        self.tap_fds().first().copied().unwrap_or(-1)
+    }
+
+    /// Each pair's tap fd, in pair order: pair i's is watched by epoll handler i with
+    /// [`tap_event`].
+    pub fn tap_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.pairs.iter().map(|p| p.tap.raw_fd()).collect()
+    }
+
+    /// Each pair's (rx frames, tx frames), in pair order.
+    pub fn pair_counters(&self) -> Vec<(u64, u64)> {
+        self.pairs
+            .iter()
+            .map(|p| {
+                (
+                    p.rx_frames.load(Ordering::Relaxed),
+                    p.tx_frames.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
+    }
+
+    /// The counters for the log: the totals, and per pair with more than one.
+    pub fn stats_line(&self) -> String {
+        let mut s = self.stats.to_string();
+        if self.pairs.len() > 1 {
+            for (i, (rx, tx)) in self.pair_counters().into_iter().enumerate() {
+                s.push_str(&format!(" pair{i}_rx={rx} pair{i}_tx={tx}"));
+            }
+        }
+        s
+    }
+
+    /// Makes the tap queue of pair `i` attached exactly when the pair is `enabled` (multiqueue
+    /// taps only; a single-queue tap cannot detach and is left alone).
+    fn follow_enable(&self, i: usize, enabled: bool) {
+        let Some(p) = self.pairs.get(i) else {
+            return;
+        };
+        if !self.multiqueue || p.attached.load(Ordering::Relaxed) == enabled {
+            return;
+        }
+        match p.tap.set_queue_attached(enabled) {
+            Ok(()) => {
+                p.attached.store(enabled, Ordering::Relaxed);
+                log::debug!(
+                    "pair {i}: tap queue {}",
+                    if enabled { "attached" } else { "detached" }
+                );
+            }
+            Err(e) => log::warn!("pair {i}: {e}"),
+        }
     }
 
     /// Sets the link state (`set_link`): down drops every frame both ways from the next one the
@@ -270,7 +369,8 @@ impl NetBackend {
             0
         };
         c[6..8].copy_from_slice(&status.to_le_bytes());
-        c[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let pairs = u16::try_from(self.pairs.len()).unwrap_or(1);
+        c[8..10].copy_from_slice(&pairs.to_le_bytes());
         c
     }
 
@@ -278,15 +378,15 @@ impl NetBackend {
         self.mem.lock().ok().and_then(|m| m.clone())
     }
 
-    /// Writes every available tx chain to the tap.
-    fn process_tx(&self, vring: &VringRwLock) {
+    /// Writes every available tx chain of pair `p` to its tap queue.
+    fn process_tx(&self, p: &Pair, vring: &VringRwLock) {
         let Some(mem) = self.memory() else {
             return;
         };
         let mem = mem.memory();
         let hdr_len = self.hdr_len.load(Ordering::Relaxed);
         let mut state = vring.get_mut();
-        if !state.get_queue().ready() {
+        if !state.get_queue().ready() || !state.is_enabled() {
             return;
         }
         let mut used_any = false;
@@ -333,10 +433,11 @@ impl NetBackend {
             if good && total > hdr_len {
                 // SAFETY: every iovec is a range get_slice checked inside guest memory, which
                 // stays mapped while `mem` (the guard) lives, i.e. through this call.
-                match unsafe { self.tap.writev(&iov) } {
+                match unsafe { p.tap.writev(&iov) } {
                     Ok(_) => {
                         let bytes = (total - hdr_len) as u64;
                         self.stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        p.tx_frames.fetch_add(1, Ordering::Relaxed);
                         self.stats.tx_frames.fetch_add(1, Ordering::Relaxed)
                     }
                     Err(e) => {
@@ -360,16 +461,16 @@ impl NetBackend {
 
     /// Moves frames from the tap into the guest's rx buffers until the tap is empty or the guest
     /// has too few buffers (backpressure: the tap is then left unread).
-    fn process_rx(&self, vring: &VringRwLock) {
+    fn process_rx(&self, p: &Pair, vring: &VringRwLock) {
         if !self.link_up() {
-            self.drain_rx();
+            self.drain_rx(p);
             return;
         }
         let Some(mem) = self.memory() else {
             return;
         };
         let mem = mem.memory();
-        let Ok(mut rx) = self.rx.lock() else {
+        let Ok(mut rx) = p.rx.lock() else {
             return;
         };
         let mut state = vring.get_mut();
@@ -381,7 +482,7 @@ impl NetBackend {
         let mut used_any = false;
         loop {
             if rx.len == 0 {
-                match self.tap.read_frame(&mut rx.buf) {
+                match p.tap.read_frame(&mut rx.buf) {
                     Ok(Some(n)) if n > hdr_len => rx.len = n,
                     Ok(Some(_)) => {
                         self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
@@ -401,6 +502,7 @@ impl NetBackend {
                     let bytes = len.saturating_sub(hdr_len) as u64;
                     self.stats.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
                     self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    p.rx_frames.fetch_add(1, Ordering::Relaxed);
                 }
                 Delivery::Dropped => {
                     self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
@@ -421,8 +523,12 @@ impl NetBackend {
     /// Link down: discards the frame held for the guest and every frame queued on the tap
     /// (each counted in `rx_dropped`), so none is delivered late when the link comes back and
     /// the edge-triggered tap wakes the worker again for the next one.
-    fn drain_rx(&self) {
-        let Ok(mut rx) = self.rx.lock() else {
+    fn drain_rx(&self, p: &Pair) {
+        if !p.attached.load(Ordering::Relaxed) {
+            // A detached queue cannot be read (and holds nothing).
+            return;
+        }
+        let Ok(mut rx) = p.rx.lock() else {
             return;
         };
         if rx.len != 0 {
@@ -430,7 +536,7 @@ impl NetBackend {
             self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
         }
         loop {
-            match self.tap.read_frame(&mut rx.buf) {
+            match p.tap.read_frame(&mut rx.buf) {
                 Ok(Some(_)) => {
                     self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
                 }
@@ -524,7 +630,7 @@ impl VhostUserBackend for NetBackend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        NUM_QUEUES
+        NUM_QUEUES * self.pairs.len()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -562,21 +668,31 @@ impl VhostUserBackend for NetBackend {
             features & (1u64 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             Ordering::Relaxed,
         );
-        if let Err(e) = self.tap.set_vnet_hdr_size(len) {
-            log::error!("{e}");
-        }
         let off = tap_offloads(features);
-        if let Err(e) = self.tap.set_offload(off) {
-            // Kernels that no longer take UFO refuse the whole set: retry without it.
-            log::warn!("{e}; retrying without UFO");
-            if let Err(e) = self.tap.set_offload(off & !tap::TUN_F_UFO) {
+        // Every queue fd of the tap gets the header size and offloads (the kernel keeps both
+        // per interface, but a queue detached now would miss a later change otherwise).
+        for p in &self.pairs {
+            if let Err(e) = p.tap.set_vnet_hdr_size(len) {
                 log::error!("{e}");
+            }
+            if let Err(e) = p.tap.set_offload(off) {
+                // Kernels that no longer take UFO refuse the whole set: retry without it.
+                log::warn!("{e}; retrying without UFO");
+                if let Err(e) = p.tap.set_offload(off & !tap::TUN_F_UFO) {
+                    log::error!("{e}");
+                }
             }
         }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+        let f = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
+        if self.pairs.len() > 1 {
+            // GET_QUEUE_NUM: the front end learns how many queues (2 per pair) netd serves.
+            f | VhostUserProtocolFeatures::MQ
+        } else {
+            f
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -602,7 +718,10 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        vec![(1u64 << NUM_QUEUES) - 1]
+        // One thread per pair: pair i's rx and tx are queues 2i and 2i+1.
+        (0..self.pairs.len().max(1))
+            .map(|i| 0b11u64 << (NUM_QUEUES * i))
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -622,19 +741,28 @@ impl VhostUserBackend for NetBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> std::io::Result<()> {
+        // Thread i serves pair i; its vrings are that pair's rx and tx.
         let (Some(rx), Some(tx)) = (vrings.get(RX), vrings.get(TX)) else {
             return Err(std::io::Error::other("fewer vrings than queues"));
         };
+        let Some(p) = self.pairs.get(thread_id) else {
+            return Err(std::io::Error::other("event for an unknown queue pair"));
+        };
+        let enabled = rx.get_ref().is_enabled();
+        self.follow_enable(thread_id, enabled);
+        let tap_ev = tap_event(self.pairs.len());
         match device_event {
-            e if e == RX as u16 || e == TAP_EVENT => {
-                if e == TAP_EVENT && !evset.contains(EventSet::IN) {
+            e if e == RX as u16 || e == tap_ev => {
+                if e == tap_ev && !evset.contains(EventSet::IN) {
                     log::warn!("tap: unexpected events {evset:?}");
                 }
-                self.process_rx(rx);
+                if enabled {
+                    self.process_rx(p, rx);
+                }
             }
-            e if e == TX as u16 => self.process_tx(tx),
+            e if e == TX as u16 => self.process_tx(p, tx),
             _ => return Err(std::io::Error::other("event for an unknown queue")),
         }
         Ok(())

@@ -11,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
-use bulkhead_netd::backend::{NetBackend, TAP_EVENT};
+use bulkhead_netd::backend::{tap_event, NetBackend};
 use bulkhead_netd::confine;
 use bulkhead_netd::options::{Options, TapSource};
 use bulkhead_netd::relay::Relay;
@@ -55,16 +55,24 @@ fn run() -> Result<()> {
         .ok_or_else(|| anyhow!("--sandbox {}: on, off or allow-weak", o.sandbox))?;
 
     // Everything that needs a path or the host network happens here, before the sandbox.
-    let tap = match &o.tap {
-        TapSource::Name(n) => Tap::open(n).with_context(|| format!("opening tap {n}"))?,
-        TapSource::Fd(fd) => {
-            // SAFETY: the fd was handed to us on the command line; nothing else in this
-            // process owns it.
-            let tap = unsafe { Tap::from_raw_fd(*fd) };
-            tap.with_context(|| format!("taking tap fd {fd}"))?
+    let taps = match &o.tap {
+        TapSource::Name(n, q) => {
+            Tap::open_queues(n, *q).with_context(|| format!("opening tap {n}"))?
+        }
+        TapSource::Fds(fds) => {
+            let mut taps = Vec::with_capacity(fds.len());
+            for fd in fds {
+                // SAFETY: the fd was handed to us on the command line (each once, checked by
+                // the options); nothing else in this process owns it.
+                let tap = unsafe { Tap::from_raw_fd(*fd) };
+                taps.push(tap.with_context(|| format!("taking tap fd {fd}"))?);
+            }
+            Tap::check_queues(&taps).context("the tap fds")?;
+            taps
         }
     };
-    let ifname = tap.name().unwrap_or_default();
+    let ifname = taps.first().and_then(|t| t.name().ok()).unwrap_or_default();
+    let pairs = taps.len();
     let listener =
         Listener::new(&o.socket, true).with_context(|| format!("binding {}", o.socket))?;
 
@@ -80,13 +88,14 @@ fn run() -> Result<()> {
     // The daemon's end and the relay's end of the connection the crate serves (see `relay`):
     // made here because the sandbox allows no `socketpair`.
     let (relay_end, daemon_end) = UnixStream::pair().context("making the relay socket pair")?;
-    let report = standalone::enter(Role::Netd, o.max_guest_mem, mode, hook.as_ref())
-        .context("entering the netd sandbox")?;
+    let virtqueues = u32::try_from(2 * pairs).unwrap_or(u32::MAX);
+    let report =
+        standalone::enter_with_queues(Role::Netd, o.max_guest_mem, virtqueues, mode, hook.as_ref())
+            .context("entering the netd sandbox")?;
     eprintln!("bulkhead-netd: {report}");
 
-    let backend = Arc::new(NetBackend::new(tap, o.mac));
-    let stats = backend.stats.clone();
-    let tap_fd = backend.tap_fd();
+    let backend = Arc::new(NetBackend::with_queues(taps, o.mac));
+    let tap_fds = backend.tap_fds();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     // Tests only: the attempt runs here, confined, holding everything it holds in service
     // (the listening socket and the tap fd, in its empty network namespace), instead of starting
@@ -101,21 +110,27 @@ fn run() -> Result<()> {
         );
         std::process::exit(0);
     }
-    let mut daemon = VhostUserDaemon::new("bulkhead-netd".into(), backend, mem)
+    let mut daemon = VhostUserDaemon::new("bulkhead-netd".into(), backend.clone(), mem)
         .map_err(|e| anyhow!("creating the vhost-user daemon: {e}"))?;
-    let handler = daemon
-        .get_epoll_handlers()
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow!("the daemon has no worker thread"))?;
-    handler
-        .register_listener(
-            tap_fd,
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-            u64::from(TAP_EVENT),
-        )
-        .context("watching the tap")?;
-    eprintln!("bulkhead-netd: tap {ifname}, listening on {}", o.socket);
+    let handlers = daemon.get_epoll_handlers();
+    if handlers.len() != tap_fds.len() {
+        return Err(anyhow!("the daemon has no worker thread per queue pair"));
+    }
+    // Pair i's tap queue is watched by pair i's worker thread.
+    for (handler, fd) in handlers.iter().zip(&tap_fds) {
+        handler
+            .register_listener(
+                *fd,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                u64::from(tap_event(pairs)),
+            )
+            .context("watching the tap")?;
+    }
+    eprintln!(
+        "bulkhead-netd: tap {ifname} ({pairs} queue pair{}), listening on {}",
+        if pairs == 1 { "" } else { "s" },
+        o.socket
+    );
     let front = loop {
         match listener.accept() {
             Ok(Some(s)) => break s,
@@ -135,7 +150,7 @@ fn run() -> Result<()> {
     // Dropping the daemon joins its worker thread, so the counters below are final (a frame the
     // worker has just written to the tap is counted).
     drop(daemon);
-    eprintln!("bulkhead-netd: {stats}");
+    eprintln!("bulkhead-netd: {}", backend.stats_line());
     // The listener is not dropped: its drop unlinks the socket path, which the sandbox refuses
     // (no unlink in the allowlist, no filesystem in landlock). The path stays; the next start
     // replaces it.

@@ -2,14 +2,16 @@
 //! `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) before the sandbox, inherited as an fd, or (worker
 //! mode) handed over by the monitor after the sandbox ([`Tap::from_monitor`]). After the
 //! sandbox only `read`/`writev` and the ioctls of the netd policy (`TUNSETOFFLOAD`,
-//! `TUNSETVNETHDRSZ`) touch it; `TUNGETIFF` is used only before.
+//! `TUNSETVNETHDRSZ`, and `TUNSETQUEUE` to detach and re-attach a multiqueue tap's queue as the
+//! guest disables and enables its queue pair) touch it; `TUNGETIFF` is used only before.
+//! A multiqueue tap (`IFF_MULTI_QUEUE`) is one such fd per queue, all on the same interface.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use bulkhead_sandbox::ioctls::{TUNGETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ};
+use bulkhead_sandbox::ioctls::{TUNGETIFF, TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ};
 
 use crate::{Error, Result};
 
@@ -21,6 +23,14 @@ pub const IFF_TAP: u16 = 0x0002;
 pub const IFF_NO_PI: u16 = 0x1000;
 /// `IFF_VNET_HDR`.
 pub const IFF_VNET_HDR: u16 = 0x4000;
+/// `IFF_MULTI_QUEUE`: the interface has one queue per open fd.
+pub const IFF_MULTI_QUEUE: u16 = 0x0100;
+/// `IFF_ATTACH_QUEUE` (`TUNSETQUEUE`).
+pub const IFF_ATTACH_QUEUE: u16 = 0x0200;
+/// `IFF_DETACH_QUEUE` (`TUNSETQUEUE`).
+pub const IFF_DETACH_QUEUE: u16 = 0x0400;
+/// Most queues of one tap netd serves (queue pairs of one device).
+pub const MAX_TAP_QUEUES: usize = 8;
 
 /// `TUN_F_CSUM`: the tap may hand us packets with a partial checksum.
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -61,6 +71,23 @@ fn ioctl_ptr<T>(fd: RawFd, req: u64, arg: *mut T, what: &'static str) -> Result<
 impl Tap {
     /// Opens (creating if needed, as root) the tap `ifname` with a vnet header.
     pub fn open(ifname: &str) -> Result<Tap> {
+        Tap::open_queue(ifname, false)
+    }
+
+    /// Opens `queues` queues of the multiqueue tap `ifname` (`IFF_MULTI_QUEUE`; one plain
+    /// [`Tap::open`] for one queue).
+    pub fn open_queues(ifname: &str, queues: usize) -> Result<Vec<Tap>> {
+        if queues == 0 || queues > MAX_TAP_QUEUES {
+            return Err(Error::Usage(format!(
+                "--queues {queues}: 1 to {MAX_TAP_QUEUES}"
+            )));
+        }
+        (0..queues)
+            .map(|_| Tap::open_queue(ifname, queues > 1))
+            .collect()
+    }
+
+    fn open_queue(ifname: &str, multi: bool) -> Result<Tap> {
         let bytes = ifname.as_bytes();
         if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
             return Err(Error::Usage(format!(
@@ -76,8 +103,66 @@ impl Tap {
         let mut req = IfReq::default();
         req.name[..bytes.len()].copy_from_slice(bytes);
         req.flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        if multi {
+            req.flags |= IFF_MULTI_QUEUE;
+        }
         ioctl_ptr(file.as_raw_fd(), TUNSETIFF, &mut req, "TUNSETIFF")?;
         Tap::from_fd(OwnedFd::from(file))
+    }
+
+    /// The interface name and `IFF_*` flags the kernel reports (`TUNGETIFF`; before the
+    /// sandbox only).
+    pub fn name_and_flags(&self) -> Result<(String, u16)> {
+        let mut req = IfReq::default();
+        ioctl_ptr(self.fd.as_raw_fd(), TUNGETIFF, &mut req, "TUNGETIFF")?;
+        let end = req
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(req.name.len());
+        let name = String::from_utf8_lossy(&req.name[..end]).into_owned();
+        Ok((name, req.flags))
+    }
+
+    /// Checks that inherited tap fds are queues of one interface with the same flags
+    /// (several fds must all be `IFF_MULTI_QUEUE` queues of the same tap).
+    pub fn check_queues(taps: &[Tap]) -> Result<()> {
+        let mut first: Option<(String, u16)> = None;
+        for t in taps {
+            let (name, flags) = t.name_and_flags()?;
+            let mq = flags & IFF_MULTI_QUEUE != 0;
+            if taps.len() > 1 && !mq {
+                return Err(Error::Usage(format!(
+                    "tap {name}: several --tap-fd need queues of a multiqueue tap \
+                     (IFF_MULTI_QUEUE)"
+                )));
+            }
+            match &first {
+                None => first = Some((name, flags)),
+                Some((n, f)) if *n != name || *f != flags => {
+                    return Err(Error::Usage(format!(
+                        "--tap-fd: queues of different taps or flags ({n} {f:#x}, {name} \
+                         {flags:#x})"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches (`true`) or detaches this queue of a multiqueue tap (`TUNSETQUEUE`): a detached
+    /// queue gets no frames (the kernel steers them to the attached ones) and cannot be read.
+    pub fn set_queue_attached(&self, attach: bool) -> Result<()> {
+        let mut req = IfReq {
+            flags: if attach {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            },
+            ..IfReq::default()
+        };
+        ioctl_ptr(self.fd.as_raw_fd(), TUNSETQUEUE, &mut req, "TUNSETQUEUE")
     }
 
     /// Takes over an inherited tap fd `fd`; checks it is a tap with a vnet header and makes it

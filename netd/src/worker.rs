@@ -36,23 +36,43 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::backend::{NetBackend, NUM_QUEUES, TAP_EVENT};
+use crate::backend::{tap_event, NetBackend, MAX_PAIRS, NUM_QUEUES};
 use crate::tap::Tap;
 
 /// Usage of worker mode.
 pub const USAGE: &str = "usage: bulkhead-netd --ipc-fd N [--sandbox on|off|allow-weak] \
-[--mem-bytes N] [--queues N (virtqueues, 2 per queue pair; at most 2)] \
+[--mem-bytes N] [--queues N (virtqueues: 2 per queue pair, 2 to 16, even)] \
 (launched by the bulkhead monitor)";
 
 /// Worker mode is selected by `--ipc-fd` as the first argument ([`WorkerArgs::parse`], with
-/// `--queues` up to [`NUM_QUEUES`]); `None` otherwise (the standalone command line).
+/// `--queues` a whole number of queue pairs: 2 to `NUM_QUEUES * MAX_PAIRS` virtqueues, even, as
+/// the monitor's launcher allows); `None` otherwise (the standalone command line).
 pub fn parse_args(args: &[String]) -> Option<Result<WorkerArgs, WorkerError>> {
-    WorkerArgs::parse(args, NUM_QUEUES as u32).map(|r| {
-        r.map_err(|message| WorkerError::Usage {
-            message,
-            usage: USAGE,
-        })
+    let explicit_queues = args.iter().any(|a| a == "--queues");
+    WorkerArgs::parse(args, (NUM_QUEUES * MAX_PAIRS) as u32).map(|r| {
+        r.map_err(|e| e.0)
+            .and_then(|a| {
+                // Without --queues the sandbox is sized for one pair (the default 1).
+                if explicit_queues && a.params.queues as usize % NUM_QUEUES != 0 {
+                    return Err(format!(
+                        "--queues {}: virtqueues come in queue pairs ({NUM_QUEUES} each, at \
+                         most {MAX_PAIRS} pairs)",
+                        a.params.queues
+                    ));
+                }
+                Ok(a)
+            })
+            .map_err(|m| WorkerError::Usage {
+                message: bulkhead_worker::args::ArgsError(m),
+                usage: USAGE,
+            })
     })
+}
+
+/// The queue pairs a netd launched with `--queues virtqueues` was sized for (its
+/// `RLIMIT_NPROC`; as the sandbox policy counts them).
+fn launched_pairs(virtqueues: u32) -> usize {
+    (virtqueues.max(1) as usize).div_ceil(NUM_QUEUES)
 }
 
 /// The interfaces other than `lo` in this process's network namespace, from the
@@ -115,9 +135,11 @@ fn net_stats(b: &NetBackend) -> NetStats {
 
 /// Checks a setup before anything is started.
 fn check_setup(s: &NetSetup) -> Result<(), String> {
-    if usize::from(s.num_queues) != NUM_QUEUES {
+    let n = usize::from(s.num_queues);
+    if n == 0 || n % NUM_QUEUES != 0 || n / NUM_QUEUES > MAX_PAIRS {
         return Err(format!(
-            "{} virtqueues: netd serves one queue pair ({NUM_QUEUES} virtqueues)",
+            "{} virtqueues: netd serves 1 to {MAX_PAIRS} queue pairs ({NUM_QUEUES} virtqueues \
+             each)",
             s.num_queues
         ));
     }
@@ -137,37 +159,60 @@ fn start_serving(
     s: &NetSetup,
     fds: Vec<OwnedFd>,
     chan: &Arc<Channel<NetProtocol>>,
+    launched: usize,
 ) -> Result<Serving, String> {
     check_setup(s)?;
-    let [tap, vhost]: [OwnedFd; 2] = fds
-        .try_into()
-        .map_err(|_| "the setup lacks its fds".to_string())?;
-    let tap = Tap::from_monitor(tap).map_err(|e| format!("tap: {e}"))?;
+    let pairs = usize::from(s.num_queues) / NUM_QUEUES;
+    if pairs > launched {
+        // Its sandbox (RLIMIT_NPROC: a thread per pair) was sized for `launched` pairs.
+        return Err(format!(
+            "{} virtqueues: this netd was launched for {launched} queue pair(s)",
+            s.num_queues
+        ));
+    }
+    if fds.len() != s.fd_count() {
+        return Err(format!(
+            "the setup carries {} fds, not {} (a tap queue per pair and the socket)",
+            fds.len(),
+            s.fd_count()
+        ));
+    }
+    let mut fds = fds;
+    let Some(vhost) = fds.pop() else {
+        return Err("the setup lacks its fds".into());
+    };
+    let taps = fds
+        .into_iter()
+        .enumerate()
+        .map(|(i, fd)| Tap::from_monitor(fd).map_err(|e| format!("tap queue {i}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
     let vhost = UnixStream::from(vhost);
-    let backend = Arc::new(NetBackend::new(tap, s.mac));
+    let backend = Arc::new(NetBackend::with_queues(taps, s.mac));
     backend.set_link(s.link_up);
-    let tap_fd = backend.tap_fd();
+    let tap_fds = backend.tap_fds();
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("bulkhead-netd".into(), backend.clone(), mem)
         .map_err(|e| format!("creating the vhost-user daemon: {e}"))?;
-    let handler = daemon
-        .get_epoll_handlers()
-        .into_iter()
-        .next()
-        .ok_or("the daemon has no worker thread")?;
-    handler
-        .register_listener(
-            tap_fd,
-            EventSet::IN | EventSet::EDGE_TRIGGERED,
-            u64::from(TAP_EVENT),
-        )
-        .map_err(|e| format!("watching the tap: {e}"))?;
+    let handlers = daemon.get_epoll_handlers();
+    if handlers.len() != pairs {
+        return Err("the daemon has no worker thread per queue pair".into());
+    }
+    // Pair i's tap queue is watched by pair i's worker thread.
+    for (handler, fd) in handlers.iter().zip(&tap_fds) {
+        handler
+            .register_listener(
+                *fd,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                u64::from(tap_event(pairs)),
+            )
+            .map_err(|e| format!("watching the tap: {e}"))?;
+    }
     daemon
         .start_with_stream(vhost)
         .map_err(|e| format!("serving the front end: {e}"))?;
     let chan = chan.clone();
     let id = s.id.clone();
-    let stats = backend.stats.clone();
+    let logged = backend.clone();
     std::thread::Builder::new()
         .name("frontend-wait".into())
         .spawn(move || {
@@ -177,6 +222,7 @@ fn start_serving(
             }
             // Dropping the daemon joins its worker thread: the counters below are final.
             drop(daemon);
+            let stats = logged.stats_line();
             match r.map_err(|e| e.to_string()) {
                 Err(e) if !e.contains("disconnect") && !e.contains("partial") => {
                     log::warn!("{id}: the front end session ended: {e}; {stats}")
@@ -210,6 +256,7 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
     let sock = unsafe { OwnedFd::from_raw_fd(a.ipc_fd) };
     let chan = Arc::new(Channel::<NetProtocol>::from_fd(sock));
     chan.handshake(IpcRole::Net, IpcRole::Monitor)?;
+    let launched = launched_pairs(a.params.queues);
     let mut serving: Option<Serving> = None;
     loop {
         let (frame, fds) = match chan.recv() {
@@ -230,11 +277,13 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
             }
         };
         let reply = match req {
-            NetRequest::Setup(s) if serving.is_none() => match start_serving(&s, fds, &chan) {
-                Ok(sv) => {
-                    let m = s.mac;
-                    log::info!(
-                        "{}: serving MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, link {}",
+            NetRequest::Setup(s) if serving.is_none() => {
+                match start_serving(&s, fds, &chan, launched) {
+                    Ok(sv) => {
+                        let m = s.mac;
+                        log::info!(
+                        "{}: serving MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, link {}, {} \
+                         queue pair(s)",
                         s.id,
                         m[0],
                         m[1],
@@ -242,13 +291,15 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
                         m[3],
                         m[4],
                         m[5],
-                        if s.link_up { "up" } else { "down" }
+                        if s.link_up { "up" } else { "down" },
+                        usize::from(s.num_queues) / NUM_QUEUES
                     );
-                    serving = Some(sv);
-                    NetReply::Ok
+                        serving = Some(sv);
+                        NetReply::Ok
+                    }
+                    Err(e) => NetReply::Error(e),
                 }
-                Err(e) => NetReply::Error(e),
-            },
+            }
             NetRequest::Setup(_) => NetReply::Error("already set up".into()),
             NetRequest::QueryStats => match &serving {
                 Some(sv) => NetReply::Stats(net_stats(&sv.backend)),
@@ -265,7 +316,10 @@ pub fn run(a: WorkerArgs) -> Result<(), WorkerError> {
             NetRequest::QuerySandbox => NetReply::Sandbox(sandbox_report()),
             NetRequest::Quit => {
                 let _ = chan.reply(id, NetReply::Ok, &[]);
-                log::info!("quit");
+                match &serving {
+                    Some(sv) => log::info!("{}: quit; {}", sv.id, sv.backend.stats_line()),
+                    None => log::info!("quit"),
+                }
                 std::process::exit(0);
             }
         };
@@ -298,7 +352,19 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((a.ipc_fd, a.mode, a.params.queues), (3, Mode::AllowWeak, 2));
-        for bad in ["--ipc-fd 3 --queues 3", "--ipc-fd 3 --tap t"] {
+        let a = args("--ipc-fd 3 --queues 16").unwrap().unwrap();
+        assert_eq!((a.params.queues, launched_pairs(a.params.queues)), (16, 8));
+        // Without --queues: sized for one pair, as before multiqueue.
+        let a = args("--ipc-fd 3").unwrap().unwrap();
+        assert_eq!(launched_pairs(a.params.queues), 1);
+        // Virtqueues come in pairs (as the launcher spawns netd), at most 8 pairs.
+        for bad in [
+            "--ipc-fd 3 --queues 1",
+            "--ipc-fd 3 --queues 3",
+            "--ipc-fd 3 --queues 0",
+            "--ipc-fd 3 --queues 18",
+            "--ipc-fd 3 --tap t",
+        ] {
             assert!(
                 matches!(args(bad), Some(Err(WorkerError::Usage { .. }))),
                 "{bad}"
@@ -315,9 +381,20 @@ mod tests {
             link_up: true,
         };
         assert!(check_setup(&ok).is_ok());
-        let mut s = ok.clone();
-        s.num_queues = 4;
-        assert!(check_setup(&s).unwrap_err().contains("one queue pair"));
+        // Multiqueue: 1 to MAX_PAIRS queue pairs, two virtqueues each.
+        for n in [4, 2 * MAX_PAIRS as u16] {
+            let mut s = ok.clone();
+            s.num_queues = n;
+            assert!(check_setup(&s).is_ok(), "{n}");
+        }
+        for n in [0, 1, 3, 2 * MAX_PAIRS as u16 + 2] {
+            let mut s = ok.clone();
+            s.num_queues = n;
+            assert!(
+                check_setup(&s).unwrap_err().contains("1 to 8 queue pairs"),
+                "{n}"
+            );
+        }
         let mut s = ok;
         s.mac[0] = 1;
         assert!(check_setup(&s).unwrap_err().contains("multicast"));

@@ -578,7 +578,9 @@ fn a_launched_netd_is_confined_moves_frames_both_ways_and_obeys_set_link() {
 
 #[test]
 fn bad_setups_are_refused_and_quit_ends_the_worker() {
-    let mut w = Worker::launch(1);
+    // Launched for one queue pair, as the monitor launches a single-queue NIC's netd (`--queues
+    // 2`: an odd virtqueue count is no longer accepted).
+    let mut w = Worker::launch(2);
     assert_eq!(limit(w.child.pid(), "Max processes"), "6");
     let (_fe, be) = UnixStream::pair().expect("socketpair");
     // Not a tap: refused with the calls netd keeps (TUNSETVNETHDRSZ), not by its filter.
@@ -587,12 +589,22 @@ fn bad_setups_are_refused_and_quit_ends_the_worker() {
         NetReply::Error(e) => assert!(e.contains("not a tap"), "{e}"),
         other => panic!("{other:?}"),
     }
-    // More queues than netd serves, a multicast MAC.
-    let mut s = setup(true);
-    s.num_queues = 4;
-    match w.call(NetRequest::Setup(s), &[null.as_fd(), be.as_fd()]) {
-        NetReply::Error(e) => assert!(e.contains("queue pair"), "{e}"),
-        other => panic!("{other:?}"),
+    // Virtqueues that are no whole number of pairs, more pairs than netd serves (9: nine tap
+    // fds and the socket), more pairs than this netd was launched (and sandboxed) for, a
+    // multicast MAC.
+    for (n, want) in [
+        (3, "1 to 8 queue pairs"),
+        (18, "1 to 8 queue pairs"),
+        (4, "launched for 1 queue pair"),
+    ] {
+        let mut s = setup(true);
+        s.num_queues = n;
+        let mut fds = vec![null.as_fd(); s.fd_count() - 1];
+        fds.push(be.as_fd());
+        match w.call(NetRequest::Setup(s), &fds) {
+            NetReply::Error(e) => assert!(e.contains(want), "{n}: {e}"),
+            other => panic!("{n}: {other:?}"),
+        }
     }
     let mut s = setup(true);
     s.mac = [0x01, 0, 0x5e, 0, 0, 1];

@@ -96,6 +96,7 @@ ioctls! {
     TUNGETIFF = ior(b'T' as u32, 210, size_of::<libc::c_uint>());
     TUNGETVNETHDRSZ = ior(b'T' as u32, 215, size_of::<libc::c_int>());
     TUNSETVNETHDRSZ = iow(b'T' as u32, 216, size_of::<libc::c_int>());
+    TUNSETQUEUE = iow(b'T' as u32, 217, size_of::<libc::c_int>());
 
     // Terminals and sockets, for the monitor: `-serial stdio` puts the terminal in raw mode and
     // restores it at exit; `set_nonblocking` on std sockets.
@@ -162,8 +163,9 @@ pub const VCPU_KVM: &[Ioctl] = list![
 ];
 
 /// The tap ioctls netd may issue on the tap fd it is handed, once sandboxed: the offloads and the
-/// vnet header size the guest negotiated (`TUNGETIFF` it uses only before the sandbox).
-pub const NETD_TAP: &[Ioctl] = list![TUNSETOFFLOAD, TUNSETVNETHDRSZ];
+/// vnet header size the guest negotiated, and attaching/detaching a multiqueue tap's queue as the
+/// guest enables or disables its queue pair (`TUNGETIFF` it uses only before the sandbox).
+pub const NETD_TAP: &[Ioctl] = list![TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNSETQUEUE];
 
 /// The monitor's ioctls after start-up: the terminal of `-serial stdio` (restored at exit) and
 /// non-blocking mode on sockets.
@@ -194,6 +196,7 @@ mod tests {
         assert_eq!(KVM_GET_LAPIC, 0x8400_ae8e);
         assert_eq!(TUNSETOFFLOAD, 0x4004_54d0);
         assert_eq!(TUNSETVNETHDRSZ, 0x4004_54d8);
+        assert_eq!(TUNSETQUEUE, 0x4004_54d9);
         assert_eq!(BLKGETSIZE64, 0x8008_1272);
     }
 

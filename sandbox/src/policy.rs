@@ -1039,9 +1039,24 @@ mod tests {
                 p.ioctl_count()
             );
         }
+        // The standalone back ends' policies (the role's plus accept4), docs/ARCHITECTURE.md too.
+        for r in [Role::Blockd, Role::Netd] {
+            let p = crate::standalone::policy(r);
+            let bpf: usize = crate::seccomp::compile(&p, 1)
+                .map(|f| f.iter().map(Vec::len).sum())
+                .unwrap_or(0);
+            eprintln!(
+                "standalone {}: {} system calls, {} ioctl numbers, {bpf} BPF instructions",
+                r.name(),
+                p.syscall_count(),
+                p.ioctl_count()
+            );
+        }
         assert_eq!(VCPU.ioctl_count(), ioctls::VCPU_KVM.len());
         assert!(VCPU.syscall_count() > 30);
-        assert_eq!(NETD.ioctl_count(), 2);
+        // TUNSETOFFLOAD, TUNSETVNETHDRSZ and (multiqueue) TUNSETQUEUE.
+        assert_eq!(NETD.ioctl_count(), ioctls::NETD_TAP.len());
+        assert_eq!(NETD.ioctl_count(), 3);
         assert_eq!(MONITOR.ioctl_count(), 5);
         assert!(MONITOR.syscall_count() > 40);
     }

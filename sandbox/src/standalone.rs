@@ -67,6 +67,18 @@ pub fn enter(
     mode: Mode,
     hook: Option<&AttackHook>,
 ) -> crate::Result<EnterReport> {
+    enter_with_queues(role, max_guest_mem, 1, mode, hook)
+}
+
+/// [`enter`] for a back end serving `queues` virtqueues (netd: two per queue pair, one worker
+/// thread each pair, which `RLIMIT_NPROC` counts).
+pub fn enter_with_queues(
+    role: Role,
+    max_guest_mem: u64,
+    queues: u32,
+    mode: Mode,
+    hook: Option<&AttackHook>,
+) -> crate::Result<EnterReport> {
     #[allow(unused_mut)]
     let mut policy = policy(role);
     #[allow(unused_mut)]
@@ -80,7 +92,11 @@ pub fn enter(
         #[cfg(not(feature = "attack-hook"))]
         match *h {}
     }
-    crate::enter::enter(&policy, &params(max_guest_mem), mode, report_fd)
+    let params = Params {
+        queues: queues.max(1),
+        ..params(max_guest_mem)
+    };
+    crate::enter::enter(&policy, &params, mode, report_fd)
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 13;
+const KIT_FORMAT: u32 = 14;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -157,6 +157,10 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///     `BULKHEAD-NET-PROMISC-ON`), `mac` (`ip link set eth0 address` [`NET_CTRL_MAC`], then
 ///     `BULKHEAD-NET-MAC-SET=<address>`, a ping of the peer from the new address and
 ///     `BULKHEAD-NET-PING2-OK`); then `BULKHEAD-NET-CTRL-DONE` and idles.
+///   * `netmq`: as `net` with `netctrl`'s static address up to `BULKHEAD-NET-DONE`, then
+///     `BULKHEAD-NET-QUEUES=<rx> <tx>` (eth0's queues in use, from sysfs), three rounds of eight parallel fetches of the blob, one
+///     `BULKHEAD-NET-IRQ <line>` per virtio input/output vector of `/proc/interrupts`, then
+///     `BULKHEAD-NET-MQ-DONE` and idles.
 ///
 /// If `poweroff -f`/`reboot -f` returns, it prints `BULKHEAD-POWEROFF-RETURNED` /
 /// `BULKHEAD-REBOOT-RETURNED` and idles, so that a VMM that ignores the request is visible.
@@ -286,7 +290,7 @@ case "$mode" in
         echo "BULKHEAD-BLKREAD-MD5=$(md5sum < /tmp/read | cut -d' ' -f1)"
         echo BULKHEAD-BLKREAD-DONE
         ;;
-    net|netloop|netctrl)
+    net|netloop|netctrl|netmq)
         for m in $(cat /etc/bulkhead/net-modules); do
             name=$(echo "${m%.ko}" | tr - _)
             grep -q "^$name " /proc/modules && continue
@@ -298,8 +302,9 @@ case "$mode" in
         ip link set eth0 up || echo "BULKHEAD-NET-FAIL ip link"
         dhcp_ip=""
         dhcp_router=""
-        if [ "$mode" = netctrl ]; then
-            # The control-queue test's far side has no DHCP server: a static address.
+        if [ "$mode" = netctrl ] || [ "$mode" = netmq ]; then
+            # The control-queue and multiqueue tests' far side has no DHCP server: a static
+            # address.
             ip addr add 10.77.0.2/24 dev eth0 || echo "BULKHEAD-NET-FAIL ip addr"
             dhcp_router=10.77.0.1
         else
@@ -331,6 +336,25 @@ case "$mode" in
                 sleep 0.5
             done
         }
+        if [ "$mode" = netmq ]; then
+            # Multiqueue: the driver's queue pairs in use, then parallel fetches (their flows
+            # spread over both CPUs' transmit queues, the replies over the tap's queues), then
+            # the per-queue interrupt counts.
+            echo "BULKHEAD-NET-QUEUES=$(ls -d /sys/class/net/eth0/queues/rx-* | wc -l) $(ls -d /sys/class/net/eth0/queues/tx-* | wc -l)"
+            i=0
+            while [ $i -lt 3 ]; do
+                for j in 1 2 3 4 5 6 7 8; do
+                    timeout 60 wget -q -O /dev/null http://10.77.0.1:8080/blob \
+                        || echo "BULKHEAD-NET-FAIL parallel wget" &
+                done
+                wait
+                i=$((i + 1))
+            done
+            grep -E 'virtio[0-9]+-(input|output)' /proc/interrupts | tr -s ' ' \
+                | sed 's/^/BULKHEAD-NET-IRQ /'
+            echo BULKHEAD-NET-MQ-DONE
+            while true; do sleep 5; done
+        fi
         if [ "$mode" = netctrl ]; then
             step promisc
             ip link set eth0 promisc on && echo BULKHEAD-NET-PROMISC-ON \

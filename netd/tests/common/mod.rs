@@ -63,9 +63,14 @@ impl Netns {
                     .expect("disabling IPv6 in the test namespace");
             }
         });
-        n.exec(&[
+        let mut add = vec![
             "ip", "tuntap", "add", "dev", &n.tap, "mode", "tap", "vnet_hdr",
-        ]);
+        ];
+        if tag.starts_with("mq") {
+            // Tags starting with "mq": a multiqueue tap (IFF_MULTI_QUEUE).
+            add.push("multi_queue");
+        }
+        n.exec(&add);
         if let Some(mtu) = mtu {
             n.exec(&["ip", "link", "set", &n.tap, "mtu", mtu]);
         }

@@ -55,6 +55,9 @@ pub(super) static COMMANDS: &[Command] = &[
             arg("netdev", ArgType::Str, true),
             arg("mac", ArgType::Str, true),
             arg("addr", ArgType::Any, true),
+            // virtio-net-pci multiqueue (QEMU 7.2 takes "on"/"off" or a boolean for mq)
+            arg("mq", ArgType::Any, true),
+            arg("vectors", ArgType::Any, true),
             // virtio-blk-pci (super::block)
             arg("drive", ArgType::Str, true),
             arg("serial", ArgType::Str, true),
@@ -114,33 +117,45 @@ async fn done(ctx: &Context, op: NetOp) -> Result<Outcome, QmpError> {
 fn netdev_add(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
     Box::pin(async move {
         let spec = crate::nics::netdev_from_qmp(&pairs(&args)).map_err(QmpError::generic)?;
+        let names: Vec<String> = match &spec.source {
+            crate::nics::TapSource::Fd(_) => vec![str_arg(&args, "fd").unwrap_or_default()],
+            crate::nics::TapSource::Fds(l) => l.clone(),
+            crate::nics::TapSource::Ifname(..) => Vec::new(),
+        };
         let tap = match spec.source {
-            crate::nics::TapSource::Ifname(name) => Err(name),
-            crate::nics::TapSource::Fd(_) => {
-                let name = str_arg(&args, "fd").unwrap_or_default();
-                if name.parse::<i32>().is_ok() {
-                    return Err(QmpError::generic(format!(
-                        "fd={name}: bulkhead takes a tap by the name it was given with \
-                         'getfd', not by fd number"
-                    )));
+            crate::nics::TapSource::Ifname(name, queues) => Err((name, queues)),
+            crate::nics::TapSource::Fd(_) | crate::nics::TapSource::Fds(_) => {
+                let mut queues = Vec::new();
+                for name in &names {
+                    if name.parse::<i32>().is_ok() {
+                        return Err(QmpError::generic(format!(
+                            "fd={name}: bulkhead takes a tap by the name it was given with \
+                             'getfd', not by fd number"
+                        )));
+                    }
+                    if names.iter().filter(|n| *n == name).count() > 1 {
+                        return Err(QmpError::generic(format!("fds: '{name}' is given twice")));
+                    }
+                    // A duplicate: the name is taken from the session only once the netdev
+                    // exists.
+                    let fd = ctx
+                        .session
+                        .fds()
+                        .dup_named(name)
+                        .map_err(|e| QmpError::generic(e.to_string()))?;
+                    let info = {
+                        use std::os::fd::AsRawFd;
+                        format!("fd={}", fd.as_raw_fd())
+                    };
+                    queues.push((fd, info));
                 }
-                // A duplicate: the name is taken from the session only once the netdev exists.
-                let fd = ctx
-                    .session
-                    .fds()
-                    .dup_named(&name)
-                    .map_err(|e| QmpError::generic(e.to_string()))?;
-                let info = {
-                    use std::os::fd::AsRawFd;
-                    format!("fd={}", fd.as_raw_fd())
-                };
-                Ok((fd, info))
+                Ok(queues)
             }
         };
-        let named = tap.is_ok().then(|| str_arg(&args, "fd")).flatten();
+        let named = if tap.is_ok() { names } else { Vec::new() };
         let r = done(&ctx, NetOp::NetdevAdd(NewNetdev { id: spec.id, tap })).await?;
-        if let Some(name) = named {
-            // As QEMU: the netdev consumed the named fd.
+        for name in named {
+            // As QEMU: the netdev consumed the named fds.
             let _ = ctx.session.fds().take_named(&name);
         }
         Ok(r)
