@@ -576,6 +576,10 @@ fn netdev_add_takes_the_queues_of_a_multiqueue_tap_from_getfd() {
         "ifname=, script=, downscript=, vnet_hdr=, helper=, queues=, and vhostfd= are invalid \
          with fds="
     );
+    // A single-queue tap among the queues: refused (TUNGETIFF, in the confined monitor's
+    // allowlist).
+    let mixed = e(&mut q, json!({"type": "tap", "id": "n0", "fds": "q0:one"}));
+    assert!(mixed.contains("is not a multiqueue tap"), "{mixed}");
     // The two queues: one netdev.
     assert_eq!(
         exec(

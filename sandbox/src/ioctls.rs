@@ -91,7 +91,8 @@ ioctls! {
     KVM_GET_XCRS = ior(KVMIO, 0xa6, size_of::<kvm_xcrs>());
     KVM_SET_XCRS = iow(KVMIO, 0xa7, size_of::<kvm_xcrs>());
 
-    // tun/tap (`'T'`), for netd: the monitor opens the tap and sets IFF_*; netd only tunes it.
+    // tun/tap (`'T'`), for netd: the monitor opens the tap and sets IFF_*; netd only tunes it;
+    // the confined monitor reads a passed tap's name and flags (`TUNGETIFF`).
     TUNSETOFFLOAD = iow(b'T' as u32, 208, size_of::<libc::c_uint>());
     TUNGETIFF = ior(b'T' as u32, 210, size_of::<libc::c_uint>());
     TUNGETVNETHDRSZ = ior(b'T' as u32, 215, size_of::<libc::c_int>());
@@ -167,9 +168,11 @@ pub const VCPU_KVM: &[Ioctl] = list![
 /// guest enables or disables its queue pair (`TUNGETIFF` it uses only before the sandbox).
 pub const NETD_TAP: &[Ioctl] = list![TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNSETQUEUE];
 
-/// The monitor's ioctls after start-up: the terminal of `-serial stdio` (restored at exit) and
-/// non-blocking mode on sockets.
-pub const MONITOR_TTY: &[Ioctl] = list![TCGETS, TCSETS, TCSETSW, TCSETSF, FIONBIO];
+/// The monitor's ioctls after start-up: the terminal of `-serial stdio` (restored at exit),
+/// non-blocking mode on sockets, and `TUNGETIFF` (read-only: the interface name and flags of a
+/// tap fd a client passed with `getfd`/`add-fd`, so `netdev_add` can check that it is a tap set
+/// up for netd and that several fds are queues of one multiqueue tap).
+pub const MONITOR_TTY: &[Ioctl] = list![TCGETS, TCSETS, TCSETSW, TCSETSF, FIONBIO, TUNGETIFF];
 
 /// The block-device queries blockd may issue on an image that is a block device.
 pub const BLOCKD_BLK: &[Ioctl] = list![BLKSSZGET, BLKGETSIZE64];
