@@ -106,10 +106,20 @@ impl Guest {
         }
     }
 
+    /// Enables or disables a pair and returns once netd has handled it: the protocol thread
+    /// answers requests in order, so the reply to a `GET_CONFIG` sent after them is the barrier.
     fn enable_pair(&mut self, pair: usize, on: bool) {
         for q in [2 * pair, 2 * pair + 1] {
             self.fe.set_vring_enable(q, on).expect("enable");
         }
+        self.fe
+            .get_config(
+                0,
+                10,
+                vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+                &[0u8; 10],
+            )
+            .expect("get_config after set_vring_enable");
     }
 
     fn write(&self, addr: u64, b: &[u8]) {
@@ -229,7 +239,8 @@ fn used_total(g: &Guest, pair: usize) -> u16 {
 }
 
 /// Sends `n` UDP frames of distinct flows from the tap's side and waits until the guest's rx
-/// queues have taken `n` more (or at least `min`) in total; returns how many each pair got.
+/// queues have taken `n` more (or, once `wait` has passed, at least `min`) in total; returns
+/// how many each pair got.
 fn inbound(
     g: &Guest,
     sock: &OwnedFd,
@@ -237,12 +248,13 @@ fn inbound(
     first_port: u16,
     n: u16,
     min: u16,
+    wait: Duration,
 ) -> [u16; PAIRS] {
     let before: Vec<u16> = (0..PAIRS).map(|p| used_total(g, p)).collect();
     for i in 0..n {
         send_frame(sock, &udp_frame(MAC, tap_mac, first_port + i));
     }
-    let end = Instant::now() + Duration::from_secs(10);
+    let end = Instant::now() + wait;
     loop {
         let got: Vec<u16> = (0..PAIRS)
             .map(|p| used_total(g, p).wrapping_sub(before[p]))
@@ -253,7 +265,7 @@ fn inbound(
         }
         assert!(
             Instant::now() < end,
-            "only {got:?} of {n} frames arrived within 10 s"
+            "only {got:?} of {n} frames arrived within {wait:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -349,25 +361,47 @@ fn two_queue_pairs_on_a_multiqueue_tap_follow_enable() {
     }
 
     // In: 40 flows spread over both tap queues, so both pairs receive.
-    let got = inbound(&g, &sock, tmac, 1000, 40, 40);
+    let got = inbound(&g, &sock, tmac, 1000, 40, 40, Duration::from_secs(10));
     assert!(got[0] > 0 && got[1] > 0, "both pairs receive: {got:?}");
 
-    // Pair 1 disabled: not served. Its tap queue is detached when netd next looks at the pair
-    // (its next frame; frames that reached that queue meanwhile are dropped with it), after
-    // which every flow arrives on pair 0.
+    // Pair 1 disabled: never served. netd detaches its tap queue when it next looks at the pair
+    // (its next frame; frames that reached that queue meanwhile are dropped with it, as QEMU's
+    // tap_disable purges them); batches go on until one arrives whole on pair 0, however long
+    // a loaded host takes to run the pair's thread.
     g.enable_pair(1, false);
     let p1 = used_total(&g, 1);
-    let _ = inbound(&g, &sock, tmac, 2000, 20, 0);
-    std::thread::sleep(Duration::from_millis(200));
-    let got = inbound(&g, &sock, tmac, 2100, 20, 20);
-    assert_eq!(used_total(&g, 1), p1, "a disabled pair was served");
-    assert_eq!(got[0], 20, "pair 0 takes every flow: {got:?}");
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut port = 2000;
+    loop {
+        let got = inbound(&g, &sock, tmac, port, 20, 0, Duration::from_secs(2));
+        assert_eq!(used_total(&g, 1), p1, "a disabled pair was served");
+        if got[0] == 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "pair 1's tap queue was never detached: the last batch gave {got:?}"
+        );
+        port += 20;
+    }
 
-    // Enabled again: both pairs receive again.
+    // Enabled again: pair 1 receives again (its queue is attached when the pair is next looked
+    // at; frames around that moment may be dropped as above, so batches go on until pair 1 has
+    // taken some).
     g.enable_pair(1, true);
-    std::thread::sleep(Duration::from_millis(200));
-    let got = inbound(&g, &sock, tmac, 3000, 20, 20);
-    assert!(got[1] > 0, "pair 1 serves again: {got:?}");
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut port = 3000;
+    loop {
+        let got = inbound(&g, &sock, tmac, port, 20, 0, Duration::from_secs(2));
+        if got[1] > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "pair 1 never served again: the last batch gave {got:?}"
+        );
+        port += 20;
+    }
 
     drop(g);
     let end = Instant::now() + Duration::from_secs(10);
