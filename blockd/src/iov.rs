@@ -78,10 +78,10 @@ impl<'m> GuestIov<'m> {
         let mut at = 0;
         for v in &self.iov {
             let n = v.iov_len.min(buf.len() - at);
-            // SAFETY: iov_base..+iov_len lies in the guest memory mapping borrowed for 'm
-            // (from vm-memory's checked slices); `buf` is ours and `at + n <= buf.len()`. The
-            // guest may change its memory meanwhile: the bytes are then its own problem, as on
-            // real hardware.
+            // The guest may change its memory meanwhile: the bytes are then its own problem, as
+            // on real hardware.
+            // SAFETY: iov_base..+iov_len lies in the guest memory mapping borrowed for 'm (from
+            // vm-memory's checked slices); `buf` is ours and `at + n <= buf.len()`.
             unsafe {
                 std::ptr::copy_nonoverlapping(v.iov_base.cast::<u8>(), buf.as_mut_ptr().add(at), n)
             };

@@ -1009,9 +1009,9 @@ impl Nics {
                         if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
                             return Err(tap_err(format!("fd={fd}: not an open file descriptor")));
                         }
-                        // SAFETY: the fd is open (checked above) and was inherited for this
-                        // netdev (each number once, checked above): nothing else in the
-                        // monitor owns it.
+                        // The fd is open and inherited for this netdev, each number once
+                        // (both checked above).
+                        // SAFETY: so nothing else in the monitor owns it.
                         taps.push(unsafe { OwnedFd::from_raw_fd(fd) });
                         info.push(format!("fd={fd}"));
                     }
