@@ -187,17 +187,19 @@ fn off(offset: u64, done: usize) -> std::io::Result<libc::off_t> {
         .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// Reads `iov.total()` bytes of `file` at `offset` straight into the guest buffers (`preadv`,
-/// repeated after a short read); what lies past the end of the file reads as zeroes.
-pub fn preadv_full(file: &File, iov: &GuestIov<'_>, offset: u64) -> std::io::Result<()> {
+/// Runs the vectored call `op` (iovecs, file offset) over the guest buffers from `offset` until
+/// all `iov.total` bytes are transferred, retrying after `EINTR` and short transfers. `Some(done)`
+/// when `op` transferred nothing at `done` bytes (end of file, or a write that made no progress).
+fn transfer(
+    iov: &GuestIov<'_>,
+    offset: u64,
+    op: impl Fn(&[libc::iovec], libc::off_t) -> isize,
+) -> std::io::Result<Option<usize>> {
     let mut done = 0;
     let mut v = Vec::with_capacity(iov.iov.len().min(IOV_MAX));
     while done < iov.total {
         remaining(&iov.iov, done, &mut v);
-        let count = libc::c_int::try_from(v.len()).unwrap_or(IOV_MAX as libc::c_int);
-        // SAFETY: `v` holds `count` iovecs into the guest memory `iov` borrows (writable
-        // guest buffers, from vm-memory's checked slices), alive for this call.
-        let n = unsafe { libc::preadv(file.as_raw_fd(), v.as_ptr(), count, off(offset, done)?) };
+        let n = op(&v, off(offset, done)?);
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -206,37 +208,43 @@ pub fn preadv_full(file: &File, iov: &GuestIov<'_>, offset: u64) -> std::io::Res
             return Err(e);
         }
         if n == 0 {
-            iov.zero_from(done);
-            break;
+            return Ok(Some(done));
         }
         done += n as usize;
+    }
+    Ok(None)
+}
+
+/// The iovec count of `v` as the system calls take it (`remaining` keeps it within `IOV_MAX`).
+fn count(v: &[libc::iovec]) -> libc::c_int {
+    libc::c_int::try_from(v.len()).unwrap_or(IOV_MAX as libc::c_int)
+}
+
+/// Reads `iov.total()` bytes of `file` at `offset` straight into the guest buffers (`preadv`,
+/// repeated after a short read); what lies past the end of the file reads as zeroes.
+pub fn preadv_full(file: &File, iov: &GuestIov<'_>, offset: u64) -> std::io::Result<()> {
+    let eof = transfer(iov, offset, |v, at| {
+        // SAFETY: `v` holds iovecs into the guest memory `iov` borrows (writable guest
+        // buffers, from vm-memory's checked slices), alive for this call.
+        unsafe { libc::preadv(file.as_raw_fd(), v.as_ptr(), count(v), at) }
+    })?;
+    if let Some(done) = eof {
+        iov.zero_from(done);
     }
     Ok(())
 }
 
 /// Writes the guest buffers to `file` at `offset` (`pwritev`, repeated after a short write).
 pub fn pwritev_all(file: &File, iov: &GuestIov<'_>, offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    let mut v = Vec::with_capacity(iov.iov.len().min(IOV_MAX));
-    while done < iov.total {
-        remaining(&iov.iov, done, &mut v);
-        let count = libc::c_int::try_from(v.len()).unwrap_or(IOV_MAX as libc::c_int);
-        // SAFETY: `v` holds `count` iovecs into the guest memory `iov` borrows (readable
-        // guest buffers, from vm-memory's checked slices), alive for this call.
-        let n = unsafe { libc::pwritev(file.as_raw_fd(), v.as_ptr(), count, off(offset, done)?) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
-        }
-        done += n as usize;
+    let stalled = transfer(iov, offset, |v, at| {
+        // SAFETY: `v` holds iovecs into the guest memory `iov` borrows (readable guest
+        // buffers, from vm-memory's checked slices), alive for this call.
+        unsafe { libc::pwritev(file.as_raw_fd(), v.as_ptr(), count(v), at) }
+    })?;
+    match stalled {
+        Some(_) => Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// What a [`try_nowait`] came to.
