@@ -5,7 +5,9 @@
 #
 # Builds bulkhead-blockd and vhost-blk-bench in release mode, writes a raw image of
 # BLK_IMAGE_MIB MiB (default 1024) of random data into a fresh directory under BLK_DIR
-# (default /var/tmp; it must not be tmpfs: cache=none needs O_DIRECT), runs the benchmark
+# (default /var/tmp, on the host's disk; BLK_DIR=/dev/shm puts the image in memory, which takes
+# the disk's own variation out and leaves the back ends' cost: tmpfs does O_DIRECT since Linux
+# 6.6; the file system must take O_DIRECT for cache=none), runs the benchmark
 # (which starts a fresh back end for every run), prints the tables, and removes the directory.
 # Raw numbers: target/bench/blk-<unix-time>.json.
 set -eu
@@ -20,10 +22,12 @@ cargo build --release --manifest-path "$root/Cargo.toml" \
     -p bulkhead-blockd-proc --bin bulkhead-blockd -p vhost-blk-bench --bin vhost-blk-bench
 dir=$(mktemp -d "${BLK_DIR:-/var/tmp}/blkbench.XXXXXX")
 trap 'rm -rf "$dir"' EXIT INT TERM
-if [ "$(stat -f -c %T "$dir")" = tmpfs ]; then
-    echo "blk.sh: $dir is on tmpfs (no O_DIRECT); set BLK_DIR" >&2
+if ! dd if=/dev/zero of="$dir/probe" bs=4096 count=1 oflag=direct status=none 2>/dev/null; then
+    echo "blk.sh: $dir ($(stat -f -c %T "$dir")) does not take O_DIRECT (cache=none); set BLK_DIR" >&2
     exit 1
 fi
+rm -f "$dir/probe"
+echo "blk.sh: image directory $dir on $(stat -f -c %T "$dir")" >&2
 mib=${BLK_IMAGE_MIB:-1024}
 echo "blk.sh: writing a $mib MiB image of random data to $dir/disk.raw" >&2
 dd if=/dev/urandom of="$dir/disk.raw" bs=1M count="$mib" conv=fsync status=none

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::iov::{self, GuestIov};
@@ -77,6 +77,12 @@ pub trait DiskImage: Send + Sync {
     fn try_vectored(&self, _iov: &GuestIov<'_>, _offset: u64, _write: bool) -> bool {
         false
     }
+    /// Whether the kernel serialises this image's data writes anyway, so that running more
+    /// than one at a time only adds lock contention ([`writes_serialize`]): the I/O threads
+    /// then serve writes one after the other ([`crate::pool`]).
+    fn serialized_writes(&self) -> bool {
+        false
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
     /// Deallocates `len` bytes at `offset` (their contents become zeroes for raw).
@@ -127,6 +133,70 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Exponential back-off of `RWF_NOWAIT` attempts in one direction: a file system may answer
+/// `EAGAIN` to every one (tmpfs does for writes, which need the inode lock), and each costs a
+/// system call before the request goes to an I/O thread anyway. After `n` failures in a row
+/// the next `2^min(n, 10) - 1` attempts are skipped (up to 1023); one success starts over.
+#[derive(Default)]
+pub struct NoWaitBackoff {
+    /// Failures in a row.
+    failures: AtomicU32,
+    /// Attempts still to skip.
+    skip: AtomicU32,
+}
+
+impl NoWaitBackoff {
+    /// Whether to skip this attempt (counting it).
+    pub fn skip(&self) -> bool {
+        self.skip
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    /// An attempt did the transfer.
+    pub fn succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// An attempt would have blocked.
+    pub fn failed(&self) {
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        self.skip.store((1u32 << n.min(10)) - 1, Ordering::Relaxed);
+    }
+}
+
+/// `statfs` magic numbers of file systems whose files live in memory (`linux/magic.h`).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+
+/// Whether the kernel serialises writes to `file` (opened with `O_DIRECT` if `direct`): a
+/// write through the page cache (a buffered fd, or `O_DIRECT` on tmpfs/ramfs, where the file
+/// *is* its page cache) holds the inode's lock exclusively on every major Linux file system
+/// (ext4, xfs, btrfs, tmpfs) while it copies, so concurrent writers only queue on that lock,
+/// spinning and switching as they do. `O_DIRECT` writes to a block-backed file can overlap.
+/// Measured on tmpfs (2 CPUs): 4 KiB random writes at queue depth 32 ran at 177 k IOPS from
+/// 32 threads and at 306 k from one, with half the CPU per request.
+pub fn writes_serialize(file: &File, direct: bool) -> bool {
+    if !direct {
+        return true;
+    }
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs writes a statfs into `st` (valid for that size) and reads nothing else;
+    // the fd is open for the call.
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if r != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so it filled `st`.
+    let magic = unsafe { st.assume_init() }.f_type;
+    matches!(magic, TMPFS_MAGIC | RAMFS_MAGIC)
+}
+
 /// A raw image: the file's bytes are the disk's bytes.
 pub struct Raw {
     file: File,
@@ -141,6 +211,10 @@ pub struct Raw {
     /// Whether reads, writes may still be tried with `RWF_NOWAIT` (cleared when the file
     /// system says it does not do it).
     nowait: [AtomicBool; 2],
+    /// Back-off of `RWF_NOWAIT` attempts per direction ([`NoWaitBackoff`]).
+    backoff: [NoWaitBackoff; 2],
+    /// [`writes_serialize`] of the file.
+    serialized: bool,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -151,6 +225,7 @@ impl Raw {
     /// Wraps an open image file. `direct` says whether `file` was opened with `O_DIRECT`.
     pub fn new(file: File, read_only: bool, direct: bool) -> Result<Raw> {
         let size = file_size(&file)?;
+        let serialized = writes_serialize(&file, direct);
         Ok(Raw {
             file,
             buffered: None,
@@ -159,6 +234,8 @@ impl Raw {
             direct,
             rmw: Mutex::new(()),
             nowait: [AtomicBool::new(true), AtomicBool::new(true)],
+            backoff: Default::default(),
+            serialized,
         })
     }
 
@@ -348,14 +425,28 @@ impl DiskImage for Raw {
         if self.direct || (write && self.read_only) || !can.load(Ordering::Relaxed) {
             return false;
         }
+        let backoff = &self.backoff[usize::from(write)];
+        if backoff.skip() {
+            return false;
+        }
         match iov::try_nowait(&self.file, v, offset, write) {
-            iov::NoWait::Done => true,
-            iov::NoWait::NotNow => false,
+            iov::NoWait::Done => {
+                backoff.succeeded();
+                true
+            }
+            iov::NoWait::NotNow => {
+                backoff.failed();
+                false
+            }
             iov::NoWait::Unsupported => {
                 can.store(false, Ordering::Relaxed);
                 false
             }
         }
+    }
+
+    fn serialized_writes(&self) -> bool {
+        self.serialized
     }
 
     fn write_vectored(&self, v: &GuestIov<'_>, offset: u64) -> Result<()> {
@@ -576,6 +667,46 @@ mod tests {
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         f.write_all(&data).expect("write");
         (d, p)
+    }
+
+    #[test]
+    fn writes_through_the_page_cache_or_to_tmpfs_serialise() {
+        let (_d, p) = temp_image(4096);
+        let f = File::open(&p).expect("open");
+        assert!(writes_serialize(&f, false), "a buffered fd");
+        // A memfd lives on the kernel's internal tmpfs mount, as a /dev/shm file does.
+        // SAFETY: a NUL-terminated name and valid flags; the fd returned is owned below.
+        let fd = unsafe { libc::memfd_create(c"unit".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: fd is a fresh, open descriptor nobody else owns.
+        let memfd = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        assert!(
+            writes_serialize(&memfd, true),
+            "O_DIRECT on tmpfs is a copy"
+        );
+    }
+
+    #[test]
+    fn nowait_attempts_back_off_exponentially_after_failures() {
+        let b = NoWaitBackoff::default();
+        assert!(!b.skip(), "the first attempt is made");
+        let mut skipped = Vec::new();
+        for _ in 0..12 {
+            b.failed();
+            let mut n = 0;
+            while b.skip() {
+                n += 1;
+            }
+            skipped.push(n);
+        }
+        assert_eq!(
+            skipped,
+            [1, 3, 7, 15, 31, 63, 127, 255, 511, 1023, 1023, 1023]
+        );
+        b.succeeded();
+        assert!(!b.skip());
+        b.failed();
+        assert!(b.skip() && !b.skip(), "one success starts over");
     }
 
     mod tempdir {

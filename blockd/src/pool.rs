@@ -7,6 +7,13 @@
 //! that eventfd in its epoll set, takes the whole list ([`Pool::take_done`]), puts the
 //! requests on the used ring and signals the guest once (respecting `EVENT_IDX`).
 //!
+//! Writes to an image whose writes the kernel serialises anyway
+//! ([`DiskImage::serialized_writes`]: a buffered fd, or a file on tmpfs) go to a lane of their
+//! own that one thread at a time serves, in arrival order; every other request (reads, flushes,
+//! discards) still runs on any thread. Writers racing for the inode lock gain nothing and burn
+//! CPU spinning and switching: on tmpfs, 4 KiB random writes at queue depth 32 ran at 177 k
+//! IOPS from 32 threads and at 306 k from one.
+//!
 //! Threads are started on demand — one more whenever a job is queued and no thread is idle for
 //! it — up to the pool's size (the blockd sandbox's `RLIMIT_NPROC` counts them: see
 //! `bulkhead_sandbox::policy::BLOCKD_IO_THREADS`), and wait on a condition variable when there
@@ -59,6 +66,10 @@ struct Completions {
 #[derive(Default)]
 struct State {
     jobs: VecDeque<Job>,
+    /// The write lane: data writes of an image whose writes the kernel serialises.
+    writes: VecDeque<Job>,
+    /// A thread is serving a job of the write lane.
+    writing: bool,
     /// Threads waiting for a job.
     idle: usize,
     /// Threads started.
@@ -74,6 +85,8 @@ struct Shared {
     serial: Vec<u8>,
     queues: Vec<Completions>,
     max_threads: usize,
+    /// Data writes go to the write lane ([`DiskImage::serialized_writes`]).
+    write_lane: bool,
 }
 
 /// The I/O threads of one disk and the completion lists of its queues.
@@ -98,10 +111,20 @@ impl Pool {
                 })
             })
             .collect::<std::io::Result<Vec<_>>>()?;
+        let write_lane = disk.serialized_writes();
+        log::debug!(
+            "I/O threads: up to {max_threads}; writes {}",
+            if write_lane {
+                "one at a time (the kernel serialises them)"
+            } else {
+                "in parallel"
+            }
+        );
         Ok(Pool {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 cond: Condvar::new(),
+                write_lane,
                 disk,
                 serial,
                 queues,
@@ -124,9 +147,14 @@ impl Pool {
     /// thread can be started the job is served here, on the caller's thread.
     pub fn submit(&self, job: Job) {
         let sh = &self.shared;
+        let lane = sh.write_lane && request::writes_data(&*job.mem, &job.descs);
         let mut st = sh.lock();
-        st.jobs.push_back(job);
-        if st.jobs.len() > st.idle && st.threads < sh.max_threads {
+        if lane {
+            st.writes.push_back(job);
+        } else {
+            st.jobs.push_back(job);
+        }
+        if st.runnable() > st.idle && st.threads < sh.max_threads {
             let shared = Arc::clone(sh);
             match std::thread::Builder::new()
                 .name("blk-io".into())
@@ -137,7 +165,11 @@ impl Pool {
                 Err(e) => {
                     log::warn!("starting an I/O thread ({} running): {e}", st.threads);
                     if st.threads == 0 {
-                        let job = st.jobs.pop_back();
+                        let job = if lane {
+                            st.writes.pop_back()
+                        } else {
+                            st.jobs.pop_back()
+                        };
                         drop(st);
                         if let Some(job) = job {
                             sh.serve(job);
@@ -147,8 +179,9 @@ impl Pool {
                 }
             }
         }
-        // A notify is a futex system call: only when a thread waits for it.
-        let wake = st.idle > 0;
+        // A notify is a futex system call: only when a thread waits for a job it can take
+        // (a write queued behind the one being served is taken by that one's thread).
+        let wake = st.idle > 0 && !(lane && st.writing);
         drop(st);
         if wake {
             sh.cond.notify_one();
@@ -173,6 +206,25 @@ impl Drop for Pool {
     }
 }
 
+impl State {
+    /// Jobs a thread could take now: the write lane's next one unless one is being served.
+    fn runnable(&self) -> usize {
+        self.jobs.len() + usize::from(!self.writing && !self.writes.is_empty())
+    }
+
+    /// The next job a thread may serve (the write lane first: it is the bottleneck), and
+    /// whether it is the write lane's.
+    fn take(&mut self) -> Option<(Job, bool)> {
+        if !self.writing {
+            if let Some(j) = self.writes.pop_front() {
+                self.writing = true;
+                return Some((j, true));
+            }
+        }
+        self.jobs.pop_front().map(|j| (j, false))
+    }
+}
+
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -180,14 +232,18 @@ impl Shared {
 
     /// An I/O thread: serve jobs until the pool goes.
     fn run(&self) {
+        let mut wrote = false;
         loop {
-            let job = {
+            let (job, lane) = {
                 let mut st = self.lock();
+                if wrote {
+                    st.writing = false;
+                }
                 loop {
                     if st.quit {
                         return;
                     }
-                    if let Some(j) = st.jobs.pop_front() {
+                    if let Some(j) = st.take() {
                         break j;
                     }
                     st.idle += 1;
@@ -196,6 +252,7 @@ impl Shared {
                 }
             };
             self.serve(job);
+            wrote = lane;
         }
     }
 
@@ -231,13 +288,37 @@ impl Shared {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::request::{Completion, S_OK};
+    use crate::request::{Completion, S_OK, T_IN, T_OUT};
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
 
-    /// A disk whose reads take a while, counting how many run at once.
+    /// How many of one kind of transfer ran at once, and their offsets in start order.
+    #[derive(Default)]
+    struct Seen {
+        now: usize,
+        max: usize,
+        order: Vec<u64>,
+    }
+
+    /// A disk whose reads and writes take a while, counting how many run at once.
+    #[derive(Default)]
     struct Slow {
-        now: Mutex<(usize, usize)>,
+        reads: Mutex<Seen>,
+        writes: Mutex<Seen>,
+        serialized: bool,
+    }
+
+    impl Slow {
+        fn run(seen: &Mutex<Seen>, offset: u64) {
+            {
+                let mut s = seen.lock().unwrap();
+                s.now += 1;
+                s.max = s.max.max(s.now);
+                s.order.push(offset);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            seen.lock().unwrap().now -= 1;
+        }
     }
 
     impl DiskImage for Slow {
@@ -247,19 +328,17 @@ mod tests {
         fn read_only(&self) -> bool {
             false
         }
-        fn read_at(&self, buf: &mut [u8], _: u64) -> crate::Result<()> {
-            {
-                let mut n = self.now.lock().unwrap();
-                n.0 += 1;
-                n.1 = n.1.max(n.0);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+            Slow::run(&self.reads, offset);
             buf.fill(0x42);
-            self.now.lock().unwrap().0 -= 1;
             Ok(())
         }
-        fn write_at(&self, _: &[u8], _: u64) -> crate::Result<()> {
+        fn write_at(&self, _: &[u8], offset: u64) -> crate::Result<()> {
+            Slow::run(&self.writes, offset);
             Ok(())
+        }
+        fn serialized_writes(&self) -> bool {
+            self.serialized
         }
         fn flush(&self) -> crate::Result<()> {
             Ok(())
@@ -272,71 +351,85 @@ mod tests {
         }
     }
 
-    #[test]
-    fn requests_run_at_once_up_to_the_pool_size_and_complete_on_their_queue() {
-        let disk = Arc::new(Slow {
-            now: Mutex::new((0, 0)),
-        });
-        let pool = Pool::new(disk.clone(), Vec::new(), 2, 4).unwrap();
-        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
-        // Eight 512-byte reads, each with its own header, buffer and status, on two queues.
-        for i in 0..8u64 {
-            let base = 0x1000 * (i + 1);
-            let mut h = [0u8; 16];
-            h[8..].copy_from_slice(&i.to_le_bytes());
-            mem.write_slice(&h, GuestAddress(base)).unwrap();
-            let descs = vec![
-                Desc {
-                    addr: GuestAddress(base),
-                    len: 16,
-                    write_only: false,
-                },
-                Desc {
-                    addr: GuestAddress(base + 0x200),
-                    len: 512,
-                    write_only: true,
-                },
-                Desc {
-                    addr: GuestAddress(base + 0x800),
-                    len: 1,
-                    write_only: true,
-                },
-            ];
-            pool.submit(Job {
-                queue: (i % 2) as usize,
-                head: i as u16,
-                descs,
-                mem: mem.clone(),
-            });
+    /// Request `i` (a 512-byte read or write of sector `i`, its header, buffer and status in
+    /// page `i + 1`) on queue `i % queues`.
+    fn job(mem: &Arc<GuestMemoryMmap>, i: u64, write: bool, queues: u64) -> Job {
+        let base = 0x1000 * (i + 1);
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&(if write { T_OUT } else { T_IN }).to_le_bytes());
+        h[8..].copy_from_slice(&i.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(base)).unwrap();
+        let descs = vec![
+            Desc {
+                addr: GuestAddress(base),
+                len: 16,
+                write_only: false,
+            },
+            Desc {
+                addr: GuestAddress(base + 0x200),
+                len: 512,
+                write_only: !write,
+            },
+            Desc {
+                addr: GuestAddress(base + 0x800),
+                len: 1,
+                write_only: true,
+            },
+        ];
+        Job {
+            queue: (i % queues) as usize,
+            head: i as u16,
+            descs,
+            mem: mem.clone(),
         }
+    }
+
+    /// Waits for `n` completions over `queues` queues: (queue, head, what serving came to).
+    fn wait_done(pool: &Pool, queues: usize, n: usize) -> Vec<(usize, u16, Served)> {
         let start = Instant::now();
-        let mut got = [Vec::new(), Vec::new()];
-        while got[0].len() + got[1].len() < 8 {
+        let mut got = Vec::new();
+        while got.len() < n {
             assert!(start.elapsed() < Duration::from_secs(10), "completions");
-            for (q, g) in got.iter_mut().enumerate() {
-                g.extend(pool.take_done(q).into_iter().map(|d| (d.head, d.served)));
+            for q in 0..queues {
+                got.extend(pool.take_done(q).into_iter().map(|d| (q, d.head, d.served)));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        for (q, g) in got.iter().enumerate() {
-            let mut heads: Vec<u16> = g.iter().map(|x| x.0).collect();
+        got
+    }
+
+    fn new_mem() -> Arc<GuestMemoryMmap> {
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap())
+    }
+
+    #[test]
+    fn requests_run_at_once_up_to_the_pool_size_and_complete_on_their_queue() {
+        let disk = Arc::new(Slow::default());
+        let pool = Pool::new(disk.clone(), Vec::new(), 2, 4).unwrap();
+        let mem = new_mem();
+        for i in 0..8u64 {
+            pool.submit(job(&mem, i, false, 2));
+        }
+        let got = wait_done(&pool, 2, 8);
+        for q in 0..2 {
+            let mut heads: Vec<u16> = got.iter().filter(|g| g.0 == q).map(|g| g.1).collect();
             heads.sort_unstable();
             assert_eq!(
                 heads,
                 (0..8).filter(|h| h % 2 == q as u16).collect::<Vec<_>>()
             );
-            for (_, s) in g {
-                assert_eq!(
-                    *s,
-                    Served::Done(Completion {
-                        used_len: 513,
-                        status: Some(S_OK)
-                    })
-                );
-            }
+        }
+        for (_, _, s) in &got {
+            assert_eq!(
+                *s,
+                Served::Done(Completion {
+                    used_len: 513,
+                    status: Some(S_OK)
+                })
+            );
         }
         assert_eq!(
-            disk.now.lock().unwrap().1,
+            disk.reads.lock().unwrap().max,
             4,
             "four at once, the pool's size"
         );
@@ -344,5 +437,42 @@ mod tests {
         let mut b = [0u8; 512];
         mem.read_slice(&mut b, GuestAddress(0x8200)).unwrap();
         assert_eq!(b, [0x42; 512]);
+    }
+
+    #[test]
+    fn serialized_writes_take_one_lane_in_order_while_reads_overlap() {
+        let disk = Arc::new(Slow {
+            serialized: true,
+            ..Slow::default()
+        });
+        let pool = Pool::new(disk.clone(), Vec::new(), 1, 4).unwrap();
+        let mem = new_mem();
+        // Writes of sectors 0, 2, 4, 6 and reads of 1, 3, 5, 7, interleaved.
+        for i in 0..8u64 {
+            pool.submit(job(&mem, i, i % 2 == 0, 1));
+        }
+        let got = wait_done(&pool, 1, 8);
+        assert!(got.iter().all(|g| g.2
+            == Served::Done(Completion {
+                used_len: if g.1 % 2 == 0 { 1 } else { 513 },
+                status: Some(S_OK)
+            })));
+        let w = disk.writes.lock().unwrap();
+        assert_eq!(w.max, 1, "one write at a time");
+        assert_eq!(w.order, [0, 2 * 512, 4 * 512, 6 * 512], "in arrival order");
+        assert!(disk.reads.lock().unwrap().max >= 2, "reads still overlap");
+        assert!(pool.threads() <= 4);
+    }
+
+    #[test]
+    fn writes_overlap_when_the_image_does_not_serialise_them() {
+        let disk = Arc::new(Slow::default());
+        let pool = Pool::new(disk.clone(), Vec::new(), 1, 4).unwrap();
+        let mem = new_mem();
+        for i in 0..4u64 {
+            pool.submit(job(&mem, i, true, 1));
+        }
+        wait_done(&pool, 1, 4);
+        assert_eq!(disk.writes.lock().unwrap().max, 4);
     }
 }

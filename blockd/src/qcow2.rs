@@ -431,6 +431,8 @@ struct Io {
     rmw: Mutex<()>,
     /// The file's length as far as this process made it.
     len: AtomicU64,
+    /// [`crate::format::writes_serialize`] of the file.
+    serialized: bool,
 }
 
 impl Io {
@@ -810,12 +812,14 @@ impl Qcow2 {
             }
             _ => {}
         }
+        let serialized = crate::format::writes_serialize(&file, direct);
         let io = Io {
             file,
             buffered: None,
             direct,
             rmw: Mutex::new(()),
             len: AtomicU64::new(file_len),
+            serialized,
         };
         let cs = header.cluster_size();
         let l2_entries = cs / 8;
@@ -1535,6 +1539,10 @@ enum Src {
 impl DiskImage for Qcow2 {
     fn size(&self) -> u64 {
         self.geo.size
+    }
+
+    fn serialized_writes(&self) -> bool {
+        self.io.serialized
     }
 
     fn read_only(&self) -> bool {

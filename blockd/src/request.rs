@@ -200,6 +200,12 @@ fn request_kind<M: GuestMemory>(mem: &M, descs: &[Desc]) -> Option<u32> {
     read_header(mem, descs.first()?).ok().map(|h| h.kind)
 }
 
+/// Whether the request is a data write (`VIRTIO_BLK_T_OUT`) by its header; a request without
+/// a readable header is not (serving it reports the error).
+pub fn writes_data<M: GuestMemory>(mem: &M, descs: &[Desc]) -> bool {
+    request_kind(mem, descs) == Some(T_OUT)
+}
+
 /// Bytes of the data descriptors (between header and status), capped at `u32::MAX`.
 fn data_len(descs: &[Desc]) -> u32 {
     let data = descs.get(1..descs.len().saturating_sub(1)).unwrap_or(&[]);

@@ -360,6 +360,10 @@ impl DiskImage for Counted {
         self.inner.nowait()
     }
 
+    fn serialized_writes(&self) -> bool {
+        self.inner.serialized_writes()
+    }
+
     fn try_vectored(&self, iov: &GuestIov<'_>, offset: u64, write: bool) -> bool {
         // A throttled disk waits for its buckets: never on a queue thread.
         if self
@@ -807,6 +811,10 @@ mod tests {
         let resize = f.try_clone().unwrap();
         let raw = Raw::new(f, false, false).unwrap();
         let d = Counted::new(Arc::new(raw), Some(resize));
+        assert!(
+            d.serialized_writes(),
+            "a buffered image's write lane shows through"
+        );
         assert_eq!(d.stats(), BlockStats::default());
         d.write_at(&[7u8; 4096], 8192).unwrap();
         let mut buf = [0u8; 512];

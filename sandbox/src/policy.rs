@@ -351,6 +351,9 @@ macro_rules! paste_nr {
     (fsync) => {
         libc::SYS_fsync
     };
+    (fstatfs) => {
+        libc::SYS_fstatfs
+    };
     (fdatasync) => {
         libc::SYS_fdatasync
     };
@@ -646,6 +649,9 @@ const BLOCKD_EXTRA: &[Allowed] = &[
     sys!(fdatasync),
     sys!(fallocate),
     sys!(shutdown),
+    // whether an image handed over lives on tmpfs (its writes then take the I/O threads' write
+    // lane: `bulkhead_blockd::format::writes_serialize`)
+    sys!(fstatfs),
     sys!(ioctl, Rule::Ioctl(ioctls::BLOCKD_BLK)),
 ];
 
