@@ -36,7 +36,7 @@ use crate::cpio::CpioWriter;
 use crate::util::{which, workspace_root};
 
 /// Bump when the layout or contents of the cached kit change, so stale caches are rebuilt.
-const KIT_FORMAT: u32 = 14;
+const KIT_FORMAT: u32 = 15;
 
 /// Names of the Bulkhead binaries copied into L1 (`/bin/<name>`).
 pub const BULKHEAD_BINARIES: [&str; 4] = [
@@ -100,6 +100,8 @@ pub const BLK_PATTERN_LEN: usize = 65536;
 /// Bytes `bulkhead.test=blkerr` writes at the start of `/dev/vda`, and `bulkhead.test=blkread`
 /// reads there (4 MiB).
 pub const BLKERR_LEN: u64 = 4 << 20;
+/// Bytes `bulkhead.test=blkctl` reads (64 blocks of 64 KiB, 4 MiB) while the test throttles it.
+pub const BLKCTL_READ_LEN: u64 = 4 << 20;
 /// The line `bulkhead.test=blk` repeats (busybox `yes`, so followed by a newline each time).
 pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 
@@ -129,6 +131,13 @@ pub const BLK_PATTERN_LINE: &str = "BULKHEAD-BLK-PATTERN";
 ///     error line, else its last>`, `BULKHEAD-BLKREAD-MD5=<md5 of what dd read>` and
 ///     `BULKHEAD-BLKREAD-DONE` and idles (ticks). For host read errors (`rerror`): the test
 ///     gives the disk sectors that fail to read.
+///   * `blkctl`: loads virtio-pci and virtio-blk, waits for `/dev/vda`, prints
+///     `BULKHEAD-BLKCTL-SIZE=<sectors>`, reads [`BLKCTL_READ_LEN`] bytes at 1 MiB with `dd
+///     bs=64k iflag=direct` and prints `BULKHEAD-BLKCTL-READ=<uptime before> <uptime after>`
+///     (seconds), then waits up to 120 s for the size to change and prints
+///     `BULKHEAD-BLKCTL-NEWSIZE=<sectors>` and `BULKHEAD-BLKCTL-TAIL=<md5 of the disk's last
+///     4 KiB>`, then `BULKHEAD-BLKCTL-DONE` and `poweroff -f`. For `block_set_io_throttle` (the
+///     read's duration) and `block_resize` (the guest's view of the new size).
 ///   * `net`: loads virtio-pci and virtio-net, waits for `eth0`, brings it up and asks for an
 ///     address by DHCP (`udhcpc -i eth0 -q`, with [`L2_UDHCPC_SCRIPT`]), prints
 ///     `BULKHEAD-NET-DHCP=<leased ip>`, `BULKHEAD-NET-ROUTER=<router>`,
@@ -289,6 +298,31 @@ case "$mode" in
         echo "BULKHEAD-BLKREAD-DD=$rc $(grep -m 1 error /tmp/dd.err || tail -n 1 /tmp/dd.err)"
         echo "BULKHEAD-BLKREAD-MD5=$(md5sum < /tmp/read | cut -d' ' -f1)"
         echo BULKHEAD-BLKREAD-DONE
+        ;;
+    blkctl)
+        for m in $(cat /etc/bulkhead/blk-modules); do
+            insmod "/lib/modules/$m" || echo "BULKHEAD-BLK-FAIL insmod $m"
+        done
+        n=0
+        while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n + 1)); done
+        [ -b /dev/vda ] || echo "BULKHEAD-BLK-FAIL no /dev/vda"
+        old=$(cat /sys/block/vda/size)
+        echo "BULKHEAD-BLKCTL-SIZE=$old"
+        t0=$(cut -d' ' -f1 /proc/uptime)
+        dd if=/dev/vda of=/dev/null bs=65536 skip=16 count=64 iflag=direct 2>/dev/null \
+            || echo "BULKHEAD-BLK-FAIL dd read"
+        t1=$(cut -d' ' -f1 /proc/uptime)
+        echo "BULKHEAD-BLKCTL-READ=$t0 $t1"
+        n=0
+        while [ "$(cat /sys/block/vda/size)" = "$old" ] && [ $n -lt 1200 ]; do
+            sleep 0.1
+            n=$((n + 1))
+        done
+        new=$(cat /sys/block/vda/size)
+        echo "BULKHEAD-BLKCTL-NEWSIZE=$new"
+        echo "BULKHEAD-BLKCTL-TAIL=$(dd if=/dev/vda bs=4096 skip=$((new / 8 - 1)) count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+        echo BULKHEAD-BLKCTL-DONE
+        poweroff -f
         ;;
     net|netloop|netctrl|netmq)
         for m in $(cat /etc/bulkhead/net-modules); do

@@ -5,11 +5,14 @@
 //! syncs, drops its page cache and reads it back; the test then checks the image file in L1.
 //! The same checks hold with a back end nobody here wrote: `qemu-storage-daemon`'s
 //! vhost-user-blk export behind `-chardev socket` + `-device vhost-user-blk-pci`.
+//! `block_set_io_throttle` and `block_resize` are checked from inside the guest too (kit mode
+//! `bulkhead.test=blkctl`): a throttled read takes as long as the limit says, and the driver
+//! sees the new size through the config-change interrupt.
 
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use bulkhead_tests::kit::{BLK_PATTERN_LEN, BLK_PATTERN_LINE, BLK_PATTERN_OFFSET};
+use bulkhead_tests::kit::{BLKCTL_READ_LEN, BLK_PATTERN_LEN, BLK_PATTERN_LINE, BLK_PATTERN_OFFSET};
 use bulkhead_tests::util::scaled;
 use bulkhead_tests::{
     boot_l1_for_bulkhead, spawn_l2_guest, L1Process, NestedOpts, NestedVm, L2_BOOT_TIMEOUT,
@@ -274,5 +277,88 @@ fn vhost_user_blk_served_by_qemu_storage_daemon() -> Result<()> {
         "the image file does not hold what the guest wrote and synced"
     );
     qsd.kill("TERM")?;
+    Ok(())
+}
+
+/// Read limit while the guest reads [`BLKCTL_READ_LEN`] bytes: 1 MiB/s.
+const THROTTLE_BPS_RD: u64 = 1 << 20;
+
+/// The six limits `block_set_io_throttle` takes, for `disk0`: only `bps_rd` set.
+fn read_limit(bps_rd: u64) -> serde_json::Value {
+    json!({"device": "disk0", "bps": 0, "bps_rd": bps_rd, "bps_wr": 0,
+           "iops": 0, "iops_rd": 0, "iops_wr": 0})
+}
+
+/// Limits set over QMP reach the guest's I/O and a resize reaches its driver. Started with `-S`,
+/// the disk gets a 1 MiB/s read limit; the guest (kit mode `blkctl`) reads 4 MiB with
+/// `O_DIRECT`, which must take at least 3 s of its own clock (the bucket lets a tenth of a
+/// second's worth through at once: a lower bound only, so a slow host cannot fail it). Then the
+/// limit goes, `block_resize` doubles the disk, and the guest's virtio_blk, told by the
+/// config-change interrupt, must show the new size and read the new end (zeroes); the image
+/// file in L1 has grown to match.
+#[test]
+fn io_throttle_and_resize_reach_a_linux_guest() -> Result<()> {
+    let vm = boot_l1_for_bulkhead("blk-ctl")?;
+    make_disk(&vm, "ctl.img")?;
+    let drive = "file=/tmp/ctl.img,format=raw,if=virtio,id=disk0";
+    let bh = spawn_l2_guest(&vm, 1, "blkctl", &["-S", "-drive", drive])?;
+    let mut qmp = vm.qmp(Duration::from_secs(30))?;
+    qmp.execute("block_set_io_throttle", Some(read_limit(THROTTLE_BPS_RD)))?;
+    qmp.execute("cont", None)?;
+    bh.wait_for_console("BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
+    bh.wait_for_console("BULKHEAD-BLKCTL-READ=", DONE_TIMEOUT)?;
+    let sectors: u64 = marker(&bh, "BULKHEAD-BLKCTL-SIZE")?.parse()?;
+    ensure!(sectors == DISK_MIB * 2048, "guest sees {sectors} sectors");
+    let read = marker(&bh, "BULKHEAD-BLKCTL-READ")?;
+    let (t0, t1) = read.split_once(' ').context("two uptimes")?;
+    let secs = t1.parse::<f64>()? - t0.parse::<f64>()?;
+    println!("throttled read of {BLKCTL_READ_LEN} bytes at {THROTTLE_BPS_RD} B/s: {secs:.2} s");
+    ensure!(
+        secs >= 3.0,
+        "{BLKCTL_READ_LEN} bytes at {THROTTLE_BPS_RD} B/s took only {secs:.2} s: the limit is not enforced"
+    );
+    let stats = qmp.execute("query-blockstats", None)?;
+    let rd_bytes = stats
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["device"] == "disk0"))
+        .and_then(|d| d["stats"]["rd_bytes"].as_u64())
+        .context("disk0's rd_bytes in query-blockstats")?;
+    ensure!(rd_bytes >= BLKCTL_READ_LEN, "rd_bytes {rd_bytes}");
+
+    qmp.execute("block_set_io_throttle", Some(read_limit(0)))?;
+    let new_bytes = (2 * DISK_MIB) << 20;
+    qmp.execute(
+        "block_resize",
+        Some(json!({"device": "disk0", "size": new_bytes})),
+    )?;
+    bh.wait_for_console("BULKHEAD-BLKCTL-DONE", DONE_TIMEOUT)?;
+    let fails: Vec<String> = bh
+        .output_lines()
+        .into_iter()
+        .filter(|l| l.contains("BULKHEAD-BLK-FAIL"))
+        .collect();
+    ensure!(fails.is_empty(), "the guest reported failures: {fails:?}");
+    let new_sectors: u64 = marker(&bh, "BULKHEAD-BLKCTL-NEWSIZE")?.parse()?;
+    ensure!(
+        new_sectors == new_bytes / 512,
+        "after block_resize the guest sees {new_sectors} sectors, expected {}",
+        new_bytes / 512
+    );
+    let zeroes = vm.sh_ok(
+        "head -c 4096 /dev/zero | md5sum | cut -d' ' -f1",
+        Duration::from_secs(10),
+    )?;
+    ensure!(
+        marker(&bh, "BULKHEAD-BLKCTL-TAIL")? == zeroes.trim(),
+        "the grown disk's last 4 KiB do not read as zeroes"
+    );
+    drop(qmp);
+    bh.wait_exit(Duration::from_secs(60))?;
+    let size = vm.sh_ok("stat -c %s /tmp/ctl.img", Duration::from_secs(10))?;
+    ensure!(
+        size.trim() == new_bytes.to_string(),
+        "the image file is {} bytes, not {new_bytes}",
+        size.trim()
+    );
     Ok(())
 }
