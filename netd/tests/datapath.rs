@@ -4,29 +4,19 @@
 //! side is a raw `AF_PACKET` socket on the tap inside that namespace. Needs root (CI is root):
 //! fails loudly without it, never skips.
 
-use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 mod common;
+use common::guest::*;
 use common::{eth_frame, recv_ours_matching, send_frame, Netns, ETHERTYPE};
 
-const QSIZE: u16 = 64;
-const MEM_SIZE: usize = 4 << 20;
-/// The fake VMM address of guest address 0 (ring addresses are given in it).
-const VA_BASE: u64 = 0x7000_0000_0000;
 const MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
-const HDR: usize = 12;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
 
 /// Waits for an incoming frame of our ethertype that `pred` accepts.
 fn recv_matching(sock: &OwnedFd, pred: impl Fn(&[u8]) -> bool, timeout: Duration) -> Vec<u8> {
@@ -111,24 +101,6 @@ impl Drop for Netd {
     }
 }
 
-/// The guest side: memory, two rings, and the vhost-user connection.
-struct Guest {
-    fe: Frontend,
-    mem: GuestMemoryMmap,
-    _memfd: File,
-    kick: [EventFd; 2],
-    _call: [EventFd; 2],
-    avail: [u16; 2],
-    next_desc: [u16; 2],
-}
-
-const RX: usize = 0;
-const TX: usize = 1;
-
-fn ring_base(q: usize) -> u64 {
-    0x1000 + q as u64 * 0x3000
-}
-
 impl Guest {
     fn connect(socket: &str) -> Guest {
         Guest::connect_without(socket, 0)
@@ -136,160 +108,11 @@ impl Guest {
 
     /// Connects and acks every offered feature but those in `without`.
     fn connect_without(socket: &str, without: u64) -> Guest {
-        // SAFETY: memfd_create with a literal name; result checked.
-        let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd owned by nobody else.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(MEM_SIZE as u64).expect("memfd size");
-        let mem = GuestMemoryMmap::from_ranges_with_files(&[(
-            GuestAddress(0),
-            MEM_SIZE,
-            Some(FileOffset::new(memfd.try_clone().expect("dup"), 0)),
-        )])
-        .expect("guest memory");
-        let mut fe = Frontend::connect(socket, 2).expect("connect");
-        fe.set_owner().expect("set_owner");
-        let features = fe.get_features().expect("get_features");
-        assert!(features & (1 << 15) != 0, "mergeable rx buffers offered");
-        fe.set_features(features & !without).expect("set_features");
-        let pf = fe.get_protocol_features().expect("protocol features");
-        fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK),
-        )
-        .expect("set protocol features");
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: VA_BASE,
-            mmap_offset: 0,
-            mmap_handle: memfd.as_raw_fd(),
-        };
-        fe.set_mem_table(&[region]).expect("set_mem_table");
-        let kick = [EventFd::new(0).expect("efd"), EventFd::new(0).expect("efd")];
-        let call = [EventFd::new(0).expect("efd"), EventFd::new(0).expect("efd")];
-        for q in [RX, TX] {
-            let b = ring_base(q);
-            fe.set_vring_num(q, QSIZE).expect("num");
-            let cfg = VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: VA_BASE + b,
-                avail_ring_addr: VA_BASE + b + 0x1000,
-                used_ring_addr: VA_BASE + b + 0x2000,
-                log_addr: None,
-            };
-            fe.set_vring_addr(q, &cfg).expect("addr");
-            fe.set_vring_base(q, 0).expect("base");
-            fe.set_vring_call(q, &call[q]).expect("call");
-            fe.set_vring_kick(q, &kick[q]).expect("kick");
-            fe.set_vring_enable(q, true).expect("enable");
-        }
-        Guest {
-            fe,
-            mem,
-            _memfd: memfd,
-            kick,
-            _call: call,
-            avail: [0; 2],
-            next_desc: [0; 2],
-        }
-    }
-
-    /// Writes a chain of descriptors (addr, len, flags without NEXT) and makes it available.
-    fn post(&mut self, q: usize, descs: &[(u64, u32, u16)]) -> u16 {
-        let b = ring_base(q);
-        let first = self.next_desc[q];
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let idx = (first + i as u16) % QSIZE;
-            let last = i + 1 == descs.len();
-            let next = (idx + 1) % QSIZE;
-            let d = b + u64::from(idx) * 16;
-            let fl = flags | if last { 0 } else { F_NEXT };
-            self.write(d, &addr.to_le_bytes());
-            self.write(d + 8, &len.to_le_bytes());
-            self.write(d + 12, &fl.to_le_bytes());
-            self.write(d + 14, &next.to_le_bytes());
-        }
-        self.next_desc[q] = (first + descs.len() as u16) % QSIZE;
-        self.post_head(q, first);
-        first
-    }
-
-    /// Puts `head` on the avail ring as is (it may be garbage).
-    fn post_head(&mut self, q: usize, head: u16) {
-        let a = ring_base(q) + 0x1000;
-        let slot = u64::from(self.avail[q] % QSIZE);
-        self.write(a + 4 + 2 * slot, &head.to_le_bytes());
-        self.avail[q] = self.avail[q].wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.write(a + 2, &self.avail[q].to_le_bytes());
-    }
-
-    fn kick(&self, q: usize) {
-        self.kick[q].write(1).expect("kick");
-    }
-
-    fn write(&self, addr: u64, b: &[u8]) {
-        self.mem
-            .write_slice(b, GuestAddress(addr))
-            .expect("guest write");
-    }
-
-    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.mem
-            .read_slice(&mut v, GuestAddress(addr))
-            .expect("guest read");
-        v
-    }
-
-    fn used_idx(&self, q: usize) -> u16 {
-        let b = self.read(ring_base(q) + 0x2002, 2);
-        u16::from_le_bytes([b[0], b[1]])
-    }
-
-    /// The used element `n` (id, len).
-    fn used(&self, q: usize, n: u16) -> (u32, u32) {
-        let e = self.read(ring_base(q) + 0x2004 + 8 * u64::from(n % QSIZE), 8);
-        (
-            u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
-            u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
-        )
-    }
-
-    fn wait_used(&self, q: usize, at_least: u16, timeout: Duration) {
-        let end = Instant::now() + timeout;
-        while self.used_idx(q).wrapping_sub(at_least) > 0x8000 {
-            assert!(
-                Instant::now() < end,
-                "queue {q}: used idx {} never reached {at_least}",
-                self.used_idx(q)
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// Sends `frame` (vnet header prepended) as one chain of `split` pieces from `at`.
-    fn transmit(&mut self, at: u64, frame: &[u8]) {
-        let mut full = vec![0u8; HDR];
-        full.extend_from_slice(frame);
-        self.write(at, &full);
-        // Header in its own descriptor, the frame in a second: a gather list.
-        self.post(
-            TX,
-            &[
-                (at, HDR as u32, 0),
-                (at + HDR as u64, frame.len() as u32, 0),
-            ],
-        );
-        self.kick(TX);
+        let g = Guest::negotiate(Frontend::connect(socket, 2).expect("connect"), without);
+        assert!(g.offered & (1 << 15) != 0, "mergeable rx buffers offered");
+        g
     }
 }
-
-const TX_BUF: u64 = 0x10_0000;
-const RX_BUF: u64 = 0x20_0000;
 
 /// A socket path, removed on drop (netd, sandboxed, cannot unlink it itself).
 struct SockPath(String);
@@ -431,8 +254,7 @@ fn hostile_descriptors_are_dropped_and_netd_keeps_serving() {
 
     // An avail index far beyond the ring: the queue is refused, netd neither dies nor spins.
     let before = netd.cpu_ticks();
-    g.avail[TX] = g.avail[TX].wrapping_add(1000);
-    g.write(ring_base(TX) + 0x1002, &g.avail[TX].to_le_bytes());
+    g.jump_avail(TX, 1000);
     g.kick(TX);
     std::thread::sleep(Duration::from_millis(500));
     assert!(netd.alive(), "netd died on a bogus avail index");

@@ -22,28 +22,14 @@ use bulkhead_ipc::messages::{NetEvent, NetProtocol, NetReply, NetRequest, NetSet
 use bulkhead_ipc::{Channel, Frame, Role as IpcRole};
 use bulkhead_sandbox::launch::{Child, Command, IdMap};
 use bulkhead_sandbox::Role;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 mod common;
+use common::guest::*;
 use common::{eth_frame, recv_ours_matching, send_frame, Netns};
+use vhost::vhost_user::Frontend;
 
-const QSIZE: u16 = 64;
-const MEM_SIZE: usize = 4 << 20;
-/// The fake VMM address of guest address 0 (ring addresses are given in it).
-const VA_BASE: u64 = 0x7000_0000_0000;
 const MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x21];
 const PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x09];
-const HDR: usize = 12;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const RX: usize = 0;
-const TX: usize = 1;
-const TX_BUF: u64 = 0x10_0000;
-const RX_BUF: u64 = 0x20_0000;
 /// The first incoming frame of our ethertype within `timeout`.
 fn recv_ours(sock: &OwnedFd, timeout: Duration) -> Option<Vec<u8>> {
     recv_ours_matching(sock, |_| true, timeout)
@@ -233,186 +219,10 @@ fn setup(link_up: bool) -> NetSetup {
     }
 }
 
-/// The guest side: memory, two rings, and the vhost-user connection on the handed socket.
-struct Guest {
-    fe: Frontend,
-    mem: GuestMemoryMmap,
-    _memfd: File,
-    kick: [EventFd; 2],
-    _call: [EventFd; 2],
-    avail: [u16; 2],
-    next_desc: [u16; 2],
-}
-
-fn ring_base(q: usize) -> u64 {
-    0x1000 + q as u64 * 0x3000
-}
-
 impl Guest {
-    /// Negotiates as a vhost-user-net front end (every offered feature acked) and sets up both
-    /// rings.
+    /// Negotiates on the handed socket (every offered feature acked) and sets up both rings.
     fn connect(sock: UnixStream) -> Guest {
-        // SAFETY: memfd_create with a literal name; result checked.
-        let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd owned by nobody else.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(MEM_SIZE as u64).expect("memfd size");
-        let mem = GuestMemoryMmap::from_ranges_with_files(&[(
-            GuestAddress(0),
-            MEM_SIZE,
-            Some(FileOffset::new(memfd.try_clone().expect("dup"), 0)),
-        )])
-        .expect("guest memory");
-        let mut fe = Frontend::from_stream(sock, 2);
-        fe.set_owner().expect("set_owner");
-        let features = fe.get_features().expect("get_features");
-        fe.set_features(features).expect("set_features");
-        let pf = fe.get_protocol_features().expect("protocol features");
-        fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK),
-        )
-        .expect("set protocol features");
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: VA_BASE,
-            mmap_offset: 0,
-            mmap_handle: memfd.as_raw_fd(),
-        };
-        fe.set_mem_table(&[region]).expect("set_mem_table");
-        let kick = [EventFd::new(0).expect("efd"), EventFd::new(0).expect("efd")];
-        let call = [EventFd::new(0).expect("efd"), EventFd::new(0).expect("efd")];
-        for q in [RX, TX] {
-            let b = ring_base(q);
-            fe.set_vring_num(q, QSIZE).expect("num");
-            let cfg = VringConfigData {
-                queue_max_size: QSIZE,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: VA_BASE + b,
-                avail_ring_addr: VA_BASE + b + 0x1000,
-                used_ring_addr: VA_BASE + b + 0x2000,
-                log_addr: None,
-            };
-            fe.set_vring_addr(q, &cfg).expect("addr");
-            fe.set_vring_base(q, 0).expect("base");
-            fe.set_vring_call(q, &call[q]).expect("call");
-            fe.set_vring_kick(q, &kick[q]).expect("kick");
-            fe.set_vring_enable(q, true).expect("enable");
-        }
-        Guest {
-            fe,
-            mem,
-            _memfd: memfd,
-            kick,
-            _call: call,
-            avail: [0; 2],
-            next_desc: [0; 2],
-        }
-    }
-
-    /// The config space's MAC and status.
-    fn config(&mut self) -> ([u8; 6], u16) {
-        let (_, cfg) = self
-            .fe
-            .get_config(0, 10, VhostUserConfigFlags::WRITABLE, &[0u8; 10])
-            .expect("get_config");
-        let mut mac = [0u8; 6];
-        mac.copy_from_slice(&cfg[..6]);
-        (mac, u16::from_le_bytes([cfg[6], cfg[7]]))
-    }
-
-    /// Writes a chain of descriptors (addr, len, flags without NEXT) and makes it available.
-    fn post(&mut self, q: usize, descs: &[(u64, u32, u16)]) -> u16 {
-        let b = ring_base(q);
-        let first = self.next_desc[q];
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let idx = (first + i as u16) % QSIZE;
-            let last = i + 1 == descs.len();
-            let next = (idx + 1) % QSIZE;
-            let d = b + u64::from(idx) * 16;
-            let fl = flags | if last { 0 } else { F_NEXT };
-            self.write(d, &addr.to_le_bytes());
-            self.write(d + 8, &len.to_le_bytes());
-            self.write(d + 12, &fl.to_le_bytes());
-            self.write(d + 14, &next.to_le_bytes());
-        }
-        self.next_desc[q] = (first + descs.len() as u16) % QSIZE;
-        let a = b + 0x1000;
-        let slot = u64::from(self.avail[q] % QSIZE);
-        self.write(a + 4 + 2 * slot, &first.to_le_bytes());
-        self.avail[q] = self.avail[q].wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.write(a + 2, &self.avail[q].to_le_bytes());
-        first
-    }
-
-    fn kick(&self, q: usize) {
-        self.kick[q].write(1).expect("kick");
-    }
-
-    fn write(&self, addr: u64, b: &[u8]) {
-        self.mem
-            .write_slice(b, GuestAddress(addr))
-            .expect("guest write");
-    }
-
-    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.mem
-            .read_slice(&mut v, GuestAddress(addr))
-            .expect("guest read");
-        v
-    }
-
-    fn used_idx(&self, q: usize) -> u16 {
-        let b = self.read(ring_base(q) + 0x2002, 2);
-        u16::from_le_bytes([b[0], b[1]])
-    }
-
-    /// The used element `n` (id, len).
-    fn used(&self, q: usize, n: u16) -> (u32, u32) {
-        let e = self.read(ring_base(q) + 0x2004 + 8 * u64::from(n % QSIZE), 8);
-        (
-            u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
-            u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
-        )
-    }
-
-    fn wait_used(&self, q: usize, at_least: u16) {
-        let end = Instant::now() + Duration::from_secs(5);
-        while self.used_idx(q).wrapping_sub(at_least) > 0x8000 {
-            assert!(
-                Instant::now() < end,
-                "queue {q}: used idx {} never reached {at_least}",
-                self.used_idx(q)
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// Sends `frame` with a zero vnet header: header and frame in two descriptors.
-    fn transmit(&mut self, at: u64, frame: &[u8]) {
-        let mut full = vec![0u8; HDR];
-        full.extend_from_slice(frame);
-        self.write(at, &full);
-        self.post(
-            TX,
-            &[
-                (at, HDR as u32, 0),
-                (at + HDR as u64, frame.len() as u32, 0),
-            ],
-        );
-        self.kick(TX);
-    }
-
-    /// The frame (without its vnet header) in used rx element `n`, with `num_buffers`.
-    fn received(&self, n: u16) -> (u16, Vec<u8>) {
-        let (id, len) = self.used(RX, n);
-        let got = self.read(RX_BUF + u64::from(id) * 0x1000, len as usize);
-        assert!(got.len() > HDR, "rx element {n}: {len} bytes");
-        (u16::from_le_bytes([got[10], got[11]]), got[HDR..].to_vec())
+        Guest::negotiate(Frontend::from_stream(sock, 2), 0)
     }
 }
 
@@ -486,7 +296,7 @@ fn a_launched_netd_is_confined_moves_frames_both_ways_and_obeys_set_link() {
     let out = eth_frame([0xff; 6], MAC, 200, 1);
     g.transmit(TX_BUF, &out);
     assert_eq!(recv_ours(&far, Duration::from_secs(5)), Some(out.clone()));
-    g.wait_used(TX, 1);
+    g.wait_used(TX, 1, Duration::from_secs(5));
 
     // tap → guest: into one of the posted 2 KiB buffers, num_buffers 1.
     for i in 0..4u64 {
@@ -495,7 +305,7 @@ fn a_launched_netd_is_confined_moves_frames_both_ways_and_obeys_set_link() {
     g.kick(RX);
     let inbound = eth_frame(MAC, PEER, 300, 2);
     send_frame(&far, &inbound);
-    g.wait_used(RX, 1);
+    g.wait_used(RX, 1, Duration::from_secs(5));
     assert_eq!(g.received(0), (1, inbound.clone()));
 
     let s = w.stats_until(|s| s.tx_frames == 1 && s.rx_frames == 1);
@@ -523,7 +333,7 @@ fn a_launched_netd_is_confined_moves_frames_both_ways_and_obeys_set_link() {
     );
     let lost_out = eth_frame([0xff; 6], MAC, 100, 3);
     g.transmit(TX_BUF + 0x1000, &lost_out);
-    g.wait_used(TX, 2);
+    g.wait_used(TX, 2, Duration::from_secs(5));
     assert_eq!(g.used(TX, 1).1, 0);
     let lost_in = eth_frame(MAC, PEER, 100, 4);
     send_frame(&far, &lost_in);
@@ -542,7 +352,7 @@ fn a_launched_netd_is_confined_moves_frames_both_ways_and_obeys_set_link() {
     assert_eq!(recv_ours(&far, Duration::from_secs(5)), Some(out2.clone()));
     let inbound2 = eth_frame(MAC, PEER, 500, 6);
     send_frame(&far, &inbound2);
-    g.wait_used(RX, 2);
+    g.wait_used(RX, 2, Duration::from_secs(5));
     assert_eq!(g.received(1), (1, inbound2.clone()));
     let s = w.stats_until(|s| s.tx_frames == 2 && s.rx_frames == 2);
     assert_eq!(

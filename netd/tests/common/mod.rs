@@ -2,6 +2,8 @@
 //! socket on the far side), frames of the tests' own ethertype, sending and receiving them.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
