@@ -1083,7 +1083,13 @@ fn blockdev_add_and_device_add_before_the_guest_first_runs() {
     let del_node = r#"{"execute":"blockdev-del","arguments":{"node-name":"d0"}}"#;
     assert_eq!(q.raw(del_node)["error"]["desc"], "Node d0 is in use");
 
-    let del_dev = r#"{"execute":"device_del","arguments":{"id":"vd0"}}"#;
+    let missing = r#"{"execute":"device_del","arguments":{"id":"/machine/peripheral/nope"}}"#;
+    assert_eq!(
+        q.raw(missing)["error"],
+        json!({"class": "DeviceNotFound", "desc": "Device '/machine/peripheral/nope' not found"})
+    );
+    // By its QOM path, as QEMU resolves device_del's id.
+    let del_dev = r#"{"execute":"device_del","arguments":{"id":"/machine/peripheral/vd0"}}"#;
     assert_eq!(q.raw(del_dev), json!({"return": {}}));
     let first = q.event("DEVICE_DELETED");
     assert_eq!(
@@ -1100,6 +1106,10 @@ fn blockdev_add_and_device_add_before_the_guest_first_runs() {
     assert_eq!(q.cmd("query-block"), json!({"return": []}));
     assert_eq!(
         q.raw(del_dev)["error"],
+        json!({"class": "DeviceNotFound", "desc": "Device '/machine/peripheral/vd0' not found"})
+    );
+    assert_eq!(
+        q.raw(r#"{"execute":"device_del","arguments":{"id":"vd0"}}"#)["error"],
         json!({"class": "DeviceNotFound", "desc": "Device 'vd0' not found"})
     );
     assert_eq!(q.raw(del_node), json!({"return": {}}));

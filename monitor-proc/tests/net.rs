@@ -467,8 +467,15 @@ fn netdev_add_takes_a_getfd_tap_and_devices_plug_cold_and_hot() {
     );
     stderr_has(&m, "reports link_up=false");
     log_has(&s, "link nic0 down");
-    // Unplug, plug again.
-    assert_eq!(exec(&mut q, "device_del", json!({"id": "nic0"})), ok);
+    // Unplug (by QOM path, as QEMU resolves device_del's id), plug again.
+    assert_eq!(
+        exec(
+            &mut q,
+            "device_del",
+            json!({"id": "/machine/peripheral/nic0"})
+        ),
+        ok
+    );
     log_has(&s, "device nic0 removed");
     assert_eq!(netds(&mut q).len(), 0);
     // QEMU 7.2's two events: the virtio back end, then the device with its id.

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use super::{ArgSpec, ArgType, Command, Context, HandlerFuture, Outcome};
 use crate::nics::{NetAnswer, NetOp, NewNetdev};
-use crate::qmp::protocol::QmpError;
+use crate::qmp::protocol::{ErrorClass, QmpError};
 
 const fn arg(name: &'static str, ty: ArgType, optional: bool) -> ArgSpec {
     ArgSpec { name, ty, optional }
@@ -187,12 +187,30 @@ fn device_add(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
 
 fn device_del(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
     Box::pin(async move {
-        let id = str_arg(&args, "id").unwrap_or_default();
+        let given = str_arg(&args, "id").unwrap_or_default();
+        let id = peripheral_id(&given).to_owned();
         if let Some(r) = super::block::device_del(&ctx, &id).await {
             return r;
         }
-        done(&ctx, NetOp::DeviceDel(id)).await
+        match done(&ctx, NetOp::DeviceDel(id)).await {
+            // QEMU names the device as the client did.
+            Err(e) if e.class == ErrorClass::DeviceNotFound => Err(QmpError {
+                class: ErrorClass::DeviceNotFound,
+                desc: format!("Device '{given}' not found"),
+            }),
+            r => r,
+        }
     })
+}
+
+/// The id `device_del` looks up: QEMU resolves its `id` as a QOM path below
+/// `/machine/peripheral`, so the absolute path `/machine/peripheral/ID` names the device `ID`
+/// too. Anything else is taken as it is (an anonymous device's `peripheral-anon` path is not
+/// resolved: docs/QMP.md).
+fn peripheral_id(id: &str) -> &str {
+    id.strip_prefix("/machine/peripheral/")
+        .filter(|rest| !rest.is_empty() && !rest.contains('/'))
+        .unwrap_or(id)
 }
 
 fn set_link(ctx: Context, args: Map<String, Value>) -> HandlerFuture {
@@ -212,5 +230,25 @@ pub(super) async fn info_network(ctx: &Context) -> Result<String, QmpError> {
     match ctx.shared.vm.net(NetOp::InfoNetwork).await? {
         NetAnswer::Text(t) => Ok(t),
         _ => Ok(String::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peripheral_id;
+
+    #[test]
+    fn device_del_takes_a_peripheral_qom_path_for_the_id() {
+        assert_eq!(peripheral_id("vd0"), "vd0");
+        assert_eq!(peripheral_id("/machine/peripheral/vd0"), "vd0");
+        // Not a device of /machine/peripheral itself: looked up as given (and not found).
+        for other in [
+            "/machine/peripheral/",
+            "/machine/peripheral/vd0/virtio-backend",
+            "/machine/peripheral-anon/device[0]",
+            "machine/peripheral/vd0",
+        ] {
+            assert_eq!(peripheral_id(other), other);
+        }
     }
 }
