@@ -598,6 +598,20 @@ impl NestedVm {
         )
     }
 
+    /// The far side of the nested network tests: loads `tun` and writes `mib` MiB of random data
+    /// to `/tmp/www/blob` in L1 (for the tests' busybox `httpd -h /tmp/www`); returns its md5.
+    pub fn far_side_blob(&self, mib: u32) -> Result<String> {
+        let out = self.sh_ok(
+            &format!(
+                "modprobe tun && mkdir -p /tmp/www && \
+                 dd if=/dev/urandom of=/tmp/www/blob bs=1M count={mib} 2>/dev/null && \
+                 md5sum /tmp/www/blob | cut -d' ' -f1"
+            ),
+            Duration::from_secs(60),
+        )?;
+        Ok(out.trim().to_owned())
+    }
+
     /// Like [`NestedVm::sh`] but fails unless the exit status is 0; returns the output.
     pub fn sh_ok(&self, script: &str, timeout: Duration) -> Result<String> {
         let (out, rc) = self.sh(script, timeout)?;
@@ -857,6 +871,23 @@ impl L1Process<'_> {
                 scaled(Duration::from_secs(20)),
             )
             .map(|_| ())
+    }
+
+    /// The value of the first `KEY=value` console line (the guest kit's markers), waiting up to
+    /// 30 s (scaled) for it.
+    pub fn marker(&self, key: &str) -> Result<String> {
+        let tag = format!("{key}=");
+        let line = self.wait_for_console(&tag, Duration::from_secs(30))?;
+        let at = line.find(&tag).ok_or_else(|| anyhow!("marker {tag}"))?;
+        Ok(line[at + tag.len()..].trim().to_owned())
+    }
+
+    /// Console lines containing `pattern` so far (e.g. a guest's `...-FAIL` reports).
+    pub fn lines_with(&self, pattern: &str) -> Vec<String> {
+        self.output_lines()
+            .into_iter()
+            .filter(|l| l.contains(pattern))
+            .collect()
     }
 
     /// Waits for an output line containing `pattern`, searching from the process start. The

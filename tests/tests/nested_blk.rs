@@ -44,41 +44,30 @@ fn make_disk(vm: &NestedVm, name: &str) -> Result<String> {
     Ok(out.trim().to_owned())
 }
 
-/// The value of the first `KEY=value` console line.
-fn marker(bh: &L1Process<'_>, key: &str) -> Result<String> {
-    let line = bh.wait_for_console(&format!("{key}="), Duration::from_secs(30))?;
-    let at = line.find(&format!("{key}=")).context("marker")?;
-    Ok(line[at + key.len() + 1..].trim().to_owned())
-}
-
 /// Waits for the guest's blk run and checks what it saw against the image it was given.
 fn check_guest_run(vm: &NestedVm, bh: &L1Process<'_>, image_md5: &str, serial: &str) -> Result<()> {
     bh.wait_for_console("BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
     bh.wait_for_console("BULKHEAD-BLK-DONE", DONE_TIMEOUT)?;
-    let fails: Vec<String> = bh
-        .output_lines()
-        .into_iter()
-        .filter(|l| l.contains("BULKHEAD-BLK-FAIL"))
-        .collect();
+    let fails: Vec<String> = bh.lines_with("BULKHEAD-BLK-FAIL");
     ensure!(fails.is_empty(), "the guest reported failures: {fails:?}");
-    let sectors: u64 = marker(bh, "BULKHEAD-BLK-SIZE")?.parse()?;
+    let sectors: u64 = bh.marker("BULKHEAD-BLK-SIZE")?.parse()?;
     ensure!(
         sectors == DISK_MIB * 2048,
         "guest sees {sectors} sectors, expected {}",
         DISK_MIB * 2048
     );
     ensure!(
-        marker(bh, "BULKHEAD-BLK-SERIAL")? == serial,
+        bh.marker("BULKHEAD-BLK-SERIAL")? == serial,
         "serial mismatch"
     );
     ensure!(
-        marker(bh, "BULKHEAD-BLK-MD5")? == image_md5,
+        bh.marker("BULKHEAD-BLK-MD5")? == image_md5,
         "the guest read different data than the image holds"
     );
-    let wrote = marker(bh, "BULKHEAD-BLK-WROTE")?;
+    let wrote = bh.marker("BULKHEAD-BLK-WROTE")?;
     ensure!(wrote == pattern_md5(vm)?, "pattern checksum mismatch");
     ensure!(
-        marker(bh, "BULKHEAD-BLK-READBACK")? == wrote,
+        bh.marker("BULKHEAD-BLK-READBACK")? == wrote,
         "the guest read back something else than it wrote"
     );
     Ok(())
@@ -200,10 +189,7 @@ fn flushed_writes_survive_kill_9_of_each_process() -> Result<()> {
         let drive = format!("file=/tmp/{img},format=raw,if=virtio,id=d0");
         let bh = spawn_l2_guest(&vm, 1, "blk", &["-drive", &drive])?;
         bh.wait_for_console("BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
-        ensure!(
-            marker(&bh, "BULKHEAD-BLK-MD5")? == md5,
-            "{victim}: bad read"
-        );
+        ensure!(bh.marker("BULKHEAD-BLK-MD5")? == md5, "{victim}: bad read");
         bh.wait_for_console("BULKHEAD-BLK-READBACK=", DONE_TIMEOUT)?;
         let pid = if victim == "bulkhead" {
             bh.pid()
@@ -307,9 +293,9 @@ fn io_throttle_and_resize_reach_a_linux_guest() -> Result<()> {
     qmp.execute("cont", None)?;
     bh.wait_for_console("BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
     bh.wait_for_console("BULKHEAD-BLKCTL-READ=", DONE_TIMEOUT)?;
-    let sectors: u64 = marker(&bh, "BULKHEAD-BLKCTL-SIZE")?.parse()?;
+    let sectors: u64 = bh.marker("BULKHEAD-BLKCTL-SIZE")?.parse()?;
     ensure!(sectors == DISK_MIB * 2048, "guest sees {sectors} sectors");
-    let read = marker(&bh, "BULKHEAD-BLKCTL-READ")?;
+    let read = bh.marker("BULKHEAD-BLKCTL-READ")?;
     let (t0, t1) = read.split_once(' ').context("two uptimes")?;
     let secs = t1.parse::<f64>()? - t0.parse::<f64>()?;
     println!("throttled read of {BLKCTL_READ_LEN} bytes at {THROTTLE_BPS_RD} B/s: {secs:.2} s");
@@ -332,13 +318,9 @@ fn io_throttle_and_resize_reach_a_linux_guest() -> Result<()> {
         Some(json!({"device": "disk0", "size": new_bytes})),
     )?;
     bh.wait_for_console("BULKHEAD-BLKCTL-DONE", DONE_TIMEOUT)?;
-    let fails: Vec<String> = bh
-        .output_lines()
-        .into_iter()
-        .filter(|l| l.contains("BULKHEAD-BLK-FAIL"))
-        .collect();
+    let fails: Vec<String> = bh.lines_with("BULKHEAD-BLK-FAIL");
     ensure!(fails.is_empty(), "the guest reported failures: {fails:?}");
-    let new_sectors: u64 = marker(&bh, "BULKHEAD-BLKCTL-NEWSIZE")?.parse()?;
+    let new_sectors: u64 = bh.marker("BULKHEAD-BLKCTL-NEWSIZE")?.parse()?;
     ensure!(
         new_sectors == new_bytes / 512,
         "after block_resize the guest sees {new_sectors} sectors, expected {}",
@@ -349,7 +331,7 @@ fn io_throttle_and_resize_reach_a_linux_guest() -> Result<()> {
         Duration::from_secs(10),
     )?;
     ensure!(
-        marker(&bh, "BULKHEAD-BLKCTL-TAIL")? == zeroes.trim(),
+        bh.marker("BULKHEAD-BLKCTL-TAIL")? == zeroes.trim(),
         "the grown disk's last 4 KiB do not read as zeroes"
     );
     drop(qmp);

@@ -90,11 +90,7 @@ fn linux_guest_takes_hot_plugged_disks_and_nics_and_its_power_button() -> Result
     )?;
     bh.wait_for_console("BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
     bh.wait_for_console("BULKHEAD-HP-READY", STEP_TIMEOUT)?;
-    let fails: Vec<String> = bh
-        .output_lines()
-        .into_iter()
-        .filter(|l| l.contains("BULKHEAD-HP-FAIL"))
-        .collect();
+    let fails: Vec<String> = bh.lines_with("BULKHEAD-HP-FAIL");
     ensure!(fails.is_empty(), "the guest reported failures: {fails:?}");
     let buttons = bh.wait_for_console("BULKHEAD-HP-BUTTONS=", Duration::from_secs(5))?;
     ensure!(

@@ -27,7 +27,7 @@ use anyhow::{ensure, Context, Result};
 use bulkhead_tests::dhcp::{self, GuestMarkers};
 use bulkhead_tests::kit::NET_PEER_ADDR;
 use bulkhead_tests::util::shell_quote;
-use bulkhead_tests::{boot_l1_for_bulkhead, spawn_l2_guest, L1Process, L2_BOOT_TIMEOUT};
+use bulkhead_tests::{boot_l1_for_bulkhead, spawn_l2_guest, L2_BOOT_TIMEOUT};
 use serde_json::json;
 
 const DONE_TIMEOUT: Duration = Duration::from_secs(240);
@@ -87,25 +87,10 @@ done
 dumpleases -f "$d/udhcpd.leases"
 "#;
 
-/// The value of the first `KEY=value` console line.
-fn marker(bh: &L1Process<'_>, key: &str) -> Result<String> {
-    let line = bh.wait_for_console(&format!("{key}="), Duration::from_secs(30))?;
-    let at = line.find(&format!("{key}=")).context("marker")?;
-    Ok(line[at + key.len() + 1..].trim().to_owned())
-}
-
 #[test]
 fn linux_guest_pings_fetches_and_follows_set_link_through_netd() -> Result<()> {
     let vm = boot_l1_for_bulkhead("net-tap")?;
-    let md5 = vm
-        .sh_ok(
-            "modprobe tun && mkdir -p /tmp/www && \
-             dd if=/dev/urandom of=/tmp/www/blob bs=1M count=2 2>/dev/null && \
-             md5sum /tmp/www/blob | cut -d' ' -f1",
-            Duration::from_secs(60),
-        )?
-        .trim()
-        .to_owned();
+    let md5 = vm.far_side_blob(2)?;
     let nic = format!("virtio-net-pci,netdev=n0,id=nic0,mac={MAC}");
     let bh = spawn_l2_guest(
         &vm,
@@ -155,19 +140,15 @@ fn linux_guest_pings_fetches_and_follows_set_link_through_netd() -> Result<()> {
 
     bh.wait_for_console("BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
     bh.wait_for_console("BULKHEAD-NET-DONE", DONE_TIMEOUT)?;
-    let fails: Vec<String> = bh
-        .output_lines()
-        .into_iter()
-        .filter(|l| l.contains("BULKHEAD-NET-FAIL"))
-        .collect();
+    let fails: Vec<String> = bh.lines_with("BULKHEAD-NET-FAIL");
     ensure!(fails.is_empty(), "the guest reported failures: {fails:?}");
-    ensure!(marker(&bh, "BULKHEAD-NET-MAC")? == MAC, "MAC mismatch");
-    ensure!(marker(&bh, "BULKHEAD-NET-CARRIER")? == "1", "no carrier");
+    ensure!(bh.marker("BULKHEAD-NET-MAC")? == MAC, "MAC mismatch");
+    ensure!(bh.marker("BULKHEAD-NET-CARRIER")? == "1", "no carrier");
     // The address came from the server's pool, and the server leased it to the guest's MAC.
     let guest_dhcp = GuestMarkers {
-        dhcp: marker(&bh, "BULKHEAD-NET-DHCP")?,
-        router: marker(&bh, "BULKHEAD-NET-ROUTER")?,
-        addr: marker(&bh, "BULKHEAD-NET-ADDR")?,
+        dhcp: bh.marker("BULKHEAD-NET-DHCP")?,
+        router: bh.marker("BULKHEAD-NET-ROUTER")?,
+        addr: bh.marker("BULKHEAD-NET-ADDR")?,
     };
     let leases = vm.sh_ok(
         &LEASES.replace("@DHCP@", DHCP_DIR).replace("@MAC@", MAC),
@@ -186,7 +167,7 @@ fn linux_guest_pings_fetches_and_follows_set_link_through_netd() -> Result<()> {
     println!("DHCP: {leased} leased to {MAC}");
     bh.wait_for_console("BULKHEAD-NET-PING-OK", Duration::from_secs(10))?;
     ensure!(
-        marker(&bh, "BULKHEAD-NET-MD5")? == md5,
+        bh.marker("BULKHEAD-NET-MD5")? == md5,
         "the guest fetched something other than the blob"
     );
     let ok = format!("OK {md5} carrier=1");

@@ -25,13 +25,6 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(60);
 const MAC: &str = "52:54:00:12:34:99";
 const PATH: &str = "/machine/peripheral/nic0/virtio-backend";
 
-/// The value of the first `KEY=value` console line.
-fn marker(bh: &L1Process<'_>, key: &str) -> Result<String> {
-    let line = bh.wait_for_console(&format!("{key}="), Duration::from_secs(30))?;
-    let at = line.find(&format!("{key}=")).context("marker")?;
-    Ok(line[at + key.len() + 1..].trim().to_owned())
-}
-
 /// nic0's filter as `query-rx-filter` reports it (which re-arms its event).
 fn filter(qmp: &mut Qmp) -> Result<Value> {
     let r = qmp.execute("query-rx-filter", Some(json!({"name": "nic0"})))?;
@@ -63,15 +56,7 @@ fn step(vm: &NestedVm, qmp: &mut Qmp, step: &str) -> Result<()> {
 #[test]
 fn linux_guest_programs_its_rx_filter_through_the_control_queue() -> Result<()> {
     let vm = boot_l1_for_bulkhead("net-ctrl")?;
-    let md5 = vm
-        .sh_ok(
-            "modprobe tun && mkdir -p /tmp/www && \
-             dd if=/dev/urandom of=/tmp/www/blob bs=1M count=1 2>/dev/null && \
-             md5sum /tmp/www/blob | cut -d' ' -f1",
-            Duration::from_secs(60),
-        )?
-        .trim()
-        .to_owned();
+    let md5 = vm.far_side_blob(1)?;
     let nic = format!("virtio-net-pci,netdev=n0,id=nic0,mac={MAC}");
     let bh = spawn_l2_guest(
         &vm,
@@ -101,16 +86,11 @@ fn linux_guest_programs_its_rx_filter_through_the_control_queue() -> Result<()> 
 
     bh.wait_for_console("BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
     bh.wait_for_console("BULKHEAD-NET-DONE", DONE_TIMEOUT)?;
-    let fails = |bh: &L1Process<'_>| -> Vec<String> {
-        bh.output_lines()
-            .into_iter()
-            .filter(|l| l.contains("BULKHEAD-NET-FAIL"))
-            .collect()
-    };
+    let fails = |bh: &L1Process<'_>| -> Vec<String> { bh.lines_with("BULKHEAD-NET-FAIL") };
     ensure!(fails(&bh).is_empty(), "the guest failed: {:?}", fails(&bh));
-    ensure!(marker(&bh, "BULKHEAD-NET-MAC")? == MAC, "MAC mismatch");
+    ensure!(bh.marker("BULKHEAD-NET-MAC")? == MAC, "MAC mismatch");
     bh.wait_for_console("BULKHEAD-NET-PING-OK", Duration::from_secs(10))?;
-    ensure!(marker(&bh, "BULKHEAD-NET-MD5")? == md5, "wrong blob");
+    ensure!(bh.marker("BULKHEAD-NET-MD5")? == md5, "wrong blob");
 
     // eth0's open programmed the filter: not promiscuous, the kernel's multicast groups
     // (IPv4 all-hosts at least), VLAN filtering on with no VLAN (CTRL_VLAN negotiated).
@@ -135,7 +115,7 @@ fn linux_guest_programs_its_rx_filter_through_the_control_queue() -> Result<()> 
     // A new MAC: the filter, `info network` and the data path all follow.
     step(&vm, &mut qmp, "mac")?;
     ensure!(
-        marker(&bh, "BULKHEAD-NET-MAC-SET")? == NET_CTRL_MAC,
+        bh.marker("BULKHEAD-NET-MAC-SET")? == NET_CTRL_MAC,
         "the guest's MAC"
     );
     changed(&mut qmp)?;
@@ -155,11 +135,7 @@ fn linux_guest_programs_its_rx_filter_through_the_control_queue() -> Result<()> 
     bh.wait_for_console("BULKHEAD-NET-CTRL-DONE", STEP_TIMEOUT)?;
     ensure!(fails(&bh).is_empty(), "the guest failed: {:?}", fails(&bh));
     // vcpu-proc served the control queue: netd never saw it (it offers no CTRL_VQ).
-    let refused: Vec<String> = bh
-        .output_lines()
-        .into_iter()
-        .filter(|l| l.contains("malformed control-queue"))
-        .collect();
+    let refused: Vec<String> = bh.lines_with("malformed control-queue");
     ensure!(
         refused.is_empty(),
         "control-queue chains refused: {refused:?}"

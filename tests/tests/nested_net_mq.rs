@@ -21,13 +21,6 @@ const MQ_TIMEOUT: Duration = Duration::from_secs(240);
 const QMP_TIMEOUT: Duration = Duration::from_secs(60);
 const MAC: &str = "52:54:00:12:34:99";
 
-/// The value of the first `KEY=value` console line.
-fn marker(bh: &L1Process<'_>, key: &str) -> Result<String> {
-    let line = bh.wait_for_console(&format!("{key}="), Duration::from_secs(30))?;
-    let at = line.find(&format!("{key}=")).context("marker")?;
-    Ok(line[at + key.len() + 1..].trim().to_owned())
-}
-
 /// The summed interrupt count of the `/proc/interrupts` line naming `vector` (e.g.
 /// `virtio1-input.1`) among the guest's `BULKHEAD-NET-IRQ` lines.
 fn irq_count(lines: &[String], vector: &str) -> Option<u64> {
@@ -60,15 +53,7 @@ fn pair_counter(lines: &[String], key: &str) -> Option<u64> {
 #[test]
 fn linux_guest_uses_both_queue_pairs_of_a_multiqueue_tap() -> Result<()> {
     let vm = boot_l1_for_bulkhead("net-mq")?;
-    let md5 = vm
-        .sh_ok(
-            "modprobe tun && mkdir -p /tmp/www && \
-             dd if=/dev/urandom of=/tmp/www/blob bs=1M count=2 2>/dev/null && \
-             md5sum /tmp/www/blob | cut -d' ' -f1",
-            Duration::from_secs(60),
-        )?
-        .trim()
-        .to_owned();
+    let md5 = vm.far_side_blob(2)?;
     let nic = format!("virtio-net-pci,netdev=n0,id=nic0,mac={MAC},mq=on,vectors=6");
     let bh = spawn_l2_guest(
         &vm,
@@ -114,17 +99,12 @@ fn linux_guest_uses_both_queue_pairs_of_a_multiqueue_tap() -> Result<()> {
 
     bh.wait_for_console("BULKHEAD-GUEST-UP", L2_BOOT_TIMEOUT)?;
     bh.wait_for_console("BULKHEAD-NET-DONE", DONE_TIMEOUT)?;
-    let fails = |bh: &L1Process<'_>| -> Vec<String> {
-        bh.output_lines()
-            .into_iter()
-            .filter(|l| l.contains("BULKHEAD-NET-FAIL"))
-            .collect()
-    };
+    let fails = |bh: &L1Process<'_>| -> Vec<String> { bh.lines_with("BULKHEAD-NET-FAIL") };
     ensure!(fails(&bh).is_empty(), "the guest failed: {:?}", fails(&bh));
-    ensure!(marker(&bh, "BULKHEAD-NET-MAC")? == MAC, "MAC mismatch");
+    ensure!(bh.marker("BULKHEAD-NET-MAC")? == MAC, "MAC mismatch");
     bh.wait_for_console("BULKHEAD-NET-PING-OK", Duration::from_secs(10))?;
-    ensure!(marker(&bh, "BULKHEAD-NET-MD5")? == md5, "wrong blob");
-    let queues = marker(&bh, "BULKHEAD-NET-QUEUES")?;
+    ensure!(bh.marker("BULKHEAD-NET-MD5")? == md5, "wrong blob");
+    let queues = bh.marker("BULKHEAD-NET-QUEUES")?;
     ensure!(
         queues == "2 2",
         "the guest's driver uses {queues} rx/tx queues, not 2 2"
